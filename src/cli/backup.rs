@@ -1,0 +1,116 @@
+//! `backup`: a directory (default: the current one) into a new snapshot.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use clap::Parser;
+
+use super::progress::Bar;
+use super::{Ctx, bytes, exit};
+use crate::store::backup::{self, BackupOptions, Progress};
+use crate::store::LocalSource;
+
+#[derive(Parser, Debug)]
+pub struct Args {
+    /// Tag the snapshot (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Leave out paths matching this glob (repeatable); a pattern with `/` matches the whole
+    /// path, one without matches base names.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Read exclude patterns from a file, one per line (`#` starts a comment).
+    #[arg(long, value_name = "FILE")]
+    pub exclude_file: Vec<PathBuf>,
+    /// Read every file, ignoring the previous snapshot of this source.
+    #[arg(long)]
+    pub force_full: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// What to back up.
+    pub path: Option<PathBuf>,
+}
+
+pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
+    let mut patterns = a.exclude.clone();
+    for f in &a.exclude_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("exclude file {}", f.display()))?;
+        patterns.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    let exclude = backup::exclude_set(&patterns)?;
+    let path = match a.path {
+        Some(p) => p,
+        None => std::env::current_dir().context("the current directory")?,
+    };
+    let source = LocalSource::new(&path)?;
+    let store = ctx.open()?;
+    let _lock = store.lock(false, "backup")?;
+    let progress = Arc::new(Progress::default());
+    let bar = {
+        let p = progress.clone();
+        Bar::bytes(ctx.progress(), "backup", move || {
+            (p.bytes.load(Ordering::Relaxed), p.total_bytes.load(Ordering::Relaxed))
+        })
+    };
+    let opts = BackupOptions {
+        tags: a.tags,
+        exclude,
+        workers: 0,
+        no_parent: a.force_full,
+    };
+    let res = backup::run(&store, &source, &opts, &progress)?;
+    drop(bar);
+    let s = &res.snapshot;
+    if a.json {
+        let v = serde_json::json!({
+            "id": res.id,
+            "short_id": &res.id[..8],
+            "source": s.source,
+            "files": s.stats.files,
+            "dirs": s.stats.dirs,
+            "bytes": s.stats.bytes,
+            "bytes_read": s.stats.bytes_read,
+            "new_blobs": s.stats.new_blobs,
+            "new_bytes": s.stats.new_bytes,
+            "duration_ms": s.duration_ms,
+            "errors": s.errors.iter().map(|(p, e)| serde_json::json!({"path": String::from_utf8_lossy(p), "error": e})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", &res.id[..8]);
+        if !ctx.quiet {
+            eprintln!(
+                "snapshot {} of {}: {} files, {} dirs, {} ({} read, {} new in the store) in {:.1}s",
+                &res.id[..8],
+                s.source,
+                s.stats.files,
+                s.stats.dirs,
+                bytes(s.stats.bytes),
+                bytes(s.stats.bytes_read),
+                bytes(s.stats.new_bytes),
+                s.duration_ms as f64 / 1000.0
+            );
+        }
+    }
+    if !s.errors.is_empty() {
+        for (p, e) in &s.errors {
+            eprintln!("kloset: not backed up: {}: {e}", String::from_utf8_lossy(p));
+        }
+        eprintln!(
+            "kloset: {} file(s) could not be read and are missing from snapshot {}",
+            s.errors.len(),
+            &res.id[..8]
+        );
+        return Ok(exit::PARTIAL);
+    }
+    Ok(exit::OK)
+}

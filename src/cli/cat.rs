@@ -1,0 +1,31 @@
+//! `cat SNAP:PATH`: a file's contents to stdout, chunk by chunk.
+
+use clap::Parser;
+
+use super::{Ctx, exit, split_snap, stdout_write};
+use crate::store::Error;
+use crate::store::tree::NodeKind;
+
+#[derive(Parser, Debug)]
+pub struct Args {
+    /// SNAP:PATH of a regular file.
+    pub target: String,
+}
+
+pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
+    let (snap, path) = split_snap(&a.target);
+    let Some(path) = path else {
+        anyhow::bail!("cat needs SNAP:PATH, e.g. latest:/etc/hosts");
+    };
+    let store = ctx.open()?;
+    let s = store.resolve_snapshot(snap)?;
+    let node = store.lookup(&s, path.as_bytes())?;
+    if node.kind != NodeKind::File {
+        return Err(Error::NotAFile(path.to_string(), s.short().to_string()).into());
+    }
+    for id in &node.content {
+        let data = store.read_blob(id)?;
+        stdout_write(&data)?;
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,375 @@
+//! The command line: Plakar's syntax (`kloset at STORE VERB [flags] [args]`), parsed with clap.
+//!
+//! Long flags are accepted with one dash (`-to`, as Plakar spells them) and with two (`--to`):
+//! [`normalise_args`] rewrites `-name` to `--name` for every long flag clap knows before
+//! parsing. Each verb lives in its own file with an `Args` struct and a `run` function; this
+//! module holds what they share: opening stores, the passphrase, output helpers and the map
+//! from errors to exit codes.
+
+pub mod backup;
+pub mod cat;
+pub mod check;
+pub mod create;
+pub mod info;
+pub mod ls;
+pub mod progress;
+pub mod restore;
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::store::{self, Backend, ErrorKind, LocalBackend, Store};
+
+/// Exit codes, documented in the README.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const ERROR: i32 = 1;
+    pub const USAGE: i32 = 2;
+    /// The command did its work but some entries failed (unreadable source files in a
+    /// backup, entries a restore could not write).
+    pub const PARTIAL: i32 = 3;
+    pub const WRONG_PASSPHRASE: i32 = 4;
+    pub const NO_STORE: i32 = 5;
+    /// The store is damaged (`check` found damage, or a read failed authentication).
+    pub const DAMAGED: i32 = 6;
+    pub const LOCKED: i32 = 7;
+    /// No such snapshot or path in a snapshot.
+    pub const NOT_FOUND: i32 = 8;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kloset",
+    version,
+    about = "Encrypted, deduplicated backups over SSH",
+    after_help = "Long flags take one dash or two: `-to DIR` and `--to DIR` are the same.\nThe passphrase comes from KLOSET_PASSPHRASE, KLOSET_PASSPHRASE_FILE, or a prompt."
+)]
+pub struct Cli {
+    /// Print nothing but results and errors.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub cmd: Top,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Top {
+    /// Work on the store at STORE (a path, file://PATH).
+    At {
+        /// The store: a directory path or file://PATH.
+        store: String,
+        #[command(subcommand)]
+        verb: Verb,
+    },
+    /// Print kloset's version and store format version.
+    Version,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Verb {
+    /// Create a new store.
+    Create(create::Args),
+    /// Back up a directory into a new snapshot.
+    Backup(backup::Args),
+    /// List snapshots, or the files of a snapshot.
+    Ls(ls::Args),
+    /// Write a file of a snapshot to stdout.
+    Cat(cat::Args),
+    /// Restore a snapshot, or a path in it.
+    Restore(restore::Args),
+    /// Read and authenticate everything the snapshots need.
+    #[command(alias = "verify")]
+    Check(check::Args),
+    /// Show the store's id, format, encryption and sizes.
+    Info(info::Args),
+}
+
+/// What every verb gets.
+pub struct Ctx {
+    pub store_url: String,
+    pub quiet: bool,
+}
+
+impl Ctx {
+    /// The backend for the store location.
+    pub fn backend(&self) -> anyhow::Result<Arc<dyn Backend>> {
+        backend_for(&self.store_url)
+    }
+
+    /// Open the store and load its index.
+    pub fn open(&self) -> anyhow::Result<Store> {
+        Ok(Store::open(self.backend()?, &passphrase)?)
+    }
+
+    pub fn progress(&self) -> bool {
+        !self.quiet && std::io::stderr().is_terminal()
+    }
+}
+
+/// Parse a store location.
+pub fn backend_for(url: &str) -> anyhow::Result<Arc<dyn Backend>> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        return Ok(Arc::new(LocalBackend::new(PathBuf::from(rest))));
+    }
+    if url.contains("://") {
+        anyhow::bail!(
+            "unsupported store location {url:?}: use a directory path or file://PATH"
+        );
+    }
+    if url.is_empty() {
+        anyhow::bail!("empty store location: give a directory path");
+    }
+    Ok(Arc::new(LocalBackend::new(PathBuf::from(url))))
+}
+
+/// The passphrase: `KLOSET_PASSPHRASE`, `KLOSET_PASSPHRASE_FILE`, or a prompt on a terminal
+/// (asked twice when `confirm`).
+pub fn passphrase(confirm: bool) -> store::Result<Vec<u8>> {
+    if let Some(p) = std::env::var_os("KLOSET_PASSPHRASE") {
+        use std::os::unix::ffi::OsStringExt;
+        return Ok(p.into_vec());
+    }
+    if let Some(f) = std::env::var_os("KLOSET_PASSPHRASE_FILE") {
+        let mut b = std::fs::read(&f).map_err(|e| {
+            store::Error::io(
+                format!("passphrase file {} (KLOSET_PASSPHRASE_FILE)", PathBuf::from(&f).display()),
+                e,
+            )
+        })?;
+        while b.last() == Some(&b'\n') || b.last() == Some(&b'\r') {
+            b.pop();
+        }
+        return Ok(b);
+    }
+    if !std::io::stdin().is_terminal() && !std::io::stderr().is_terminal() {
+        return Err(store::Error::Other(
+            "no passphrase: set KLOSET_PASSPHRASE or KLOSET_PASSPHRASE_FILE (there is no terminal to ask on)"
+                .into(),
+        ));
+    }
+    let p = rpassword::prompt_password("passphrase: ")
+        .map_err(|e| store::Error::io("reading the passphrase", e))?;
+    if confirm {
+        let again = rpassword::prompt_password("passphrase (again): ")
+            .map_err(|e| store::Error::io("reading the passphrase", e))?;
+        if again != p {
+            return Err(store::Error::Other("the passphrases differ; nothing was created".into()));
+        }
+        if p.is_empty() {
+            return Err(store::Error::Other(
+                "empty passphrase; use -plaintext for a store without encryption".into(),
+            ));
+        }
+    }
+    Ok(p.into_bytes())
+}
+
+/// Every long flag name clap knows, for [`normalise_args`].
+fn long_flags(cmd: &clap::Command, out: &mut HashSet<String>) {
+    for a in cmd.get_arguments() {
+        if let Some(l) = a.get_long() {
+            out.insert(l.to_string());
+        }
+        if let Some(al) = a.get_all_aliases() {
+            out.extend(al.into_iter().map(String::from));
+        }
+    }
+    for s in cmd.get_subcommands() {
+        long_flags(s, out);
+    }
+}
+
+/// Rewrite Plakar-style single-dash long flags (`-to`, `-exclude=x`) to `--to`.
+pub fn normalise_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut longs = HashSet::new();
+    long_flags(&Cli::command(), &mut longs);
+    longs.insert("help".into());
+    longs.insert("version".into());
+    let mut out = Vec::with_capacity(args.len());
+    let mut rest = false;
+    for (i, a) in args.into_iter().enumerate() {
+        if i == 0 || rest {
+            out.push(a);
+            continue;
+        }
+        if a == "--" {
+            rest = true;
+            out.push(a);
+            continue;
+        }
+        if let Some(s) = a.to_str() {
+            if let Some(body) = s.strip_prefix('-') {
+                if !body.starts_with('-') && body.len() > 1 {
+                    let name = body.split('=').next().unwrap_or("");
+                    if longs.contains(name) {
+                        out.push(format!("-{s}").into());
+                        continue;
+                    }
+                }
+            }
+        }
+        out.push(a);
+    }
+    out
+}
+
+/// Exit code for an error.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if let Some(se) = cause.downcast_ref::<store::Error>() {
+            return match se.kind() {
+                ErrorKind::WrongPassphrase => exit::WRONG_PASSPHRASE,
+                ErrorKind::NotFound => exit::NO_STORE,
+                ErrorKind::Damaged => exit::DAMAGED,
+                ErrorKind::Locked => exit::LOCKED,
+                ErrorKind::NoSuchEntry => exit::NOT_FOUND,
+                ErrorKind::Other => exit::ERROR,
+            };
+        }
+        if let Some(code) = cause.downcast_ref::<ExitWith>() {
+            return code.0;
+        }
+    }
+    exit::ERROR
+}
+
+/// An error that carries its exit code, for commands that already printed their report.
+#[derive(Debug)]
+pub struct ExitWith(pub i32, pub String);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for ExitWith {}
+
+/// Split `SNAP[:PATH]`.
+pub fn split_snap(spec: &str) -> (&str, Option<&str>) {
+    match spec.split_once(':') {
+        Some((s, p)) => (s, Some(p)),
+        None => (spec, None),
+    }
+}
+
+/// Write bytes to stdout, treating a closed pipe as success.
+pub fn stdout_write(data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match o.write_all(data).and_then(|_| o.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ExitWith(exit::OK, String::new()).into()),
+        r => r.context("writing to stdout"),
+    }
+}
+
+/// Run the command line; returns the exit code.
+pub fn main() -> i32 {
+    let args = normalise_args(std::env::args_os().collect());
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(ExitWith(code, msg)) = e.downcast_ref::<ExitWith>() {
+                if !msg.is_empty() {
+                    eprintln!("kloset: {msg}");
+                }
+                return *code;
+            }
+            eprintln!("kloset: {}", one_line(&e));
+            exit_code(&e)
+        }
+    }
+}
+
+/// An error and its causes on one line, without repeating a cause the message already holds.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    for c in e.chain().skip(1) {
+        let c = c.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+    }
+    s
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.cmd {
+        Top::Version => {
+            println!(
+                "kloset {} (store format {})",
+                env!("CARGO_PKG_VERSION"),
+                store::format::FORMAT_VERSION
+            );
+            Ok(exit::OK)
+        }
+        Top::At { store, verb } => {
+            let ctx = Ctx {
+                store_url: store,
+                quiet: cli.quiet,
+            };
+            match verb {
+                Verb::Create(a) => create::run(&ctx, a),
+                Verb::Backup(a) => backup::run(&ctx, a),
+                Verb::Ls(a) => ls::run(&ctx, a),
+                Verb::Cat(a) => cat::run(&ctx, a),
+                Verb::Restore(a) => restore::run(&ctx, a),
+                Verb::Check(a) => check::run(&ctx, a),
+                Verb::Info(a) => info::run(&ctx, a),
+            }
+        }
+    }
+}
+
+/// Human-readable size.
+pub fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
+/// RFC 3339 time, seconds precision, UTC.
+pub fn time(t: store::tree::Time) -> String {
+    let st = std::time::UNIX_EPOCH + std::time::Duration::new(t.sec.max(0) as u64, t.nsec);
+    humantime::format_rfc3339_seconds(st).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(v: &[&str]) -> Vec<String> {
+        normalise_args(v.iter().map(|s| s.into()).collect())
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn single_dash_long_flags() {
+        assert_eq!(
+            n(&["kloset", "at", "/s", "restore", "-to", "/d", "x"]),
+            ["kloset", "at", "/s", "restore", "--to", "/d", "x"]
+        );
+        assert_eq!(n(&["k", "-exclude=*.o"]), ["k", "--exclude=*.o"]);
+        assert_eq!(n(&["k", "-q", "-x", "--", "-to"]), ["k", "-q", "-x", "--", "-to"]);
+        assert_eq!(n(&["k", "-plaintext"]), ["k", "--plaintext"]);
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

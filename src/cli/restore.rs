@@ -1,0 +1,66 @@
+//! `restore [-to DIR] SNAP[:PATH]`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use clap::Parser;
+
+use super::progress::Bar;
+use super::{Ctx, bytes, exit, split_snap};
+use crate::store::LocalDestination;
+use crate::store::restore::{self, RestoreOptions, RestoreProgress};
+
+#[derive(Parser, Debug)]
+pub struct Args {
+    /// Where to restore (created if missing; default: the current directory).
+    #[arg(long, value_name = "DIR")]
+    pub to: Option<PathBuf>,
+    /// SNAP or SNAP:PATH.
+    pub target: String,
+}
+
+pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
+    let (snap, path) = split_snap(&a.target);
+    let store = ctx.open()?;
+    let s = store.resolve_snapshot(snap)?;
+    let to = a.to.unwrap_or_else(|| PathBuf::from("."));
+    let dest = LocalDestination::new(to.clone());
+    let _lock = store.lock(false, "restore")?;
+    let progress = Arc::new(RestoreProgress::default());
+    let bar = {
+        let p = progress.clone();
+        Bar::bytes(ctx.progress(), "restore", move || {
+            (p.bytes.load(Ordering::Relaxed), p.total_bytes.load(Ordering::Relaxed))
+        })
+    };
+    let rep = restore::run(
+        &store,
+        &s,
+        path.map(str::as_bytes),
+        &dest,
+        &RestoreOptions::default(),
+        &progress,
+    )?;
+    drop(bar);
+    if !ctx.quiet {
+        eprintln!(
+            "restored {} files, {} dirs, {} other entries ({}) from snapshot {} to {}{}",
+            rep.files - rep.skipped,
+            rep.dirs,
+            rep.others,
+            bytes(rep.bytes),
+            s.short(),
+            to.display(),
+            if rep.skipped > 0 { format!("; {} files were already complete", rep.skipped) } else { String::new() }
+        );
+    }
+    if !rep.errors.is_empty() {
+        for (p, e) in &rep.errors {
+            eprintln!("kloset: not restored: {}: {e}", String::from_utf8_lossy(p));
+        }
+        eprintln!("kloset: {} entries could not be restored", rep.errors.len());
+        return Ok(exit::PARTIAL);
+    }
+    Ok(exit::OK)
+}

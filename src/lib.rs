@@ -1,0 +1,7 @@
+//! kloset: encrypted, deduplicated backups over SSH.
+//!
+//! `store` is the engine (a library), `cli` parses and dispatches the command line.
+//! `main.rs` only calls [`cli::main`].
+
+pub mod cli;
+pub mod store;

@@ -1,0 +1,354 @@
+//! The storage connector: where a store's files live.
+//!
+//! A store is a handful of file types ([`FileType`]) each in its own directory. The engine only
+//! ever creates whole files atomically (write to a temporary name, then rename) and never
+//! overwrites one, so every backend only needs list, read, ranged read, atomic create and remove.
+//! [`LocalBackend`] keeps the files in a local directory; the SFTP backend lives in `crate::sftp`;
+//! [`MemBackend`] keeps them in memory for unit tests of the engine.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use super::error::{Error, IoContext, Result};
+
+/// The kinds of files in a store, each kept under its own directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FileType {
+    /// The single `config` file at the store's root.
+    Config,
+    /// `keys/<name>`: the master keys wrapped by a passphrase.
+    Key,
+    /// `packs/<first two hex digits>/<name>`: blob containers.
+    Pack,
+    /// `index/<name>`: blob locations.
+    Index,
+    /// `snapshots/<name>`.
+    Snapshot,
+    /// `locks/<name>`.
+    Lock,
+}
+
+impl FileType {
+    pub const ALL: [FileType; 6] = [
+        FileType::Config,
+        FileType::Key,
+        FileType::Pack,
+        FileType::Index,
+        FileType::Snapshot,
+        FileType::Lock,
+    ];
+
+    /// Directory of this file type inside the store.
+    pub fn dir(self) -> &'static str {
+        match self {
+            FileType::Config => "",
+            FileType::Key => "keys",
+            FileType::Pack => "packs",
+            FileType::Index => "index",
+            FileType::Snapshot => "snapshots",
+            FileType::Lock => "locks",
+        }
+    }
+
+    /// Path of a file relative to the store root, e.g. `packs/ab/ab12…`.
+    pub fn path(self, name: &str) -> String {
+        match self {
+            FileType::Config => "config".to_string(),
+            FileType::Pack => format!("packs/{}/{}", &name[..name.len().min(2)], name),
+            _ => format!("{}/{}", self.dir(), name),
+        }
+    }
+}
+
+/// A file listed by [`Backend::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub size: u64,
+}
+
+/// Where a store's files are kept.
+///
+/// Contract: `write` creates the file atomically (readers see nothing or all of it) and never
+/// replaces an existing file of different content; writing a name that already exists is
+/// accepted as "already done" because file names are content hashes. All methods may be called
+/// from many threads at once.
+pub trait Backend: Send + Sync {
+    /// A human-readable location, e.g. `/srv/backups` or `sftp://host/backups`.
+    fn location(&self) -> String;
+    /// Does the store's root directory exist?
+    fn root_exists(&self) -> Result<bool>;
+    /// Is the root directory empty (or missing)?
+    fn root_is_empty(&self) -> Result<bool>;
+    /// Create the root and the per-type directories (0700).
+    fn init(&self) -> Result<()>;
+    /// Names and sizes of all files of a type. The temporary files of unfinished writes are
+    /// not listed.
+    ///
+    /// # Errors
+    /// I/O errors; a missing type directory is an empty list.
+    fn list(&self, t: FileType) -> Result<Vec<Listed>>;
+    /// The whole file.
+    fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>>;
+    /// `len` bytes from `offset`. Fails if the file is shorter.
+    fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// Create a file atomically with this content.
+    fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()>;
+    /// Remove a file; removing a missing file is not an error.
+    fn remove(&self, t: FileType, name: &str) -> Result<()>;
+}
+
+/// A store in a local directory.
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+impl LocalBackend {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalBackend { root: root.into() }
+    }
+
+    fn file(&self, t: FileType, name: &str) -> PathBuf {
+        self.root.join(t.path(name))
+    }
+}
+
+/// Write `data` to `path` through a temporary file in the same directory, fsync it, and rename
+/// it into place. Used by the local backend and by the local cache.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        super::crypto::random_hex(8)
+    ));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res.at(path)
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn root_exists(&self) -> Result<bool> {
+        match fs::metadata(&self.root) {
+            Ok(m) => Ok(m.is_dir()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io_path(&self.root, e)),
+        }
+    }
+
+    fn root_is_empty(&self) -> Result<bool> {
+        match fs::read_dir(&self.root) {
+            Ok(mut d) => Ok(d.next().is_none()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(Error::io_path(&self.root, e)),
+        }
+    }
+
+    fn init(&self) -> Result<()> {
+        let mut b = fs::DirBuilder::new();
+        b.recursive(true).mode(0o700);
+        b.create(&self.root).at(&self.root)?;
+        for t in FileType::ALL {
+            if t != FileType::Config {
+                let d = self.root.join(t.dir());
+                b.create(&d).at(&d)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn list(&self, t: FileType) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        if t == FileType::Config {
+            if let Ok(m) = fs::metadata(self.root.join("config")) {
+                out.push(Listed {
+                    name: "config".into(),
+                    size: m.len(),
+                });
+            }
+            return Ok(out);
+        }
+        let dir = self.root.join(t.dir());
+        let mut dirs = vec![dir.clone()];
+        if t == FileType::Pack {
+            dirs.clear();
+            match fs::read_dir(&dir) {
+                Ok(rd) => {
+                    for e in rd {
+                        let e = e.at(&dir)?;
+                        if e.file_type().at(e.path())?.is_dir() {
+                            dirs.push(e.path());
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io_path(&dir, e)),
+            }
+        }
+        for d in dirs {
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io_path(&d, e)),
+            };
+            for e in rd {
+                let e = e.at(&d)?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let m = e.metadata().at(e.path())?;
+                if m.is_file() {
+                    out.push(Listed {
+                        name,
+                        size: m.len(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
+        let p = self.file(t, name);
+        fs::read(&p).at(&p)
+    }
+
+    fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let p = self.file(t, name);
+        let mut f = fs::File::open(&p).at(&p)?;
+        f.seek(SeekFrom::Start(offset)).at(&p)?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact(&mut buf).at(&p)?;
+        Ok(buf)
+    }
+
+    fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+        let p = self.file(t, name);
+        if t == FileType::Pack {
+            let d = p.parent().expect("pack path has a parent");
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .at(d)?;
+        }
+        if t != FileType::Lock && p.exists() {
+            return Ok(());
+        }
+        write_atomic(&p, data, 0o600)
+    }
+
+    fn remove(&self, t: FileType, name: &str) -> Result<()> {
+        let p = self.file(t, name);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io_path(&p, e)),
+        }
+    }
+}
+
+/// A store kept in memory, for unit tests of the engine.
+#[derive(Default)]
+pub struct MemBackend {
+    files: Mutex<BTreeMap<(FileType, String), Vec<u8>>>,
+    initialised: Mutex<bool>,
+}
+
+impl MemBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Change a stored file in place (for tamper tests).
+    pub fn tamper(&self, t: FileType, name: &str, f: impl FnOnce(&mut Vec<u8>)) {
+        let mut files = self.files.lock();
+        if let Some(v) = files.get_mut(&(t, name.to_string())) {
+            f(v)
+        }
+    }
+}
+
+impl Backend for MemBackend {
+    fn location(&self) -> String {
+        "memory".into()
+    }
+    fn root_exists(&self) -> Result<bool> {
+        Ok(*self.initialised.lock())
+    }
+    fn root_is_empty(&self) -> Result<bool> {
+        Ok(self.files.lock().is_empty())
+    }
+    fn init(&self) -> Result<()> {
+        *self.initialised.lock() = true;
+        Ok(())
+    }
+    fn list(&self, t: FileType) -> Result<Vec<Listed>> {
+        Ok(self
+            .files
+            .lock()
+            .iter()
+            .filter(|((ft, _), _)| *ft == t)
+            .map(|((_, n), v)| Listed {
+                name: n.clone(),
+                size: v.len() as u64,
+            })
+            .collect())
+    }
+    fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
+        self.files
+            .lock()
+            .get(&(t, name.to_string()))
+            .cloned()
+            .ok_or_else(|| {
+                Error::io(
+                    t.path(name),
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                )
+            })
+    }
+    fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let all = self.read(t, name)?;
+        let end = offset.checked_add(len).unwrap_or(u64::MAX);
+        if end > all.len() as u64 {
+            return Err(Error::io(
+                t.path(name),
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            ));
+        }
+        Ok(all[offset as usize..end as usize].to_vec())
+    }
+    fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+        self.files
+            .lock()
+            .entry((t, name.to_string()))
+            .or_insert_with(|| data.to_vec());
+        Ok(())
+    }
+    fn remove(&self, t: FileType, name: &str) -> Result<()> {
+        self.files.lock().remove(&(t, name.to_string()));
+        Ok(())
+    }
+}

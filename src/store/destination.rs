@@ -1,0 +1,215 @@
+//! The destination connector: a tree to restore into.
+//!
+//! Paths given to a [`Destination`] are relative to its root, as raw bytes (`a/b/c`; the empty
+//! path is the root itself). The restore pipeline creates directories first, then files with
+//! their final size, writes content at offsets from several threads, and sets metadata last
+//! (files when their last chunk lands, directories deepest first), so modes like 0500 never
+//! block the restore. [`LocalDestination`] writes to the local filesystem and keeps files
+//! sparse; the SFTP destination lives in `crate::sftp`.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags, utimensat};
+use nix::sys::time::TimeSpec;
+
+use super::error::{Error, IoContext, Result};
+use super::source::os;
+use super::tree::{Node, NodeKind};
+
+pub trait Destination: Send + Sync {
+    fn describe(&self) -> String;
+    /// Create the root if missing; returns whether it was created.
+    fn prepare(&self) -> Result<bool>;
+    /// Is there already a file at `path` with this size and mtime (an earlier, interrupted
+    /// restore finished it)?
+    fn is_complete(&self, path: &[u8], node: &Node) -> bool;
+    fn mkdir(&self, path: &[u8]) -> Result<()>;
+    /// Create (or truncate) a regular file of `size` bytes, all holes.
+    fn create_file(&self, path: &[u8], size: u64) -> Result<()>;
+    /// Write `data` at `offset` of a file made by `create_file`.
+    fn write_at(&self, path: &[u8], offset: u64, data: &[u8]) -> Result<()>;
+    fn symlink(&self, path: &[u8], target: &[u8]) -> Result<()>;
+    fn hardlink(&self, existing: &[u8], path: &[u8]) -> Result<()>;
+    /// Create a fifo, device or socket node.
+    fn special(&self, path: &[u8], node: &Node) -> Result<()>;
+    /// Apply mode, owner (when permitted), xattrs and times.
+    fn set_metadata(&self, path: &[u8], node: &Node) -> Result<()>;
+}
+
+/// A local directory.
+pub struct LocalDestination {
+    root: PathBuf,
+    is_root: bool,
+}
+
+impl LocalDestination {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalDestination {
+            root: root.into(),
+            is_root: nix::unistd::geteuid().is_root(),
+        }
+    }
+
+    fn path(&self, rel: &[u8]) -> PathBuf {
+        if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(os(rel))
+        }
+    }
+}
+
+/// Remove whatever is at `p` (not following symlinks) so a restore can put its own entry there.
+fn clear(p: &Path) -> Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p).at(p),
+        Ok(_) => fs::remove_file(p).at(p),
+        Err(_) => Ok(()),
+    }
+}
+
+const HOLE_BLOCK: usize = 4096;
+
+impl Destination for LocalDestination {
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn prepare(&self) -> Result<bool> {
+        if self.root.is_dir() {
+            return Ok(false);
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .create(&self.root)
+            .at(&self.root)?;
+        Ok(true)
+    }
+
+    fn is_complete(&self, path: &[u8], node: &Node) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match fs::symlink_metadata(self.path(path)) {
+            Ok(m) => {
+                m.is_file()
+                    && m.len() == node.size
+                    && m.mtime() == node.mtime.sec
+                    && m.mtime_nsec() == node.mtime.nsec as i64
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn mkdir(&self, path: &[u8]) -> Result<()> {
+        let p = self.path(path);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) => clear(&p)?,
+            Err(_) => {}
+        }
+        fs::DirBuilder::new().mode(0o700).create(&p).at(&p)
+    }
+
+    fn create_file(&self, path: &[u8], size: u64) -> Result<()> {
+        let p = self.path(path);
+        if fs::symlink_metadata(&p).is_ok_and(|m| !m.is_file()) {
+            clear(&p)?;
+        }
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&p)
+            .at(&p)?;
+        f.set_len(size).at(&p)
+    }
+
+    fn write_at(&self, path: &[u8], offset: u64, data: &[u8]) -> Result<()> {
+        let p = self.path(path);
+        let f = fs::OpenOptions::new().write(true).open(&p).at(&p)?;
+        // Keep files sparse: blocks of zeros are left as holes (the file was created with its
+        // final length, so holes read back as zeros).
+        let mut start = 0;
+        while start < data.len() {
+            let end = (start + HOLE_BLOCK).min(data.len());
+            if data[start..end].iter().all(|&b| b == 0) {
+                start = end;
+                continue;
+            }
+            let mut stop = end;
+            while stop < data.len() {
+                let e = (stop + HOLE_BLOCK).min(data.len());
+                if data[stop..e].iter().all(|&b| b == 0) {
+                    break;
+                }
+                stop = e;
+            }
+            f.write_all_at(&data[start..stop], offset + start as u64)
+                .at(&p)?;
+            start = stop;
+        }
+        Ok(())
+    }
+
+    fn symlink(&self, path: &[u8], target: &[u8]) -> Result<()> {
+        let p = self.path(path);
+        clear(&p)?;
+        std::os::unix::fs::symlink(os(target), &p).at(&p)
+    }
+
+    fn hardlink(&self, existing: &[u8], path: &[u8]) -> Result<()> {
+        let p = self.path(path);
+        clear(&p)?;
+        let e = self.path(existing);
+        fs::hard_link(&e, &p).at(&p)
+    }
+
+    fn special(&self, path: &[u8], node: &Node) -> Result<()> {
+        let p = self.path(path);
+        clear(&p)?;
+        let kind = match node.kind {
+            NodeKind::Fifo => SFlag::S_IFIFO,
+            NodeKind::CharDevice => SFlag::S_IFCHR,
+            NodeKind::BlockDevice => SFlag::S_IFBLK,
+            NodeKind::Socket => SFlag::S_IFSOCK,
+            _ => return Err(Error::Other(format!("{}: not a special file", p.display()))),
+        };
+        nix::sys::stat::mknod(
+            &p,
+            kind,
+            Mode::from_bits_truncate((node.mode & 0o777) as _),
+            node.rdev as _,
+        )
+        .map_err(|e| Error::io_path(&p, e.into()))
+    }
+
+    fn set_metadata(&self, path: &[u8], node: &Node) -> Result<()> {
+        let p = self.path(path);
+        let is_link = node.kind == NodeKind::Symlink;
+        if self.is_root {
+            std::os::unix::fs::lchown(&p, Some(node.uid), Some(node.gid)).at(&p)?;
+        }
+        for x in &node.xattrs {
+            let name = std::ffi::OsStr::new(os(&x.name));
+            // Extended attributes the destination filesystem refuses are not fatal.
+            let _ = xattr::set(&p, name, &x.value);
+        }
+        if !is_link {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&p, fs::Permissions::from_mode(node.mode & 0o7777)).at(&p)?;
+        }
+        let ts = |t: super::tree::Time| TimeSpec::new(t.sec as _, t.nsec as _);
+        utimensat(
+            nix::fcntl::AT_FDCWD,
+            &p,
+            // Access times are not stored (they would make every tree differ between
+            // snapshots); a restored entry gets its mtime as atime.
+            &ts(node.mtime),
+            &ts(node.mtime),
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| Error::io_path(&p, e.into()))
+    }
+}

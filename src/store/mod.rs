@@ -1,0 +1,46 @@
+//! The store engine: a library that knows no clap and no FUSE.
+//!
+//! A store is a directory of files reached through a [`Backend`] (local here, SFTP in
+//! `crate::sftp`). [`Store`] opens it (config, keys, index) and reads and writes blobs;
+//! the pipelines [`backup`], [`restore`] and [`check`] are written once against the
+//! [`Backend`], [`Source`] and [`Destination`] traits, so every connector gets all of them.
+//! docs/FORMAT.md describes the files byte by byte.
+
+pub mod backend;
+pub mod backup;
+pub mod check;
+pub mod crypto;
+pub mod destination;
+pub mod error;
+pub mod format;
+pub mod repo;
+pub mod restore;
+pub mod source;
+pub mod tree;
+
+pub use backend::{Backend, FileType, LocalBackend, MemBackend};
+pub use destination::{Destination, LocalDestination};
+pub use error::{Error, ErrorKind, Result};
+pub use repo::{CreateOptions, SnapshotEntry, Store};
+pub use source::{LocalSource, Source};
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The name of the user running kloset.
+pub fn username() -> String {
+    source::user_name(nix::unistd::geteuid().as_raw())
+}

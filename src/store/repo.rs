@@ -1,0 +1,785 @@
+//! An open store: config, keys, the in-memory index, blob reads and writes, snapshots, locks.
+//!
+//! [`Store`] is what every pipeline (backup, restore, check, mount, sync) works against. It
+//! reads blobs through the index (`blob id → pack, offset, length`) with ranged reads, and
+//! writes new blobs through a [`Packer`] that fills pack files of about `pack_size` bytes, one
+//! for data and one for trees, uploads each when full, and writes an index file for every few
+//! dozen packs, so an interrupted backup leaves packs that a re-run finds and reuses.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+
+use super::backend::{Backend, FileType};
+use super::crypto::{BlobId, Crypto, KdfParams, KeyFile, MasterKeys};
+use super::error::{Error, Result};
+use super::format::{self, *};
+use super::tree::{Node, NodeKind, Tree, components};
+
+/// Where a blob is.
+#[derive(Debug, Clone, Copy)]
+pub struct Loc {
+    pub pack: u32,
+    pub kind: BlobKind,
+    pub offset: u32,
+    pub length: u32,
+    pub raw_length: u32,
+}
+
+/// All known blobs.
+#[derive(Default)]
+pub struct Index {
+    packs: Vec<String>,
+    pack_ids: HashMap<String, u32>,
+    blobs: HashMap<BlobId, Loc>,
+}
+
+impl Index {
+    pub fn add_pack(&mut self, p: &IndexPack) {
+        let n = match self.pack_ids.get(&p.pack) {
+            Some(&n) => n,
+            None => {
+                let n = self.packs.len() as u32;
+                self.packs.push(p.pack.clone());
+                self.pack_ids.insert(p.pack.clone(), n);
+                n
+            }
+        };
+        for e in &p.entries {
+            self.blobs.entry(e.id).or_insert(Loc {
+                pack: n,
+                kind: p.kind,
+                offset: e.offset,
+                length: e.length,
+                raw_length: e.raw_length,
+            });
+        }
+    }
+    pub fn get(&self, id: &BlobId) -> Option<Loc> {
+        self.blobs.get(id).copied()
+    }
+    pub fn contains(&self, id: &BlobId) -> bool {
+        self.blobs.contains_key(id)
+    }
+    pub fn pack_name(&self, n: u32) -> &str {
+        &self.packs[n as usize]
+    }
+    pub fn has_pack(&self, name: &str) -> bool {
+        self.pack_ids.contains_key(name)
+    }
+    pub fn pack_count(&self) -> usize {
+        self.packs.len()
+    }
+    pub fn blob_count(&self) -> usize {
+        self.blobs.len()
+    }
+    /// Every blob with its location.
+    pub fn iter(&self) -> impl Iterator<Item = (&BlobId, &Loc)> {
+        self.blobs.iter()
+    }
+}
+
+/// Options of `create`.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub encrypted: bool,
+    pub compression: bool,
+    pub kdf: KdfParams,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            encrypted: true,
+            compression: true,
+            kdf: KdfParams::default(),
+        }
+    }
+}
+
+/// A snapshot with its id (the name of its file).
+#[derive(Debug, Clone)]
+pub struct SnapshotEntry {
+    pub id: String,
+    pub snap: Snapshot,
+}
+
+impl SnapshotEntry {
+    pub fn short(&self) -> &str {
+        &self.id[..8.min(self.id.len())]
+    }
+}
+
+/// Problems met while loading the index, reported by `check` and warned about elsewhere.
+#[derive(Debug, Default)]
+pub struct IndexLoadReport {
+    pub damaged_index_files: Vec<(String, String)>,
+    /// Packs not in any index whose headers were read to recover their blobs.
+    pub recovered_packs: Vec<String>,
+    pub damaged_pack_headers: Vec<(String, String)>,
+}
+
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    config: Config,
+    crypto: Crypto,
+    index: RwLock<Index>,
+    trees: Mutex<LruCache<BlobId, Arc<Tree>>>,
+    index_report: Mutex<IndexLoadReport>,
+}
+
+/// How the passphrase is obtained: called at most once, only for encrypted stores.
+pub type PassphraseFn<'a> = &'a dyn Fn(bool) -> Result<Vec<u8>>;
+
+fn read_config(backend: &dyn Backend) -> Result<Config> {
+    match backend.read(FileType::Config, "config") {
+        Ok(b) => unframe(MAGIC_CONFIG, &b, "config"),
+        Err(e) if e.is_not_found() => Err(Error::NoStore(backend.location())),
+        Err(e) => Err(e),
+    }
+}
+
+impl Store {
+    /// Create a new store; `passphrase` is asked with `true` (confirm) when encrypted.
+    pub fn create(
+        backend: Arc<dyn Backend>,
+        opts: &CreateOptions,
+        passphrase: PassphraseFn,
+    ) -> Result<Store> {
+        if backend.root_exists()? && !backend.root_is_empty()? {
+            if read_config(backend.as_ref()).is_ok() {
+                return Err(Error::AlreadyExists(backend.location()));
+            }
+            return Err(Error::NotEmpty(backend.location()));
+        }
+        let keys = MasterKeys::random();
+        let mut id = [0u8; 16];
+        super::crypto::fill_random(&mut id);
+        let config = Config {
+            id,
+            created_ns: super::now_ns(),
+            encrypted: opts.encrypted,
+            compression_level: if opts.compression { 3 } else { 0 },
+            chunker: ChunkerParams::default(),
+            pack_size: 16 << 20,
+            plain_keys: (!opts.encrypted).then(|| keys.clone()),
+        };
+        let key_file = if opts.encrypted {
+            let pass = passphrase(true)?;
+            Some(KeyFile::wrap(&keys, &pass, &id, opts.kdf)?)
+        } else {
+            None
+        };
+        backend.init()?;
+        if let Some(kf) = key_file {
+            let name = super::crypto::random_hex(16);
+            backend.write(FileType::Key, &name, &frame(MAGIC_KEY, &kf))?;
+        }
+        // The config is written last: a store without one is not a store, so a create that
+        // fails half-way can simply be run again.
+        backend.write(FileType::Config, "config", &frame(MAGIC_CONFIG, &config))?;
+        Ok(Store::with(backend, config, keys))
+    }
+
+    fn with(backend: Arc<dyn Backend>, config: Config, keys: MasterKeys) -> Store {
+        Store {
+            crypto: Crypto::new(keys, config.encrypted),
+            backend,
+            config,
+            index: RwLock::new(Index::default()),
+            trees: Mutex::new(LruCache::new(NonZeroUsize::new(4096).expect("non-zero"))),
+            index_report: Mutex::new(IndexLoadReport::default()),
+        }
+    }
+
+    /// Open an existing store and load its index.
+    pub fn open(backend: Arc<dyn Backend>, passphrase: PassphraseFn) -> Result<Store> {
+        let store = Store::open_no_index(backend, passphrase)?;
+        store.load_index()?;
+        Ok(store)
+    }
+
+    /// Open an existing store without loading the index.
+    pub fn open_no_index(backend: Arc<dyn Backend>, passphrase: PassphraseFn) -> Result<Store> {
+        let config = read_config(backend.as_ref())?;
+        let keys = match &config.plain_keys {
+            Some(k) if !config.encrypted => k.clone(),
+            _ => {
+                let files = backend.list(FileType::Key)?;
+                if files.is_empty() {
+                    return Err(Error::damaged("keys/", "the store has no key file"));
+                }
+                let mut parsed = Vec::new();
+                let mut damaged = Vec::new();
+                for f in &files {
+                    match backend
+                        .read(FileType::Key, &f.name)
+                        .and_then(|b| parse_key_file(&b, &f.name))
+                    {
+                        Ok(k) => parsed.push(k),
+                        Err(e) => damaged.push(e),
+                    }
+                }
+                if parsed.is_empty() {
+                    return Err(damaged.remove(0));
+                }
+                let pass = passphrase(false)?;
+                let mut found = None;
+                for k in &parsed {
+                    if let Some(keys) = k.unwrap(&pass, &config.id)? {
+                        found = Some(keys);
+                        break;
+                    }
+                }
+                match found {
+                    Some(k) => k,
+                    None => return Err(Error::WrongPassphrase(files.len())),
+                }
+            }
+        };
+        Ok(Store::with(backend, config, keys))
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn crypto(&self) -> &Crypto {
+        &self.crypto
+    }
+    pub fn index(&self) -> parking_lot::RwLockReadGuard<'_, Index> {
+        self.index.read()
+    }
+    pub fn index_report(&self) -> parking_lot::MutexGuard<'_, IndexLoadReport> {
+        self.index_report.lock()
+    }
+
+    /// Read every index file; packs that no index lists (an interrupted backup) have their
+    /// headers read so their blobs are known and reused.
+    pub fn load_index(&self) -> Result<()> {
+        let mut idx = Index::default();
+        let mut report = IndexLoadReport::default();
+        for f in self.backend.list(FileType::Index)? {
+            let file = format!("index/{}", f.name);
+            let res = self.backend.read(FileType::Index, &f.name).and_then(|b| {
+                if self.crypto.file_id(&b) != f.name {
+                    return Err(Error::damaged(&file, "content does not match its name"));
+                }
+                open_record::<IndexFile>(&self.crypto, AAD_INDEX, &b, &file)
+            });
+            match res {
+                Ok(i) => i.packs.iter().for_each(|p| idx.add_pack(p)),
+                Err(e) => report.damaged_index_files.push((file, e.to_string())),
+            }
+        }
+        let packs = self.backend.list(FileType::Pack)?;
+        for p in packs {
+            if idx.has_pack(&p.name) {
+                continue;
+            }
+            match self.read_pack_header(&p.name, p.size) {
+                Ok(h) => {
+                    idx.add_pack(&IndexPack {
+                        pack: p.name.clone(),
+                        kind: h.kind,
+                        entries: h.entries,
+                    });
+                    report.recovered_packs.push(p.name);
+                }
+                Err(e) => report.damaged_pack_headers.push((p.name, e.to_string())),
+            }
+        }
+        *self.index.write() = idx;
+        *self.index_report.lock() = report;
+        Ok(())
+    }
+
+    /// Read and open the header at the end of a pack of `size` bytes.
+    pub fn read_pack_header(&self, name: &str, size: u64) -> Result<PackHeader> {
+        let file = FileType::Pack.path(name);
+        if size < 4 {
+            return Err(Error::damaged(&file, "pack is truncated"));
+        }
+        let tail = self.backend.read_range(FileType::Pack, name, size - 4, 4)?;
+        let hlen = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
+        if hlen + 4 > size {
+            return Err(Error::damaged(&file, "bad header length"));
+        }
+        let h = self
+            .backend
+            .read_range(FileType::Pack, name, size - 4 - hlen, hlen)?;
+        open_record(&self.crypto, AAD_PACK_HEADER, &h, &file)
+    }
+
+    /// Parse a whole pack file (for check and recovery).
+    pub fn parse_pack(&self, name: &str, data: &[u8]) -> Result<PackHeader> {
+        let file = FileType::Pack.path(name);
+        if data.len() < 4 {
+            return Err(Error::damaged(&file, "pack is truncated"));
+        }
+        let n = data.len();
+        let hlen = u32::from_le_bytes(data[n - 4..].try_into().expect("4 bytes")) as usize;
+        if hlen + 4 > n {
+            return Err(Error::damaged(&file, "bad header length"));
+        }
+        open_record(&self.crypto, AAD_PACK_HEADER, &data[n - 4 - hlen..n - 4], &file)
+    }
+
+    /// Decode a sealed blob read from `pack`, checking it is the blob `id`.
+    pub fn decode_blob(&self, id: &BlobId, sealed: &[u8], raw_len: u32, pack: &str) -> Result<Vec<u8>> {
+        let damaged = |why: &str| {
+            Error::damaged(
+                FileType::Pack.path(pack),
+                format!("blob {} {why}", id.short()),
+            )
+        };
+        let payload = self
+            .crypto
+            .open(&id.0, sealed)
+            .ok_or_else(|| damaged("fails authentication"))?;
+        let data = decode_payload(&payload, raw_len as usize)
+            .ok_or_else(|| damaged("cannot be decompressed"))?;
+        if self.crypto.blob_id(&data) != *id {
+            return Err(damaged("has the wrong content"));
+        }
+        Ok(data)
+    }
+
+    /// Read one blob.
+    pub fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>> {
+        let (loc, pack) = {
+            let idx = self.index.read();
+            let loc = idx.get(id).ok_or_else(|| Error::MissingBlob(id.hex()))?;
+            (loc, idx.pack_name(loc.pack).to_string())
+        };
+        let sealed = self.backend.read_range(
+            FileType::Pack,
+            &pack,
+            loc.offset as u64,
+            loc.length as u64,
+        )?;
+        self.decode_blob(id, &sealed, loc.raw_length, &pack)
+    }
+
+    /// Read a tree blob (cached).
+    pub fn load_tree(&self, id: &BlobId) -> Result<Arc<Tree>> {
+        if let Some(t) = self.trees.lock().get(id) {
+            return Ok(t.clone());
+        }
+        let raw = self.read_blob(id)?;
+        let t = Arc::new(Tree::decode(&raw).ok_or_else(|| {
+            Error::damaged(format!("tree {}", id.short()), "cannot parse tree")
+        })?);
+        self.trees.lock().put(*id, t.clone());
+        Ok(t)
+    }
+
+    /// Prepare a blob for a pack: compress (when it helps) and seal it.
+    pub fn seal_blob(&self, id: &BlobId, data: &[u8]) -> Vec<u8> {
+        let level = self.config.compression_level;
+        let mut payload = Vec::with_capacity(data.len() + 1);
+        let compressed = if level > 0 {
+            zstd::bulk::compress(data, level)
+                .ok()
+                .filter(|z| z.len() + 64 < data.len())
+        } else {
+            None
+        };
+        match compressed {
+            Some(z) => {
+                payload.push(CODEC_ZSTD);
+                payload.extend_from_slice(&z);
+            }
+            None => {
+                payload.push(CODEC_RAW);
+                payload.extend_from_slice(data);
+            }
+        }
+        self.crypto.seal(&id.0, &payload)
+    }
+
+    /// All snapshots, oldest first. Damaged snapshot files are returned separately.
+    pub fn snapshots(&self) -> Result<(Vec<SnapshotEntry>, Vec<Error>)> {
+        let mut out = Vec::new();
+        let mut bad = Vec::new();
+        for f in self.backend.list(FileType::Snapshot)? {
+            match self.read_snapshot(&f.name) {
+                Ok(s) => out.push(s),
+                Err(e) => bad.push(e),
+            }
+        }
+        out.sort_by(|a, b| (a.snap.time, &a.id).cmp(&(b.snap.time, &b.id)));
+        Ok((out, bad))
+    }
+
+    pub fn read_snapshot(&self, name: &str) -> Result<SnapshotEntry> {
+        let file = format!("snapshots/{name}");
+        let b = self.backend.read(FileType::Snapshot, name)?;
+        if self.crypto.file_id(&b) != name {
+            return Err(Error::damaged(&file, "content does not match its name"));
+        }
+        let snap = open_record(&self.crypto, AAD_SNAPSHOT, &b, &file)?;
+        Ok(SnapshotEntry {
+            id: name.to_string(),
+            snap,
+        })
+    }
+
+    /// Write a snapshot file; returns its id.
+    pub fn write_snapshot(&self, snap: &Snapshot) -> Result<String> {
+        let b = seal_record(&self.crypto, AAD_SNAPSHOT, snap);
+        let id = self.crypto.file_id(&b);
+        self.backend.write(FileType::Snapshot, &id, &b)?;
+        Ok(id)
+    }
+
+    /// Find a snapshot by full id, unique prefix, or `latest`.
+    pub fn resolve_snapshot(&self, spec: &str) -> Result<SnapshotEntry> {
+        let names = self.backend.list(FileType::Snapshot)?;
+        if spec == "latest" {
+            let (all, _) = self.snapshots()?;
+            return all
+                .into_iter()
+                .last()
+                .ok_or_else(|| Error::NoSnapshot(spec.into()));
+        }
+        let spec_l = spec.to_ascii_lowercase();
+        let matches: Vec<_> = names
+            .iter()
+            .filter(|n| !spec_l.is_empty() && n.name.starts_with(&spec_l))
+            .collect();
+        match matches.len() {
+            0 => Err(Error::NoSnapshot(spec.into())),
+            1 => self.read_snapshot(&matches[0].name),
+            _ => Err(Error::AmbiguousSnapshot(
+                spec.into(),
+                matches
+                    .iter()
+                    .map(|m| m.name[..12].to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )),
+        }
+    }
+
+    /// The node at `path` in a snapshot: absolute paths are taken from the snapshot root,
+    /// relative ones from the backed-up directory. `/` gives a synthetic directory node.
+    pub fn lookup(&self, snap: &SnapshotEntry, path: &[u8]) -> Result<Node> {
+        let full = if path.first() == Some(&b'/') {
+            path.to_vec()
+        } else {
+            super::tree::join(&snap.snap.path, path)
+        };
+        let mut node = Node::new(b"/".to_vec(), NodeKind::Dir);
+        node.mode = 0o755;
+        node.subtree = Some(snap.snap.root);
+        let show = String::from_utf8_lossy(&full).into_owned();
+        for c in components(&full) {
+            if c == b".." {
+                return Err(Error::NoSuchPath(snap.short().into(), show));
+            }
+            let sub = match (node.kind, node.subtree) {
+                (NodeKind::Dir, Some(s)) => s,
+                _ => return Err(Error::NoSuchPath(snap.short().into(), show)),
+            };
+            let t = self.load_tree(&sub)?;
+            node = t
+                .find(c)
+                .cloned()
+                .ok_or_else(|| Error::NoSuchPath(snap.short().into(), show.clone()))?;
+        }
+        Ok(node)
+    }
+
+    /// Total size of the store's files by type.
+    pub fn sizes(&self) -> Result<Vec<(FileType, usize, u64)>> {
+        let mut out = Vec::new();
+        for t in FileType::ALL {
+            let l = self.backend.list(t)?;
+            out.push((t, l.len(), l.iter().map(|f| f.size).sum()));
+        }
+        Ok(out)
+    }
+
+    /// Take a lock; it is refreshed in the background and released on drop.
+    pub fn lock(&self, exclusive: bool, command: &str) -> Result<LockGuard> {
+        LockGuard::take(self.backend.clone(), exclusive, command)
+    }
+}
+
+/// How often a held lock is rewritten, and after how long without refresh it is stale.
+const LOCK_REFRESH: Duration = Duration::from_secs(300);
+const LOCK_STALE: Duration = Duration::from_secs(1800);
+
+/// A held store lock.
+pub struct LockGuard {
+    backend: Arc<dyn Backend>,
+    name: String,
+    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn lock_is_live(rec: &LockRecord) -> bool {
+    let age_ns = super::now_ns().saturating_sub(rec.refreshed_ns);
+    if age_ns > LOCK_STALE.as_nanos() as i64 {
+        return false;
+    }
+    if rec.host == super::hostname() && rec.pid != std::process::id() {
+        // A lock from a process of this host that no longer exists is stale.
+        return std::path::Path::new(&format!("/proc/{}", rec.pid)).exists();
+    }
+    true
+}
+
+impl LockGuard {
+    fn take(backend: Arc<dyn Backend>, exclusive: bool, command: &str) -> Result<LockGuard> {
+        let conflicts = |mine: Option<&str>| -> Result<Option<(String, String)>> {
+            for f in backend.list(FileType::Lock)? {
+                if Some(f.name.as_str()) == mine {
+                    continue;
+                }
+                let Ok(b) = backend.read(FileType::Lock, &f.name) else {
+                    continue;
+                };
+                let Ok(rec) = unframe::<LockRecord>(MAGIC_LOCK, &b, &f.name) else {
+                    continue;
+                };
+                if lock_is_live(&rec) && (exclusive || rec.exclusive) {
+                    return Ok(Some((
+                        format!(
+                            "{} (pid {} on {}, {})",
+                            rec.command,
+                            rec.pid,
+                            rec.host,
+                            if rec.exclusive { "exclusive" } else { "shared" }
+                        ),
+                        FileType::Lock.path(&f.name),
+                    )));
+                }
+            }
+            Ok(None)
+        };
+        if let Some((who, file)) = conflicts(None)? {
+            return Err(Error::Locked(who, file));
+        }
+        let name = super::crypto::random_hex(16);
+        let now = super::now_ns();
+        let rec = LockRecord {
+            exclusive,
+            host: super::hostname(),
+            user: super::username(),
+            pid: std::process::id(),
+            created_ns: now,
+            refreshed_ns: now,
+            command: command.to_string(),
+        };
+        backend.write(FileType::Lock, &name, &frame(MAGIC_LOCK, &rec))?;
+        if let Some((who, file)) = conflicts(Some(&name))? {
+            let _ = backend.remove(FileType::Lock, &name);
+            return Err(Error::Locked(who, file));
+        }
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let thread = {
+            let backend = backend.clone();
+            let stop = stop.clone();
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let mut rec = rec;
+                let (m, cv) = &*stop;
+                let mut stopped = m.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    let (g, _) = cv
+                        .wait_timeout(stopped, LOCK_REFRESH)
+                        .unwrap_or_else(|e| e.into_inner());
+                    stopped = g;
+                    if *stopped {
+                        return;
+                    }
+                    rec.refreshed_ns = super::now_ns();
+                    let _ = backend.write(FileType::Lock, &name, &frame(MAGIC_LOCK, &rec));
+                }
+            })
+        };
+        Ok(LockGuard {
+            backend,
+            name,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        {
+            let (m, cv) = &*self.stop;
+            *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = self.backend.remove(FileType::Lock, &self.name);
+    }
+}
+
+/// Writes new blobs into packs and index files.
+///
+/// Data and tree blobs go to separate packs. Any thread may add blobs; the thread whose blob
+/// fills a pack uploads it, outside the lock, so uploads of several packs overlap.
+pub struct Packer<'a> {
+    store: &'a Store,
+    bufs: [Mutex<PackBuf>; 2],
+    /// Ids added in this session (the index only knows uploaded packs).
+    seen: Mutex<HashSet<BlobId>>,
+    pending_index: Mutex<Vec<IndexPack>>,
+    pub new_blobs: AtomicU64,
+    pub new_bytes: AtomicU64,
+    failed: AtomicBool,
+}
+
+#[derive(Default)]
+struct PackBuf {
+    data: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+/// Packs per index file written during a backup: an interrupted backup loses at most this
+/// many packs' worth of index (and the packs stay recoverable from their headers).
+const PACKS_PER_INDEX: usize = 32;
+
+impl<'a> Packer<'a> {
+    pub fn new(store: &'a Store) -> Self {
+        Packer {
+            store,
+            bufs: [Mutex::default(), Mutex::default()],
+            seen: Mutex::new(HashSet::new()),
+            pending_index: Mutex::new(Vec::new()),
+            new_blobs: AtomicU64::new(0),
+            new_bytes: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Does the store already have (or is this session adding) this blob? Marks it as being
+    /// added if not, so exactly one caller gets `false` per new blob.
+    pub fn claim(&self, id: &BlobId) -> bool {
+        if self.store.index.read().contains(id) {
+            return true;
+        }
+        !self.seen.lock().insert(*id)
+    }
+
+    /// Add a blob whose id the caller has claimed.
+    pub fn add(&self, kind: BlobKind, id: BlobId, data: &[u8]) -> Result<()> {
+        let sealed = self.store.seal_blob(&id, data);
+        self.add_sealed(kind, id, data.len() as u32, &sealed)
+    }
+
+    /// Add an already sealed blob.
+    pub fn add_sealed(&self, kind: BlobKind, id: BlobId, raw_len: u32, sealed: &[u8]) -> Result<()> {
+        self.new_blobs.fetch_add(1, Ordering::Relaxed);
+        self.new_bytes
+            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+        let full = {
+            let mut b = self.bufs[kind as usize].lock();
+            let offset = b.data.len() as u32;
+            b.data.extend_from_slice(sealed);
+            b.entries.push(PackEntry {
+                id,
+                offset,
+                length: sealed.len() as u32,
+                raw_length: raw_len,
+            });
+            if b.data.len() >= self.store.config.pack_size as usize {
+                Some(std::mem::take(&mut *b))
+            } else {
+                None
+            }
+        };
+        match full {
+            Some(b) => self.upload(kind, b),
+            None => Ok(()),
+        }
+    }
+
+    fn upload(&self, kind: BlobKind, mut b: PackBuf) -> Result<()> {
+        if b.entries.is_empty() {
+            return Ok(());
+        }
+        let header = PackHeader {
+            kind,
+            entries: b.entries.clone(),
+        };
+        let h = seal_record(&self.store.crypto, AAD_PACK_HEADER, &header);
+        b.data.extend_from_slice(&h);
+        b.data.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        let name = self.store.crypto.file_id(&b.data);
+        if let Err(e) = self.store.backend.write(FileType::Pack, &name, &b.data) {
+            self.failed.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+        let ip = IndexPack {
+            pack: name,
+            kind,
+            entries: b.entries,
+        };
+        self.store.index.write().add_pack(&ip);
+        let batch = {
+            let mut p = self.pending_index.lock();
+            p.push(ip);
+            if p.len() >= PACKS_PER_INDEX {
+                Some(std::mem::take(&mut *p))
+            } else {
+                None
+            }
+        };
+        if let Some(batch) = batch {
+            self.write_index(batch)?;
+        }
+        Ok(())
+    }
+
+    fn write_index(&self, packs: Vec<IndexPack>) -> Result<()> {
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let f = seal_record(&self.store.crypto, AAD_INDEX, &IndexFile { packs });
+        let name = self.store.crypto.file_id(&f);
+        self.store.backend.write(FileType::Index, &name, &f)
+    }
+
+    /// Upload the partly filled packs and the remaining index entries.
+    pub fn finish(&self) -> Result<()> {
+        for kind in [BlobKind::Data, BlobKind::Tree] {
+            let b = std::mem::take(&mut *self.bufs[kind as usize].lock());
+            self.upload(kind, b)?;
+        }
+        let rest = std::mem::take(&mut *self.pending_index.lock());
+        self.write_index(rest)
+    }
+}
+
+/// Convenience for engine tests and small tools: a plaintext or encrypted store in memory.
+pub fn open_or_create_mem(encrypted: bool) -> Store {
+    let b: Arc<dyn Backend> = Arc::new(super::backend::MemBackend::new());
+    let opts = CreateOptions {
+        encrypted,
+        compression: true,
+        kdf: KdfParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        },
+    };
+    Store::create(b, &opts, &|_| Ok(b"test".to_vec())).expect("in-memory store")
+}
+
+pub use format::Snapshot as SnapshotRecord;

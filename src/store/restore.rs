@@ -1,0 +1,382 @@
+//! The restore pipeline: snapshot (or a path in it) → destination.
+//!
+//! Restore is planned by pack, not by file: after creating the directories, links and empty
+//! files, every needed blob is looked up in the index, the blobs of each pack are sorted by
+//! offset and merged into ranges, and workers read each range once, open its blobs and write
+//! each one to every file position that needs it. A file's metadata is set when its last chunk
+//! lands; hard links are made once their first path is complete; directories get their
+//! metadata last, deepest first. A damaged blob fails only the files that contain it: the
+//! restore carries on and reports them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+
+use super::crypto::BlobId;
+use super::destination::Destination;
+use super::error::{Error, Result};
+use super::repo::{SnapshotEntry, Store};
+use super::tree::{Node, NodeKind, join};
+
+#[derive(Default)]
+pub struct RestoreOptions {
+    /// Worker threads (0: one per core, at least 4 so reads and writes overlap).
+    pub workers: usize,
+}
+
+#[derive(Default)]
+pub struct RestoreProgress {
+    pub total_bytes: AtomicU64,
+    pub bytes: AtomicU64,
+    pub files: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct RestoreReport {
+    pub files: u64,
+    pub dirs: u64,
+    pub others: u64,
+    pub bytes: u64,
+    /// Files skipped because they were already complete at the destination.
+    pub skipped: u64,
+    /// Paths that could not be restored, with the reason.
+    pub errors: Vec<(Vec<u8>, String)>,
+}
+
+struct Entry {
+    rel: Vec<u8>,
+    node: Node,
+}
+
+/// Largest range read at once, and largest gap between blobs bridged by reading through it.
+const MAX_RANGE: u64 = 16 << 20;
+const MAX_GAP: u64 = 256 << 10;
+
+struct Range {
+    pack: u32,
+    offset: u64,
+    length: u64,
+    /// (blob, offset in range, sealed length, raw length)
+    blobs: Vec<(BlobId, u64, u32, u32)>,
+}
+
+/// Restore `path` of `snap` (or the whole backed-up tree) into `dest`.
+///
+/// The whole tree puts the backed-up directory's contents into the destination root; a path
+/// puts the entry at that path into the root under its own name.
+pub fn run(
+    store: &Store,
+    snap: &SnapshotEntry,
+    path: Option<&[u8]>,
+    dest: &dyn Destination,
+    opts: &RestoreOptions,
+    progress: &RestoreProgress,
+) -> Result<RestoreReport> {
+    let (top, top_rel) = match path {
+        Some(p) => {
+            let n = store.lookup(snap, p)?;
+            let rel = if n.name == b"/" { Vec::new() } else { n.name.clone() };
+            (n, rel)
+        }
+        None => {
+            let n = store.lookup(snap, &snap.snap.path)?;
+            let rel = if n.kind == NodeKind::Dir {
+                Vec::new()
+            } else {
+                n.name.clone()
+            };
+            (n, rel)
+        }
+    };
+    let created_root = dest.prepare()?;
+    let mut report = RestoreReport::default();
+
+    // 1. Walk the tree to restore.
+    let mut entries = Vec::new();
+    collect(store, &top, top_rel, &mut entries, &mut report)?;
+
+    // 2. Directories, links, special files, empty and complete files.
+    let mut hard_primary: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut hard_links: Vec<(usize, usize)> = Vec::new();
+    let mut files: Vec<usize> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let r = match e.node.kind {
+            NodeKind::Dir => {
+                report.dirs += 1;
+                if e.rel.is_empty() {
+                    Ok(())
+                } else {
+                    dest.mkdir(&e.rel)
+                }
+            }
+            NodeKind::Symlink => {
+                report.others += 1;
+                dest.symlink(&e.rel, &e.node.target)
+                    .and_then(|_| dest.set_metadata(&e.rel, &e.node))
+            }
+            NodeKind::File => {
+                if e.node.is_hardlink() {
+                    if let Some(&p) = hard_primary.get(&(e.node.dev, e.node.inode)) {
+                        hard_links.push((p, i));
+                        continue;
+                    }
+                    hard_primary.insert((e.node.dev, e.node.inode), i);
+                }
+                report.files += 1;
+                if dest.is_complete(&e.rel, &e.node) {
+                    report.skipped += 1;
+                    progress.files.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                progress
+                    .total_bytes
+                    .fetch_add(e.node.size, Ordering::Relaxed);
+                let r = dest.create_file(&e.rel, e.node.size);
+                if r.is_ok() {
+                    files.push(i);
+                }
+                r
+            }
+            _ => {
+                report.others += 1;
+                dest.special(&e.rel, &e.node)
+                    .and_then(|_| dest.set_metadata(&e.rel, &e.node))
+            }
+        };
+        if let Err(err) = r {
+            if e.rel.is_empty() {
+                return Err(err);
+            }
+            report.errors.push((e.rel.clone(), err.to_string()));
+        }
+    }
+
+    // 3. Plan: which blob goes where.
+    let remaining: Vec<AtomicUsize> = (0..entries.len()).map(|_| AtomicUsize::new(0)).collect();
+    let failed: Vec<std::sync::atomic::AtomicBool> = (0..entries.len())
+        .map(|_| std::sync::atomic::AtomicBool::new(false))
+        .collect();
+    let mut targets: HashMap<BlobId, Vec<(usize, u64)>> = HashMap::new();
+    let mut ready = Vec::new();
+    let mut plan_errors = Vec::new();
+    {
+        let idx = store.index();
+        for &i in &files {
+            let n = &entries[i].node;
+            let mut off = 0u64;
+            for id in &n.content {
+                match idx.get(id) {
+                    Some(loc) => {
+                        targets.entry(*id).or_default().push((i, off));
+                        remaining[i].fetch_add(1, Ordering::Relaxed);
+                        off += loc.raw_length as u64;
+                    }
+                    None => {
+                        failed[i].store(true, Ordering::Relaxed);
+                        plan_errors.push((i, Error::MissingBlob(id.hex()).to_string()));
+                        break;
+                    }
+                }
+            }
+            if n.content.is_empty() {
+                ready.push(i);
+            }
+        }
+    }
+    for (i, e) in plan_errors {
+        report.errors.push((entries[i].rel.clone(), e));
+    }
+    for i in ready {
+        finish_file(dest, &entries[i], progress, &mut report.errors);
+    }
+    let ranges = plan_ranges(store, &targets);
+
+    // 4. Read each range once, write its blobs everywhere they go.
+    let workers = if opts.workers > 0 {
+        opts.workers
+    } else {
+        std::thread::available_parallelism().map_or(4, |n| n.get()).max(4)
+    };
+    let next = AtomicUsize::new(0);
+    let errors = Mutex::new(Vec::new());
+    let fatal: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(r) = ranges.get(k) else { break };
+                    if fatal.lock().is_some() {
+                        break;
+                    }
+                    let pack = store.index().pack_name(r.pack).to_string();
+                    let data = match store.backend().read_range(
+                        super::backend::FileType::Pack,
+                        &pack,
+                        r.offset,
+                        r.length,
+                    ) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            // Everything in this range is lost for this run.
+                            for (id, ..) in &r.blobs {
+                                for &(i, _) in &targets[id] {
+                                    if !failed[i].swap(true, Ordering::Relaxed) {
+                                        errors.lock().push((entries[i].rel.clone(), e.to_string()));
+                                    }
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    for (id, off, len, raw) in &r.blobs {
+                        let sealed = &data[*off as usize..(*off + *len as u64) as usize];
+                        let plain = store.decode_blob(id, sealed, *raw, &pack);
+                        for &(i, foff) in &targets[id] {
+                            if failed[i].load(Ordering::Relaxed) {
+                                continue;
+                            }
+                            let e = &entries[i];
+                            let w = plain
+                                .as_ref()
+                                .map_err(|e| e.to_string())
+                                .and_then(|p| {
+                                    dest.write_at(&e.rel, foff, p).map_err(|e| e.to_string())
+                                });
+                            if let Err(msg) = w {
+                                failed[i].store(true, Ordering::Relaxed);
+                                errors.lock().push((e.rel.clone(), msg));
+                                continue;
+                            }
+                            if let Ok(p) = &plain {
+                                progress.bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+                            }
+                            if remaining[i].fetch_sub(1, Ordering::AcqRel) == 1 {
+                                let mut errs = Vec::new();
+                                finish_file(dest, e, progress, &mut errs);
+                                errors.lock().extend(errs);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = fatal.into_inner() {
+        return Err(e);
+    }
+    report.errors.extend(errors.into_inner());
+
+    // 5. Hard links, then directory metadata deepest first.
+    for (p, i) in hard_links {
+        if failed[p].load(Ordering::Relaxed) {
+            report
+                .errors
+                .push((entries[i].rel.clone(), "its hard-link target could not be restored".into()));
+            continue;
+        }
+        if let Err(e) = dest.hardlink(&entries[p].rel, &entries[i].rel) {
+            report.errors.push((entries[i].rel.clone(), e.to_string()));
+        }
+    }
+    for e in entries.iter().rev() {
+        if e.node.kind == NodeKind::Dir && (!e.rel.is_empty() || created_root) {
+            if let Err(err) = dest.set_metadata(&e.rel, &e.node) {
+                report.errors.push((e.rel.clone(), err.to_string()));
+            }
+        }
+    }
+    report.bytes = progress.bytes.load(Ordering::Relaxed);
+    Ok(report)
+}
+
+fn finish_file(
+    dest: &dyn Destination,
+    e: &Entry,
+    progress: &RestoreProgress,
+    errors: &mut Vec<(Vec<u8>, String)>,
+) {
+    progress.files.fetch_add(1, Ordering::Relaxed);
+    if let Err(err) = dest.set_metadata(&e.rel, &e.node) {
+        errors.push((e.rel.clone(), err.to_string()));
+    }
+}
+
+fn collect(
+    store: &Store,
+    node: &Node,
+    rel: Vec<u8>,
+    out: &mut Vec<Entry>,
+    report: &mut RestoreReport,
+) -> Result<()> {
+    let sub = if node.kind == NodeKind::Dir {
+        node.subtree
+    } else {
+        None
+    };
+    out.push(Entry {
+        rel: rel.clone(),
+        node: node.clone(),
+    });
+    if let Some(sub) = sub {
+        match store.load_tree(&sub) {
+            Ok(t) => {
+                for child in &t.nodes {
+                    let r = if rel.is_empty() {
+                        child.name.clone()
+                    } else {
+                        join(&rel, &child.name)
+                    };
+                    collect(store, child, r, out, report)?;
+                }
+            }
+            Err(e) if e.kind() == super::error::ErrorKind::Damaged => {
+                report.errors.push((rel, e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn plan_ranges(store: &Store, targets: &HashMap<BlobId, Vec<(usize, u64)>>) -> Vec<Range> {
+    let idx = store.index();
+    let mut by_pack: HashMap<u32, Vec<(u64, u32, u32, BlobId)>> = HashMap::new();
+    for id in targets.keys() {
+        if let Some(loc) = idx.get(id) {
+            by_pack.entry(loc.pack).or_default().push((
+                loc.offset as u64,
+                loc.length,
+                loc.raw_length,
+                *id,
+            ));
+        }
+    }
+    let mut packs: Vec<_> = by_pack.into_iter().collect();
+    packs.sort_by(|a, b| idx.pack_name(a.0).cmp(idx.pack_name(b.0)));
+    let mut ranges = Vec::new();
+    for (pack, mut blobs) in packs {
+        blobs.sort_by_key(|b| b.0);
+        let mut cur: Option<Range> = None;
+        for (off, len, raw, id) in blobs {
+            if let Some(r) = &mut cur {
+                let end = r.offset + r.length;
+                if off >= end && off - end <= MAX_GAP && off + len as u64 - r.offset <= MAX_RANGE {
+                    r.length = off + len as u64 - r.offset;
+                    r.blobs.push((id, off - r.offset, len, raw));
+                    continue;
+                }
+                ranges.push(cur.take().expect("current range"));
+            }
+            cur = Some(Range {
+                pack,
+                offset: off,
+                length: len as u64,
+                blobs: vec![(id, 0, len, raw)],
+            });
+        }
+        ranges.extend(cur);
+    }
+    ranges
+}

@@ -1,0 +1,196 @@
+//! The source connector: a tree to back up.
+//!
+//! A [`Source`] answers "what is at this path" ([`Source::stat`]), "what is in this directory"
+//! ([`Source::read_dir`], entries with full metadata) and "give me this file's bytes"
+//! ([`Source::open`]). Paths are absolute raw bytes. [`LocalSource`] reads the local
+//! filesystem with `lstat`, never following symlinks; the SFTP source lives in `crate::sftp`.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use super::error::{Error, IoContext, Result};
+use super::tree::{Node, NodeKind, Time, Xattr};
+
+pub trait Source: Send + Sync {
+    /// What the user named, as recorded in the snapshot (`/var/www`, `sftp://host/srv`).
+    fn describe(&self) -> String;
+    /// The absolute path of the tree to back up.
+    fn root(&self) -> Vec<u8>;
+    /// Does the source report inode numbers and ctimes (so they can be compared with the parent
+    /// snapshot)? Sources that do not are compared on size and mtime only.
+    fn has_inodes(&self) -> bool;
+    /// Metadata of one path, not following a final symlink. The node's name is the last
+    /// component of `path`.
+    fn stat(&self, path: &[u8]) -> Result<Node>;
+    /// The entries of a directory with their metadata, in any order.
+    fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>>;
+    /// The contents of a regular file.
+    fn open(&self, path: &[u8]) -> Result<Box<dyn Read + Send>>;
+}
+
+pub fn os(path: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(path))
+}
+
+/// The local filesystem.
+pub struct LocalSource {
+    root: Vec<u8>,
+}
+
+impl LocalSource {
+    /// A source rooted at `path`, made absolute against the current directory.
+    pub fn new(path: &Path) -> Result<LocalSource> {
+        let abs = std::path::absolute(path).at(path)?;
+        // Normalise `.` and `..` lexically, like `realpath -s`.
+        let mut out: Vec<&[u8]> = Vec::new();
+        for c in abs.as_os_str().as_bytes().split(|&b| b == b'/') {
+            match c {
+                b"" | b"." => {}
+                b".." => {
+                    out.pop();
+                }
+                c => out.push(c),
+            }
+        }
+        let mut root = Vec::new();
+        for c in out {
+            root.push(b'/');
+            root.extend_from_slice(c);
+        }
+        if root.is_empty() {
+            root.push(b'/');
+        }
+        Ok(LocalSource { root })
+    }
+}
+
+fn time(sec: i64, nsec: i64) -> Time {
+    Time {
+        sec,
+        nsec: nsec as u32,
+    }
+}
+
+thread_local! {
+    static NAMES: std::cell::RefCell<(std::collections::HashMap<u32, String>, std::collections::HashMap<u32, String>)> =
+        Default::default();
+}
+
+/// The user name of a uid (cached per thread).
+pub fn user_name(uid: u32) -> String {
+    NAMES.with(|n| {
+        n.borrow_mut()
+            .0
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+                    .unwrap_or_default()
+            })
+            .clone()
+    })
+}
+
+/// The group name of a gid (cached per thread).
+pub fn group_name(gid: u32) -> String {
+    NAMES.with(|n| {
+        n.borrow_mut()
+            .1
+            .entry(gid)
+            .or_insert_with(|| {
+                nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+                    .ok()
+                    .flatten()
+                    .map(|g| g.name)
+                    .unwrap_or_default()
+            })
+            .clone()
+    })
+}
+
+/// Metadata of a local path as a node (lstat, symlink target, xattrs).
+pub fn local_node(path: &Path, name: Vec<u8>) -> Result<Node> {
+    let m = fs::symlink_metadata(path).at(path)?;
+    let kind = NodeKind::from_mode(m.mode())
+        .ok_or_else(|| Error::Other(format!("{}: unknown file type", path.display())))?;
+    let mut n = Node::new(name, kind);
+    n.mode = m.mode() & 0o7777;
+    n.uid = m.uid();
+    n.gid = m.gid();
+    n.user = user_name(n.uid);
+    n.group = group_name(n.gid);
+    n.mtime = time(m.mtime(), m.mtime_nsec());
+    n.ctime = time(m.ctime(), m.ctime_nsec());
+    n.dev = m.dev();
+    n.inode = m.ino();
+    n.nlink = m.nlink();
+    n.rdev = m.rdev();
+    n.size = if kind == NodeKind::Dir { 0 } else { m.size() };
+    if kind == NodeKind::Symlink {
+        n.target = fs::read_link(path).at(path)?.into_os_string().into_vec();
+        n.size = n.target.len() as u64;
+    }
+    // Extended attributes: a filesystem without them is not an error.
+    if kind != NodeKind::Symlink || cfg!(target_os = "linux") {
+        if let Ok(names) = xattr::list(path) {
+            for name in names {
+                if let Ok(Some(value)) = xattr::get(path, &name) {
+                    n.xattrs.push(Xattr {
+                        name: name.into_vec(),
+                        value,
+                    });
+                }
+            }
+            n.xattrs.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+    }
+    Ok(n)
+}
+
+use std::os::unix::ffi::OsStringExt;
+
+impl Source for LocalSource {
+    fn describe(&self) -> String {
+        String::from_utf8_lossy(&self.root).into_owned()
+    }
+    fn root(&self) -> Vec<u8> {
+        self.root.clone()
+    }
+    fn has_inodes(&self) -> bool {
+        true
+    }
+    fn stat(&self, path: &[u8]) -> Result<Node> {
+        let name = path
+            .rsplit(|&b| b == b'/')
+            .find(|c| !c.is_empty())
+            .unwrap_or(b"/")
+            .to_vec();
+        local_node(os(path), name)
+    }
+    fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>> {
+        let p = os(path);
+        let mut out = Vec::new();
+        for e in fs::read_dir(p).at(p)? {
+            let e = e.at(p)?;
+            let name = e.file_name().into_vec();
+            let full = super::tree::join(path, &name);
+            match local_node(os(&full), name) {
+                Ok(n) => out.push(n),
+                // Vanished between readdir and lstat: it is simply not in the snapshot.
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+    fn open(&self, path: &[u8]) -> Result<Box<dyn Read + Send>> {
+        let p = os(path);
+        Ok(Box::new(fs::File::open(p).at(p)?))
+    }
+}
