@@ -4,4 +4,5 @@
 //! `main.rs` only calls [`cli::main`].
 
 pub mod cli;
+pub mod sftp;
 pub mod store;

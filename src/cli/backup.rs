@@ -10,7 +10,6 @@ use clap::Parser;
 use super::progress::Bar;
 use super::{Ctx, bytes, exit};
 use crate::store::backup::{self, BackupOptions, Progress};
-use crate::store::LocalSource;
 
 #[derive(Parser, Debug)]
 pub struct Args {
@@ -30,15 +29,16 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
-    /// What to back up.
-    pub path: Option<PathBuf>,
+    /// What to back up: a local path (default: the current directory) or
+    /// sftp://[user@]host[:port]/path.
+    pub path: Option<String>,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     let mut patterns = a.exclude.clone();
     for f in &a.exclude_file {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("exclude file {}", f.display()))?;
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("exclude file {}", f.display()))?;
         patterns.extend(
             text.lines()
                 .map(str::trim)
@@ -49,16 +49,22 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     let exclude = backup::exclude_set(&patterns)?;
     let path = match a.path {
         Some(p) => p,
-        None => std::env::current_dir().context("the current directory")?,
+        None => std::env::current_dir()
+            .context("the current directory")?
+            .to_string_lossy()
+            .into_owned(),
     };
-    let source = LocalSource::new(&path)?;
     let store = ctx.open()?;
+    let source = ctx.source(&path)?;
     let _lock = store.lock(false, "backup")?;
     let progress = Arc::new(Progress::default());
     let bar = {
         let p = progress.clone();
         Bar::bytes(ctx.progress(), "backup", move || {
-            (p.bytes.load(Ordering::Relaxed), p.total_bytes.load(Ordering::Relaxed))
+            (
+                p.bytes.load(Ordering::Relaxed),
+                p.total_bytes.load(Ordering::Relaxed),
+            )
         })
     };
     let opts = BackupOptions {
@@ -67,7 +73,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         workers: 0,
         no_parent: a.force_full,
     };
-    let res = backup::run(&store, &source, &opts, &progress)?;
+    let res = backup::run(&store, source.as_ref(), &opts, &progress)?;
     drop(bar);
     let s = &res.snapshot;
     if a.json {

@@ -38,7 +38,10 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     let bar = {
         let p = progress.clone();
         Bar::items(ctx.progress(), "check", move || {
-            (p.packs.load(Ordering::Relaxed), p.total_packs.load(Ordering::Relaxed))
+            (
+                p.packs.load(Ordering::Relaxed),
+                p.total_packs.load(Ordering::Relaxed),
+            )
         })
     };
     let rep = check::run(&store, selected, a.fast, &progress)?;
@@ -53,7 +56,10 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
             println!("damaged: {e}");
         }
         for (snap, paths) in &rep.damaged {
-            println!("snapshot {snap}: {} path(s) cannot be restored:", paths.len());
+            println!(
+                "snapshot {snap}: {} path(s) cannot be restored:",
+                paths.len()
+            );
             for p in paths {
                 println!("  {p}");
             }
@@ -66,7 +72,11 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
                 rep.trees,
                 rep.blobs,
                 rep.packs,
-                if a.fast { "checked for presence" } else { "read and authenticated" }
+                if a.fast {
+                    "checked for presence"
+                } else {
+                    "read and authenticated"
+                }
             );
         }
     }

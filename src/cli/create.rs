@@ -25,7 +25,11 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     if !ctx.quiet {
         eprintln!(
             "created {} store {} at {}",
-            if opts.encrypted { "encrypted" } else { "plaintext" },
+            if opts.encrypted {
+                "encrypted"
+            } else {
+                "plaintext"
+            },
             store.config().id_hex(),
             store.backend().location()
         );

@@ -51,14 +51,30 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     println!("format:      {FORMAT_VERSION}");
     println!(
         "encryption:  {}",
-        if c.encrypted { "AES-256-GCM, Argon2id keys" } else { "none (plaintext)" }
+        if c.encrypted {
+            "AES-256-GCM, Argon2id keys"
+        } else {
+            "none (plaintext)"
+        }
     );
     println!(
         "compression: {}",
-        if c.compression_level > 0 { format!("zstd level {}", c.compression_level) } else { "none".into() }
+        if c.compression_level > 0 {
+            format!("zstd level {}", c.compression_level)
+        } else {
+            "none".into()
+        }
     );
     println!("snapshots:   {}", snaps.len());
-    println!("blobs:       {} in {} packs", idx.blob_count(), idx.pack_count());
-    println!("size:        {} stored, {} of unique content", bytes(total), bytes(raw));
+    println!(
+        "blobs:       {} in {} packs",
+        idx.blob_count(),
+        idx.pack_count()
+    );
+    println!(
+        "size:        {} stored, {} of unique content",
+        bytes(total),
+        bytes(raw)
+    );
     Ok(exit::OK)
 }

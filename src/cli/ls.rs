@@ -87,9 +87,17 @@ fn snapshot_json(s: &SnapshotEntry) -> serde_json::Value {
 }
 
 fn line(out: &mut Vec<u8>, n: &Node, shown: &[u8]) {
-    let owner = |name: &str, id: u32| if name.is_empty() { id.to_string() } else { name.to_string() };
+    let owner = |name: &str, id: u32| {
+        if name.is_empty() {
+            id.to_string()
+        } else {
+            name.to_string()
+        }
+    };
     let size = match n.kind {
-        NodeKind::CharDevice | NodeKind::BlockDevice => format!("{},{}", n.rdev >> 8, n.rdev & 0xff),
+        NodeKind::CharDevice | NodeKind::BlockDevice => {
+            format!("{},{}", n.rdev >> 8, n.rdev & 0xff)
+        }
         _ => n.size.to_string(),
     };
     let _ = write!(
@@ -112,7 +120,9 @@ fn line(out: &mut Vec<u8>, n: &Node, shown: &[u8]) {
 fn list_files(store: &Store, target: &str, a: &Args) -> anyhow::Result<i32> {
     let (snap, path) = split_snap(target);
     let s = store.resolve_snapshot(snap)?;
-    let path = path.map(|p| p.as_bytes().to_vec()).unwrap_or_else(|| s.snap.path.clone());
+    let path = path
+        .map(|p| p.as_bytes().to_vec())
+        .unwrap_or_else(|| s.snap.path.clone());
     let node = store.lookup(&s, &path)?;
     let mut out = Vec::new();
     if node.kind != NodeKind::Dir {
@@ -120,14 +130,26 @@ fn list_files(store: &Store, target: &str, a: &Args) -> anyhow::Result<i32> {
         stdout_write(&out)?;
         return Ok(exit::OK);
     }
-    let base = if path.first() == Some(&b'/') { path.clone() } else { join(&s.snap.path, &path) };
+    let base = if path.first() == Some(&b'/') {
+        path.clone()
+    } else {
+        join(&s.snap.path, &path)
+    };
     walk(store, &node, &base, a.recursive, &mut out)?;
     stdout_write(&out)?;
     Ok(exit::OK)
 }
 
-fn walk(store: &Store, dir: &Node, base: &[u8], recursive: bool, out: &mut Vec<u8>) -> anyhow::Result<()> {
-    let Some(sub) = dir.subtree else { return Ok(()) };
+fn walk(
+    store: &Store,
+    dir: &Node,
+    base: &[u8],
+    recursive: bool,
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    let Some(sub) = dir.subtree else {
+        return Ok(());
+    };
     let t = store.load_tree(&sub)?;
     for n in &t.nodes {
         let full = join(base, &n.name);

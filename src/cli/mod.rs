@@ -23,6 +23,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
+use crate::sftp;
 use crate::store::{self, Backend, ErrorKind, LocalBackend, Store};
 
 /// Exit codes, documented in the README.
@@ -40,6 +41,10 @@ pub mod exit {
     pub const LOCKED: i32 = 7;
     /// No such snapshot or path in a snapshot.
     pub const NOT_FOUND: i32 = 8;
+    /// The SSH server cannot be reached, or refused authentication.
+    pub const UNREACHABLE: i32 = 9;
+    /// The SSH server's host key is unknown or has changed.
+    pub const HOST_KEY: i32 = 10;
 }
 
 #[derive(Parser, Debug)]
@@ -53,15 +58,19 @@ pub struct Cli {
     /// Print nothing but results and errors.
     #[arg(long, short = 'q', global = true)]
     pub quiet: bool,
+    /// SFTP option for every location of this command: username, port, identity,
+    /// connections, insecure_ignore_host_key (repeatable).
+    #[arg(short = 'o', global = true, value_name = "KEY=VALUE")]
+    pub options: Vec<String>,
     #[command(subcommand)]
     pub cmd: Top,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Top {
-    /// Work on the store at STORE (a path, file://PATH).
+    /// Work on the store at STORE (a path, file://PATH, sftp://[user@]host[:port]/path).
     At {
-        /// The store: a directory path or file://PATH.
+        /// The store: a directory path, file://PATH or sftp://[user@]host[:port]/path.
         store: String,
         #[command(subcommand)]
         verb: Verb,
@@ -93,12 +102,38 @@ pub enum Verb {
 pub struct Ctx {
     pub store_url: String,
     pub quiet: bool,
+    /// `-o key=value` options.
+    pub options: Vec<String>,
 }
 
 impl Ctx {
     /// The backend for the store location.
     pub fn backend(&self) -> anyhow::Result<Arc<dyn Backend>> {
-        backend_for(&self.store_url)
+        backend_for(&self.store_url, &self.sftp_options()?)
+    }
+
+    pub fn sftp_options(&self) -> anyhow::Result<sftp::Options> {
+        Ok(sftp::Options::parse(self.options.iter().map(String::as_str))?)
+    }
+
+    /// The backup source at `loc`: a local path or an `sftp://` URL.
+    pub fn source(&self, loc: &str) -> anyhow::Result<Box<dyn store::Source>> {
+        if loc.starts_with("sftp://") {
+            let l = sftp::Location::parse(loc)?;
+            return Ok(Box::new(sftp::SftpSource::open(l, &self.sftp_options()?)?));
+        }
+        let p = loc.strip_prefix("file://").unwrap_or(loc);
+        Ok(Box::new(store::LocalSource::new(std::path::Path::new(p))?))
+    }
+
+    /// The restore destination at `loc`: a local path or an `sftp://` URL.
+    pub fn destination(&self, loc: &str) -> anyhow::Result<Box<dyn store::Destination>> {
+        if loc.starts_with("sftp://") {
+            let l = sftp::Location::parse(loc)?;
+            return Ok(Box::new(sftp::SftpDestination::open(l, &self.sftp_options()?)?));
+        }
+        let p = loc.strip_prefix("file://").unwrap_or(loc);
+        Ok(Box::new(store::LocalDestination::new(PathBuf::from(p))))
     }
 
     /// Open the store and load its index.
@@ -112,13 +147,17 @@ impl Ctx {
 }
 
 /// Parse a store location.
-pub fn backend_for(url: &str) -> anyhow::Result<Arc<dyn Backend>> {
+pub fn backend_for(url: &str, opts: &sftp::Options) -> anyhow::Result<Arc<dyn Backend>> {
     if let Some(rest) = url.strip_prefix("file://") {
         return Ok(Arc::new(LocalBackend::new(PathBuf::from(rest))));
     }
+    if url.starts_with("sftp://") {
+        let l = sftp::Location::parse(url)?;
+        return Ok(Arc::new(sftp::SftpBackend::open(l, opts)?));
+    }
     if url.contains("://") {
         anyhow::bail!(
-            "unsupported store location {url:?}: use a directory path or file://PATH"
+            "unsupported store location {url:?}: use a directory path, file://PATH or sftp://host/path"
         );
     }
     if url.is_empty() {
@@ -137,7 +176,10 @@ pub fn passphrase(confirm: bool) -> store::Result<Vec<u8>> {
     if let Some(f) = std::env::var_os("KLOSET_PASSPHRASE_FILE") {
         let mut b = std::fs::read(&f).map_err(|e| {
             store::Error::io(
-                format!("passphrase file {} (KLOSET_PASSPHRASE_FILE)", PathBuf::from(&f).display()),
+                format!(
+                    "passphrase file {} (KLOSET_PASSPHRASE_FILE)",
+                    PathBuf::from(&f).display()
+                ),
                 e,
             )
         })?;
@@ -158,7 +200,9 @@ pub fn passphrase(confirm: bool) -> store::Result<Vec<u8>> {
         let again = rpassword::prompt_password("passphrase (again): ")
             .map_err(|e| store::Error::io("reading the passphrase", e))?;
         if again != p {
-            return Err(store::Error::Other("the passphrases differ; nothing was created".into()));
+            return Err(store::Error::Other(
+                "the passphrases differ; nothing was created".into(),
+            ));
         }
         if p.is_empty() {
             return Err(store::Error::Other(
@@ -228,6 +272,8 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 ErrorKind::Damaged => exit::DAMAGED,
                 ErrorKind::Locked => exit::LOCKED,
                 ErrorKind::NoSuchEntry => exit::NOT_FOUND,
+                ErrorKind::Unreachable => exit::UNREACHABLE,
+                ErrorKind::HostKey => exit::HOST_KEY,
                 ErrorKind::Other => exit::ERROR,
             };
         }
@@ -236,6 +282,14 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         }
     }
     exit::ERROR
+}
+
+fn connector_kind(e: &sftp::Error) -> ErrorKind {
+    match e {
+        sftp::Error::UnknownHostKey { .. } | sftp::Error::ChangedHostKey { .. } => ErrorKind::HostKey,
+        sftp::Error::Connect(..) | sftp::Error::Auth(..) => ErrorKind::Unreachable,
+        _ => ErrorKind::Other,
+    }
 }
 
 /// An error that carries its exit code, for commands that already printed their report.
@@ -263,7 +317,9 @@ pub fn stdout_write(data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut o = std::io::stdout().lock();
     match o.write_all(data).and_then(|_| o.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ExitWith(exit::OK, String::new()).into()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            Err(ExitWith(exit::OK, String::new()).into())
+        }
         r => r.context("writing to stdout"),
     }
 }
@@ -274,7 +330,11 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return code;
         }
@@ -282,6 +342,14 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
+            if let Some(se) = e.downcast_ref::<sftp::Error>() {
+                let se: store::Error = match se {
+                    sftp::Error::Url(a, b) => sftp::Error::Url(a.clone(), b.clone()).into(),
+                    other => store::Error::Connector(other.to_string(), connector_kind(other)),
+                };
+                eprintln!("kloset: {se}");
+                return exit_code(&anyhow::Error::new(se));
+            }
             if let Some(ExitWith(code, msg)) = e.downcast_ref::<ExitWith>() {
                 if !msg.is_empty() {
                     eprintln!("kloset: {msg}");
@@ -321,6 +389,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let ctx = Ctx {
                 store_url: store,
                 quiet: cli.quiet,
+                options: cli.options,
             };
             match verb {
                 Verb::Create(a) => create::run(&ctx, a),
@@ -364,7 +433,10 @@ mod tests {
             ["kloset", "at", "/s", "restore", "--to", "/d", "x"]
         );
         assert_eq!(n(&["k", "-exclude=*.o"]), ["k", "--exclude=*.o"]);
-        assert_eq!(n(&["k", "-q", "-x", "--", "-to"]), ["k", "-q", "-x", "--", "-to"]);
+        assert_eq!(
+            n(&["k", "-q", "-x", "--", "-to"]),
+            ["k", "-q", "-x", "--", "-to"]
+        );
         assert_eq!(n(&["k", "-plaintext"]), ["k", "--plaintext"]);
     }
 

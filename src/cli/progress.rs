@@ -35,7 +35,12 @@ impl Bar {
     where
         F: Fn() -> (u64, u64) + Send + 'static,
     {
-        Self::start(show, label, "{msg:>9} [{elapsed_precise}] {wide_bar} {pos}/{len}", sample)
+        Self::start(
+            show,
+            label,
+            "{msg:>9} [{elapsed_precise}] {wide_bar} {pos}/{len}",
+            sample,
+        )
     }
 
     fn start<F>(show: bool, label: &'static str, template: &str, sample: F) -> Bar

@@ -1,6 +1,5 @@
 //! `restore [-to DIR] SNAP[:PATH]`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -8,14 +7,14 @@ use clap::Parser;
 
 use super::progress::Bar;
 use super::{Ctx, bytes, exit, split_snap};
-use crate::store::LocalDestination;
 use crate::store::restore::{self, RestoreOptions, RestoreProgress};
 
 #[derive(Parser, Debug)]
 pub struct Args {
-    /// Where to restore (created if missing; default: the current directory).
+    /// Where to restore: a directory (created if missing; default: the current directory)
+    /// or sftp://[user@]host[:port]/path.
     #[arg(long, value_name = "DIR")]
-    pub to: Option<PathBuf>,
+    pub to: Option<String>,
     /// SNAP or SNAP:PATH.
     pub target: String,
 }
@@ -24,21 +23,24 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     let (snap, path) = split_snap(&a.target);
     let store = ctx.open()?;
     let s = store.resolve_snapshot(snap)?;
-    let to = a.to.unwrap_or_else(|| PathBuf::from("."));
-    let dest = LocalDestination::new(to.clone());
+    let to = a.to.unwrap_or_else(|| ".".into());
+    let dest = ctx.destination(&to)?;
     let _lock = store.lock(false, "restore")?;
     let progress = Arc::new(RestoreProgress::default());
     let bar = {
         let p = progress.clone();
         Bar::bytes(ctx.progress(), "restore", move || {
-            (p.bytes.load(Ordering::Relaxed), p.total_bytes.load(Ordering::Relaxed))
+            (
+                p.bytes.load(Ordering::Relaxed),
+                p.total_bytes.load(Ordering::Relaxed),
+            )
         })
     };
     let rep = restore::run(
         &store,
         &s,
         path.map(str::as_bytes),
-        &dest,
+        dest.as_ref(),
         &RestoreOptions::default(),
         &progress,
     )?;
@@ -51,8 +53,12 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
             rep.others,
             bytes(rep.bytes),
             s.short(),
-            to.display(),
-            if rep.skipped > 0 { format!("; {} files were already complete", rep.skipped) } else { String::new() }
+            dest.describe(),
+            if rep.skipped > 0 {
+                format!("; {} files were already complete", rep.skipped)
+            } else {
+                String::new()
+            }
         );
     }
     if !rep.errors.is_empty() {

@@ -157,7 +157,9 @@ impl Walker<'_> {
                 self.stats.files += 1;
                 self.stats.bytes += n.size;
                 self.progress.total_files.fetch_add(1, Ordering::Relaxed);
-                self.progress.total_bytes.fetch_add(n.size, Ordering::Relaxed);
+                self.progress
+                    .total_bytes
+                    .fetch_add(n.size, Ordering::Relaxed);
                 if let Some(o) = old.filter(|o| unchanged(&n, o, self.has_inodes)) {
                     n.content = o.content.clone();
                     self.progress.files.fetch_add(1, Ordering::Relaxed);
@@ -205,8 +207,12 @@ fn chunk_file(
         }
         res.content.push(id);
         res.size += data.len() as u64;
-        progress.bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
-        progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        progress
+            .bytes_read
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        progress
+            .bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     };
     // Read up to SLICE_LIMIT bytes; if the file ends there, chunk the slice.
@@ -340,9 +346,11 @@ pub fn run(
                 .and_then(|n| n.subtree)
                 .and_then(|id| store.load_tree(&id).ok());
             match root_node.kind {
-                NodeKind::Dir => {
-                    Item::Dir(Box::new(w.walk_dir(&root_path, root_node, parent_tree.as_deref())))
-                }
+                NodeKind::Dir => Item::Dir(Box::new(w.walk_dir(
+                    &root_path,
+                    root_node,
+                    parent_tree.as_deref(),
+                ))),
                 _ => {
                     let n = root_node;
                     w.item(root_path.clone(), n, parent_node.as_ref())
@@ -409,7 +417,8 @@ pub fn run(
     }
     let root = if comps.is_empty() {
         // Backing up `/` itself.
-        node.subtree.ok_or_else(|| Error::Other("/ is not a directory".into()))?
+        node.subtree
+            .ok_or_else(|| Error::Other("/ is not a directory".into()))?
     } else {
         node.subtree.expect("wrapped in a directory")
     };

@@ -61,8 +61,7 @@ pub fn run(
             rep.errors.push(format!("{f}: {e}"));
         }
         for (p, e) in &ir.damaged_pack_headers {
-            rep.errors
-                .push(format!("{}: {e}", FileType::Pack.path(p)));
+            rep.errors.push(format!("{}: {e}", FileType::Pack.path(p)));
         }
         if !ir.recovered_packs.is_empty() {
             rep.notes.push(format!(
@@ -179,7 +178,9 @@ pub fn run(
             s.spawn(|| {
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((name, ids)) = packs.get(k) else { break };
+                    let Some((name, ids)) = packs.get(k) else {
+                        break;
+                    };
                     check_pack(store, name, ids, &listed, fast, &bad_m, &errors);
                     progress.packs.fetch_add(1, Ordering::Relaxed);
                 }
@@ -221,7 +222,10 @@ fn check_pack(
 ) {
     let file = FileType::Pack.path(name);
     let idx = store.index();
-    let locs: Vec<_> = ids.iter().filter_map(|id| idx.get(id).map(|l| (*id, l))).collect();
+    let locs: Vec<_> = ids
+        .iter()
+        .filter_map(|id| idx.get(id).map(|l| (*id, l)))
+        .collect();
     drop(idx);
     let mark_all = |why: &str| {
         let mut b = bad.lock();
@@ -237,9 +241,10 @@ fn check_pack(
     if fast {
         for (id, l) in &locs {
             if l.offset as u64 + l.length as u64 > size {
-                bad.lock()
-                    .insert(*id, format!("{file}: truncated"));
-                errors.lock().push(format!("{file}: shorter than its index says"));
+                bad.lock().insert(*id, format!("{file}: truncated"));
+                errors
+                    .lock()
+                    .push(format!("{file}: shorter than its index says"));
             }
         }
         return;
@@ -267,7 +272,12 @@ fn check_pack(
             Err("is past the end of the pack".to_string())
         } else {
             store
-                .decode_blob(id, &data[l.offset as usize..end as usize], l.raw_length, name)
+                .decode_blob(
+                    id,
+                    &data[l.offset as usize..end as usize],
+                    l.raw_length,
+                    name,
+                )
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         };
@@ -281,9 +291,9 @@ fn check_pack(
             .lock()
             .push(format!("{file}: {bad_here} blob(s) fail authentication"));
     } else if damaged {
-        errors
-            .lock()
-            .push(format!("{file}: damaged (its content does not match its name)"));
+        errors.lock().push(format!(
+            "{file}: damaged (its content does not match its name)"
+        ));
     }
 }
 

@@ -135,13 +135,7 @@ impl Crypto {
                 let mut nonce = [0u8; NONCE_LEN];
                 fill_random(&mut nonce);
                 let ct = c
-                    .encrypt(
-                        &Nonce::from(nonce),
-                        Payload {
-                            msg: payload,
-                            aad,
-                        },
-                    )
+                    .encrypt(&Nonce::from(nonce), Payload { msg: payload, aad })
                     .expect("AES-GCM encryption of an in-memory buffer cannot fail");
                 let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
                 out.extend_from_slice(&nonce);

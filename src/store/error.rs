@@ -23,6 +23,10 @@ pub enum ErrorKind {
     Locked,
     /// A snapshot or a path inside a snapshot does not exist.
     NoSuchEntry,
+    /// The server could not be reached or refused our credentials.
+    Unreachable,
+    /// The server's host key is unknown or has changed.
+    HostKey,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,9 @@ pub enum Error {
     MissingBlob(String),
     #[error("unsupported store format version {0} (this kloset reads version {1}); upgrade kloset")]
     Version(u32, u32),
+    /// An error from a connector (e.g. SFTP), already worded, with its class.
+    #[error("{0}")]
+    Connector(String, ErrorKind),
     #[error("{0}")]
     Other(String),
 }
@@ -95,6 +102,7 @@ impl Error {
             | Error::NoSuchPath(..)
             | Error::NotADirectory(..)
             | Error::NotAFile(..) => ErrorKind::NoSuchEntry,
+            Error::Connector(_, k) => *k,
             Error::Io { .. }
             | Error::NotEmpty(_)
             | Error::AlreadyExists(_)

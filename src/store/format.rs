@@ -47,7 +47,8 @@ pub fn unframe<T: DeserializeOwned>(magic: &[u8; 8], data: &[u8], file: &str) ->
     if version != FORMAT_VERSION {
         return Err(Error::Version(version, FORMAT_VERSION));
     }
-    postcard::from_bytes(&body[12..]).map_err(|e| Error::damaged(file, format!("cannot parse: {e}")))
+    postcard::from_bytes(&body[12..])
+        .map_err(|e| Error::damaged(file, format!("cannot parse: {e}")))
 }
 
 /// Compression codecs of a blob or sealed record.
@@ -240,8 +241,8 @@ pub fn open_record<T: DeserializeOwned>(
     let payload = c
         .open(aad, data)
         .ok_or_else(|| Error::damaged(file, "authentication failed"))?;
-    let raw = decode_payload(&payload, 0)
-        .ok_or_else(|| Error::damaged(file, "cannot decompress"))?;
+    let raw =
+        decode_payload(&payload, 0).ok_or_else(|| Error::damaged(file, "cannot decompress"))?;
     postcard::from_bytes(&raw).map_err(|e| Error::damaged(file, format!("cannot parse: {e}")))
 }
 

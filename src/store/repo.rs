@@ -329,11 +329,22 @@ impl Store {
         if hlen + 4 > n {
             return Err(Error::damaged(&file, "bad header length"));
         }
-        open_record(&self.crypto, AAD_PACK_HEADER, &data[n - 4 - hlen..n - 4], &file)
+        open_record(
+            &self.crypto,
+            AAD_PACK_HEADER,
+            &data[n - 4 - hlen..n - 4],
+            &file,
+        )
     }
 
     /// Decode a sealed blob read from `pack`, checking it is the blob `id`.
-    pub fn decode_blob(&self, id: &BlobId, sealed: &[u8], raw_len: u32, pack: &str) -> Result<Vec<u8>> {
+    pub fn decode_blob(
+        &self,
+        id: &BlobId,
+        sealed: &[u8],
+        raw_len: u32,
+        pack: &str,
+    ) -> Result<Vec<u8>> {
         let damaged = |why: &str| {
             Error::damaged(
                 FileType::Pack.path(pack),
@@ -359,12 +370,9 @@ impl Store {
             let loc = idx.get(id).ok_or_else(|| Error::MissingBlob(id.hex()))?;
             (loc, idx.pack_name(loc.pack).to_string())
         };
-        let sealed = self.backend.read_range(
-            FileType::Pack,
-            &pack,
-            loc.offset as u64,
-            loc.length as u64,
-        )?;
+        let sealed =
+            self.backend
+                .read_range(FileType::Pack, &pack, loc.offset as u64, loc.length as u64)?;
         self.decode_blob(id, &sealed, loc.raw_length, &pack)
     }
 
@@ -374,9 +382,10 @@ impl Store {
             return Ok(t.clone());
         }
         let raw = self.read_blob(id)?;
-        let t = Arc::new(Tree::decode(&raw).ok_or_else(|| {
-            Error::damaged(format!("tree {}", id.short()), "cannot parse tree")
-        })?);
+        let t =
+            Arc::new(Tree::decode(&raw).ok_or_else(|| {
+                Error::damaged(format!("tree {}", id.short()), "cannot parse tree")
+            })?);
         self.trees.lock().put(*id, t.clone());
         Ok(t)
     }
@@ -684,7 +693,13 @@ impl<'a> Packer<'a> {
     }
 
     /// Add an already sealed blob.
-    pub fn add_sealed(&self, kind: BlobKind, id: BlobId, raw_len: u32, sealed: &[u8]) -> Result<()> {
+    pub fn add_sealed(
+        &self,
+        kind: BlobKind,
+        id: BlobId,
+        raw_len: u32,
+        sealed: &[u8],
+    ) -> Result<()> {
         self.new_blobs.fetch_add(1, Ordering::Relaxed);
         self.new_bytes
             .fetch_add(sealed.len() as u64, Ordering::Relaxed);

@@ -76,7 +76,11 @@ pub fn run(
     let (top, top_rel) = match path {
         Some(p) => {
             let n = store.lookup(snap, p)?;
-            let rel = if n.name == b"/" { Vec::new() } else { n.name.clone() };
+            let rel = if n.name == b"/" {
+                Vec::new()
+            } else {
+                n.name.clone()
+            };
             (n, rel)
         }
         None => {
@@ -196,7 +200,9 @@ pub fn run(
     let workers = if opts.workers > 0 {
         opts.workers
     } else {
-        std::thread::available_parallelism().map_or(4, |n| n.get()).max(4)
+        std::thread::available_parallelism()
+            .map_or(4, |n| n.get())
+            .max(4)
     };
     let next = AtomicUsize::new(0);
     let errors = Mutex::new(Vec::new());
@@ -238,12 +244,9 @@ pub fn run(
                                 continue;
                             }
                             let e = &entries[i];
-                            let w = plain
-                                .as_ref()
-                                .map_err(|e| e.to_string())
-                                .and_then(|p| {
-                                    dest.write_at(&e.rel, foff, p).map_err(|e| e.to_string())
-                                });
+                            let w = plain.as_ref().map_err(|e| e.to_string()).and_then(|p| {
+                                dest.write_at(&e.rel, foff, p).map_err(|e| e.to_string())
+                            });
                             if let Err(msg) = w {
                                 failed[i].store(true, Ordering::Relaxed);
                                 errors.lock().push((e.rel.clone(), msg));
@@ -271,9 +274,10 @@ pub fn run(
     // 5. Hard links, then directory metadata deepest first.
     for (p, i) in hard_links {
         if failed[p].load(Ordering::Relaxed) {
-            report
-                .errors
-                .push((entries[i].rel.clone(), "its hard-link target could not be restored".into()));
+            report.errors.push((
+                entries[i].rel.clone(),
+                "its hard-link target could not be restored".into(),
+            ));
             continue;
         }
         if let Err(e) = dest.hardlink(&entries[p].rel, &entries[i].rel) {

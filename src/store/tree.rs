@@ -235,7 +235,8 @@ mod tests {
     #[test]
     fn tree_roundtrip_with_hostile_names() {
         let mut t = Tree::default();
-        t.nodes.push(Node::new(vec![0xff, b'\n', 0x80], NodeKind::File));
+        t.nodes
+            .push(Node::new(vec![0xff, b'\n', 0x80], NodeKind::File));
         t.nodes.push(Node::new(vec![b'x'; 255], NodeKind::Dir));
         t.sort();
         let back = Tree::decode(&t.encode()).unwrap();
@@ -245,7 +246,10 @@ mod tests {
 
     #[test]
     fn path_components() {
-        assert_eq!(components(b"/var//www/./x"), vec![&b"var"[..], b"www", b"x"]);
+        assert_eq!(
+            components(b"/var//www/./x"),
+            vec![&b"var"[..], b"www", b"x"]
+        );
         assert!(components(b"/").is_empty());
         assert_eq!(join(b"/", b"a"), b"/a");
         assert_eq!(join(b"/a", b"b"), b"/a/b");

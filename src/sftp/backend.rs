@@ -1,0 +1,298 @@
+//! The storage connector over SFTP: a store's files in a directory on an SSH server.
+//!
+//! Uploads go to a temporary name in the target directory and are renamed into place
+//! (OpenSSH refuses to rename over an existing file, which for content-addressed names means
+//! the upload was already done). Reads use buffers of at least 1 MiB; ranged reads size each
+//! `read()` to at most a quarter of what remains, because libssh2 reads ahead about four times
+//! each call and throws that away on the next seek (DESIGN.md, "Transport facts").
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ssh2::{OpenFlags, OpenType};
+
+use super::conn::{Conn, Pool, io};
+use super::{Location, Options};
+use crate::store::backend::{Backend, FileType, Listed};
+use crate::store::error::Result;
+
+pub struct SftpBackend {
+    loc: Location,
+    pool: Arc<Pool>,
+}
+
+/// Size of each sequential read or write call.
+pub const IO_BUF: usize = 4 << 20;
+/// Smallest ranged read call (libssh2 asks in packets of 32 KiB).
+const MIN_RANGE_READ: usize = 32 << 10;
+
+impl SftpBackend {
+    /// Connect (checking host key and authentication now) to the store at `loc`.
+    pub fn open(loc: Location, opts: &Options) -> Result<SftpBackend> {
+        let pool = Pool::open(&loc, opts)?;
+        Ok(SftpBackend { loc, pool })
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    fn path(&self, t: FileType, name: &str) -> PathBuf {
+        Path::new(&self.loc.path).join(t.path(name))
+    }
+
+    fn dir(&self, sub: &str) -> PathBuf {
+        if sub.is_empty() {
+            PathBuf::from(&self.loc.path)
+        } else {
+            Path::new(&self.loc.path).join(sub)
+        }
+    }
+}
+
+/// Read exactly `len` bytes from `offset` without making libssh2 fetch past the range.
+pub fn read_range_conn(c: &Conn, path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut f = c.sftp.open(path).map_err(io)?;
+    if offset > 0 {
+        f.seek(SeekFrom::Start(offset))?;
+    }
+    let mut buf = vec![0u8; len as usize];
+    let mut done = 0usize;
+    while done < buf.len() {
+        let remaining = buf.len() - done;
+        let want = (remaining / 4).max(MIN_RANGE_READ).min(remaining);
+        let n = f.read(&mut buf[done..done + want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("file ends before byte {}", offset + len),
+            ));
+        }
+        done += n;
+    }
+    Ok(buf)
+}
+
+/// Read a whole remote file with large read calls.
+pub fn read_all_conn(c: &Conn, path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = c.sftp.open(path).map_err(io)?;
+    let size = f.stat().ok().and_then(|s| s.size).unwrap_or(0) as usize;
+    let mut out = Vec::with_capacity(size);
+    let mut buf = vec![0u8; IO_BUF.min(size.max(MIN_RANGE_READ))];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(out)
+}
+
+/// Create the directory `path` and its missing parents (the last with `mode`).
+pub fn mkdir_p(c: &Conn, path: &Path, mode: i32) -> std::io::Result<()> {
+    if c.sftp.stat(path).is_ok_and(|s| s.is_dir()) {
+        return Ok(());
+    }
+    let mut cur = PathBuf::from("/");
+    let comps: Vec<_> = path.components().skip(1).collect();
+    for (i, comp) in comps.iter().enumerate() {
+        cur.push(comp);
+        if c.sftp.stat(&cur).is_ok_and(|s| s.is_dir()) {
+            continue;
+        }
+        let m = if i + 1 == comps.len() { mode } else { 0o755 };
+        if let Err(e) = c.sftp.mkdir(&cur, m) {
+            // Another connection may have made it meanwhile.
+            if !c.sftp.stat(&cur).is_ok_and(|s| s.is_dir()) {
+                return Err(std::io::Error::new(
+                    io(e).kind(),
+                    format!("cannot create directory {}", cur.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Upload `data` to `path` through a temporary name; `replace` allows replacing an existing
+/// file (OpenSSH's rename refuses, so the old file is removed first).
+pub fn upload_conn(c: &Conn, path: &Path, data: &[u8], mode: i32, replace: bool) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let tmp = dir.join(format!(".tmp-{}", crate::store::crypto::random_hex(8)));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = c
+            .sftp
+            .open_mode(&tmp, OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE, mode, OpenType::File)
+            .map_err(io)?;
+        for chunk in data.chunks(IO_BUF) {
+            f.write_all(chunk)?;
+        }
+        // fsync@openssh.com: the data is on the server's disk before the name appears.
+        let _ = f.fsync();
+        drop(f);
+        if replace {
+            let _ = c.sftp.unlink(path);
+        }
+        match c.sftp.rename(&tmp, path, None) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if !replace && c.sftp.stat(path).is_ok() {
+                    // Same content-addressed name: already uploaded.
+                    let _ = c.sftp.unlink(&tmp);
+                    Ok(())
+                } else {
+                    Err(io(e))
+                }
+            }
+        }
+    })();
+    if res.is_err() {
+        let _ = c.sftp.unlink(&tmp);
+    }
+    res
+}
+
+impl Backend for SftpBackend {
+    fn location(&self) -> String {
+        self.loc.url()
+    }
+
+    fn root_exists(&self) -> Result<bool> {
+        let p = self.dir("");
+        self.pool.run(&self.loc.url(), |c| match c.sftp.stat(&p) {
+            Ok(s) => Ok(s.is_dir()),
+            Err(e) => {
+                let e = io(e);
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn root_is_empty(&self) -> Result<bool> {
+        let p = self.dir("");
+        self.pool.run(&self.loc.url(), |c| match c.sftp.readdir(&p) {
+            Ok(v) => Ok(v.is_empty()),
+            Err(e) => {
+                let e = io(e);
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(true)
+                } else {
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn init(&self) -> Result<()> {
+        let root = self.dir("");
+        self.pool.run(&self.loc.url(), |c| {
+            mkdir_p(c, &root, 0o700)?;
+            for t in FileType::ALL {
+                if t != FileType::Config {
+                    mkdir_p(c, &root.join(t.dir()), 0o700)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn list(&self, t: FileType) -> Result<Vec<Listed>> {
+        let what = format!("{}/{}", self.loc.url(), t.dir());
+        let entries = |c: &Conn, d: &Path| -> std::io::Result<Vec<(PathBuf, ssh2::FileStat)>> {
+            match c.sftp.readdir(d) {
+                Ok(v) => Ok(v),
+                Err(e) => {
+                    let e = io(e);
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(Vec::new())
+                    } else {
+                        Err(e)
+                    }
+                }
+            }
+        };
+        let mut out: Vec<Listed> = self.pool.run(&what, |c| {
+            let mut out = Vec::new();
+            let push = |out: &mut Vec<Listed>, v: Vec<(PathBuf, ssh2::FileStat)>| {
+                for (p, st) in v {
+                    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    if !name.starts_with('.') && st.is_file() {
+                        out.push(Listed {
+                            name,
+                            size: st.size.unwrap_or(0),
+                        });
+                    }
+                }
+            };
+            match t {
+                FileType::Config => {
+                    if let Ok(st) = c.sftp.stat(&self.path(t, "config")) {
+                        out.push(Listed {
+                            name: "config".into(),
+                            size: st.size.unwrap_or(0),
+                        });
+                    }
+                }
+                FileType::Pack => {
+                    for (d, st) in entries(c, &self.dir("packs"))? {
+                        if st.is_dir() {
+                            push(&mut out, entries(c, &d)?);
+                        }
+                    }
+                }
+                _ => push(&mut out, entries(c, &self.dir(t.dir()))?),
+            }
+            Ok(out)
+        })?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
+        let p = self.path(t, name);
+        self.pool.run(&t.path(name), |c| read_all_conn(c, &p))
+    }
+
+    fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let p = self.path(t, name);
+        self.pool
+            .run(&t.path(name), |c| read_range_conn(c, &p, offset, len))
+    }
+
+    fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+        let p = self.path(t, name);
+        let replace = t == FileType::Lock;
+        self.pool.run(&t.path(name), |c| {
+            match upload_conn(c, &p, data, 0o600, replace) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // The directory is missing (e.g. a new packs/XX): make it and try again.
+                    mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)?;
+                    upload_conn(c, &p, data, 0o600, replace)
+                }
+                r => r,
+            }
+        })
+    }
+
+    fn remove(&self, t: FileType, name: &str) -> Result<()> {
+        let p = self.path(t, name);
+        self.pool.run(&t.path(name), |c| match c.sftp.unlink(&p) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = io(e);
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+

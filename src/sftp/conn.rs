@@ -1,0 +1,590 @@
+//! SSH connections: `~/.ssh/config`, host keys, authentication, and the connection pool.
+//!
+//! [`Target::resolve`] merges, in order of precedence, the `-o`/connector options, the URL and
+//! `~/.ssh/config` (HostName, User, Port, IdentityFile, IdentitiesOnly, UserKnownHostsFile,
+//! StrictHostKeyChecking, ConnectTimeout, ServerAliveInterval, with `Host` patterns and
+//! `Host *` defaults). [`connect`] opens TCP, does the SSH handshake, checks the host key
+//! against known_hosts before anything is sent, authenticates (ssh-agent, the identity files,
+//! then the default keys) and opens the SFTP channel. [`Pool`] hands out connections to one
+//! thread at a time and retries transient failures with a fresh connection and backoff.
+
+use std::io::IsTerminal;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use ssh2::{CheckResult, HashType, KnownHostFileKind, MethodType, Session, Sftp};
+
+use super::{Error, Location, Options, io_error, transient};
+
+/// How strictly unknown host keys are treated (OpenSSH's StrictHostKeyChecking).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strict {
+    /// Refuse unknown keys (`yes`, `ask`: there is no one to ask in a backup).
+    Yes,
+    /// Record unknown keys in the first known_hosts file and go on (`accept-new`).
+    AcceptNew,
+    /// Accept unknown keys without recording them (`no`, `off`). Changed keys are still refused.
+    No,
+}
+
+/// Everything needed to connect.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// What the user wrote (alias or host name), for messages.
+    pub alias: String,
+    pub hostname: String,
+    pub port: u16,
+    pub user: String,
+    pub identities: Vec<PathBuf>,
+    pub identities_only: bool,
+    pub known_hosts: Vec<PathBuf>,
+    pub strict: Strict,
+    pub insecure: bool,
+    pub connect_timeout: Duration,
+    pub keepalive: Option<Duration>,
+    pub connections: usize,
+}
+
+/// Connections per pool unless `connections=N` says otherwise: enough to overlap round trips
+/// of parallel workers over a real network, few enough to stay under OpenSSH's default
+/// MaxStartups (10) and MaxSessions.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+
+pub fn home() -> PathBuf {
+    dirs::home_dir().unwrap_or_else(|| PathBuf::from("/"))
+}
+
+fn expand(p: &str) -> PathBuf {
+    match p.strip_prefix("~/") {
+        Some(rest) => home().join(rest),
+        None if p == "~" => home(),
+        None => PathBuf::from(p),
+    }
+}
+
+impl Target {
+    pub fn resolve(loc: &Location, opts: &Options) -> Result<Target, Error> {
+        let home = home();
+        let cfg_path = home.join(".ssh/config");
+        let params = match std::fs::File::open(&cfg_path) {
+            Ok(f) => {
+                let mut r = std::io::BufReader::new(f);
+                let cfg = ssh2_config::SshConfig::default()
+                    .home_dir(&home)
+                    .parse(
+                        &mut r,
+                        ssh2_config::ParseRule::ALLOW_UNKNOWN_FIELDS
+                            | ssh2_config::ParseRule::ALLOW_UNSUPPORTED_FIELDS,
+                    )
+                    .map_err(|e| {
+                        Error::Connect(loc.host.clone(), format!("{}: {e}", cfg_path.display()))
+                    })?;
+                Some(cfg.query(&loc.host))
+            }
+            Err(_) => None,
+        };
+        let unsup = |k: &str| -> Option<String> {
+            params
+                .as_ref()
+                .and_then(|p| p.unsupported_fields.get(k).or_else(|| p.ignored_fields.get(k)))
+                .and_then(|v| v.first().cloned())
+        };
+        let hostname = params
+            .as_ref()
+            .and_then(|p| p.host_name.clone())
+            .unwrap_or_else(|| loc.host.clone());
+        let port = opts
+            .port
+            .or(loc.port)
+            .or(params.as_ref().and_then(|p| p.port))
+            .unwrap_or(22);
+        let user = opts
+            .username
+            .clone()
+            .or_else(|| loc.user.clone())
+            .or_else(|| params.as_ref().and_then(|p| p.user.clone()))
+            .unwrap_or_else(crate::store::username);
+        let mut identities: Vec<PathBuf> = opts.identity.iter().map(|p| expand(&p.to_string_lossy())).collect();
+        if let Some(ids) = params.as_ref().and_then(|p| p.identity_file.clone()) {
+            identities.extend(ids.into_iter().map(|p| expand(&p.to_string_lossy())));
+        }
+        let identities_only = unsup("identitiesonly").is_some_and(|v| v.eq_ignore_ascii_case("yes"));
+        let mut known_hosts: Vec<PathBuf> = match unsup("userknownhostsfile") {
+            Some(v) => v.split_whitespace().map(expand).collect(),
+            None => vec![home.join(".ssh/known_hosts"), home.join(".ssh/known_hosts2")],
+        };
+        known_hosts.push(PathBuf::from("/etc/ssh/ssh_known_hosts"));
+        let strict = match unsup("stricthostkeychecking").map(|s| s.to_ascii_lowercase()).as_deref() {
+            Some("no") | Some("off") => Strict::No,
+            Some("accept-new") => Strict::AcceptNew,
+            _ => Strict::Yes,
+        };
+        Ok(Target {
+            alias: loc.host.clone(),
+            hostname,
+            port,
+            user,
+            identities,
+            identities_only,
+            known_hosts,
+            strict,
+            insecure: opts.insecure_ignore_host_key,
+            connect_timeout: params
+                .as_ref()
+                .and_then(|p| p.connect_timeout)
+                .unwrap_or(Duration::from_secs(30)),
+            keepalive: params.as_ref().and_then(|p| p.server_alive_interval),
+            connections: opts.connections.unwrap_or(DEFAULT_CONNECTIONS),
+        })
+    }
+
+    /// `user@host:port` for messages.
+    pub fn display(&self) -> String {
+        let host = if self.alias != self.hostname {
+            format!("{} ({})", self.alias, self.hostname)
+        } else {
+            self.hostname.clone()
+        };
+        format!("{}@{}:{}", self.user, host, self.port)
+    }
+
+    fn known_hosts_entry(&self) -> String {
+        if self.port == 22 {
+            self.hostname.clone()
+        } else {
+            format!("[{}]:{}", self.hostname, self.port)
+        }
+    }
+}
+
+/// One SSH connection with its SFTP channel.
+pub struct Conn {
+    pub sess: Session,
+    pub sftp: Sftp,
+}
+
+fn keytype_name(t: ssh2::HostKeyType) -> &'static str {
+    use ssh2::HostKeyType::*;
+    match t {
+        Rsa => "ssh-rsa",
+        Dss => "ssh-dss",
+        Ecdsa256 => "ecdsa-sha2-nistp256",
+        Ecdsa384 => "ecdsa-sha2-nistp384",
+        Ecdsa521 => "ecdsa-sha2-nistp521",
+        Ed25519 => "ssh-ed25519",
+        Unknown => "unknown",
+    }
+}
+
+fn key_format(t: ssh2::HostKeyType) -> ssh2::KnownHostKeyFormat {
+    use ssh2::HostKeyType as H;
+    use ssh2::KnownHostKeyFormat as F;
+    match t {
+        H::Rsa => F::SshRsa,
+        H::Dss => F::SshDss,
+        H::Ecdsa256 => F::Ecdsa256,
+        H::Ecdsa384 => F::Ecdsa384,
+        H::Ecdsa521 => F::Ecdsa521,
+        H::Ed25519 => F::Ed25519,
+        H::Unknown => F::Unknown,
+    }
+}
+
+/// Host key algorithms to offer, those already in the known_hosts files first, so the server
+/// presents a key we can check instead of one of another type.
+fn hostkey_prefs(files: &[PathBuf]) -> String {
+    let all = [
+        "ssh-ed25519",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "rsa-sha2-512",
+        "rsa-sha2-256",
+        "ssh-rsa",
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for f in files {
+        if let Ok(text) = std::fs::read_to_string(f) {
+            for line in text.lines() {
+                let mut it = line.split_whitespace();
+                let first = it.next().unwrap_or("");
+                let t = if first.starts_with('@') {
+                    it.nth(1)
+                } else {
+                    it.next()
+                };
+                if let Some(t) = t {
+                    seen.insert(t.to_string());
+                }
+            }
+        }
+    }
+    let known = |a: &str| {
+        seen.contains(a) || (a.starts_with("rsa-sha2") && seen.contains("ssh-rsa"))
+    };
+    let mut prefs: Vec<&str> = all.iter().copied().filter(|a| known(a)).collect();
+    prefs.extend(all.iter().copied().filter(|a| !known(a)));
+    prefs.join(",")
+}
+
+fn check_host_key(sess: &Session, t: &Target) -> Result<(), Error> {
+    let (key, ktype) = sess
+        .host_key()
+        .ok_or_else(|| Error::Connect(t.display(), "the server sent no host key".into()))?;
+    let fp = sess
+        .host_key_hash(HashType::Sha256)
+        .map(|h| {
+            use base64::Engine;
+            format!(
+                "SHA256:{}",
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(h)
+            )
+        })
+        .unwrap_or_default();
+    if t.insecure {
+        return Ok(());
+    }
+    let mut kh = sess
+        .known_hosts()
+        .map_err(|e| Error::Connect(t.display(), e.to_string()))?;
+    for f in &t.known_hosts {
+        if f.exists() {
+            // Unreadable or partly malformed files are skipped, as OpenSSH does.
+            let _ = kh.read_file(f, KnownHostFileKind::OpenSSH);
+        }
+    }
+    let entry = t.known_hosts_entry();
+    match kh.check_port(&t.hostname, t.port, key) {
+        CheckResult::Match => Ok(()),
+        CheckResult::Mismatch => Err(Error::ChangedHostKey {
+            host: entry.clone(),
+            keytype: keytype_name(ktype).into(),
+            fingerprint: fp,
+            entry,
+        }),
+        CheckResult::NotFound | CheckResult::Failure => match t.strict {
+            Strict::No => Ok(()),
+            Strict::AcceptNew => {
+                let file = t.known_hosts[0].clone();
+                let _ = kh.add(&entry, key, "added by kloset", key_format(ktype));
+                if let Some(d) = file.parent() {
+                    let _ = std::fs::create_dir_all(d);
+                }
+                let mut all = ssh2::Session::new()
+                    .and_then(|s| s.known_hosts())
+                    .map_err(|e| Error::Connect(t.display(), e.to_string()))?;
+                if file.exists() {
+                    let _ = all.read_file(&file, KnownHostFileKind::OpenSSH);
+                }
+                let _ = all.add(&entry, key, "added by kloset", key_format(ktype));
+                all.write_file(&file, KnownHostFileKind::OpenSSH)
+                    .map_err(|e| Error::Connect(t.display(), format!("cannot record the host key in {}: {e}", file.display())))?;
+                Ok(())
+            }
+            Strict::Yes => Err(Error::UnknownHostKey {
+                host: entry,
+                keytype: keytype_name(ktype).into(),
+                fingerprint: fp,
+                keyscan: if t.port == 22 {
+                    t.hostname.clone()
+                } else {
+                    format!("-p {} {}", t.port, t.hostname)
+                },
+                known_hosts: t.known_hosts[0].display().to_string().replace(&home().display().to_string(), "~"),
+                sftp: if t.port == 22 {
+                    format!("{}@{}", t.user, t.alias)
+                } else {
+                    format!("-P {} {}@{}", t.port, t.user, t.alias)
+                },
+            }),
+        },
+    }
+}
+
+/// The public key blob of an identity file's `.pub`, to match agent keys with IdentitiesOnly.
+fn pub_blob(identity: &Path) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(format!("{}.pub", identity.display())).ok()?;
+    let b64 = text.split_whitespace().nth(1)?;
+    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
+fn authenticate(sess: &Session, t: &Target) -> Result<(), Error> {
+    let mut tried = Vec::new();
+    // 1. ssh-agent.
+    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        match sess.agent() {
+            Ok(mut agent) => {
+                if agent.connect().is_ok() && agent.list_identities().is_ok() {
+                    let wanted: Vec<Vec<u8>> = t.identities.iter().filter_map(|p| pub_blob(p)).collect();
+                    for id in agent.identities().unwrap_or_default() {
+                        if t.identities_only && !wanted.iter().any(|w| w == id.blob()) {
+                            continue;
+                        }
+                        if agent.userauth(&t.user, &id).is_ok() && sess.authenticated() {
+                            return Ok(());
+                        }
+                        tried.push(format!("agent key {}", id.comment()));
+                    }
+                    let _ = agent.disconnect();
+                } else {
+                    tried.push("ssh-agent (not reachable)".into());
+                }
+            }
+            Err(_) => tried.push("ssh-agent (not reachable)".into()),
+        }
+    }
+    // 2. The identity files, then 3. the default keys.
+    let mut keys: Vec<PathBuf> = t.identities.clone();
+    if !t.identities_only || keys.is_empty() {
+        for d in ["id_ed25519", "id_ecdsa", "id_rsa"] {
+            let p = home().join(".ssh").join(d);
+            if !keys.contains(&p) {
+                keys.push(p);
+            }
+        }
+    }
+    let key_pass = std::env::var("KLOSET_SSH_KEY_PASSPHRASE").ok();
+    for k in &keys {
+        if !k.exists() {
+            continue;
+        }
+        let pubfile = PathBuf::from(format!("{}.pub", k.display()));
+        let pubk = pubfile.exists().then_some(pubfile.as_path());
+        let shown = k.display().to_string().replace(&home().display().to_string(), "~");
+        match sess.userauth_pubkey_file(&t.user, pubk, k, None) {
+            Ok(()) if sess.authenticated() => return Ok(()),
+            Ok(()) => {}
+            Err(e) if matches!(e.code(), ssh2::ErrorCode::Session(-16)) => {
+                // The key could not be loaded without a passphrase: it is encrypted.
+                let pass = match &key_pass {
+                    Some(p) => Some(p.clone()),
+                    None if std::io::stdin().is_terminal() => {
+                        rpassword::prompt_password(format!("passphrase for key {shown}: ")).ok()
+                    }
+                    None => None,
+                };
+                match pass {
+                    Some(p) => {
+                        if sess.userauth_pubkey_file(&t.user, pubk, k, Some(&p)).is_ok()
+                            && sess.authenticated()
+                        {
+                            return Ok(());
+                        }
+                        tried.push(format!("{shown} (rejected, or wrong key passphrase)"));
+                    }
+                    None => tried.push(format!(
+                        "{shown} (encrypted: load it into ssh-agent or set KLOSET_SSH_KEY_PASSPHRASE)"
+                    )),
+                }
+                continue;
+            }
+            Err(_) => {}
+        }
+        tried.push(format!("{shown} (rejected)"));
+    }
+    if tried.is_empty() {
+        tried.push("no ssh-agent and no key in ~/.ssh (id_ed25519, id_ecdsa, id_rsa)".into());
+    }
+    Err(Error::Auth(
+        t.display(),
+        format!(
+            "tried {}; add the key to the server's authorized_keys, or name one with identity=PATH",
+            tried.join(", ")
+        ),
+    ))
+}
+
+/// Open one connection: TCP, handshake, host key check, authentication, SFTP.
+pub fn connect(t: &Target) -> Result<Conn, Error> {
+    let addrs: Vec<_> = (t.hostname.as_str(), t.port)
+        .to_socket_addrs()
+        .map_err(|e| Error::Connect(t.display(), format!("cannot resolve host name: {e}")))?
+        .collect();
+    let mut last = None;
+    let mut tcp = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, t.connect_timeout) {
+            Ok(s) => {
+                tcp = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let tcp = tcp.ok_or_else(|| {
+        Error::Connect(
+            t.display(),
+            last.map(|e| e.to_string())
+                .unwrap_or_else(|| "no address".into()),
+        )
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let mut sess = Session::new().map_err(|e| Error::Connect(t.display(), e.to_string()))?;
+    sess.set_tcp_stream(tcp);
+    sess.set_timeout(t.connect_timeout.as_millis().min(u32::MAX as u128) as u32);
+    // chacha20-poly1305 costs libssh2 less CPU per byte than AES-GCM here (DESIGN.md).
+    let ciphers = "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
+    let _ = sess.method_pref(MethodType::CryptCs, ciphers);
+    let _ = sess.method_pref(MethodType::CryptSc, ciphers);
+    let _ = sess.method_pref(MethodType::HostKey, &hostkey_prefs(&t.known_hosts));
+    sess.handshake()
+        .map_err(|e| Error::Connect(t.display(), format!("SSH handshake failed: {e}")))?;
+    check_host_key(&sess, t)?;
+    authenticate(&sess, t)?;
+    if let Some(k) = t.keepalive {
+        sess.set_keepalive(false, k.as_secs().max(1) as u32);
+    } else {
+        sess.set_keepalive(false, 60);
+    }
+    // Individual operations may take long on slow links; a dead server is noticed by the
+    // keepalives and by TCP.
+    sess.set_timeout(300_000);
+    let sftp = sess
+        .sftp()
+        .map_err(|e| Error::Connect(t.display(), format!("cannot start the SFTP subsystem (is it enabled on the server?): {e}")))?;
+    Ok(Conn { sess, sftp })
+}
+
+/// A pool of connections to one target.
+pub struct Pool {
+    target: Target,
+    idle: Mutex<Vec<Conn>>,
+    /// Connections in existence (idle or checked out).
+    count: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// Attempts of one operation, and the first backoff delay (doubling).
+const ATTEMPTS: u32 = 6;
+const BACKOFF: Duration = Duration::from_millis(250);
+
+impl Pool {
+    pub fn new(target: Target) -> Arc<Pool> {
+        Arc::new(Pool {
+            target,
+            idle: Mutex::new(Vec::new()),
+            count: Mutex::new(0),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// Connect once now, so that host key and authentication errors surface before any work.
+    pub fn open(loc: &Location, opts: &Options) -> Result<Arc<Pool>, Error> {
+        let p = Pool::new(Target::resolve(loc, opts)?);
+        let c = p.checkout()?;
+        p.checkin(c);
+        Ok(p)
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    fn checkout(&self) -> Result<Conn, Error> {
+        loop {
+            if let Some(c) = self.idle.lock().pop() {
+                return Ok(c);
+            }
+            {
+                let mut n = self.count.lock();
+                if *n < self.target.connections.max(1) {
+                    *n += 1;
+                    drop(n);
+                    return connect(&self.target).inspect_err(|_| {
+                        *self.count.lock() -= 1;
+                        self.freed.notify_one();
+                    });
+                }
+                self.freed.wait_for(&mut n, Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn checkin(&self, c: Conn) {
+        self.idle.lock().push(c);
+        self.freed.notify_one();
+    }
+
+    fn discard(&self, c: Conn) {
+        drop(c);
+        *self.count.lock() -= 1;
+        self.freed.notify_one();
+    }
+
+    /// Run `f` on a connection; on a transient failure, drop the connection and retry on a new
+    /// one with backoff. `f` must be safe to repeat.
+    pub fn run<T>(&self, what: &str, mut f: impl FnMut(&Conn) -> std::io::Result<T>) -> crate::store::Result<T> {
+        let mut delay = BACKOFF;
+        let mut last_err = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+            let c = match self.checkout() {
+                Ok(c) => c,
+                Err(e @ Error::Connect(..)) => {
+                    last_err = e.to_string();
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let _ = c.sess.keepalive_send();
+            match f(&c) {
+                Ok(v) => {
+                    self.checkin(c);
+                    return Ok(v);
+                }
+                Err(e) if transient(&e) => {
+                    last_err = e.to_string();
+                    self.discard(c);
+                }
+                Err(e) => {
+                    self.checkin(c);
+                    return Err(crate::store::Error::io(what.to_string(), e));
+                }
+            }
+        }
+        Err(Error::Connect(
+            self.target.display(),
+            format!("{what}: gave up after {ATTEMPTS} attempts: {last_err}"),
+        )
+        .into())
+    }
+
+    /// Check out a connection for a long operation (e.g. reading a whole file); give it back
+    /// with [`Pool::give_back`] or drop it with [`Pool::give_up`].
+    pub fn take(&self) -> crate::store::Result<Conn> {
+        let mut delay = BACKOFF;
+        let mut last = None;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+            match self.checkout() {
+                Ok(c) => return Ok(c),
+                Err(e @ Error::Connect(..)) => last = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.expect("at least one attempt").into())
+    }
+
+    pub fn give_back(&self, c: Conn) {
+        self.checkin(c)
+    }
+
+    pub fn give_up(&self, c: Conn) {
+        self.discard(c)
+    }
+}
+
+/// Turn an ssh2 error into an I/O error (for `Pool::run` closures).
+pub fn io(e: ssh2::Error) -> std::io::Error {
+    io_error(e)
+}

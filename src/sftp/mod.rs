@@ -1,0 +1,303 @@
+//! SFTP connectors: a store hosted on an SFTP server, a remote tree backed up over SFTP, and a
+//! restore straight onto an SFTP server.
+//!
+//! Everything goes through libssh2 (the `ssh2` crate), in-process. [`Location`] parses
+//! `sftp://[user@]host[:port]/abs/path` (and the scp-like `sftp://host:/abs/path`); [`conn`]
+//! resolves it against `~/.ssh/config`, checks the host key against known_hosts, authenticates
+//! (agent, identity files, default keys) and keeps a [`conn::Pool`] of connections, each used by
+//! one thread at a time, reconnecting and retrying transient failures. [`backend`], [`source`]
+//! and [`destination`] implement the engine's three connector traits on top of the pool.
+
+pub mod backend;
+pub mod conn;
+pub mod destination;
+pub mod source;
+
+use std::collections::BTreeMap;
+
+pub use backend::SftpBackend;
+pub use conn::Pool;
+pub use destination::SftpDestination;
+pub use source::SftpSource;
+
+/// The SFTP layer's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad sftp location {0:?}: {1}; the form is sftp://[user@]host[:port]/absolute/path")]
+    Url(String, String),
+    #[error("unknown option {0:?}; known options: username, port, identity, connections, insecure_ignore_host_key")]
+    UnknownOption(String),
+    #[error("bad value for option {0}: {1:?}")]
+    BadOption(String, String),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, String),
+    #[error(
+        "the host key of {host} is not known (it is {keytype} {fingerprint}); if that fingerprint is right, record it with `ssh-keyscan {keyscan} >> {known_hosts}` or connect once with `sftp {sftp}`; nothing was sent"
+    )]
+    UnknownHostKey {
+        host: String,
+        keytype: String,
+        fingerprint: String,
+        keyscan: String,
+        known_hosts: String,
+        sftp: String,
+    },
+    #[error(
+        "WARNING: THE HOST KEY OF {host} HAS CHANGED (it is now {keytype} {fingerprint}): someone may be intercepting the connection, or the server was reinstalled; refusing to connect. If the change is expected, remove the old key with `ssh-keygen -R '{entry}'` and record the new one"
+    )]
+    ChangedHostKey {
+        host: String,
+        keytype: String,
+        fingerprint: String,
+        entry: String,
+    },
+    #[error("authentication to {0} failed: {1}")]
+    Auth(String, String),
+    #[error("{0}: {1}")]
+    Remote(String, String),
+}
+
+impl From<Error> for crate::store::Error {
+    fn from(e: Error) -> Self {
+        use crate::store::ErrorKind;
+        let kind = match &e {
+            Error::UnknownHostKey { .. } | Error::ChangedHostKey { .. } => ErrorKind::HostKey,
+            Error::Connect(..) | Error::Auth(..) => ErrorKind::Unreachable,
+            _ => ErrorKind::Other,
+        };
+        crate::store::Error::Connector(e.to_string(), kind)
+    }
+}
+
+/// A parsed `sftp://` location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub user: Option<String>,
+    /// Host name or `~/.ssh/config` alias.
+    pub host: String,
+    pub port: Option<u16>,
+    /// Absolute path on the server.
+    pub path: String,
+}
+
+impl Location {
+    pub fn parse(url: &str) -> Result<Location, Error> {
+        let bad = |why: &str| Error::Url(url.to_string(), why.to_string());
+        let rest = url
+            .strip_prefix("sftp://")
+            .ok_or_else(|| bad("it does not start with sftp://"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => return Err(bad("the path is missing")),
+        };
+        let (user, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u.to_string()), h),
+            None => (None, authority),
+        };
+        if user.as_deref() == Some("") {
+            return Err(bad("the user name is empty"));
+        }
+        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+            let (h, after) = h.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            (h.to_string(), after.strip_prefix(':').unwrap_or(after))
+        } else {
+            match hostport.split_once(':') {
+                Some((h, p)) => (h.to_string(), p),
+                None => (hostport.to_string(), ""),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("the host is empty"));
+        }
+        let port = if port.is_empty() {
+            None
+        } else {
+            Some(
+                port.parse::<u16>()
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?,
+            )
+        };
+        let mut clean = String::new();
+        for c in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            if c == ".." {
+                return Err(bad("the path contains .."));
+            }
+            clean.push('/');
+            clean.push_str(c);
+        }
+        if clean.is_empty() {
+            clean.push('/');
+        }
+        Ok(Location {
+            user,
+            host,
+            port,
+            path: clean,
+        })
+    }
+
+    /// The canonical form, e.g. `sftp://user@host:2222/srv/data`.
+    pub fn url(&self) -> String {
+        let mut s = String::from("sftp://");
+        if let Some(u) = &self.user {
+            s.push_str(u);
+            s.push('@');
+        }
+        if self.host.contains(':') {
+            s.push_str(&format!("[{}]", self.host));
+        } else {
+            s.push_str(&self.host);
+        }
+        if let Some(p) = self.port {
+            s.push_str(&format!(":{p}"));
+        }
+        s.push_str(&self.path);
+        s
+    }
+}
+
+/// Connection options given as `key=value` (`-o`, or stored with a named connector).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    pub username: Option<String>,
+    pub port: Option<u16>,
+    pub identity: Vec<std::path::PathBuf>,
+    pub connections: Option<usize>,
+    pub insecure_ignore_host_key: bool,
+}
+
+/// The option keys [`Options::set`] accepts.
+pub const OPTION_KEYS: [&str; 5] = [
+    "username",
+    "port",
+    "identity",
+    "connections",
+    "insecure_ignore_host_key",
+];
+
+impl Options {
+    /// Apply one `key=value`.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), Error> {
+        let bad = || Error::BadOption(key.to_string(), value.to_string());
+        match key {
+            "username" | "user" => self.username = Some(value.to_string()),
+            "port" => self.port = Some(value.parse().ok().filter(|&p| p > 0).ok_or_else(bad)?),
+            "identity" | "identity_file" => self.identity.push(value.into()),
+            "connections" => {
+                self.connections = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|&n| (1..=64).contains(&n))
+                        .ok_or_else(bad)?,
+                )
+            }
+            "insecure_ignore_host_key" => {
+                self.insecure_ignore_host_key = match value {
+                    "true" | "yes" | "1" => true,
+                    "false" | "no" | "0" => false,
+                    _ => return Err(bad()),
+                }
+            }
+            _ => return Err(Error::UnknownOption(key.to_string())),
+        }
+        Ok(())
+    }
+
+    /// Parse a list of `key=value` strings.
+    pub fn parse<'a>(pairs: impl IntoIterator<Item = &'a str>) -> Result<Options, Error> {
+        let mut o = Options::default();
+        for p in pairs {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| Error::BadOption(p.to_string(), String::new()))?;
+            o.set(k.trim(), v.trim())?;
+        }
+        Ok(o)
+    }
+
+    pub fn from_map(m: &BTreeMap<String, String>) -> Result<Options, Error> {
+        let mut o = Options::default();
+        for (k, v) in m {
+            o.set(k, v)?;
+        }
+        Ok(o)
+    }
+}
+
+/// Map an ssh2 error to an I/O error so "no such file" stays recognisable.
+pub(crate) fn io_error(e: ssh2::Error) -> std::io::Error {
+    use ssh2::ErrorCode;
+    let kind = match e.code() {
+        ErrorCode::SFTP(2) | ErrorCode::SFTP(10) => std::io::ErrorKind::NotFound,
+        ErrorCode::SFTP(3) => std::io::ErrorKind::PermissionDenied,
+        ErrorCode::SFTP(11) => std::io::ErrorKind::AlreadyExists,
+        ErrorCode::SFTP(14) => std::io::ErrorKind::StorageFull,
+        ErrorCode::SFTP(6) | ErrorCode::SFTP(7) => std::io::ErrorKind::ConnectionReset,
+        ErrorCode::Session(-9) => std::io::ErrorKind::TimedOut,
+        c if transient_code(c) => std::io::ErrorKind::ConnectionReset,
+        _ => std::io::ErrorKind::Other,
+    };
+    std::io::Error::new(kind, e.message().to_string())
+}
+
+/// libssh2 codes of a lost connection: socket send/receive/disconnect, timeout, protocol
+/// breakdown, and SFTP's "no connection" / "connection lost".
+fn transient_code(c: ssh2::ErrorCode) -> bool {
+    use ssh2::ErrorCode::*;
+    matches!(
+        c,
+        Session(-1) | Session(-2) | Session(-7) | Session(-9) | Session(-13) | Session(-31) | Session(-43) | SFTP(6) | SFTP(7)
+    )
+}
+
+/// Is this failure worth a reconnect and a retry?
+pub(crate) fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    if let Some(se) = e.get_ref().and_then(|i| i.downcast_ref::<ssh2::Error>()) {
+        if transient_code(se.code()) {
+            return true;
+        }
+    }
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | TimedOut | UnexpectedEof | NotConnected
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations() {
+        let l = Location::parse("sftp://sftpuser@host.example.com/backups").unwrap();
+        assert_eq!(l.user.as_deref(), Some("sftpuser"));
+        assert_eq!(l.host, "host.example.com");
+        assert_eq!(l.port, None);
+        assert_eq!(l.path, "/backups");
+        let l = Location::parse("sftp://host.example.com:/srv/data").unwrap();
+        assert_eq!((l.host.as_str(), l.port, l.path.as_str()), ("host.example.com", None, "/srv/data"));
+        let l = Location::parse("sftp://u@h:2222/a/b/").unwrap();
+        assert_eq!((l.port, l.path.as_str()), (Some(2222), "/a/b"));
+        assert_eq!(l.url(), "sftp://u@h:2222/a/b");
+        let l = Location::parse("sftp://[::1]:22/x").unwrap();
+        assert_eq!(l.host, "::1");
+        for bad in ["sftp://", "sftp://host", "sftp:///x", "sftp://h:0/x", "sftp://h:99999/x", "sftp://h/../x", "http://h/x", "sftp://@h/x"] {
+            assert!(Location::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn options() {
+        let o = Options::parse(["port=2222", "connections=8", "insecure_ignore_host_key=true", "identity=/k"]).unwrap();
+        assert_eq!(o.port, Some(2222));
+        assert_eq!(o.connections, Some(8));
+        assert!(o.insecure_ignore_host_key);
+        assert!(Options::parse(["bogus=1"]).is_err());
+        assert!(Options::parse(["port=x"]).is_err());
+        assert!(Options::parse(["connections=0"]).is_err());
+    }
+}
