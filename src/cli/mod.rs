@@ -113,7 +113,9 @@ impl Ctx {
     }
 
     pub fn sftp_options(&self) -> anyhow::Result<sftp::Options> {
-        Ok(sftp::Options::parse(self.options.iter().map(String::as_str))?)
+        Ok(sftp::Options::parse(
+            self.options.iter().map(String::as_str),
+        )?)
     }
 
     /// The backup source at `loc`: a local path or an `sftp://` URL.
@@ -130,7 +132,10 @@ impl Ctx {
     pub fn destination(&self, loc: &str) -> anyhow::Result<Box<dyn store::Destination>> {
         if loc.starts_with("sftp://") {
             let l = sftp::Location::parse(loc)?;
-            return Ok(Box::new(sftp::SftpDestination::open(l, &self.sftp_options()?)?));
+            return Ok(Box::new(sftp::SftpDestination::open(
+                l,
+                &self.sftp_options()?,
+            )?));
         }
         let p = loc.strip_prefix("file://").unwrap_or(loc);
         Ok(Box::new(store::LocalDestination::new(PathBuf::from(p))))
@@ -286,7 +291,9 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 
 fn connector_kind(e: &sftp::Error) -> ErrorKind {
     match e {
-        sftp::Error::UnknownHostKey { .. } | sftp::Error::ChangedHostKey { .. } => ErrorKind::HostKey,
+        sftp::Error::UnknownHostKey { .. } | sftp::Error::ChangedHostKey { .. } => {
+            ErrorKind::HostKey
+        }
         sftp::Error::Connect(..) | sftp::Error::Auth(..) => ErrorKind::Unreachable,
         _ => ErrorKind::Other,
     }

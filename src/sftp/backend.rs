@@ -118,13 +118,24 @@ pub fn mkdir_p(c: &Conn, path: &Path, mode: i32) -> std::io::Result<()> {
 
 /// Upload `data` to `path` through a temporary name; `replace` allows replacing an existing
 /// file (OpenSSH's rename refuses, so the old file is removed first).
-pub fn upload_conn(c: &Conn, path: &Path, data: &[u8], mode: i32, replace: bool) -> std::io::Result<()> {
+pub fn upload_conn(
+    c: &Conn,
+    path: &Path,
+    data: &[u8],
+    mode: i32,
+    replace: bool,
+) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let tmp = dir.join(format!(".tmp-{}", crate::store::crypto::random_hex(8)));
     let res = (|| -> std::io::Result<()> {
         let mut f = c
             .sftp
-            .open_mode(&tmp, OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE, mode, OpenType::File)
+            .open_mode(
+                &tmp,
+                OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+                mode,
+                OpenType::File,
+            )
             .map_err(io)?;
         for chunk in data.chunks(IO_BUF) {
             f.write_all(chunk)?;
@@ -176,17 +187,18 @@ impl Backend for SftpBackend {
 
     fn root_is_empty(&self) -> Result<bool> {
         let p = self.dir("");
-        self.pool.run(&self.loc.url(), |c| match c.sftp.readdir(&p) {
-            Ok(v) => Ok(v.is_empty()),
-            Err(e) => {
-                let e = io(e);
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(true)
-                } else {
-                    Err(e)
+        self.pool
+            .run(&self.loc.url(), |c| match c.sftp.readdir(&p) {
+                Ok(v) => Ok(v.is_empty()),
+                Err(e) => {
+                    let e = io(e);
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(true)
+                    } else {
+                        Err(e)
+                    }
                 }
-            }
-        })
+            })
     }
 
     fn init(&self) -> Result<()> {
@@ -221,7 +233,10 @@ impl Backend for SftpBackend {
             let mut out = Vec::new();
             let push = |out: &mut Vec<Listed>, v: Vec<(PathBuf, ssh2::FileStat)>| {
                 for (p, st) in v {
-                    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    let name = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
                     if !name.starts_with('.') && st.is_file() {
                         out.push(Listed {
                             name,
@@ -295,4 +310,3 @@ impl Backend for SftpBackend {
         })
     }
 }
-

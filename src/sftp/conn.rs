@@ -89,7 +89,11 @@ impl Target {
         let unsup = |k: &str| -> Option<String> {
             params
                 .as_ref()
-                .and_then(|p| p.unsupported_fields.get(k).or_else(|| p.ignored_fields.get(k)))
+                .and_then(|p| {
+                    p.unsupported_fields
+                        .get(k)
+                        .or_else(|| p.ignored_fields.get(k))
+                })
                 .and_then(|v| v.first().cloned())
         };
         let hostname = params
@@ -107,17 +111,28 @@ impl Target {
             .or_else(|| loc.user.clone())
             .or_else(|| params.as_ref().and_then(|p| p.user.clone()))
             .unwrap_or_else(crate::store::username);
-        let mut identities: Vec<PathBuf> = opts.identity.iter().map(|p| expand(&p.to_string_lossy())).collect();
+        let mut identities: Vec<PathBuf> = opts
+            .identity
+            .iter()
+            .map(|p| expand(&p.to_string_lossy()))
+            .collect();
         if let Some(ids) = params.as_ref().and_then(|p| p.identity_file.clone()) {
             identities.extend(ids.into_iter().map(|p| expand(&p.to_string_lossy())));
         }
-        let identities_only = unsup("identitiesonly").is_some_and(|v| v.eq_ignore_ascii_case("yes"));
+        let identities_only =
+            unsup("identitiesonly").is_some_and(|v| v.eq_ignore_ascii_case("yes"));
         let mut known_hosts: Vec<PathBuf> = match unsup("userknownhostsfile") {
             Some(v) => v.split_whitespace().map(expand).collect(),
-            None => vec![home.join(".ssh/known_hosts"), home.join(".ssh/known_hosts2")],
+            None => vec![
+                home.join(".ssh/known_hosts"),
+                home.join(".ssh/known_hosts2"),
+            ],
         };
         known_hosts.push(PathBuf::from("/etc/ssh/ssh_known_hosts"));
-        let strict = match unsup("stricthostkeychecking").map(|s| s.to_ascii_lowercase()).as_deref() {
+        let strict = match unsup("stricthostkeychecking")
+            .map(|s| s.to_ascii_lowercase())
+            .as_deref()
+        {
             Some("no") | Some("off") => Strict::No,
             Some("accept-new") => Strict::AcceptNew,
             _ => Strict::Yes,
@@ -222,9 +237,8 @@ fn hostkey_prefs(files: &[PathBuf]) -> String {
             }
         }
     }
-    let known = |a: &str| {
-        seen.contains(a) || (a.starts_with("rsa-sha2") && seen.contains("ssh-rsa"))
-    };
+    let known =
+        |a: &str| seen.contains(a) || (a.starts_with("rsa-sha2") && seen.contains("ssh-rsa"));
     let mut prefs: Vec<&str> = all.iter().copied().filter(|a| known(a)).collect();
     prefs.extend(all.iter().copied().filter(|a| !known(a)));
     prefs.join(",")
@@ -281,7 +295,12 @@ fn check_host_key(sess: &Session, t: &Target) -> Result<(), Error> {
                 }
                 let _ = all.add(&entry, key, "added by kloset", key_format(ktype));
                 all.write_file(&file, KnownHostFileKind::OpenSSH)
-                    .map_err(|e| Error::Connect(t.display(), format!("cannot record the host key in {}: {e}", file.display())))?;
+                    .map_err(|e| {
+                        Error::Connect(
+                            t.display(),
+                            format!("cannot record the host key in {}: {e}", file.display()),
+                        )
+                    })?;
                 Ok(())
             }
             Strict::Yes => Err(Error::UnknownHostKey {
@@ -293,7 +312,10 @@ fn check_host_key(sess: &Session, t: &Target) -> Result<(), Error> {
                 } else {
                     format!("-p {} {}", t.port, t.hostname)
                 },
-                known_hosts: t.known_hosts[0].display().to_string().replace(&home().display().to_string(), "~"),
+                known_hosts: t.known_hosts[0]
+                    .display()
+                    .to_string()
+                    .replace(&home().display().to_string(), "~"),
                 sftp: if t.port == 22 {
                     format!("{}@{}", t.user, t.alias)
                 } else {
@@ -319,7 +341,8 @@ fn authenticate(sess: &Session, t: &Target) -> Result<(), Error> {
         match sess.agent() {
             Ok(mut agent) => {
                 if agent.connect().is_ok() && agent.list_identities().is_ok() {
-                    let wanted: Vec<Vec<u8>> = t.identities.iter().filter_map(|p| pub_blob(p)).collect();
+                    let wanted: Vec<Vec<u8>> =
+                        t.identities.iter().filter_map(|p| pub_blob(p)).collect();
                     for id in agent.identities().unwrap_or_default() {
                         if t.identities_only && !wanted.iter().any(|w| w == id.blob()) {
                             continue;
@@ -354,7 +377,10 @@ fn authenticate(sess: &Session, t: &Target) -> Result<(), Error> {
         }
         let pubfile = PathBuf::from(format!("{}.pub", k.display()));
         let pubk = pubfile.exists().then_some(pubfile.as_path());
-        let shown = k.display().to_string().replace(&home().display().to_string(), "~");
+        let shown = k
+            .display()
+            .to_string()
+            .replace(&home().display().to_string(), "~");
         match sess.userauth_pubkey_file(&t.user, pubk, k, None) {
             Ok(()) if sess.authenticated() => return Ok(()),
             Ok(()) => {}
@@ -443,9 +469,12 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
     // Individual operations may take long on slow links; a dead server is noticed by the
     // keepalives and by TCP.
     sess.set_timeout(300_000);
-    let sftp = sess
-        .sftp()
-        .map_err(|e| Error::Connect(t.display(), format!("cannot start the SFTP subsystem (is it enabled on the server?): {e}")))?;
+    let sftp = sess.sftp().map_err(|e| {
+        Error::Connect(
+            t.display(),
+            format!("cannot start the SFTP subsystem (is it enabled on the server?): {e}"),
+        )
+    })?;
     Ok(Conn { sess, sftp })
 }
 
@@ -517,7 +546,11 @@ impl Pool {
 
     /// Run `f` on a connection; on a transient failure, drop the connection and retry on a new
     /// one with backoff. `f` must be safe to repeat.
-    pub fn run<T>(&self, what: &str, mut f: impl FnMut(&Conn) -> std::io::Result<T>) -> crate::store::Result<T> {
+    pub fn run<T>(
+        &self,
+        what: &str,
+        mut f: impl FnMut(&Conn) -> std::io::Result<T>,
+    ) -> crate::store::Result<T> {
         let mut delay = BACKOFF;
         let mut last_err = String::new();
         for attempt in 0..ATTEMPTS {

@@ -99,7 +99,12 @@ impl Destination for SftpDestination {
             }
             let mut f = c
                 .sftp
-                .open_mode(&p, OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE, 0o600, OpenType::File)
+                .open_mode(
+                    &p,
+                    OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+                    0o600,
+                    OpenType::File,
+                )
                 .map_err(io)?;
             if size > 0 {
                 f.setstat(FileStat {
@@ -123,7 +128,10 @@ impl Destination for SftpDestination {
         }
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
-            let mut f = c.sftp.open_mode(&p, OpenFlags::WRITE, 0o600, OpenType::File).map_err(io)?;
+            let mut f = c
+                .sftp
+                .open_mode(&p, OpenFlags::WRITE, 0o600, OpenType::File)
+                .map_err(io)?;
             f.seek(SeekFrom::Start(offset))?;
             for chunk in data.chunks(super::backend::IO_BUF) {
                 f.write_all(chunk)?;
@@ -154,7 +162,12 @@ impl Destination for SftpDestination {
             let _ = c.sftp.unlink(&dst);
             let mut f = c
                 .sftp
-                .open_mode(&dst, OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE, 0o600, OpenType::File)
+                .open_mode(
+                    &dst,
+                    OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+                    0o600,
+                    OpenType::File,
+                )
                 .map_err(io)?;
             f.write_all(&data)?;
             drop(f);
@@ -208,7 +221,11 @@ impl Destination for SftpDestination {
                 )
                 .map_err(|e| {
                     let e = io(e);
-                    if not_found(&e) { e } else { std::io::Error::new(e.kind(), format!("setting mode and times: {e}")) }
+                    if not_found(&e) {
+                        e
+                    } else {
+                        std::io::Error::new(e.kind(), format!("setting mode and times: {e}"))
+                    }
                 })
         })
     }

@@ -25,7 +25,9 @@ pub use source::SftpSource;
 pub enum Error {
     #[error("bad sftp location {0:?}: {1}; the form is sftp://[user@]host[:port]/absolute/path")]
     Url(String, String),
-    #[error("unknown option {0:?}; known options: username, port, identity, connections, insecure_ignore_host_key")]
+    #[error(
+        "unknown option {0:?}; known options: username, port, identity, connections, insecure_ignore_host_key"
+    )]
     UnknownOption(String),
     #[error("bad value for option {0}: {1:?}")]
     BadOption(String, String),
@@ -249,7 +251,15 @@ fn transient_code(c: ssh2::ErrorCode) -> bool {
     use ssh2::ErrorCode::*;
     matches!(
         c,
-        Session(-1) | Session(-2) | Session(-7) | Session(-9) | Session(-13) | Session(-31) | Session(-43) | SFTP(6) | SFTP(7)
+        Session(-1)
+            | Session(-2)
+            | Session(-7)
+            | Session(-9)
+            | Session(-13)
+            | Session(-31)
+            | Session(-43)
+            | SFTP(6)
+            | SFTP(7)
     )
 }
 
@@ -279,20 +289,38 @@ mod tests {
         assert_eq!(l.port, None);
         assert_eq!(l.path, "/backups");
         let l = Location::parse("sftp://host.example.com:/srv/data").unwrap();
-        assert_eq!((l.host.as_str(), l.port, l.path.as_str()), ("host.example.com", None, "/srv/data"));
+        assert_eq!(
+            (l.host.as_str(), l.port, l.path.as_str()),
+            ("host.example.com", None, "/srv/data")
+        );
         let l = Location::parse("sftp://u@h:2222/a/b/").unwrap();
         assert_eq!((l.port, l.path.as_str()), (Some(2222), "/a/b"));
         assert_eq!(l.url(), "sftp://u@h:2222/a/b");
         let l = Location::parse("sftp://[::1]:22/x").unwrap();
         assert_eq!(l.host, "::1");
-        for bad in ["sftp://", "sftp://host", "sftp:///x", "sftp://h:0/x", "sftp://h:99999/x", "sftp://h/../x", "http://h/x", "sftp://@h/x"] {
+        for bad in [
+            "sftp://",
+            "sftp://host",
+            "sftp:///x",
+            "sftp://h:0/x",
+            "sftp://h:99999/x",
+            "sftp://h/../x",
+            "http://h/x",
+            "sftp://@h/x",
+        ] {
             assert!(Location::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn options() {
-        let o = Options::parse(["port=2222", "connections=8", "insecure_ignore_host_key=true", "identity=/k"]).unwrap();
+        let o = Options::parse([
+            "port=2222",
+            "connections=8",
+            "insecure_ignore_host_key=true",
+            "identity=/k",
+        ])
+        .unwrap();
         assert_eq!(o.port, Some(2222));
         assert_eq!(o.connections, Some(8));
         assert!(o.insecure_ignore_host_key);

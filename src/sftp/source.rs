@@ -38,7 +38,11 @@ pub fn node_from_stat(name: Vec<u8>, st: &ssh2::FileStat) -> Option<Node> {
     n.mode = perm & 0o7777;
     n.uid = st.uid.unwrap_or(0);
     n.gid = st.gid.unwrap_or(0);
-    n.size = if kind == NodeKind::Dir { 0 } else { st.size.unwrap_or(0) };
+    n.size = if kind == NodeKind::Dir {
+        0
+    } else {
+        st.size.unwrap_or(0)
+    };
     n.mtime = Time {
         sec: st.mtime.unwrap_or(0) as i64,
         nsec: 0,
@@ -86,8 +90,13 @@ impl Source for SftpSource {
         self.pool.run(&what, |c| {
             let mut out = Vec::new();
             for (child, st) in c.sftp.readdir(&p).map_err(io)? {
-                let name = child.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
-                let Some(mut n) = node_from_stat(name, &st) else { continue };
+                let name = child
+                    .file_name()
+                    .map(|n| n.as_bytes().to_vec())
+                    .unwrap_or_default();
+                let Some(mut n) = node_from_stat(name, &st) else {
+                    continue;
+                };
                 if n.kind == NodeKind::Symlink {
                     n.target = bytes(&c.sftp.readlink(&child).map_err(io)?);
                     n.size = n.target.len() as u64;

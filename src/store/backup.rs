@@ -183,7 +183,7 @@ impl Walker<'_> {
 use std::os::unix::ffi::OsStrExt;
 
 /// Largest file read whole into memory and chunked from a slice; bigger ones are streamed.
-const SLICE_LIMIT: u64 = 16 << 20;
+const SLICE_LIMIT: u64 = 4 << 20;
 
 fn chunk_file(
     store: &Store,

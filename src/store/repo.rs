@@ -705,6 +705,12 @@ impl<'a> Packer<'a> {
             .fetch_add(sealed.len() as u64, Ordering::Relaxed);
         let full = {
             let mut b = self.bufs[kind as usize].lock();
+            if b.data.capacity() == 0 {
+                // One allocation per pack: growing by doubling would leave a 32 MiB buffer
+                // behind for 16 MiB of data.
+                b.data
+                    .reserve_exact(self.store.config.pack_size as usize + (1 << 20));
+            }
             let offset = b.data.len() as u32;
             b.data.extend_from_slice(sealed);
             b.entries.push(PackEntry {
