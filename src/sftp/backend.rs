@@ -170,6 +170,10 @@ impl Backend for SftpBackend {
         self.loc.url()
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn root_exists(&self) -> Result<bool> {
         let p = self.dir("");
         self.pool.run(&self.loc.url(), |c| match c.sftp.stat(&p) {

@@ -81,6 +81,10 @@ pub struct Listed {
 pub trait Backend: Send + Sync {
     /// A human-readable location, e.g. `/srv/backups` or `sftp://host/backups`.
     fn location(&self) -> String;
+    /// Is every access a network round trip? Remote stores get a local metadata cache.
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// Does the store's root directory exist?
     fn root_exists(&self) -> Result<bool>;
     /// Is the root directory empty (or missing)?

@@ -9,13 +9,14 @@
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 
 use super::backend::{Backend, FileType};
+use super::cache::Cache;
 use super::crypto::{BlobId, Crypto, KdfParams, KeyFile, MasterKeys};
 use super::error::{Error, Result};
 use super::format::{self, *};
@@ -131,6 +132,8 @@ pub struct Store {
     index: RwLock<Index>,
     trees: Mutex<LruCache<BlobId, Arc<Tree>>>,
     index_report: Mutex<IndexLoadReport>,
+    /// Local copies of index files, snapshots and tree packs (remote stores only).
+    cache: Option<Cache>,
 }
 
 /// How the passphrase is obtained: called at most once, only for encrypted stores.
@@ -187,7 +190,13 @@ impl Store {
     }
 
     fn with(backend: Arc<dyn Backend>, config: Config, keys: MasterKeys) -> Store {
+        let cache = if backend.is_remote() && std::env::var_os("KLOSET_NO_CACHE").is_none() {
+            Cache::for_store(&config.id_hex())
+        } else {
+            None
+        };
         Store {
+            cache,
             crypto: Crypto::new(keys, config.encrypted),
             backend,
             config,
@@ -266,10 +275,17 @@ impl Store {
     pub fn load_index(&self) -> Result<()> {
         let mut idx = Index::default();
         let mut report = IndexLoadReport::default();
-        for f in self.backend.list(FileType::Index)? {
+        let listed = self.backend.list(FileType::Index)?;
+        if let Some(c) = &self.cache {
+            c.retain(FileType::Index, &listed.iter().map(|f| f.name.clone()).collect());
+        }
+        for f in listed {
             let file = format!("index/{}", f.name);
-            let res = self.backend.read(FileType::Index, &f.name).and_then(|b| {
+            let res = self.fetch(FileType::Index, &f.name).and_then(|b| {
                 if self.crypto.file_id(&b) != f.name {
+                    if let Some(c) = &self.cache {
+                        c.remove(FileType::Index, &f.name);
+                    }
                     return Err(Error::damaged(&file, "content does not match its name"));
                 }
                 open_record::<IndexFile>(&self.crypto, AAD_INDEX, &b, &file)
@@ -298,6 +314,28 @@ impl Store {
         }
         *self.index.write() = idx;
         *self.index_report.lock() = report;
+        Ok(())
+    }
+
+    /// Read an immutable file through the local cache (remote stores), or straight.
+    fn fetch(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
+        if let Some(c) = &self.cache {
+            if let Some(b) = c.get(t, name) {
+                return Ok(b);
+            }
+            let b = self.backend.read(t, name)?;
+            c.put(t, name, &b);
+            return Ok(b);
+        }
+        self.backend.read(t, name)
+    }
+
+    /// Write an immutable file, keeping a copy in the local cache.
+    fn store_file(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+        self.backend.write(t, name, data)?;
+        if let Some(c) = &self.cache {
+            c.put(t, name, data);
+        }
         Ok(())
     }
 
@@ -370,9 +408,26 @@ impl Store {
             let loc = idx.get(id).ok_or_else(|| Error::MissingBlob(id.hex()))?;
             (loc, idx.pack_name(loc.pack).to_string())
         };
-        let sealed =
-            self.backend
-                .read_range(FileType::Pack, &pack, loc.offset as u64, loc.length as u64)?;
+        let (off, len) = (loc.offset as u64, loc.length as u64);
+        let sealed = match (&self.cache, loc.kind) {
+            // Tree packs are fetched whole once and read locally from then on.
+            (Some(c), BlobKind::Tree) => match c.read_range(FileType::Pack, &pack, off, len) {
+                Some(b) => b,
+                None => {
+                    let all = self.backend.read(FileType::Pack, &pack)?;
+                    c.put(FileType::Pack, &pack, &all);
+                    let end = off + len;
+                    if end > all.len() as u64 {
+                        return Err(Error::damaged(
+                            FileType::Pack.path(&pack),
+                            "pack is shorter than its index says",
+                        ));
+                    }
+                    all[off as usize..end as usize].to_vec()
+                }
+            },
+            _ => self.backend.read_range(FileType::Pack, &pack, off, len)?,
+        };
         self.decode_blob(id, &sealed, loc.raw_length, &pack)
     }
 
@@ -418,7 +473,11 @@ impl Store {
     pub fn snapshots(&self) -> Result<(Vec<SnapshotEntry>, Vec<Error>)> {
         let mut out = Vec::new();
         let mut bad = Vec::new();
-        for f in self.backend.list(FileType::Snapshot)? {
+        let listed = self.backend.list(FileType::Snapshot)?;
+        if let Some(c) = &self.cache {
+            c.retain(FileType::Snapshot, &listed.iter().map(|f| f.name.clone()).collect());
+        }
+        for f in listed {
             match self.read_snapshot(&f.name) {
                 Ok(s) => out.push(s),
                 Err(e) => bad.push(e),
@@ -430,8 +489,11 @@ impl Store {
 
     pub fn read_snapshot(&self, name: &str) -> Result<SnapshotEntry> {
         let file = format!("snapshots/{name}");
-        let b = self.backend.read(FileType::Snapshot, name)?;
+        let b = self.fetch(FileType::Snapshot, name)?;
         if self.crypto.file_id(&b) != name {
+            if let Some(c) = &self.cache {
+                c.remove(FileType::Snapshot, name);
+            }
             return Err(Error::damaged(&file, "content does not match its name"));
         }
         let snap = open_record(&self.crypto, AAD_SNAPSHOT, &b, &file)?;
@@ -445,7 +507,7 @@ impl Store {
     pub fn write_snapshot(&self, snap: &Snapshot) -> Result<String> {
         let b = seal_record(&self.crypto, AAD_SNAPSHOT, snap);
         let id = self.crypto.file_id(&b);
-        self.backend.write(FileType::Snapshot, &id, &b)?;
+        self.store_file(FileType::Snapshot, &id, &b)?;
         Ok(id)
     }
 
@@ -651,7 +713,6 @@ pub struct Packer<'a> {
     pending_index: Mutex<Vec<IndexPack>>,
     pub new_blobs: AtomicU64,
     pub new_bytes: AtomicU64,
-    failed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -673,7 +734,6 @@ impl<'a> Packer<'a> {
             pending_index: Mutex::new(Vec::new()),
             new_blobs: AtomicU64::new(0),
             new_bytes: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
         }
     }
 
@@ -743,9 +803,10 @@ impl<'a> Packer<'a> {
         b.data.extend_from_slice(&h);
         b.data.extend_from_slice(&(h.len() as u32).to_le_bytes());
         let name = self.store.crypto.file_id(&b.data);
-        if let Err(e) = self.store.backend.write(FileType::Pack, &name, &b.data) {
-            self.failed.store(true, Ordering::Relaxed);
-            return Err(e);
+        if kind == BlobKind::Tree {
+            self.store.store_file(FileType::Pack, &name, &b.data)?;
+        } else {
+            self.store.backend.write(FileType::Pack, &name, &b.data)?;
         }
         let ip = IndexPack {
             pack: name,
@@ -774,7 +835,7 @@ impl<'a> Packer<'a> {
         }
         let f = seal_record(&self.store.crypto, AAD_INDEX, &IndexFile { packs });
         let name = self.store.crypto.file_id(&f);
-        self.store.backend.write(FileType::Index, &name, &f)
+        self.store.store_file(FileType::Index, &name, &f)
     }
 
     /// Upload the partly filled packs and the remaining index entries.
