@@ -124,28 +124,67 @@ fn list_files(store: &Store, target: &str, a: &Args) -> anyhow::Result<i32> {
         .map(|p| p.as_bytes().to_vec())
         .unwrap_or_else(|| s.snap.path.clone());
     let node = store.lookup(&s, &path)?;
+    let base = if path.first() == Some(&b'/') {
+        path.clone()
+    } else {
+        join(&s.snap.path, &path)
+    };
+    if a.json {
+        let mut v = Vec::new();
+        if node.kind != NodeKind::Dir {
+            v.push(entry_json(&node, &base));
+        } else {
+            walk(store, &node, &base, a.recursive, &mut |n, full| {
+                v.push(entry_json(n, full));
+                Ok(())
+            })?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(exit::OK);
+    }
     let mut out = Vec::new();
     if node.kind != NodeKind::Dir {
         line(&mut out, &node, &path);
         stdout_write(&out)?;
         return Ok(exit::OK);
     }
-    let base = if path.first() == Some(&b'/') {
-        path.clone()
-    } else {
-        join(&s.snap.path, &path)
-    };
-    walk(store, &node, &base, a.recursive, &mut out)?;
+    walk(store, &node, &base, a.recursive, &mut |n, full| {
+        line(&mut out, n, if a.recursive { full } else { &n.name });
+        if out.len() > 1 << 20 {
+            stdout_write(&out)?;
+            out.clear();
+        }
+        Ok(())
+    })?;
     stdout_write(&out)?;
     Ok(exit::OK)
 }
 
+/// One entry of `ls -json SNAP[:PATH]`.
+fn entry_json(n: &Node, full: &[u8]) -> serde_json::Value {
+    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    serde_json::json!({
+        "path": lossy(full),
+        "name": lossy(&n.name),
+        "type": format!("{:?}", n.kind).to_lowercase(),
+        "mode": n.mode_string(),
+        "uid": n.uid,
+        "gid": n.gid,
+        "user": n.user,
+        "group": n.group,
+        "size": n.size,
+        "mtime": time(n.mtime),
+        "target": (n.kind == NodeKind::Symlink).then(|| lossy(&n.target)),
+    })
+}
+
+/// Call `emit` with each entry below `dir` and its full path, in order.
 fn walk(
     store: &Store,
     dir: &Node,
     base: &[u8],
     recursive: bool,
-    out: &mut Vec<u8>,
+    emit: &mut dyn FnMut(&Node, &[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let Some(sub) = dir.subtree else {
         return Ok(());
@@ -153,13 +192,9 @@ fn walk(
     let t = store.load_tree(&sub)?;
     for n in &t.nodes {
         let full = join(base, &n.name);
-        line(out, n, if recursive { &full } else { &n.name });
+        emit(n, &full)?;
         if recursive && n.kind == NodeKind::Dir {
-            walk(store, n, &full, true, out)?;
-        }
-        if out.len() > 1 << 20 {
-            stdout_write(out)?;
-            out.clear();
+            walk(store, n, &full, true, emit)?;
         }
     }
     Ok(())

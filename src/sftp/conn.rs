@@ -326,6 +326,38 @@ fn check_host_key(sess: &Session, t: &Target) -> Result<(), Error> {
     }
 }
 
+/// Is this private key file protected by a passphrase? (OpenSSH format: the cipher name in
+/// the binary header is not `none`; PEM: an ENCRYPTED marker.)
+fn key_is_encrypted(path: &Path) -> bool {
+    use base64::Engine;
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    if text.contains("ENCRYPTED") {
+        return true;
+    }
+    if !text.contains("BEGIN OPENSSH PRIVATE KEY") {
+        return false;
+    }
+    let body: String = text
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(body.trim()) else {
+        return false;
+    };
+    let magic = b"openssh-key-v1\0";
+    let Some(rest) = raw.strip_prefix(&magic[..]) else {
+        return false;
+    };
+    if rest.len() < 4 {
+        return false;
+    }
+    let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    rest.get(4..4 + n).is_some_and(|c| c != b"none")
+}
+
 /// The public key blob of an identity file's `.pub`, to match agent keys with IdentitiesOnly.
 fn pub_blob(identity: &Path) -> Option<Vec<u8>> {
     use base64::Engine;
@@ -381,34 +413,31 @@ fn authenticate(sess: &Session, t: &Target) -> Result<(), Error> {
             .display()
             .to_string()
             .replace(&home().display().to_string(), "~");
-        match sess.userauth_pubkey_file(&t.user, pubk, k, None) {
-            Ok(()) if sess.authenticated() => return Ok(()),
-            Ok(()) => {}
-            Err(e) if matches!(e.code(), ssh2::ErrorCode::Session(-16)) => {
-                // The key could not be loaded without a passphrase: it is encrypted.
-                let pass = match &key_pass {
-                    Some(p) => Some(p.clone()),
-                    None if std::io::stdin().is_terminal() => {
-                        rpassword::prompt_password(format!("passphrase for key {shown}: ")).ok()
-                    }
-                    None => None,
-                };
-                match pass {
-                    Some(p) => {
-                        if sess.userauth_pubkey_file(&t.user, pubk, k, Some(&p)).is_ok()
-                            && sess.authenticated()
-                        {
-                            return Ok(());
-                        }
-                        tried.push(format!("{shown} (rejected, or wrong key passphrase)"));
-                    }
-                    None => tried.push(format!(
-                        "{shown} (encrypted: load it into ssh-agent or set KLOSET_SSH_KEY_PASSPHRASE)"
-                    )),
+        if key_is_encrypted(k) {
+            let pass = match &key_pass {
+                Some(p) => Some(p.clone()),
+                None if std::io::stdin().is_terminal() => {
+                    rpassword::prompt_password(format!("passphrase for key {shown}: ")).ok()
                 }
-                continue;
+                None => None,
+            };
+            match pass {
+                Some(p) => {
+                    if sess.userauth_pubkey_file(&t.user, pubk, k, Some(&p)).is_ok()
+                        && sess.authenticated()
+                    {
+                        return Ok(());
+                    }
+                    tried.push(format!("{shown} (rejected, or wrong key passphrase)"));
+                }
+                None => tried.push(format!(
+                    "{shown} (encrypted: load it into ssh-agent or set KLOSET_SSH_KEY_PASSPHRASE)"
+                )),
             }
-            Err(_) => {}
+            continue;
+        }
+        if sess.userauth_pubkey_file(&t.user, pubk, k, None).is_ok() && sess.authenticated() {
+            return Ok(());
         }
         tried.push(format!("{shown} (rejected)"));
     }
@@ -476,6 +505,12 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
         )
     })?;
     Ok(Conn { sess, sftp })
+}
+
+/// Does this connection still answer? ssh2's `Read`/`Write` impls turn libssh2 errors into
+/// plain `io::Error`s that hide whether the connection died, so after a failure we ask.
+pub fn alive(c: &Conn) -> bool {
+    c.sftp.stat(Path::new("/")).is_ok()
 }
 
 /// A pool of connections to one target.
@@ -572,7 +607,7 @@ impl Pool {
                     self.checkin(c);
                     return Ok(v);
                 }
-                Err(e) if transient(&e) => {
+                Err(e) if transient(&e) || !alive(&c) => {
                     last_err = e.to_string();
                     self.discard(c);
                 }

@@ -195,7 +195,11 @@ impl Read for RemoteReader {
                     self.pos += n as u64;
                     return Ok(n);
                 }
-                Err(e) if transient(&e) && attempt < 5 => {
+                Err(e)
+                    if attempt < 5
+                        && (transient(&e)
+                            || self.open.as_ref().is_some_and(|(c, _)| !super::conn::alive(c))) =>
+                {
                     attempt += 1;
                     if let Some((c, f)) = self.open.take() {
                         drop(f);

@@ -1,0 +1,4 @@
+//! Helpers shared by the integration tests: `mod common;` in a test file.
+
+pub mod sshd;
+pub mod tree;

@@ -1,0 +1,386 @@
+//! SFTP connectors against a real OpenSSH server on loopback (tests/common/sshd.rs): a store
+//! on the server, a remote source, a remote destination, authentication, host keys, and
+//! dropped connections.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use common::sshd::Sshd;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_kloset"))
+}
+
+fn run(sshd: &Sshd, args: &[&str]) -> Output {
+    let out = sshd.cmd(bin()).args(args).output().expect("run kloset");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "kloset panicked: {err}");
+    out
+}
+
+fn ok(sshd: &Sshd, args: &[&str]) -> String {
+    let out = run(sshd, args);
+    assert!(
+        out.status.success(),
+        "kloset {args:?} failed ({:?}): {}\nsshd log: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr),
+        sshd.log()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(sshd: &Sshd, args: &[&str], code: i32) -> String {
+    let out = run(sshd, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "kloset {args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "error is not one line: {err}");
+    err
+}
+
+/// A small tree with nested dirs, odd modes, a symlink, an empty file and a multi-chunk file.
+fn sample_tree(root: &Path) {
+    fs::create_dir_all(root.join("www/css")).unwrap();
+    fs::write(root.join("www/index.html"), b"<h1>hello</h1>\n").unwrap();
+    fs::write(root.join("www/css/site.css"), b"body { color: red }\n").unwrap();
+    fs::write(root.join("empty"), b"").unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    fs::write(root.join("big.bin"), &big).unwrap();
+    fs::write(root.join("secret"), b"x").unwrap();
+    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(root.join("www/css"), fs::Permissions::from_mode(0o750)).unwrap();
+    symlink("www/index.html", root.join("link")).unwrap();
+}
+
+#[derive(Debug, PartialEq)]
+enum E {
+    Dir(u32),
+    File(u32, Vec<u8>),
+    Link(PathBuf),
+}
+
+/// Relative path → (kind, mode, content/target, mtime seconds).
+fn scan(root: &Path) -> BTreeMap<PathBuf, (E, i64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            let mode = m.mode() & 0o7777;
+            let kind = if m.file_type().is_symlink() {
+                E::Link(fs::read_link(&p).unwrap())
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                E::Dir(mode)
+            } else {
+                E::File(mode, fs::read(&p).unwrap())
+            };
+            let mtime = if matches!(kind, E::Link(_)) { 0 } else { m.mtime() };
+            out.insert(rel, (kind, mtime));
+        }
+    }
+    out
+}
+
+fn assert_same_tree(a: &Path, b: &Path) {
+    let (sa, sb) = (scan(a), scan(b));
+    assert_eq!(
+        sa.keys().collect::<Vec<_>>(),
+        sb.keys().collect::<Vec<_>>(),
+        "different entries in {} and {}",
+        a.display(),
+        b.display()
+    );
+    for (k, v) in &sa {
+        assert_eq!(Some(v), sb.get(k), "entry {} differs", k.display());
+    }
+}
+
+fn snapshot_json(sshd: &Sshd, store: &str, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["at", store, "backup", "-json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&ok(sshd, &a)).expect("backup -json output")
+}
+
+macro_rules! sshd_or_skip {
+    () => {
+        match Sshd::start() {
+            Some(s) => s,
+            None => return,
+        }
+    };
+}
+
+#[test]
+fn store_on_server_round_trip_with_url_and_alias() {
+    let sshd = sshd_or_skip!();
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path());
+    let remote = sshd.remote_dir("store");
+    let url = sshd.url(&remote);
+    ok(&sshd, &["at", &url, "create"]);
+    let meta = fs::metadata(&remote).unwrap();
+    assert!(meta.is_dir());
+    assert_eq!(meta.mode() & 0o777, 0o700, "store directory is 0700");
+    let id = ok(&sshd, &["at", &url, "backup", src.path().to_str().unwrap()]);
+    let id = id.trim();
+    assert_eq!(id.len(), 8);
+
+    // The same store through the ~/.ssh/config alias.
+    let alias = sshd.alias_url(&remote);
+    let ls = ok(&sshd, &["at", &alias, "ls"]);
+    assert!(ls.starts_with(id), "ls shows the snapshot: {ls}");
+    let dst = tempfile::tempdir().unwrap();
+    let to = dst.path().join("r");
+    ok(&sshd, &["at", &alias, "restore", "-to", to.to_str().unwrap(), id]);
+    assert_same_tree(src.path(), &to);
+    ok(&sshd, &["at", &alias, "check"]);
+
+    // A path restore: the entry under its own name.
+    let one = dst.path().join("one");
+    let p = format!("{id}:{}/www/index.html", src.path().display());
+    ok(&sshd, &["at", &url, "restore", "--to", one.to_str().unwrap(), &p]);
+    assert_eq!(fs::read(one.join("index.html")).unwrap(), b"<h1>hello</h1>\n");
+
+    // A second command works from the local cache and still sees new snapshots.
+    fs::write(src.path().join("new.txt"), b"new").unwrap();
+    ok(&sshd, &["at", &url, "backup", src.path().to_str().unwrap()]);
+    assert_eq!(ok(&sshd, &["at", &url, "ls"]).lines().count(), 2);
+    assert!(sshd.home().join(".cache/kloset").is_dir(), "metadata cache exists");
+
+    // create refuses an existing store and a non-empty directory that is not one.
+    fails(&sshd, &["at", &url, "create"], 1);
+    let other = sshd.remote_dir("busy");
+    fs::create_dir(&other).unwrap();
+    fs::write(other.join("precious"), b"keep").unwrap();
+    fails(&sshd, &["at", &sshd.url(&other), "create"], 1);
+    assert_eq!(fs::read(other.join("precious")).unwrap(), b"keep");
+}
+
+#[test]
+fn remote_source_and_destination() {
+    let sshd = sshd_or_skip!();
+    let store = tempfile::tempdir().unwrap();
+    let store = store.path().join("s");
+    let store = store.to_str().unwrap();
+    ok(&sshd, &["at", store, "create"]);
+
+    let data = sshd.remote_dir("data");
+    fs::create_dir(&data).unwrap();
+    sample_tree(&data);
+    let src_url = sshd.url(&data);
+    let first = snapshot_json(&sshd, store, &[&src_url]);
+    assert_eq!(first["files"], 5);
+    assert!(first["bytes_read"].as_u64().unwrap() > 3_000_000);
+
+    // Unchanged remote tree: nothing is read again.
+    let second = snapshot_json(&sshd, store, &[&src_url]);
+    assert_eq!(second["bytes_read"], 0, "{second}");
+    // One file changed (size and mtime): only it is read.
+    fs::write(data.join("www/index.html"), b"<h1>changed</h1>\n").unwrap();
+    let third = snapshot_json(&sshd, store, &[&src_url]);
+    assert_eq!(third["bytes_read"], 17, "{third}");
+
+    // Restore straight onto the server, through the alias.
+    let dst = sshd.remote_dir("restore");
+    let dst_url = sshd.alias_url(&dst);
+    let id = third["short_id"].as_str().unwrap();
+    ok(&sshd, &["at", store, "restore", "-to", &dst_url, id]);
+    assert_same_tree(&data, &dst);
+
+    // Run again: complete files are skipped.
+    let out = run(&sshd, &["at", store, "restore", "-to", &dst_url, id]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already complete"));
+    assert_same_tree(&data, &dst);
+
+    // A single file onto the server.
+    let dst2 = sshd.remote_dir("restore-one");
+    let p = format!("{id}:{}/www/css", data.display());
+    ok(&sshd, &["at", store, "restore", "-to", &sshd.url(&dst2), &p]);
+    assert_eq!(fs::read(dst2.join("css/site.css")).unwrap(), b"body { color: red }\n");
+}
+
+#[test]
+fn unknown_changed_and_ignored_host_keys() {
+    let sshd = sshd_or_skip!();
+    let remote = sshd.remote_dir("store");
+    let url = sshd.url(&remote);
+
+    sshd.write_known_hosts("");
+    let err = fails(&sshd, &["at", &url, "create"], 10);
+    assert!(err.contains("SHA256:"), "{err}");
+    assert!(err.contains(&format!("ssh-keyscan -p {} 127.0.0.1", sshd.port())), "{err}");
+    assert!(!remote.exists(), "nothing was written");
+
+    // A different key recorded for this host: refused loudly.
+    let other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+    sshd.write_known_hosts(&format!("[127.0.0.1]:{} {other}\n", sshd.port()));
+    let err = fails(&sshd, &["at", &url, "create"], 10);
+    assert!(err.contains("CHANGED"), "{err}");
+    assert!(!remote.exists(), "nothing was written");
+
+    // Only insecure_ignore_host_key skips the check.
+    ok(&sshd, &["-o", "insecure_ignore_host_key=true", "at", &url, "create"]);
+    assert!(remote.join("config").exists());
+
+    // Hashed known_hosts entries are understood.
+    sshd.write_known_hosts(&format!("[127.0.0.1]:{} {}\n", sshd.port(), sshd.host_pubkey_line()));
+    sshd.known_hosts_hashed();
+    ok(&sshd, &["at", &url, "ls"]);
+}
+
+#[test]
+fn authentication_agent_identity_and_wrong_key() {
+    let sshd = sshd_or_skip!();
+    let remote = sshd.remote_dir("store");
+    let url = sshd.url(&remote);
+    ok(&sshd, &["at", &url, "create"]);
+    // Without the default key, only other keys can work.
+    fs::remove_file(sshd.ssh_file("id_ed25519")).unwrap();
+    let _ = fs::remove_file(sshd.ssh_file("id_ed25519.pub"));
+
+    // A key the server does not know: exit 9, and the keys tried are named.
+    let wrong = sshd.ssh_file("id_wrong");
+    let err = fails(&sshd, &["-o", &format!("identity={}", wrong.display()), "at", &url, "ls"], 9);
+    assert!(err.contains("id_wrong"), "{err}");
+
+    // An encrypted key with no agent and no terminal: a clear failure, no hang.
+    let enc = sshd.ssh_file("id_encrypted");
+    let enc_opt = format!("identity={}", enc.display());
+    let err = fails(&sshd, &["-o", &enc_opt, "at", &url, "ls"], 9);
+    assert!(err.contains("KLOSET_SSH_KEY_PASSPHRASE"), "{err}");
+
+    // ... which works with its passphrase in the environment,
+    let out = sshd
+        .cmd(bin())
+        .env("KLOSET_SSH_KEY_PASSPHRASE", common::sshd::KEY_PASSPHRASE)
+        .args(["-o", &enc_opt, "at", &url, "ls"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // ... and through ssh-agent holding it.
+    let agent = sshd.agent();
+    let out = sshd
+        .cmd(bin())
+        .env("SSH_AUTH_SOCK", agent.sock())
+        .args(["at", &url, "ls"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn unreachable_server_fails_cleanly() {
+    let mut sshd = sshd_or_skip!();
+    let remote = sshd.remote_dir("store");
+    let url = sshd.url(&remote);
+    ok(&sshd, &["at", &url, "create"]);
+    sshd.stop();
+    let err = fails(&sshd, &["at", &url, "ls"], 9);
+    assert!(err.contains("127.0.0.1"), "{err}");
+}
+
+/// A backup and a restore survive connections killed in the middle; the store stays clean and
+/// a re-run reuses what was uploaded.
+#[test]
+fn connections_killed_mid_backup_and_restore() {
+    let sshd = sshd_or_skip!();
+    let src = tempfile::tempdir().unwrap();
+    // About 80 MiB in 20 files: several packs, long enough to be interrupted.
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for i in 0..20u64 {
+        let mut data = Vec::with_capacity(4_000_000);
+        while data.len() < 4_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        fs::write(src.path().join(format!("f{i:02}")), data).unwrap();
+    }
+    let remote = sshd.remote_dir("store");
+    let url = sshd.url(&remote);
+    ok(&sshd, &["at", &url, "-q", "create", "-no-compression"]);
+
+    let child = sshd
+        .cmd(bin())
+        .args(["at", &url, "backup", "-json", src.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill connections once some packs are on the server.
+    let packs = remote.join("packs");
+    for _ in 0..400 {
+        let n = walk_count(&packs);
+        if n >= 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sshd.kill_connections();
+    let t = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    eprintln!("backup after the kill took {:?}", t.elapsed());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    // Either the backup retried and finished, or it failed cleanly with one line.
+    if out.status.success() {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["files"], 20);
+    } else {
+        assert_eq!(out.status.code(), Some(9), "{err}");
+    }
+    ok(&sshd, &["at", &url, "check"]);
+    // A re-run completes; if the first run failed, it reuses what was uploaded.
+    let again = snapshot_json(&sshd, &url, &["-force-full", src.path().to_str().unwrap()]);
+    assert_eq!(again["files"], 20);
+    assert!(
+        again["new_bytes"].as_u64().unwrap() < 80_000_000,
+        "the re-run uploaded everything again: {again}"
+    );
+    ok(&sshd, &["at", &url, "check"]);
+
+    // Restore with connections killed in the middle.
+    let dst = tempfile::tempdir().unwrap();
+    let to = dst.path().join("r");
+    let child = sshd
+        .cmd(bin())
+        .args(["at", &url, "restore", "-to", to.to_str().unwrap(), "latest"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    sshd.kill_connections();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    if !out.status.success() {
+        // Re-run to completion.
+        ok(&sshd, &["at", &url, "restore", "-to", to.to_str().unwrap(), "latest"]);
+    }
+    assert_same_tree(src.path(), &to);
+}
+
+fn walk_count(dir: &Path) -> usize {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                walk_count(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
