@@ -4,5 +4,6 @@
 //! `main.rs` only calls [`cli::main`].
 
 pub mod cli;
+pub mod fs;
 pub mod sftp;
 pub mod store;

@@ -40,7 +40,11 @@ fn fails(sshd: &Sshd, args: &[&str], code: i32) -> String {
     let out = run(sshd, args);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(code), "kloset {args:?}: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "error is not one line: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "error is not one line: {err}"
+    );
     err
 }
 
@@ -50,7 +54,9 @@ fn sample_tree(root: &Path) {
     fs::write(root.join("www/index.html"), b"<h1>hello</h1>\n").unwrap();
     fs::write(root.join("www/css/site.css"), b"body { color: red }\n").unwrap();
     fs::write(root.join("empty"), b"").unwrap();
-    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     fs::write(root.join("big.bin"), &big).unwrap();
     fs::write(root.join("secret"), b"x").unwrap();
     fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
@@ -83,7 +89,11 @@ fn scan(root: &Path) -> BTreeMap<PathBuf, (E, i64)> {
             } else {
                 E::File(mode, fs::read(&p).unwrap())
             };
-            let mtime = if matches!(kind, E::Link(_)) { 0 } else { m.mtime() };
+            let mtime = if matches!(kind, E::Link(_)) {
+                0
+            } else {
+                m.mtime()
+            };
             out.insert(rel, (kind, mtime));
         }
     }
@@ -140,21 +150,33 @@ fn store_on_server_round_trip_with_url_and_alias() {
     assert!(ls.starts_with(id), "ls shows the snapshot: {ls}");
     let dst = tempfile::tempdir().unwrap();
     let to = dst.path().join("r");
-    ok(&sshd, &["at", &alias, "restore", "-to", to.to_str().unwrap(), id]);
+    ok(
+        &sshd,
+        &["at", &alias, "restore", "-to", to.to_str().unwrap(), id],
+    );
     assert_same_tree(src.path(), &to);
     ok(&sshd, &["at", &alias, "check"]);
 
     // A path restore: the entry under its own name.
     let one = dst.path().join("one");
     let p = format!("{id}:{}/www/index.html", src.path().display());
-    ok(&sshd, &["at", &url, "restore", "--to", one.to_str().unwrap(), &p]);
-    assert_eq!(fs::read(one.join("index.html")).unwrap(), b"<h1>hello</h1>\n");
+    ok(
+        &sshd,
+        &["at", &url, "restore", "--to", one.to_str().unwrap(), &p],
+    );
+    assert_eq!(
+        fs::read(one.join("index.html")).unwrap(),
+        b"<h1>hello</h1>\n"
+    );
 
     // A second command works from the local cache and still sees new snapshots.
     fs::write(src.path().join("new.txt"), b"new").unwrap();
     ok(&sshd, &["at", &url, "backup", src.path().to_str().unwrap()]);
     assert_eq!(ok(&sshd, &["at", &url, "ls"]).lines().count(), 2);
-    assert!(sshd.home().join(".cache/kloset").is_dir(), "metadata cache exists");
+    assert!(
+        sshd.home().join(".cache/kloset").is_dir(),
+        "metadata cache exists"
+    );
 
     // create refuses an existing store and a non-empty directory that is not one.
     fails(&sshd, &["at", &url, "create"], 1);
@@ -205,8 +227,14 @@ fn remote_source_and_destination() {
     // A single file onto the server.
     let dst2 = sshd.remote_dir("restore-one");
     let p = format!("{id}:{}/www/css", data.display());
-    ok(&sshd, &["at", store, "restore", "-to", &sshd.url(&dst2), &p]);
-    assert_eq!(fs::read(dst2.join("css/site.css")).unwrap(), b"body { color: red }\n");
+    ok(
+        &sshd,
+        &["at", store, "restore", "-to", &sshd.url(&dst2), &p],
+    );
+    assert_eq!(
+        fs::read(dst2.join("css/site.css")).unwrap(),
+        b"body { color: red }\n"
+    );
 }
 
 #[test]
@@ -218,7 +246,10 @@ fn unknown_changed_and_ignored_host_keys() {
     sshd.write_known_hosts("");
     let err = fails(&sshd, &["at", &url, "create"], 10);
     assert!(err.contains("SHA256:"), "{err}");
-    assert!(err.contains(&format!("ssh-keyscan -p {} 127.0.0.1", sshd.port())), "{err}");
+    assert!(
+        err.contains(&format!("ssh-keyscan -p {} 127.0.0.1", sshd.port())),
+        "{err}"
+    );
     assert!(!remote.exists(), "nothing was written");
 
     // A different key recorded for this host: refused loudly.
@@ -229,11 +260,18 @@ fn unknown_changed_and_ignored_host_keys() {
     assert!(!remote.exists(), "nothing was written");
 
     // Only insecure_ignore_host_key skips the check.
-    ok(&sshd, &["-o", "insecure_ignore_host_key=true", "at", &url, "create"]);
+    ok(
+        &sshd,
+        &["-o", "insecure_ignore_host_key=true", "at", &url, "create"],
+    );
     assert!(remote.join("config").exists());
 
     // Hashed known_hosts entries are understood.
-    sshd.write_known_hosts(&format!("[127.0.0.1]:{} {}\n", sshd.port(), sshd.host_pubkey_line()));
+    sshd.write_known_hosts(&format!(
+        "[127.0.0.1]:{} {}\n",
+        sshd.port(),
+        sshd.host_pubkey_line()
+    ));
     sshd.known_hosts_hashed();
     ok(&sshd, &["at", &url, "ls"]);
 }
@@ -250,7 +288,17 @@ fn authentication_agent_identity_and_wrong_key() {
 
     // A key the server does not know: exit 9, and the keys tried are named.
     let wrong = sshd.ssh_file("id_wrong");
-    let err = fails(&sshd, &["-o", &format!("identity={}", wrong.display()), "at", &url, "ls"], 9);
+    let err = fails(
+        &sshd,
+        &[
+            "-o",
+            &format!("identity={}", wrong.display()),
+            "at",
+            &url,
+            "ls",
+        ],
+        9,
+    );
     assert!(err.contains("id_wrong"), "{err}");
 
     // An encrypted key with no agent and no terminal: a clear failure, no hang.
@@ -266,7 +314,11 @@ fn authentication_agent_identity_and_wrong_key() {
         .args(["-o", &enc_opt, "at", &url, "ls"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // ... and through ssh-agent holding it.
     let agent = sshd.agent();
@@ -276,7 +328,11 @@ fn authentication_agent_identity_and_wrong_key() {
         .args(["at", &url, "ls"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -367,7 +423,10 @@ fn connections_killed_mid_backup_and_restore() {
     assert!(!err.contains("panicked"), "{err}");
     if !out.status.success() {
         // Re-run to completion.
-        ok(&sshd, &["at", &url, "restore", "-to", to.to_str().unwrap(), "latest"]);
+        ok(
+            &sshd,
+            &["at", &url, "restore", "-to", to.to_str().unwrap(), "latest"],
+        );
     }
     assert_same_tree(src.path(), &to);
 }

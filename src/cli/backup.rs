@@ -109,7 +109,13 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     }
     if !s.errors.is_empty() {
         for (p, e) in &s.errors {
-            eprintln!("kloset: not backed up: {}: {e}", String::from_utf8_lossy(p));
+            // Source errors usually name their path already: do not print it twice.
+            let p = String::from_utf8_lossy(p);
+            if e.starts_with(&*p) {
+                eprintln!("kloset: not backed up: {e}");
+            } else {
+                eprintln!("kloset: not backed up: {p}: {e}");
+            }
         }
         eprintln!(
             "kloset: {} file(s) could not be read and are missing from snapshot {}",

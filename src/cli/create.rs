@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-use super::{Ctx, exit, passphrase};
+use super::{Ctx, exit};
 use crate::store::{CreateOptions, Store};
 
 #[derive(Parser, Debug)]
@@ -21,7 +21,8 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         compression: !a.no_compression,
         ..Default::default()
     };
-    let store = Store::create(ctx.backend()?, &opts, &passphrase)?;
+    let (backend, pass) = ctx.store_access()?;
+    let store = Store::create(backend, &opts, &|c| pass.get(c))?;
     if !ctx.quiet {
         eprintln!(
             "created {} store {} at {}",

@@ -9,11 +9,16 @@
 pub mod backup;
 pub mod cat;
 pub mod check;
+pub mod config;
+pub mod connector;
 pub mod create;
 pub mod info;
 pub mod ls;
+pub mod mount;
+pub mod pkg;
 pub mod progress;
 pub mod restore;
+pub mod sync;
 
 use std::collections::HashSet;
 use std::io::IsTerminal;
@@ -77,6 +82,19 @@ pub enum Top {
     },
     /// Print kloset's version and store format version.
     Version,
+    /// Named stores: `kloset store add NAME LOCATION [key=value…]`, then `at @NAME`.
+    #[command(subcommand)]
+    Store(connector::Cmd),
+    /// Named sources: `kloset source add NAME LOCATION [key=value…]`, then `backup @NAME`.
+    #[command(subcommand)]
+    Source(connector::Cmd),
+    /// Named destinations: `kloset destination add NAME LOCATION [key=value…]`, then
+    /// `restore -to @NAME`.
+    #[command(subcommand)]
+    Destination(connector::Cmd),
+    /// The built-in connectors: `kloset pkg list`.
+    #[command(subcommand)]
+    Pkg(pkg::Cmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,6 +114,10 @@ pub enum Verb {
     Check(check::Args),
     /// Show the store's id, format, encryption and sizes.
     Info(info::Args),
+    /// Copy snapshots to, from or with another store: `sync [SNAP…] to|from|with OTHER`.
+    Sync(sync::Args),
+    /// Mount snapshots as a read-only filesystem.
+    Mount(mount::Args),
 }
 
 /// What every verb gets.
@@ -107,9 +129,59 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// The backend for the store location.
+    /// The backend for the store location (`@NAME` resolved).
     pub fn backend(&self) -> anyhow::Result<Arc<dyn Backend>> {
-        backend_for(&self.store_url, &self.sftp_options()?)
+        let r = self.resolve(config::Kind::Store, &self.store_url)?;
+        backend_for(&r.location, &r.options)
+    }
+
+    /// A location as given on the command line, with `@NAME` looked up among the named
+    /// connectors of `kind`; the connector's SFTP options come before the `-o` ones.
+    pub fn resolve(&self, kind: config::Kind, given: &str) -> anyhow::Result<Resolved> {
+        match given.strip_prefix('@') {
+            Some(name) => {
+                let c = config::load()?.get(kind, name)?;
+                Ok(Resolved {
+                    location: c.location.clone(),
+                    options: c.sftp_options(&self.options)?,
+                    connector: Some(c),
+                })
+            }
+            None => Ok(Resolved {
+                location: given.to_string(),
+                options: self.sftp_options()?,
+                connector: None,
+            }),
+        }
+    }
+
+    /// The store's backend and where its passphrase comes from: `KLOSET_PASSPHRASE`,
+    /// `KLOSET_PASSPHRASE_FILE`, the named store's `passphrase`/`passphrase_cmd`, a prompt.
+    pub fn store_access(&self) -> anyhow::Result<(Arc<dyn Backend>, PassphraseSource)> {
+        let r = self.resolve(config::Kind::Store, &self.store_url)?;
+        let b = backend_for(&r.location, &r.options)?;
+        let p = PassphraseSource {
+            env: "KLOSET_PASSPHRASE",
+            connector: r.connector,
+            fallback_env: None,
+            label: "passphrase".into(),
+        };
+        Ok((b, p))
+    }
+
+    /// Open a second store (`sync`'s other side). Its passphrase: `KLOSET_OTHER_PASSPHRASE`
+    /// (or `_FILE`), its named store's `passphrase`/`passphrase_cmd`, then the first store's
+    /// `KLOSET_PASSPHRASE` (or `_FILE`), then a prompt.
+    pub fn open_other(&self, given: &str) -> anyhow::Result<Store> {
+        let r = self.resolve(config::Kind::Store, given)?;
+        let b = backend_for(&r.location, &r.options)?;
+        let p = PassphraseSource {
+            env: "KLOSET_OTHER_PASSPHRASE",
+            connector: r.connector,
+            fallback_env: Some("KLOSET_PASSPHRASE"),
+            label: format!("passphrase of {given}"),
+        };
+        Ok(Store::open(b, &|c| p.get(c))?)
     }
 
     pub fn sftp_options(&self) -> anyhow::Result<sftp::Options> {
@@ -118,24 +190,25 @@ impl Ctx {
         )?)
     }
 
-    /// The backup source at `loc`: a local path or an `sftp://` URL.
+    /// The backup source at `loc`: a local path, an `sftp://` URL or `@NAME`.
     pub fn source(&self, loc: &str) -> anyhow::Result<Box<dyn store::Source>> {
+        let r = self.resolve(config::Kind::Source, loc)?;
+        let loc = r.location.as_str();
         if loc.starts_with("sftp://") {
             let l = sftp::Location::parse(loc)?;
-            return Ok(Box::new(sftp::SftpSource::open(l, &self.sftp_options()?)?));
+            return Ok(Box::new(sftp::SftpSource::open(l, &r.options)?));
         }
         let p = loc.strip_prefix("file://").unwrap_or(loc);
         Ok(Box::new(store::LocalSource::new(std::path::Path::new(p))?))
     }
 
-    /// The restore destination at `loc`: a local path or an `sftp://` URL.
+    /// The restore destination at `loc`: a local path, an `sftp://` URL or `@NAME`.
     pub fn destination(&self, loc: &str) -> anyhow::Result<Box<dyn store::Destination>> {
+        let r = self.resolve(config::Kind::Destination, loc)?;
+        let loc = r.location.as_str();
         if loc.starts_with("sftp://") {
             let l = sftp::Location::parse(loc)?;
-            return Ok(Box::new(sftp::SftpDestination::open(
-                l,
-                &self.sftp_options()?,
-            )?));
+            return Ok(Box::new(sftp::SftpDestination::open(l, &r.options)?));
         }
         let p = loc.strip_prefix("file://").unwrap_or(loc);
         Ok(Box::new(store::LocalDestination::new(PathBuf::from(p))))
@@ -143,11 +216,52 @@ impl Ctx {
 
     /// Open the store and load its index.
     pub fn open(&self) -> anyhow::Result<Store> {
-        Ok(Store::open(self.backend()?, &passphrase)?)
+        let (b, p) = self.store_access()?;
+        Ok(Store::open(b, &|c| p.get(c))?)
     }
 
     pub fn progress(&self) -> bool {
         !self.quiet && std::io::stderr().is_terminal()
+    }
+}
+
+/// A location with its named connector resolved ([`Ctx::resolve`]).
+pub struct Resolved {
+    /// A path, `file://` or `sftp://` URL.
+    pub location: String,
+    pub options: sftp::Options,
+    pub connector: Option<config::Connector>,
+}
+
+/// Where a store's passphrase comes from, in order: an environment variable (or its `_FILE`
+/// twin), the named store's `passphrase` or `passphrase_cmd`, a fallback variable, a prompt.
+pub struct PassphraseSource {
+    env: &'static str,
+    connector: Option<config::Connector>,
+    fallback_env: Option<&'static str>,
+    label: String,
+}
+
+impl PassphraseSource {
+    /// The passphrase (asked twice on a terminal when `confirm`).
+    pub fn get(&self, confirm: bool) -> store::Result<Vec<u8>> {
+        if let Some(p) = env_passphrase(self.env) {
+            return p;
+        }
+        if let Some(c) = &self.connector
+            && let Some(p) = c.secret()?
+        {
+            return Ok(p);
+        }
+        if let Some(p) = self.fallback_env.and_then(env_passphrase) {
+            return p;
+        }
+        let mut hint = format!("set {0} or {0}_FILE", self.env);
+        match &self.connector {
+            Some(c) => hint.push_str(&format!(", or passphrase_cmd on store {}", c.name)),
+            None => hint.push_str(", or use a named store with passphrase_cmd"),
+        }
+        prompt_passphrase(&self.label, confirm, &hint)
     }
 }
 
@@ -174,35 +288,55 @@ pub fn backend_for(url: &str, opts: &sftp::Options) -> anyhow::Result<Arc<dyn Ba
 /// The passphrase: `KLOSET_PASSPHRASE`, `KLOSET_PASSPHRASE_FILE`, or a prompt on a terminal
 /// (asked twice when `confirm`).
 pub fn passphrase(confirm: bool) -> store::Result<Vec<u8>> {
-    if let Some(p) = std::env::var_os("KLOSET_PASSPHRASE") {
+    if let Some(p) = env_passphrase("KLOSET_PASSPHRASE") {
+        return p;
+    }
+    prompt_passphrase(
+        "passphrase",
+        confirm,
+        "set KLOSET_PASSPHRASE or KLOSET_PASSPHRASE_FILE",
+    )
+}
+
+/// The passphrase in `var`, or in the file named by `var`_FILE (trailing newlines removed).
+fn env_passphrase(var: &str) -> Option<store::Result<Vec<u8>>> {
+    if let Some(p) = std::env::var_os(var) {
         use std::os::unix::ffi::OsStringExt;
-        return Ok(p.into_vec());
+        return Some(Ok(p.into_vec()));
     }
-    if let Some(f) = std::env::var_os("KLOSET_PASSPHRASE_FILE") {
-        let mut b = std::fs::read(&f).map_err(|e| {
-            store::Error::io(
-                format!(
-                    "passphrase file {} (KLOSET_PASSPHRASE_FILE)",
-                    PathBuf::from(&f).display()
-                ),
-                e,
-            )
-        })?;
-        while b.last() == Some(&b'\n') || b.last() == Some(&b'\r') {
-            b.pop();
-        }
-        return Ok(b);
-    }
+    let file_var = format!("{var}_FILE");
+    let f = std::env::var_os(&file_var)?;
+    Some(
+        std::fs::read(&f)
+            .map_err(|e| {
+                store::Error::io(
+                    format!(
+                        "passphrase file {} ({file_var})",
+                        PathBuf::from(&f).display()
+                    ),
+                    e,
+                )
+            })
+            .map(|mut b| {
+                while b.last() == Some(&b'\n') || b.last() == Some(&b'\r') {
+                    b.pop();
+                }
+                b
+            }),
+    )
+}
+
+/// Ask on the terminal (twice when `confirm`); without one, fail with `hint`.
+fn prompt_passphrase(label: &str, confirm: bool, hint: &str) -> store::Result<Vec<u8>> {
     if !std::io::stdin().is_terminal() && !std::io::stderr().is_terminal() {
-        return Err(store::Error::Other(
-            "no passphrase: set KLOSET_PASSPHRASE or KLOSET_PASSPHRASE_FILE (there is no terminal to ask on)"
-                .into(),
-        ));
+        return Err(store::Error::Other(format!(
+            "no {label}: {hint} (there is no terminal to ask on)"
+        )));
     }
-    let p = rpassword::prompt_password("passphrase: ")
+    let p = rpassword::prompt_password(format!("{label}: "))
         .map_err(|e| store::Error::io("reading the passphrase", e))?;
     if confirm {
-        let again = rpassword::prompt_password("passphrase (again): ")
+        let again = rpassword::prompt_password(format!("{label} (again): "))
             .map_err(|e| store::Error::io("reading the passphrase", e))?;
         if again != p {
             return Err(store::Error::Other(
@@ -392,6 +526,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(exit::OK)
         }
+        Top::Store(c) => connector::run(config::Kind::Store, c, cli.quiet),
+        Top::Source(c) => connector::run(config::Kind::Source, c, cli.quiet),
+        Top::Destination(c) => connector::run(config::Kind::Destination, c, cli.quiet),
+        Top::Pkg(c) => pkg::run(c),
         Top::At { store, verb } => {
             let ctx = Ctx {
                 store_url: store,
@@ -406,6 +544,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Verb::Restore(a) => restore::run(&ctx, a),
                 Verb::Check(a) => check::run(&ctx, a),
                 Verb::Info(a) => info::run(&ctx, a),
+                Verb::Mount(a) => mount::run(&ctx, a),
+                Verb::Sync(a) => sync::run(&ctx, a),
             }
         }
     }

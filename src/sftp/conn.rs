@@ -423,7 +423,9 @@ fn authenticate(sess: &Session, t: &Target) -> Result<(), Error> {
             };
             match pass {
                 Some(p) => {
-                    if sess.userauth_pubkey_file(&t.user, pubk, k, Some(&p)).is_ok()
+                    if sess
+                        .userauth_pubkey_file(&t.user, pubk, k, Some(&p))
+                        .is_ok()
                         && sess.authenticated()
                     {
                         return Ok(());

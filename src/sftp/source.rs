@@ -198,7 +198,10 @@ impl Read for RemoteReader {
                 Err(e)
                     if attempt < 5
                         && (transient(&e)
-                            || self.open.as_ref().is_some_and(|(c, _)| !super::conn::alive(c))) =>
+                            || self
+                                .open
+                                .as_ref()
+                                .is_some_and(|(c, _)| !super::conn::alive(c))) =>
                 {
                     attempt += 1;
                     if let Some((c, f)) = self.open.take() {

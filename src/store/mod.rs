@@ -2,7 +2,7 @@
 //!
 //! A store is a directory of files reached through a [`Backend`] (local here, SFTP in
 //! `crate::sftp`). [`Store`] opens it (config, keys, index) and reads and writes blobs;
-//! the pipelines [`backup`], [`restore`] and [`check`] are written once against the
+//! the pipelines [`backup`], [`restore`], [`check`] and [`sync`] are written once against the
 //! [`Backend`], [`Source`] and [`Destination`] traits, so every connector gets all of them.
 //! docs/FORMAT.md describes the files byte by byte.
 
@@ -17,6 +17,7 @@ pub mod format;
 pub mod repo;
 pub mod restore;
 pub mod source;
+pub mod sync;
 pub mod tree;
 
 pub use backend::{Backend, FileType, LocalBackend, MemBackend};

@@ -277,7 +277,10 @@ impl Store {
         let mut report = IndexLoadReport::default();
         let listed = self.backend.list(FileType::Index)?;
         if let Some(c) = &self.cache {
-            c.retain(FileType::Index, &listed.iter().map(|f| f.name.clone()).collect());
+            c.retain(
+                FileType::Index,
+                &listed.iter().map(|f| f.name.clone()).collect(),
+            );
         }
         for f in listed {
             let file = format!("index/{}", f.name);
@@ -475,7 +478,10 @@ impl Store {
         let mut bad = Vec::new();
         let listed = self.backend.list(FileType::Snapshot)?;
         if let Some(c) = &self.cache {
-            c.retain(FileType::Snapshot, &listed.iter().map(|f| f.name.clone()).collect());
+            c.retain(
+                FileType::Snapshot,
+                &listed.iter().map(|f| f.name.clone()).collect(),
+            );
         }
         for f in listed {
             match self.read_snapshot(&f.name) {

@@ -53,12 +53,13 @@ struct Entry {
 const MAX_RANGE: u64 = 16 << 20;
 const MAX_GAP: u64 = 256 << 10;
 
-struct Range {
-    pack: u32,
-    offset: u64,
-    length: u64,
+/// A byte range of one pack and the blobs in it (also used by `sync`).
+pub(crate) struct Range {
+    pub pack: u32,
+    pub offset: u64,
+    pub length: u64,
     /// (blob, offset in range, sealed length, raw length)
-    blobs: Vec<(BlobId, u64, u32, u32)>,
+    pub blobs: Vec<(BlobId, u64, u32, u32)>,
 }
 
 /// Restore `path` of `snap` (or the whole backed-up tree) into `dest`.
@@ -194,7 +195,7 @@ pub fn run(
     for i in ready {
         finish_file(dest, &entries[i], progress, &mut report.errors);
     }
-    let ranges = plan_ranges(store, &targets);
+    let ranges = plan_ranges(store, targets.keys());
 
     // 4. Read each range once, write its blobs everywhere they go.
     let workers = if opts.workers > 0 {
@@ -217,28 +218,33 @@ pub fn run(
                         break;
                     }
                     let pack = store.index().pack_name(r.pack).to_string();
-                    let data = match store.backend().read_range(
-                        super::backend::FileType::Pack,
-                        &pack,
-                        r.offset,
-                        r.length,
-                    ) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            // Everything in this range is lost for this run.
-                            for (id, ..) in &r.blobs {
-                                for &(i, _) in &targets[id] {
-                                    if !failed[i].swap(true, Ordering::Relaxed) {
-                                        errors.lock().push((entries[i].rel.clone(), e.to_string()));
-                                    }
-                                }
-                            }
-                            continue;
-                        }
+                    let read = |offset: u64, length: u64| {
+                        store.backend().read_range(
+                            super::backend::FileType::Pack,
+                            &pack,
+                            offset,
+                            length,
+                        )
                     };
+                    let data = read(r.offset, r.length);
                     for (id, off, len, raw) in &r.blobs {
-                        let sealed = &data[*off as usize..(*off + *len as u64) as usize];
-                        let plain = store.decode_blob(id, sealed, *raw, &pack);
+                        // A range that cannot be read whole (a truncated pack, a read error)
+                        // is read again blob by blob, so only the blobs really lost fail
+                        // their files.
+                        let plain: Result<Vec<u8>, String> = match &data {
+                            Ok(d) => store
+                                .decode_blob(
+                                    id,
+                                    &d[*off as usize..(*off + *len as u64) as usize],
+                                    *raw,
+                                    &pack,
+                                )
+                                .map_err(|e| e.to_string()),
+                            Err(e) if r.blobs.len() == 1 => Err(e.to_string()),
+                            Err(_) => read(r.offset + off, *len as u64)
+                                .and_then(|s| store.decode_blob(id, &s, *raw, &pack))
+                                .map_err(|e| e.to_string()),
+                        };
                         for &(i, foff) in &targets[id] {
                             if failed[i].load(Ordering::Relaxed) {
                                 continue;
@@ -344,10 +350,12 @@ fn collect(
     Ok(())
 }
 
-fn plan_ranges(store: &Store, targets: &HashMap<BlobId, Vec<(usize, u64)>>) -> Vec<Range> {
+/// Group blobs by pack, sort them by offset and merge neighbours into ranges of at most
+/// `MAX_RANGE` bytes, bridging gaps up to `MAX_GAP`. Blobs not in the index are left out.
+pub(crate) fn plan_ranges<'a>(store: &Store, ids: impl Iterator<Item = &'a BlobId>) -> Vec<Range> {
     let idx = store.index();
     let mut by_pack: HashMap<u32, Vec<(u64, u32, u32, BlobId)>> = HashMap::new();
-    for id in targets.keys() {
+    for id in ids {
         if let Some(loc) = idx.get(id) {
             by_pack.entry(loc.pack).or_default().push((
                 loc.offset as u64,

@@ -36,7 +36,7 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     let mut x = (seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1;
     let mut block = 0u32;
     while out.len() < len {
-        let compressible = (seed.rotate_left(block) & 1) == 0 && block % 3 != 0;
+        let compressible = (seed.rotate_left(block) & 1) == 0 && !block.is_multiple_of(3);
         let end = (out.len() + (64 << 10)).min(len);
         if compressible {
             let line = format!("block {block} of seed {seed:x}: some text that compresses\n");
@@ -425,6 +425,14 @@ pub fn show(p: &[u8]) -> String {
     }
 }
 
+fn show_xattrs(x: &BTreeMap<Vec<u8>, Vec<u8>>) -> String {
+    let items: Vec<String> = x
+        .iter()
+        .map(|(k, v)| format!("{}={}", k.escape_ascii(), v.escape_ascii()))
+        .collect();
+    format!("{{{}}}", items.join(", "))
+}
+
 /// Groups of paths that are hard links to one inode (regular files with `nlink > 1`).
 pub fn link_groups(t: &FsTree) -> BTreeSet<Vec<Vec<u8>>> {
     let mut by_inode: BTreeMap<(u64, u64), Vec<Vec<u8>>> = BTreeMap::new();
@@ -494,11 +502,7 @@ pub fn diff(src: &FsTree, dst: &FsTree) -> Vec<String> {
             );
         }
         if a.xattrs != b.xattrs {
-            d(
-                "xattrs",
-                format!("{:?}", a.xattrs),
-                format!("{:?}", b.xattrs),
-            );
+            d("xattrs", show_xattrs(&a.xattrs), show_xattrs(&b.xattrs));
         }
         if matches!(a.kind, 'c' | 'b') && a.rdev != b.rdev {
             d("rdev", a.rdev.to_string(), b.rdev.to_string());
@@ -533,16 +537,16 @@ pub fn lost_sparseness(src: &FsTree, dst: &FsTree, slack: u64) -> Vec<String> {
         if a.kind != '-' || a.size < (1 << 20) || a.blocks * 512 > a.size / 4 {
             continue;
         }
-        if let Some(b) = dst.get(p) {
-            if b.blocks * 512 > a.blocks * 512 + slack {
-                out.push(format!(
-                    "{}: sparse file of {} bytes with {} allocated was restored with {} allocated",
-                    show(p),
-                    a.size,
-                    a.blocks * 512,
-                    b.blocks * 512
-                ));
-            }
+        if let Some(b) = dst.get(p)
+            && b.blocks * 512 > a.blocks * 512 + slack
+        {
+            out.push(format!(
+                "{}: sparse file of {} bytes with {} allocated was restored with {} allocated",
+                show(p),
+                a.size,
+                a.blocks * 512,
+                b.blocks * 512
+            ));
         }
     }
     out

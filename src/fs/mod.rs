@@ -1,0 +1,755 @@
+//! Snapshots as a read-only filesystem.
+//!
+//! [`SnapshotFs`] is the whole filesystem without FUSE: it answers lookup, getattr, readdir,
+//! readlink, open, read, getxattr, listxattr and statfs with plain structs or an [`Error`]
+//! that maps to an errno ([`Error::errno`]), so it is unit-tested without the kernel. `fuse.rs`
+//! is a thin `fuser::Filesystem` adapter over it. The inode table gives every path a stable
+//! inode and every hard-link group one inode. File contents come through the shared
+//! [`cache::ChunkCache`]; sequential readers prefetch the chunks ahead of them.
+//!
+//! Layout of a whole-store mount: one directory per snapshot named by its short id, holding the
+//! backed-up tree at its absolute path (`<id>/var/www/index.html`), a `latest` symlink, and
+//! `by-time/<time>` and `by-tag/<tag>/<time>` symlinks into the id directories. The snapshot
+//! list is re-read at most every [`REFRESH`], so new snapshots appear without remounting.
+
+pub mod cache;
+pub mod fuse;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::store::crypto::BlobId;
+use crate::store::repo::SnapshotEntry;
+use crate::store::tree::{Node, NodeKind, Time};
+use crate::store::{Store, format::BlobKind};
+use cache::ChunkCache;
+
+/// How often the snapshot list of a whole-store mount is re-read.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("not a symlink")]
+    NotLink,
+    #[error("no such attribute")]
+    NoXattr,
+    #[error("stale file handle")]
+    BadHandle,
+    #[error("{0}")]
+    Io(String),
+}
+
+impl Error {
+    /// The errno a FUSE reply carries.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::NotFound => libc::ENOENT,
+            Error::NotDir => libc::ENOTDIR,
+            Error::IsDir => libc::EISDIR,
+            Error::NotLink => libc::EINVAL,
+            Error::NoXattr => libc::ENODATA,
+            Error::BadHandle => libc::EBADF,
+            Error::Io(_) => libc::EIO,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub const ROOT: u64 = 1;
+
+/// Attributes of an inode, FUSE-free.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    pub blocks: u64,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub name: Vec<u8>,
+}
+
+/// What an inode is.
+#[derive(Debug, Clone)]
+enum What {
+    /// The mount root of a whole-store mount.
+    StoreRoot,
+    /// `by-time`, `by-tag`, `by-tag/<tag>`.
+    Virtual(Vec<u8>),
+    /// A symlink made up by the mount (`latest`, `by-time/…`).
+    Link(Vec<u8>),
+    /// An entry of a snapshot (its tree root has name `/`).
+    Node { snap: usize, node: Arc<Node> },
+}
+
+struct Inode {
+    what: What,
+    parent: u64,
+    name: Vec<u8>,
+    /// Directory listing, built on first readdir.
+    children: Mutex<Option<Arc<Vec<DirEntry>>>>,
+}
+
+struct Open {
+    ino: u64,
+    content: Vec<BlobId>,
+    /// Start offset of each chunk, plus the end.
+    offsets: Vec<u64>,
+    /// Where the last read ended, to detect sequential reading, and the prefetch window.
+    next: Mutex<(u64, usize)>,
+}
+
+/// Options of a mount.
+pub struct MountConfig {
+    /// Bytes of decrypted chunks kept in memory.
+    pub cache_bytes: usize,
+    /// The root: a whole store, or one snapshot path.
+    pub root: Option<(SnapshotEntry, Vec<u8>)>,
+}
+
+pub struct SnapshotFs {
+    store: Arc<Store>,
+    cache: Arc<ChunkCache>,
+    inodes: RwLock<HashMap<u64, Arc<Inode>>>,
+    /// (parent, name) → ino, so a path keeps its inode across lookups.
+    names: Mutex<HashMap<(u64, Vec<u8>), u64>>,
+    /// (snapshot, dev, inode) → ino, so hard links share one inode.
+    links: Mutex<HashMap<(usize, u64, u64), u64>>,
+    next_ino: AtomicU64,
+    snaps: RwLock<Vec<SnapshotEntry>>,
+    refreshed: Mutex<Option<Instant>>,
+    whole_store: bool,
+    handles: RwLock<HashMap<u64, Arc<Open>>>,
+    next_fh: AtomicU64,
+    /// Id of an all-zero maximum-size chunk, not counted in `st_blocks` (sparse files).
+    zero_chunk: BlobId,
+    mount_time: SystemTime,
+}
+
+fn systime(t: Time) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
+    }
+}
+
+impl SnapshotFs {
+    pub fn new(store: Arc<Store>, cfg: MountConfig) -> Result<Arc<SnapshotFs>> {
+        let cache = ChunkCache::new(store.clone(), cfg.cache_bytes);
+        cache.start_prefetchers(4);
+        let zero = vec![0u8; store.config().chunker.max as usize];
+        let zero_chunk = store.crypto().blob_id(&zero);
+        let fs = SnapshotFs {
+            cache,
+            inodes: RwLock::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
+            next_ino: AtomicU64::new(ROOT + 1),
+            snaps: RwLock::new(Vec::new()),
+            refreshed: Mutex::new(None),
+            whole_store: cfg.root.is_none(),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            zero_chunk,
+            mount_time: SystemTime::now(),
+            store,
+        };
+        let root = match cfg.root {
+            None => What::StoreRoot,
+            Some((snap, path)) => {
+                let node = fs
+                    .store
+                    .lookup(&snap, &path)
+                    .map_err(|e| Error::Io(e.to_string()))?;
+                if node.kind != NodeKind::Dir {
+                    return Err(Error::NotDir);
+                }
+                fs.snaps.write().push(snap);
+                What::Node {
+                    snap: 0,
+                    node: Arc::new(node),
+                }
+            }
+        };
+        fs.inodes.write().insert(
+            ROOT,
+            Arc::new(Inode {
+                what: root,
+                parent: ROOT,
+                name: Vec::new(),
+                children: Mutex::new(None),
+            }),
+        );
+        let fs = Arc::new(fs);
+        if fs.whole_store {
+            fs.refresh(true)?;
+        }
+        Ok(fs)
+    }
+
+    /// Re-read the snapshot list (whole-store mounts) if it is older than [`REFRESH`].
+    fn refresh(&self, force: bool) -> Result<()> {
+        if !self.whole_store {
+            return Ok(());
+        }
+        {
+            let mut r = self.refreshed.lock();
+            if !force && r.is_some_and(|t| t.elapsed() < REFRESH) {
+                return Ok(());
+            }
+            *r = Some(Instant::now());
+        }
+        let (list, _) = self.store.snapshots().map_err(|e| Error::Io(e.to_string()))?;
+        let mut snaps = self.snaps.write();
+        let new: Vec<_> = list
+            .into_iter()
+            .filter(|s| !snaps.iter().any(|o| o.id == s.id))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        // New snapshots may reference packs this process has not indexed yet.
+        if !force {
+            self.store.load_index().map_err(|e| Error::Io(e.to_string()))?;
+        }
+        snaps.extend(new);
+        snaps.sort_by(|a, b| (a.snap.time, &a.id).cmp(&(b.snap.time, &b.id)));
+        drop(snaps);
+        // Drop the cached listings of the virtual directories.
+        for ino in self.inodes.read().values() {
+            if matches!(ino.what, What::StoreRoot | What::Virtual(_)) {
+                *ino.children.lock() = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn inode(&self, ino: u64) -> Result<Arc<Inode>> {
+        self.inodes.read().get(&ino).cloned().ok_or(Error::NotFound)
+    }
+
+    /// The inode for `name` in `parent`, created on first sight.
+    fn child_ino(&self, parent: u64, name: &[u8], what: What) -> u64 {
+        let key = (parent, name.to_vec());
+        if let Some(&ino) = self.names.lock().get(&key) {
+            return ino;
+        }
+        let link_key = match &what {
+            What::Node { snap, node } if node.is_hardlink() => Some((*snap, node.dev, node.inode)),
+            _ => None,
+        };
+        let mut names = self.names.lock();
+        if let Some(&ino) = names.get(&key) {
+            return ino;
+        }
+        if let Some(k) = link_key {
+            if let Some(&ino) = self.links.lock().get(&k) {
+                names.insert(key, ino);
+                return ino;
+            }
+        }
+        let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
+        self.inodes.write().insert(
+            ino,
+            Arc::new(Inode {
+                what,
+                parent,
+                name: name.to_vec(),
+                children: Mutex::new(None),
+            }),
+        );
+        names.insert(key, ino);
+        if let Some(k) = link_key {
+            self.links.lock().insert(k, ino);
+        }
+        ino
+    }
+
+    fn short_snap_name(s: &SnapshotEntry) -> Vec<u8> {
+        s.short().as_bytes().to_vec()
+    }
+
+    fn time_name(s: &SnapshotEntry) -> Vec<u8> {
+        crate::cli::time(s.snap.time).replace(':', "-").into_bytes()
+    }
+
+    /// Entries of a directory inode (without `.` and `..`).
+    fn list(&self, ino: u64) -> Result<Arc<Vec<DirEntry>>> {
+        let inode = self.inode(ino)?;
+        if matches!(inode.what, What::StoreRoot | What::Virtual(_)) {
+            self.refresh(false)?;
+        }
+        if let Some(c) = inode.children.lock().as_ref() {
+            return Ok(c.clone());
+        }
+        let mut raw: Vec<(Vec<u8>, What, NodeKind)> = Vec::new();
+        match &inode.what {
+            What::StoreRoot => {
+                let snaps = self.snaps.read();
+                for (i, s) in snaps.iter().enumerate() {
+                    let mut root = Node::new(b"/".to_vec(), NodeKind::Dir);
+                    root.mode = 0o755;
+                    root.mtime = s.snap.time;
+                    root.ctime = s.snap.time;
+                    root.subtree = Some(s.snap.root);
+                    raw.push((
+                        Self::short_snap_name(s),
+                        What::Node {
+                            snap: i,
+                            node: Arc::new(root),
+                        },
+                        NodeKind::Dir,
+                    ));
+                }
+                if let Some(last) = snaps.last() {
+                    raw.push((b"latest".to_vec(), What::Link(Self::short_snap_name(last)), NodeKind::Symlink));
+                }
+                raw.push((b"by-time".to_vec(), What::Virtual(b"by-time".to_vec()), NodeKind::Dir));
+                raw.push((b"by-tag".to_vec(), What::Virtual(b"by-tag".to_vec()), NodeKind::Dir));
+            }
+            What::Virtual(v) if v == b"by-time" => {
+                for s in self.snaps.read().iter() {
+                    let mut target = b"../".to_vec();
+                    target.extend(Self::short_snap_name(s));
+                    let mut name = Self::time_name(s);
+                    name.push(b'_');
+                    name.extend(Self::short_snap_name(s));
+                    raw.push((name, What::Link(target), NodeKind::Symlink));
+                }
+            }
+            What::Virtual(v) if v == b"by-tag" => {
+                let mut tags: Vec<String> = self
+                    .snaps
+                    .read()
+                    .iter()
+                    .flat_map(|s| s.snap.tags.clone())
+                    .filter(|t| !t.is_empty() && !t.contains('/'))
+                    .collect();
+                tags.sort();
+                tags.dedup();
+                for t in tags {
+                    let mut v = b"by-tag/".to_vec();
+                    v.extend(t.as_bytes());
+                    raw.push((t.into_bytes(), What::Virtual(v), NodeKind::Dir));
+                }
+            }
+            What::Virtual(v) => {
+                let tag = String::from_utf8_lossy(&v[b"by-tag/".len()..]).into_owned();
+                for s in self.snaps.read().iter().filter(|s| s.snap.tags.contains(&tag)) {
+                    let mut target = b"../../".to_vec();
+                    target.extend(Self::short_snap_name(s));
+                    let mut name = Self::time_name(s);
+                    name.push(b'_');
+                    name.extend(Self::short_snap_name(s));
+                    raw.push((name, What::Link(target), NodeKind::Symlink));
+                }
+            }
+            What::Link(_) => return Err(Error::NotDir),
+            What::Node { snap, node } => {
+                if node.kind != NodeKind::Dir {
+                    return Err(Error::NotDir);
+                }
+                if let Some(sub) = node.subtree {
+                    let t = self
+                        .store
+                        .load_tree(&sub)
+                        .map_err(|e| self.io_error(ino, e.to_string()))?;
+                    for n in &t.nodes {
+                        raw.push((
+                            n.name.clone(),
+                            What::Node {
+                                snap: *snap,
+                                node: Arc::new(n.clone()),
+                            },
+                            n.kind,
+                        ));
+                    }
+                }
+            }
+        }
+        let entries: Vec<DirEntry> = raw
+            .into_iter()
+            .map(|(name, what, kind)| DirEntry {
+                ino: self.child_ino(ino, &name, what),
+                kind,
+                name,
+            })
+            .collect();
+        let entries = Arc::new(entries);
+        *inode.children.lock() = Some(entries.clone());
+        Ok(entries)
+    }
+
+    /// The path of an inode inside the mount, for log lines.
+    pub fn path_of(&self, mut ino: u64) -> String {
+        let mut parts = Vec::new();
+        while ino != ROOT {
+            let Ok(i) = self.inode(ino) else { break };
+            parts.push(String::from_utf8_lossy(&i.name).into_owned());
+            ino = i.parent;
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
+    }
+
+    fn io_error(&self, ino: u64, msg: String) -> Error {
+        eprintln!("kloset: mount: {}: {msg}", self.path_of(ino));
+        Error::Io(msg)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        let entries = self.list(parent)?;
+        let e = entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or(Error::NotFound)?;
+        self.getattr(e.ino)
+    }
+
+    pub fn readdir(&self, ino: u64) -> Result<(u64, Arc<Vec<DirEntry>>)> {
+        let parent = self.inode(ino)?.parent;
+        Ok((parent, self.list(ino)?))
+    }
+
+    fn blocks(&self, node: &Node) -> u64 {
+        let idx = self.store.index();
+        let bytes: u64 = node
+            .content
+            .iter()
+            .filter(|c| **c != self.zero_chunk)
+            .filter_map(|c| idx.get(c))
+            .map(|l| l.raw_length as u64)
+            .sum();
+        bytes.div_ceil(512)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let inode = self.inode(ino)?;
+        let now = self.mount_time;
+        let dir = |mode: u32| Attr {
+            ino,
+            kind: NodeKind::Dir,
+            size: 0,
+            blocks: 0,
+            mode,
+            nlink: 2,
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            rdev: 0,
+            mtime: now,
+            ctime: now,
+        };
+        Ok(match &inode.what {
+            What::StoreRoot | What::Virtual(_) => dir(0o555),
+            What::Link(t) => Attr {
+                kind: NodeKind::Symlink,
+                size: t.len() as u64,
+                mode: 0o777,
+                nlink: 1,
+                ..dir(0o777)
+            },
+            What::Node { node, .. } => Attr {
+                ino,
+                kind: node.kind,
+                size: node.size,
+                blocks: match node.kind {
+                    NodeKind::File => self.blocks(node),
+                    NodeKind::Dir => 8,
+                    _ => 0,
+                },
+                mode: node.mode,
+                nlink: match node.kind {
+                    NodeKind::Dir => 2,
+                    _ => node.nlink.clamp(1, u32::MAX as u64) as u32,
+                },
+                uid: node.uid,
+                gid: node.gid,
+                rdev: node.rdev,
+                mtime: systime(node.mtime),
+                ctime: systime(node.ctime),
+            },
+        })
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        match &self.inode(ino)?.what {
+            What::Link(t) => Ok(t.clone()),
+            What::Node { node, .. } if node.kind == NodeKind::Symlink => Ok(node.target.clone()),
+            _ => Err(Error::NotLink),
+        }
+    }
+
+    /// Open a file for reading; returns a handle.
+    pub fn open(&self, ino: u64) -> Result<u64> {
+        let node = match &self.inode(ino)?.what {
+            What::Node { node, .. } if node.kind == NodeKind::File => node.clone(),
+            What::Node { node, .. } if node.kind == NodeKind::Dir => return Err(Error::IsDir),
+            What::StoreRoot | What::Virtual(_) => return Err(Error::IsDir),
+            _ => return Err(Error::NotFound),
+        };
+        let mut offsets = Vec::with_capacity(node.content.len() + 1);
+        let mut off = 0u64;
+        {
+            let idx = self.store.index();
+            for c in &node.content {
+                offsets.push(off);
+                let l = idx
+                    .get(c)
+                    .filter(|l| l.kind == BlobKind::Data)
+                    .ok_or_else(|| self.io_error(ino, format!("chunk {} is missing from the store", c.short())))?;
+                off += l.raw_length as u64;
+            }
+        }
+        offsets.push(off);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().insert(
+            fh,
+            Arc::new(Open {
+                ino,
+                content: node.content.clone(),
+                offsets,
+                next: Mutex::new((0, 1)),
+            }),
+        );
+        Ok(fh)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.write().remove(&fh);
+    }
+
+    /// Read up to `size` bytes at `offset`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handles.read().get(&fh).cloned().ok_or(Error::BadHandle)?;
+        let end_of_file = *h.offsets.last().expect("at least the end offset");
+        if offset >= end_of_file || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (offset + size as u64).min(end_of_file);
+        // The chunk holding `offset`.
+        let first = h.offsets.partition_point(|&o| o <= offset) - 1;
+        // Sequential? Grow the prefetch window (up to 16 chunks ahead); random: reset it.
+        let window = {
+            let mut n = h.next.lock();
+            let w = if n.0 == offset { (n.1 * 2).min(16) } else { 1 };
+            *n = (end, w);
+            w
+        };
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut i = first;
+        while i < h.content.len() && h.offsets[i] < end {
+            // Start the fetches ahead before waiting on this one.
+            for k in i + 1..(i + 1 + window).min(h.content.len()) {
+                self.cache.prefetch(h.content[k]);
+            }
+            let c = self
+                .cache
+                .get(&h.content[i])
+                .map_err(|e| self.io_error(h.ino, e))?;
+            let cs = h.offsets[i];
+            let from = offset.max(cs) - cs;
+            let to = (end.min(h.offsets[i + 1]) - cs) as usize;
+            if to > c.len() {
+                return Err(self.io_error(h.ino, "chunk is shorter than the index says".into()));
+            }
+            out.extend_from_slice(&c[from as usize..to]);
+            i += 1;
+        }
+        Ok(out)
+    }
+
+    fn node(&self, ino: u64) -> Result<Arc<Node>> {
+        match &self.inode(ino)?.what {
+            What::Node { node, .. } => Ok(node.clone()),
+            _ => Err(Error::NoXattr),
+        }
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let n = match self.node(ino) {
+            Ok(n) => n,
+            Err(_) => return Err(Error::NoXattr),
+        };
+        n.xattrs
+            .iter()
+            .find(|x| x.name == name)
+            .map(|x| x.value.clone())
+            .ok_or(Error::NoXattr)
+    }
+
+    /// Attribute names, each followed by a NUL, as listxattr returns them.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        if let Ok(n) = self.node(ino) {
+            for x in &n.xattrs {
+                out.extend_from_slice(&x.name);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// (total blocks of 4 KiB, files) for statfs.
+    pub fn statfs(&self) -> (u64, u64) {
+        let idx = self.store.index();
+        let bytes: u64 = idx.iter().map(|(_, l)| l.raw_length as u64).sum();
+        (bytes.div_ceil(4096), idx.blob_count() as u64)
+    }
+
+    /// How long the kernel may cache entries and attributes of this inode.
+    pub fn ttl(&self, ino: u64) -> Duration {
+        match self.inodes.read().get(&ino).map(|i| &i.what) {
+            Some(What::Node { .. }) if ino != ROOT || !self.whole_store => Duration::from_secs(86_400),
+            _ => Duration::from_secs(1),
+        }
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::backup::{BackupOptions, Progress};
+
+    fn fixture() -> (tempfile::TempDir, Arc<Store>, Arc<crate::store::MemBackend>) {
+        let src = tempfile::tempdir().unwrap();
+        let d = src.path();
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        std::fs::write(d.join("a/b/small.txt"), b"hello").unwrap();
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        std::fs::write(d.join("big.bin"), &big).unwrap();
+        std::fs::hard_link(d.join("big.bin"), d.join("big-link.bin")).unwrap();
+        std::os::unix::fs::symlink("a/b/small.txt", d.join("ln")).unwrap();
+        let _ = xattr::set(d.join("a/b/small.txt"), "user.k", b"v");
+        let mem = Arc::new(crate::store::MemBackend::new());
+        let opts = crate::store::CreateOptions {
+            kdf: crate::store::crypto::KdfParams { m_kib: 64, t: 1, p: 1 },
+            ..Default::default()
+        };
+        let store = Arc::new(Store::create(mem.clone(), &opts, &|_| Ok(b"t".to_vec())).unwrap());
+        let source = crate::store::LocalSource::new(d).unwrap();
+        let bo = BackupOptions {
+            tags: vec!["t1".into()],
+            ..Default::default()
+        };
+        crate::store::backup::run(&store, &source, &bo, &Progress::default()).unwrap();
+        store.load_index().unwrap();
+        (src, store, mem)
+    }
+
+    fn walk(fs: &SnapshotFs, mut ino: u64, path: &[u8]) -> Attr {
+        let mut a = fs.getattr(ino).unwrap();
+        for c in crate::store::tree::components(path) {
+            a = fs.lookup(ino, c).unwrap();
+            ino = a.ino;
+        }
+        a
+    }
+
+    #[test]
+    fn whole_store_layout_and_reads() {
+        let (src, store, _mem) = fixture();
+        let fs = SnapshotFs::new(store.clone(), MountConfig { cache_bytes: 64 << 20, root: None }).unwrap();
+        let (_, root) = fs.readdir(ROOT).unwrap();
+        let names: Vec<_> = root.iter().map(|e| String::from_utf8_lossy(&e.name).into_owned()).collect();
+        assert!(names.contains(&"latest".to_string()));
+        assert!(names.contains(&"by-time".to_string()));
+        let id = names.iter().find(|n| n.len() == 8).unwrap().clone();
+        let latest = fs.lookup(ROOT, b"latest").unwrap();
+        assert_eq!(fs.readlink(latest.ino).unwrap(), id.as_bytes());
+        let tagdir = walk(&fs, ROOT, b"by-tag/t1");
+        let (_, tagged) = fs.readdir(tagdir.ino).unwrap();
+        assert_eq!(tagged.len(), 1);
+
+        let base = format!("{id}{}", src.path().display());
+        let small = walk(&fs, ROOT, format!("{base}/a/b/small.txt").as_bytes());
+        assert_eq!(small.size, 5);
+        let fh = fs.open(small.ino).unwrap();
+        assert_eq!(fs.read(fh, 0, 100).unwrap(), b"hello");
+        assert_eq!(fs.read(fh, 2, 2).unwrap(), b"ll");
+        assert_eq!(fs.read(fh, 10, 2).unwrap(), b"");
+        fs.release(fh);
+        if !small.kind.eq(&NodeKind::Dir) {
+            let x = fs.getxattr(small.ino, b"user.k");
+            if let Ok(v) = x {
+                assert_eq!(v, b"v");
+                assert_eq!(fs.listxattr(small.ino).unwrap(), b"user.k\0");
+            }
+        }
+        assert!(matches!(fs.getxattr(small.ino, b"user.none"), Err(Error::NoXattr)));
+
+        // Big file, read in odd-sized pieces across chunk boundaries.
+        let big = walk(&fs, ROOT, format!("{base}/big.bin").as_bytes());
+        let want = std::fs::read(src.path().join("big.bin")).unwrap();
+        let fh = fs.open(big.ino).unwrap();
+        let mut got = Vec::new();
+        let mut off = 0;
+        while off < want.len() as u64 {
+            let b = fs.read(fh, off, 131_071).unwrap();
+            assert!(!b.is_empty());
+            off += b.len() as u64;
+            got.extend(b);
+        }
+        assert_eq!(got, want);
+        // Hard links share one inode.
+        let link = walk(&fs, ROOT, format!("{base}/big-link.bin").as_bytes());
+        assert_eq!(link.ino, big.ino);
+        assert_eq!(link.nlink, 2);
+        let ln = walk(&fs, ROOT, format!("{base}/ln").as_bytes());
+        assert_eq!(fs.readlink(ln.ino).unwrap(), b"a/b/small.txt");
+        assert!(matches!(fs.lookup(ROOT, b"nope"), Err(Error::NotFound)));
+        assert!(matches!(fs.open(ROOT), Err(Error::IsDir)));
+    }
+
+    #[test]
+    fn sub_path_mount_and_damage_is_eio() {
+        let (_src, store, mem) = fixture();
+        let snap = store.resolve_snapshot("latest").unwrap();
+        let path = crate::store::tree::join(&snap.snap.path, b"a");
+        let fs = SnapshotFs::new(store.clone(), MountConfig { cache_bytes: 1 << 20, root: Some((snap, path)) }).unwrap();
+        let f = walk(&fs, ROOT, b"b/small.txt");
+        assert_eq!(f.size, 5);
+        // Damage every data blob: reads fail with EIO, metadata still works.
+        let damaged: Vec<(String, u32, u32)> = {
+            let idx = store.index();
+            idx.iter()
+                .filter(|(_, l)| l.kind == BlobKind::Data)
+                .map(|(_, l)| (idx.pack_name(l.pack).to_string(), l.offset, l.length))
+                .collect()
+        };
+        for (pack, off, len) in damaged {
+            mem.tamper(crate::store::FileType::Pack, &pack, |b| b[(off + len / 2) as usize] ^= 1);
+        }
+        let fh = fs.open(f.ino).unwrap();
+        let r = fs.read(fh, 0, 10);
+        assert!(matches!(r, Err(Error::Io(_))), "{r:?}");
+        assert_eq!(r.unwrap_err().errno(), libc::EIO);
+        assert_eq!(walk(&fs, ROOT, b"b").kind, NodeKind::Dir);
+    }
+}
