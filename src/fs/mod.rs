@@ -435,6 +435,9 @@ impl SnapshotFs {
     }
 
     fn blocks(&self, node: &Node) -> u64 {
+        if node.blocks > 0 || node.size == 0 {
+            return node.blocks;
+        }
         let idx = self.store.index();
         let bytes: u64 = node
             .content

@@ -48,6 +48,8 @@ pub fn node_from_stat(name: Vec<u8>, st: &ssh2::FileStat) -> Option<Node> {
         nsec: 0,
     };
     n.ctime = n.mtime;
+    // SFTP v3 does not report allocated blocks.
+    n.blocks = n.size.div_ceil(512);
     Some(n)
 }
 

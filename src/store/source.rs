@@ -131,6 +131,7 @@ pub fn local_node(path: &Path, name: Vec<u8>) -> Result<Node> {
     n.inode = m.ino();
     n.nlink = m.nlink();
     n.rdev = m.rdev();
+    n.blocks = m.blocks();
     n.size = if kind == NodeKind::Dir { 0 } else { m.size() };
     if kind == NodeKind::Symlink {
         n.target = fs::read_link(path).at(path)?.into_os_string().into_vec();

@@ -106,6 +106,9 @@ pub struct Node {
     pub content: Vec<BlobId>,
     /// The tree of a directory.
     pub subtree: Option<BlobId>,
+    /// 512-byte blocks allocated on the source (`st_blocks`), so mounts report sparse files
+    /// as sparse.
+    pub blocks: u64,
 }
 
 impl Node {
@@ -130,6 +133,7 @@ impl Node {
             xattrs: Vec::new(),
             content: Vec::new(),
             subtree: None,
+            blocks: 0,
         }
     }
 
