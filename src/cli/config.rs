@@ -359,7 +359,13 @@ pub fn check_location(kind: Kind, loc: &str) -> anyhow::Result<String> {
         return Ok(loc.to_string());
     }
     let cwd = std::env::current_dir().context("the current directory")?;
-    Ok(cwd.join(p).to_string_lossy().into_owned())
+    // `./x` → `CWD/x`; `..` is kept, as only the filesystem knows what it means past a symlink.
+    let abs: PathBuf = cwd
+        .join(p)
+        .components()
+        .filter(|c| *c != std::path::Component::CurDir)
+        .collect();
+    Ok(abs.to_string_lossy().into_owned())
 }
 
 /// Canonical spelling of a key (the SFTP options accept a few aliases).

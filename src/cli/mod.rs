@@ -385,17 +385,15 @@ pub fn normalise_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> 
             out.push(a);
             continue;
         }
-        if let Some(s) = a.to_str() {
-            if let Some(body) = s.strip_prefix('-') {
-                if !body.starts_with('-') && body.len() > 1 {
+        if let Some(s) = a.to_str()
+            && let Some(body) = s.strip_prefix('-')
+                && !body.starts_with('-') && body.len() > 1 {
                     let name = body.split('=').next().unwrap_or("");
                     if longs.contains(name) {
                         out.push(format!("-{s}").into());
                         continue;
                     }
                 }
-            }
-        }
         out.push(a);
     }
     out
@@ -425,7 +423,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 
 fn connector_kind(e: &sftp::Error) -> ErrorKind {
     match e {
-        sftp::Error::UnknownHostKey { .. } | sftp::Error::ChangedHostKey { .. } => {
+        sftp::Error::UnknownHostKey(_) | sftp::Error::ChangedHostKey(_) => {
             ErrorKind::HostKey
         }
         sftp::Error::Connect(..) | sftp::Error::Auth(..) => ErrorKind::Unreachable,

@@ -265,12 +265,11 @@ impl SnapshotFs {
         if let Some(&ino) = names.get(&key) {
             return ino;
         }
-        if let Some(k) = link_key {
-            if let Some(&ino) = self.links.lock().get(&k) {
+        if let Some(k) = link_key
+            && let Some(&ino) = self.links.lock().get(&k) {
                 names.insert(key, ino);
                 return ino;
             }
-        }
         let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
         self.inodes.write().insert(
             ino,

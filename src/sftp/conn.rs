@@ -271,14 +271,30 @@ fn check_host_key(sess: &Session, t: &Target) -> Result<(), Error> {
         }
     }
     let entry = t.known_hosts_entry();
-    match kh.check_port(&t.hostname, t.port, key) {
-        CheckResult::Match => Ok(()),
-        CheckResult::Mismatch => Err(Error::ChangedHostKey {
+    let info = || {
+        Box::new(super::HostKeyInfo {
             host: entry.clone(),
             keytype: keytype_name(ktype).into(),
-            fingerprint: fp,
-            entry,
-        }),
+            fingerprint: fp.clone(),
+            keyscan: if t.port == 22 {
+                t.hostname.clone()
+            } else {
+                format!("-p {} {}", t.port, t.hostname)
+            },
+            known_hosts: t.known_hosts[0]
+                .display()
+                .to_string()
+                .replace(&home().display().to_string(), "~"),
+            sftp: if t.port == 22 {
+                format!("{}@{}", t.user, t.alias)
+            } else {
+                format!("-P {} {}@{}", t.port, t.user, t.alias)
+            },
+        })
+    };
+    match kh.check_port(&t.hostname, t.port, key) {
+        CheckResult::Match => Ok(()),
+        CheckResult::Mismatch => Err(Error::ChangedHostKey(info())),
         CheckResult::NotFound | CheckResult::Failure => match t.strict {
             Strict::No => Ok(()),
             Strict::AcceptNew => {
@@ -303,25 +319,7 @@ fn check_host_key(sess: &Session, t: &Target) -> Result<(), Error> {
                     })?;
                 Ok(())
             }
-            Strict::Yes => Err(Error::UnknownHostKey {
-                host: entry,
-                keytype: keytype_name(ktype).into(),
-                fingerprint: fp,
-                keyscan: if t.port == 22 {
-                    t.hostname.clone()
-                } else {
-                    format!("-p {} {}", t.port, t.hostname)
-                },
-                known_hosts: t.known_hosts[0]
-                    .display()
-                    .to_string()
-                    .replace(&home().display().to_string(), "~"),
-                sftp: if t.port == 22 {
-                    format!("{}@{}", t.user, t.alias)
-                } else {
-                    format!("-P {} {}@{}", t.port, t.user, t.alias)
-                },
-            }),
+            Strict::Yes => Err(Error::UnknownHostKey(info())),
         },
     }
 }

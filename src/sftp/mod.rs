@@ -34,25 +34,15 @@ pub enum Error {
     #[error("cannot connect to {0}: {1}")]
     Connect(String, String),
     #[error(
-        "the host key of {host} is not known (it is {keytype} {fingerprint}); if that fingerprint is right, record it with `ssh-keyscan {keyscan} >> {known_hosts}` or connect once with `sftp {sftp}`; nothing was sent"
+        "the host key of {} is not known (it is {} {}); if that fingerprint is right, record it with `ssh-keyscan {} >> {}` or connect once with `sftp {}`; nothing was sent",
+        .0.host, .0.keytype, .0.fingerprint, .0.keyscan, .0.known_hosts, .0.sftp
     )]
-    UnknownHostKey {
-        host: String,
-        keytype: String,
-        fingerprint: String,
-        keyscan: String,
-        known_hosts: String,
-        sftp: String,
-    },
+    UnknownHostKey(Box<HostKeyInfo>),
     #[error(
-        "WARNING: THE HOST KEY OF {host} HAS CHANGED (it is now {keytype} {fingerprint}): someone may be intercepting the connection, or the server was reinstalled; refusing to connect. If the change is expected, remove the old key with `ssh-keygen -R '{entry}'` and record the new one"
+        "WARNING: THE HOST KEY OF {} HAS CHANGED (it is now {} {}): someone may be intercepting the connection, or the server was reinstalled; refusing to connect. If the change is expected, remove the old key with `ssh-keygen -R '{}'` and record the new one",
+        .0.host, .0.keytype, .0.fingerprint, .0.host
     )]
-    ChangedHostKey {
-        host: String,
-        keytype: String,
-        fingerprint: String,
-        entry: String,
-    },
+    ChangedHostKey(Box<HostKeyInfo>),
     #[error("authentication to {0} failed: {1}")]
     Auth(String, String),
     #[error("{0}: {1}")]
@@ -63,12 +53,26 @@ impl From<Error> for crate::store::Error {
     fn from(e: Error) -> Self {
         use crate::store::ErrorKind;
         let kind = match &e {
-            Error::UnknownHostKey { .. } | Error::ChangedHostKey { .. } => ErrorKind::HostKey,
+            Error::UnknownHostKey(_) | Error::ChangedHostKey(_) => ErrorKind::HostKey,
             Error::Connect(..) | Error::Auth(..) => ErrorKind::Unreachable,
             _ => ErrorKind::Other,
         };
         crate::store::Error::Connector(e.to_string(), kind)
     }
+}
+
+/// What a host key error reports.
+#[derive(Debug)]
+pub struct HostKeyInfo {
+    /// The known_hosts entry name: `host` or `[host]:port`.
+    pub host: String,
+    pub keytype: String,
+    pub fingerprint: String,
+    /// Arguments for ssh-keyscan, e.g. `-p 2222 host`.
+    pub keyscan: String,
+    pub known_hosts: String,
+    /// Arguments for sftp, e.g. `-P 2222 user@host`.
+    pub sftp: String,
 }
 
 /// A parsed `sftp://` location.
@@ -266,11 +270,10 @@ fn transient_code(c: ssh2::ErrorCode) -> bool {
 /// Is this failure worth a reconnect and a retry?
 pub(crate) fn transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    if let Some(se) = e.get_ref().and_then(|i| i.downcast_ref::<ssh2::Error>()) {
-        if transient_code(se.code()) {
+    if let Some(se) = e.get_ref().and_then(|i| i.downcast_ref::<ssh2::Error>())
+        && transient_code(se.code()) {
             return true;
         }
-    }
     matches!(
         e.kind(),
         ConnectionReset | ConnectionAborted | BrokenPipe | TimedOut | UnexpectedEof | NotConnected

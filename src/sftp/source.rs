@@ -154,12 +154,11 @@ impl RemoteReader {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotConnected, e.to_string()))?;
         match c.sftp.open(&self.path) {
             Ok(mut f) => {
-                if self.pos > 0 {
-                    if let Err(e) = f.seek(SeekFrom::Start(self.pos)) {
+                if self.pos > 0
+                    && let Err(e) = f.seek(SeekFrom::Start(self.pos)) {
                         self.pool.give_up(c);
                         return Err(e);
                     }
-                }
                 self.open = Some((c, f));
                 Ok(())
             }

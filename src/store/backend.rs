@@ -335,7 +335,7 @@ impl Backend for MemBackend {
     }
     fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         let all = self.read(t, name)?;
-        let end = offset.checked_add(len).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(len);
         if end > all.len() as u64 {
             return Err(Error::io(
                 t.path(name),

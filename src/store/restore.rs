@@ -291,11 +291,10 @@ pub fn run(
         }
     }
     for e in entries.iter().rev() {
-        if e.node.kind == NodeKind::Dir && (!e.rel.is_empty() || created_root) {
-            if let Err(err) = dest.set_metadata(&e.rel, &e.node) {
+        if e.node.kind == NodeKind::Dir && (!e.rel.is_empty() || created_root)
+            && let Err(err) = dest.set_metadata(&e.rel, &e.node) {
                 report.errors.push((e.rel.clone(), err.to_string()));
             }
-        }
     }
     report.bytes = progress.bytes.load(Ordering::Relaxed);
     Ok(report)

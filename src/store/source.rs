@@ -138,8 +138,8 @@ pub fn local_node(path: &Path, name: Vec<u8>) -> Result<Node> {
         n.size = n.target.len() as u64;
     }
     // Extended attributes: a filesystem without them is not an error.
-    if kind != NodeKind::Symlink || cfg!(target_os = "linux") {
-        if let Ok(names) = xattr::list(path) {
+    if (kind != NodeKind::Symlink || cfg!(target_os = "linux"))
+        && let Ok(names) = xattr::list(path) {
             for name in names {
                 if let Ok(Some(value)) = xattr::get(path, &name) {
                     n.xattrs.push(Xattr {
@@ -150,7 +150,6 @@ pub fn local_node(path: &Path, name: Vec<u8>) -> Result<Node> {
             }
             n.xattrs.sort_by(|a, b| a.name.cmp(&b.name));
         }
-    }
     Ok(n)
 }
 

@@ -242,11 +242,10 @@ impl Copier<'_> {
             if same_but_ids != *b {
                 return Ok(false);
             }
-            if let (Some(x), Some(y)) = (a.subtree, b.subtree) {
-                if !self.zip(x, y)? {
+            if let (Some(x), Some(y)) = (a.subtree, b.subtree)
+                && !self.zip(x, y)? {
                     return Ok(false);
                 }
-            }
             learned.extend(a.content.iter().copied().zip(b.content.iter().copied()));
         }
         {
