@@ -66,7 +66,12 @@ impl Mounted {
         while !is_mounted(point) {
             if let Some(st) = child.try_wait().unwrap() {
                 let mut err = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
                 panic!("kloset mount exited early ({st}): {err}");
             }
             assert!(Instant::now() < deadline, "mount did not appear");
@@ -140,12 +145,21 @@ fn source_tree(root: &Path) {
     f.set_len(8 << 20).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(&[7u8; 4096], 4 << 20).unwrap();
-    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    nix::unistd::mkfifo(
+        &root.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
     let _ = xattr::set(root.join("www/index.html"), "user.note", b"kept");
     // ns mtimes.
     let t = fs::FileTimes::new()
         .set_modified(std::time::UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789));
-    fs::File::options().write(true).open(root.join("www/css/a.css")).unwrap().set_times(t).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(root.join("www/css/a.css"))
+        .unwrap()
+        .set_times(t)
+        .unwrap();
 }
 
 #[derive(Debug, PartialEq)]
@@ -188,12 +202,19 @@ fn scan(root: &Path) -> BTreeMap<PathBuf, (Meta, u64, u64)> {
                 uid: m.uid(),
                 gid: m.gid(),
                 size: if ft.is_dir() { 0 } else { m.size() },
-                mtime: if ft.is_symlink() { (0, 0) } else { (m.mtime(), m.mtime_nsec()) },
+                mtime: if ft.is_symlink() {
+                    (0, 0)
+                } else {
+                    (m.mtime(), m.mtime_nsec())
+                },
                 content: ft.is_file().then(|| fs::read(&p).unwrap()),
                 target: ft.is_symlink().then(|| fs::read_link(&p).unwrap()),
                 xattrs,
             };
-            out.insert(p.strip_prefix(root).unwrap().to_path_buf(), (meta, m.ino(), m.nlink()));
+            out.insert(
+                p.strip_prefix(root).unwrap().to_path_buf(),
+                (meta, m.ino(), m.nlink()),
+            );
         }
     }
     out
@@ -214,7 +235,11 @@ fn assert_same(src: &Path, mounted: &Path) {
     assert_eq!((n1, n2), (2, 2));
     // The sparse file reads zeros and reports few blocks.
     let sp = fs::symlink_metadata(mounted.join("sparse")).unwrap();
-    assert!(sp.blocks() < 4096, "st_blocks of a sparse file: {}", sp.blocks());
+    assert!(
+        sp.blocks() < 4096,
+        "st_blocks of a sparse file: {}",
+        sp.blocks()
+    );
 }
 
 fn setup() -> (tempfile::TempDir, PathBuf, String, String) {
@@ -229,7 +254,14 @@ fn setup() -> (tempfile::TempDir, PathBuf, String, String) {
     c.args(["at", &store, "create"]);
     ok(c);
     let mut c = kloset(&home);
-    c.args(["at", &store, "backup", "-tag", "daily", src.to_str().unwrap()]);
+    c.args([
+        "at",
+        &store,
+        "backup",
+        "-tag",
+        "daily",
+        src.to_str().unwrap(),
+    ]);
     let id = ok(c).trim().to_string();
     (t, src, store, id)
 }
@@ -260,7 +292,12 @@ fn mount_local_store_whole_and_sub_path() {
 
     // cp out is a partial restore.
     let out = t.path().join("out");
-    let st = Command::new("cp").arg("-a").arg(in_mount.join("www")).arg(&out).status().unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(in_mount.join("www"))
+        .arg(&out)
+        .status()
+        .unwrap();
     assert!(st.success());
     assert_eq!(fs::read(out.join("index.html")).unwrap(), b"<h1>hi</h1>\n");
 
@@ -274,7 +311,10 @@ fn mount_local_store_whole_and_sub_path() {
         })
         .collect();
     for r in readers {
-        assert!(r.join().unwrap() == want, "a concurrent reader got other bytes");
+        assert!(
+            r.join().unwrap() == want,
+            "a concurrent reader got other bytes"
+        );
     }
 
     // Writes are refused.
@@ -295,7 +335,10 @@ fn mount_local_store_whole_and_sub_path() {
         assert!(Instant::now() < deadline, "new snapshot did not appear");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let p2 = mnt.join(&id2).join(src.strip_prefix("/").unwrap()).join("www/new.html");
+    let p2 = mnt
+        .join(&id2)
+        .join(src.strip_prefix("/").unwrap())
+        .join("www/new.html");
     assert_eq!(fs::read(p2).unwrap(), b"new");
 
     // SIGTERM unmounts and exits 0.
@@ -421,15 +464,24 @@ fn mount_sftp_store() {
     let url = sshd.alias_url(&remote);
     let run = |args: &[&str]| {
         let out = sshd.cmd(bin()).args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     run(&["at", &url, "create"]);
-    let id = run(&["at", &url, "backup", src.to_str().unwrap()]).trim().to_string();
+    let id = run(&["at", &url, "backup", src.to_str().unwrap()])
+        .trim()
+        .to_string();
     let mnt = t.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let mut c = sshd.cmd(bin());
-    c.args(["at", &url, "mount"]).arg(&mnt).stdout(Stdio::null()).stderr(Stdio::null());
+    c.args(["at", &url, "mount"])
+        .arg(&mnt)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let child = c.spawn().unwrap();
     let m = {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -445,7 +497,10 @@ fn mount_sftp_store() {
     assert_same(&src, &mnt.join(&id).join(src.strip_prefix("/").unwrap()));
     // A dropped connection is reconnected and the read retried.
     sshd.kill_connections();
-    let again = mnt.join(&id).join(src.strip_prefix("/").unwrap()).join("www/css/a.css");
+    let again = mnt
+        .join(&id)
+        .join(src.strip_prefix("/").unwrap())
+        .join("www/css/a.css");
     assert_eq!(fs::read(again).unwrap(), b"a{}\n");
     assert!(m.stop().success());
 }

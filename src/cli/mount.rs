@@ -46,7 +46,10 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         }
         None => (s, 1),
     };
-    let n: f64 = num.trim().parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {s:?}"))?;
     let bytes = (n * mult as f64) as usize;
     if bytes < (1 << 20) {
         return Err(format!("cache size {s:?} is too small (at least 1M)"));
@@ -55,12 +58,15 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 fn is_mountpoint(p: &Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(p) else { return false };
+    let Ok(canon) = std::fs::canonicalize(p) else {
+        return false;
+    };
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
     let want = canon.to_string_lossy().replace(' ', "\\040");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
@@ -76,19 +82,29 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         (Some(to), [s]) => (Some(s.clone()), to),
         (None, [m]) => (None, PathBuf::from(m)),
         (None, [s, m]) => (Some(s.clone()), PathBuf::from(m)),
-        (None, []) => anyhow::bail!("mount needs a mountpoint: kloset at STORE mount [SNAP[:PATH]] MOUNTPOINT"),
+        (None, []) => anyhow::bail!(
+            "mount needs a mountpoint: kloset at STORE mount [SNAP[:PATH]] MOUNTPOINT"
+        ),
         _ => anyhow::bail!("too many arguments: kloset at STORE mount [SNAP[:PATH]] MOUNTPOINT"),
     };
     if !Path::new("/dev/fuse").exists() {
-        anyhow::bail!("/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3");
+        anyhow::bail!(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3"
+        );
     }
     match std::fs::metadata(&mountpoint) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => anyhow::bail!("mountpoint {} is not a directory", mountpoint.display()),
-        Err(_) => anyhow::bail!("mountpoint {} does not exist: create it with mkdir", mountpoint.display()),
+        Err(_) => anyhow::bail!(
+            "mountpoint {} does not exist: create it with mkdir",
+            mountpoint.display()
+        ),
     }
     if is_mountpoint(&mountpoint) {
-        anyhow::bail!("mountpoint {} is busy: something is already mounted there (umount it first)", mountpoint.display());
+        anyhow::bail!(
+            "mountpoint {} is busy: something is already mounted there (umount it first)",
+            mountpoint.display()
+        );
     }
     let store = Arc::new(ctx.open()?);
     let root = match snap {
@@ -96,10 +112,14 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         Some(spec) => {
             let (s, p) = split_snap(&spec);
             let e = store.resolve_snapshot(s)?;
-            let path = p.map(|p| p.as_bytes().to_vec()).unwrap_or_else(|| e.snap.path.clone());
+            let path = p
+                .map(|p| p.as_bytes().to_vec())
+                .unwrap_or_else(|| e.snap.path.clone());
             let node = store.lookup(&e, &path)?;
             if node.kind != crate::store::tree::NodeKind::Dir {
-                anyhow::bail!("{spec} is not a directory: mount a directory, or use cat or restore for a file");
+                anyhow::bail!(
+                    "{spec} is not a directory: mount a directory, or use cat or restore for a file"
+                );
             }
             Some((e, path))
         }
@@ -123,14 +143,17 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     ]);
     if a.allow_other {
         cfg.acl = fuser::SessionACL::All;
-        cfg.mount_options.push(fuser::MountOption::DefaultPermissions);
+        cfg.mount_options
+            .push(fuser::MountOption::DefaultPermissions);
     }
     cfg.n_threads = Some(4);
     cfg.clone_fd = true;
 
     let session = fuser::Session::new(Fuse { fs }, &mountpoint, &cfg).map_err(|e| {
         let hint = match e.kind() {
-            std::io::ErrorKind::PermissionDenied => " (no permission: run as root, or install fuse3 for fusermount3)",
+            std::io::ErrorKind::PermissionDenied => {
+                " (no permission: run as root, or install fuse3 for fusermount3)"
+            }
             _ => "",
         };
         anyhow::anyhow!("cannot mount on {}: {e}{hint}", mountpoint.display())

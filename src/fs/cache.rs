@@ -56,10 +56,12 @@ impl ChunkCache {
             let idx = store.index();
             for (id, loc) in idx.iter() {
                 if loc.kind == crate::store::format::BlobKind::Data {
-                    by_pack
-                        .entry(loc.pack)
-                        .or_default()
-                        .push((loc.offset, loc.length, loc.raw_length, *id));
+                    by_pack.entry(loc.pack).or_default().push((
+                        loc.offset,
+                        loc.length,
+                        loc.raw_length,
+                        *id,
+                    ));
                 }
             }
         }
@@ -171,7 +173,11 @@ impl ChunkCache {
         }
         // A small blob: read the contiguous run of small blobs from here in one request.
         let Some(blobs) = self.by_pack.get(&loc.pack) else {
-            return self.store.read_blob(id).map(Arc::new).map_err(|e| e.to_string());
+            return self
+                .store
+                .read_blob(id)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
         };
         let start = blobs.partition_point(|b| b.0 < loc.offset);
         let mut end = start;
@@ -184,7 +190,11 @@ impl ChunkCache {
             end += 1;
         }
         if end <= start + 1 {
-            return self.store.read_blob(id).map(Arc::new).map_err(|e| e.to_string());
+            return self
+                .store
+                .read_blob(id)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
         }
         let last = blobs[end - 1];
         let len = last.0 as u64 + last.1 as u64 - base;

@@ -182,7 +182,13 @@ impl Filesystem for Fuse {
         }
     }
 
-    fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: fuser::ReplyEmpty) {
+    fn access(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        mask: fuser::AccessFlags,
+        reply: fuser::ReplyEmpty,
+    ) {
         if mask.bits() & libc::W_OK != 0 {
             reply.error(Errno::EROFS);
         } else {

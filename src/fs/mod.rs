@@ -222,7 +222,10 @@ impl SnapshotFs {
             }
             *r = Some(Instant::now());
         }
-        let (list, _) = self.store.snapshots().map_err(|e| Error::Io(e.to_string()))?;
+        let (list, _) = self
+            .store
+            .snapshots()
+            .map_err(|e| Error::Io(e.to_string()))?;
         let mut snaps = self.snaps.write();
         let new: Vec<_> = list
             .into_iter()
@@ -233,7 +236,9 @@ impl SnapshotFs {
         }
         // New snapshots may reference packs this process has not indexed yet.
         if !force {
-            self.store.load_index().map_err(|e| Error::Io(e.to_string()))?;
+            self.store
+                .load_index()
+                .map_err(|e| Error::Io(e.to_string()))?;
         }
         snaps.extend(new);
         snaps.sort_by(|a, b| (a.snap.time, &a.id).cmp(&(b.snap.time, &b.id)));
@@ -266,10 +271,11 @@ impl SnapshotFs {
             return ino;
         }
         if let Some(k) = link_key
-            && let Some(&ino) = self.links.lock().get(&k) {
-                names.insert(key, ino);
-                return ino;
-            }
+            && let Some(&ino) = self.links.lock().get(&k)
+        {
+            names.insert(key, ino);
+            return ino;
+        }
         let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
         self.inodes.write().insert(
             ino,
@@ -324,10 +330,22 @@ impl SnapshotFs {
                     ));
                 }
                 if let Some(last) = snaps.last() {
-                    raw.push((b"latest".to_vec(), What::Link(Self::short_snap_name(last)), NodeKind::Symlink));
+                    raw.push((
+                        b"latest".to_vec(),
+                        What::Link(Self::short_snap_name(last)),
+                        NodeKind::Symlink,
+                    ));
                 }
-                raw.push((b"by-time".to_vec(), What::Virtual(b"by-time".to_vec()), NodeKind::Dir));
-                raw.push((b"by-tag".to_vec(), What::Virtual(b"by-tag".to_vec()), NodeKind::Dir));
+                raw.push((
+                    b"by-time".to_vec(),
+                    What::Virtual(b"by-time".to_vec()),
+                    NodeKind::Dir,
+                ));
+                raw.push((
+                    b"by-tag".to_vec(),
+                    What::Virtual(b"by-tag".to_vec()),
+                    NodeKind::Dir,
+                ));
             }
             What::Virtual(v) if v == b"by-time" => {
                 for s in self.snaps.read().iter() {
@@ -357,7 +375,12 @@ impl SnapshotFs {
             }
             What::Virtual(v) => {
                 let tag = String::from_utf8_lossy(&v[b"by-tag/".len()..]).into_owned();
-                for s in self.snaps.read().iter().filter(|s| s.snap.tags.contains(&tag)) {
+                for s in self
+                    .snaps
+                    .read()
+                    .iter()
+                    .filter(|s| s.snap.tags.contains(&tag))
+                {
                     let mut target = b"../../".to_vec();
                     target.extend(Self::short_snap_name(s));
                     let mut name = Self::time_name(s);
@@ -521,7 +544,12 @@ impl SnapshotFs {
                 let l = idx
                     .get(c)
                     .filter(|l| l.kind == BlobKind::Data)
-                    .ok_or_else(|| self.io_error(ino, format!("chunk {} is missing from the store", c.short())))?;
+                    .ok_or_else(|| {
+                        self.io_error(
+                            ino,
+                            format!("chunk {} is missing from the store", c.short()),
+                        )
+                    })?;
                 off += l.raw_length as u64;
             }
         }
@@ -545,7 +573,12 @@ impl SnapshotFs {
 
     /// Read up to `size` bytes at `offset`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let h = self.handles.read().get(&fh).cloned().ok_or(Error::BadHandle)?;
+        let h = self
+            .handles
+            .read()
+            .get(&fh)
+            .cloned()
+            .ok_or(Error::BadHandle)?;
         let end_of_file = *h.offsets.last().expect("at least the end offset");
         if offset >= end_of_file || size == 0 {
             return Ok(Vec::new());
@@ -624,7 +657,9 @@ impl SnapshotFs {
     /// How long the kernel may cache entries and attributes of this inode.
     pub fn ttl(&self, ino: u64) -> Duration {
         match self.inodes.read().get(&ino).map(|i| &i.what) {
-            Some(What::Node { .. }) if ino != ROOT || !self.whole_store => Duration::from_secs(86_400),
+            Some(What::Node { .. }) if ino != ROOT || !self.whole_store => {
+                Duration::from_secs(86_400)
+            }
             _ => Duration::from_secs(1),
         }
     }
@@ -644,14 +679,20 @@ mod tests {
         let d = src.path();
         std::fs::create_dir_all(d.join("a/b")).unwrap();
         std::fs::write(d.join("a/b/small.txt"), b"hello").unwrap();
-        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        let big: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
         std::fs::write(d.join("big.bin"), &big).unwrap();
         std::fs::hard_link(d.join("big.bin"), d.join("big-link.bin")).unwrap();
         std::os::unix::fs::symlink("a/b/small.txt", d.join("ln")).unwrap();
         let _ = xattr::set(d.join("a/b/small.txt"), "user.k", b"v");
         let mem = Arc::new(crate::store::MemBackend::new());
         let opts = crate::store::CreateOptions {
-            kdf: crate::store::crypto::KdfParams { m_kib: 64, t: 1, p: 1 },
+            kdf: crate::store::crypto::KdfParams {
+                m_kib: 64,
+                t: 1,
+                p: 1,
+            },
             ..Default::default()
         };
         let store = Arc::new(Store::create(mem.clone(), &opts, &|_| Ok(b"t".to_vec())).unwrap());
@@ -677,9 +718,19 @@ mod tests {
     #[test]
     fn whole_store_layout_and_reads() {
         let (src, store, _mem) = fixture();
-        let fs = SnapshotFs::new(store.clone(), MountConfig { cache_bytes: 64 << 20, root: None }).unwrap();
+        let fs = SnapshotFs::new(
+            store.clone(),
+            MountConfig {
+                cache_bytes: 64 << 20,
+                root: None,
+            },
+        )
+        .unwrap();
         let (_, root) = fs.readdir(ROOT).unwrap();
-        let names: Vec<_> = root.iter().map(|e| String::from_utf8_lossy(&e.name).into_owned()).collect();
+        let names: Vec<_> = root
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .collect();
         assert!(names.contains(&"latest".to_string()));
         assert!(names.contains(&"by-time".to_string()));
         let id = names.iter().find(|n| n.len() == 8).unwrap().clone();
@@ -704,7 +755,10 @@ mod tests {
                 assert_eq!(fs.listxattr(small.ino).unwrap(), b"user.k\0");
             }
         }
-        assert!(matches!(fs.getxattr(small.ino, b"user.none"), Err(Error::NoXattr)));
+        assert!(matches!(
+            fs.getxattr(small.ino, b"user.none"),
+            Err(Error::NoXattr)
+        ));
 
         // Big file, read in odd-sized pieces across chunk boundaries.
         let big = walk(&fs, ROOT, format!("{base}/big.bin").as_bytes());
@@ -734,7 +788,14 @@ mod tests {
         let (_src, store, mem) = fixture();
         let snap = store.resolve_snapshot("latest").unwrap();
         let path = crate::store::tree::join(&snap.snap.path, b"a");
-        let fs = SnapshotFs::new(store.clone(), MountConfig { cache_bytes: 1 << 20, root: Some((snap, path)) }).unwrap();
+        let fs = SnapshotFs::new(
+            store.clone(),
+            MountConfig {
+                cache_bytes: 1 << 20,
+                root: Some((snap, path)),
+            },
+        )
+        .unwrap();
         let f = walk(&fs, ROOT, b"b/small.txt");
         assert_eq!(f.size, 5);
         // Damage every data blob: reads fail with EIO, metadata still works.
@@ -746,7 +807,9 @@ mod tests {
                 .collect()
         };
         for (pack, off, len) in damaged {
-            mem.tamper(crate::store::FileType::Pack, &pack, |b| b[(off + len / 2) as usize] ^= 1);
+            mem.tamper(crate::store::FileType::Pack, &pack, |b| {
+                b[(off + len / 2) as usize] ^= 1
+            });
         }
         let fh = fs.open(f.ino).unwrap();
         let r = fs.read(fh, 0, 10);

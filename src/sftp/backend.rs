@@ -189,15 +189,18 @@ impl Backend for SftpBackend {
         })
     }
 
-    fn root_is_empty(&self) -> Result<bool> {
+    fn root_entries(&self) -> Result<Vec<String>> {
         let p = self.dir("");
         self.pool
             .run(&self.loc.url(), |c| match c.sftp.readdir(&p) {
-                Ok(v) => Ok(v.is_empty()),
+                Ok(v) => Ok(v
+                    .into_iter()
+                    .filter_map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect()),
                 Err(e) => {
                     let e = io(e);
                     if e.kind() == std::io::ErrorKind::NotFound {
-                        Ok(true)
+                        Ok(Vec::new())
                     } else {
                         Err(e)
                     }

@@ -271,9 +271,10 @@ fn transient_code(c: ssh2::ErrorCode) -> bool {
 pub(crate) fn transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     if let Some(se) = e.get_ref().and_then(|i| i.downcast_ref::<ssh2::Error>())
-        && transient_code(se.code()) {
-            return true;
-        }
+        && transient_code(se.code())
+    {
+        return true;
+    }
     matches!(
         e.kind(),
         ConnectionReset | ConnectionAborted | BrokenPipe | TimedOut | UnexpectedEof | NotConnected

@@ -155,10 +155,11 @@ impl RemoteReader {
         match c.sftp.open(&self.path) {
             Ok(mut f) => {
                 if self.pos > 0
-                    && let Err(e) = f.seek(SeekFrom::Start(self.pos)) {
-                        self.pool.give_up(c);
-                        return Err(e);
-                    }
+                    && let Err(e) = f.seek(SeekFrom::Start(self.pos))
+                {
+                    self.pool.give_up(c);
+                    return Err(e);
+                }
                 self.open = Some((c, f));
                 Ok(())
             }

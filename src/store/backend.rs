@@ -88,7 +88,8 @@ pub trait Backend: Send + Sync {
     /// Does the store's root directory exist?
     fn root_exists(&self) -> Result<bool>;
     /// Is the root directory empty (or missing)?
-    fn root_is_empty(&self) -> Result<bool>;
+    /// Names in the root directory (empty when it is missing).
+    fn root_entries(&self) -> Result<Vec<String>>;
     /// Create the root and the per-type directories (0700).
     fn init(&self) -> Result<()>;
     /// Names and sizes of all files of a type. The temporary files of unfinished writes are
@@ -160,10 +161,13 @@ impl Backend for LocalBackend {
         }
     }
 
-    fn root_is_empty(&self) -> Result<bool> {
+    fn root_entries(&self) -> Result<Vec<String>> {
         match fs::read_dir(&self.root) {
-            Ok(mut d) => Ok(d.next().is_none()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+            Ok(d) => Ok(d
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(Error::io_path(&self.root, e)),
         }
     }
@@ -302,8 +306,18 @@ impl Backend for MemBackend {
     fn root_exists(&self) -> Result<bool> {
         Ok(*self.initialised.lock())
     }
-    fn root_is_empty(&self) -> Result<bool> {
-        Ok(self.files.lock().is_empty())
+    fn root_entries(&self) -> Result<Vec<String>> {
+        let mut v: Vec<String> = self
+            .files
+            .lock()
+            .keys()
+            .map(|(t, n)| match t {
+                FileType::Config => n.clone(),
+                _ => t.dir().to_string(),
+            })
+            .collect();
+        v.dedup();
+        Ok(v)
     }
     fn init(&self) -> Result<()> {
         *self.initialised.lock() = true;

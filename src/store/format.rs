@@ -90,11 +90,22 @@ pub struct Config {
     pub pack_size: u32,
     /// The master keys of a plaintext store (None when encrypted: they are in key files).
     pub plain_keys: Option<MasterKeys>,
+    /// Keyed BLAKE3 (store id key) of this record with `auth` zeroed: a config replaced or
+    /// edited by someone without the keys is refused.
+    pub auth: [u8; 32],
 }
 
 impl Config {
     pub fn id_hex(&self) -> String {
         hex::encode(self.id)
+    }
+
+    /// The authenticator of this config under the store's id key.
+    pub fn compute_auth(&self, id_key: &[u8; 32]) -> [u8; 32] {
+        let mut c = self.clone();
+        c.auth = [0; 32];
+        let body = postcard::to_allocvec(&c).expect("serialising a config cannot fail");
+        *blake3::keyed_hash(id_key, &body).as_bytes()
     }
 }
 

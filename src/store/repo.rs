@@ -154,11 +154,30 @@ impl Store {
         opts: &CreateOptions,
         passphrase: PassphraseFn,
     ) -> Result<Store> {
-        if backend.root_exists()? && !backend.root_is_empty()? {
-            if read_config(backend.as_ref()).is_ok() {
-                return Err(Error::AlreadyExists(backend.location()));
+        let entries = backend.root_entries()?;
+        if entries.iter().any(|e| e == "config") {
+            return Err(Error::AlreadyExists(backend.location()));
+        }
+        if !entries.is_empty() {
+            // What an interrupted create leaves (the directories, perhaps a key file, no
+            // config) may be created over; anything else is someone's data.
+            let ours = entries.iter().all(|e| {
+                FileType::ALL
+                    .iter()
+                    .any(|t| *t != FileType::Config && t.dir() == e)
+            });
+            let empty = [FileType::Pack, FileType::Index, FileType::Snapshot]
+                .iter()
+                .map(|t| backend.list(*t))
+                .collect::<Result<Vec<_>>>()?
+                .iter()
+                .all(|l| l.is_empty());
+            if !ours || !empty {
+                return Err(Error::NotEmpty(backend.location()));
             }
-            return Err(Error::NotEmpty(backend.location()));
+            for k in backend.list(FileType::Key)? {
+                backend.remove(FileType::Key, &k.name)?;
+            }
         }
         let keys = MasterKeys::random();
         let mut id = [0u8; 16];
@@ -171,6 +190,11 @@ impl Store {
             chunker: ChunkerParams::default(),
             pack_size: 16 << 20,
             plain_keys: (!opts.encrypted).then(|| keys.clone()),
+            auth: [0; 32],
+        };
+        let config = Config {
+            auth: config.compute_auth(&keys.id),
+            ..config
         };
         let key_file = if opts.encrypted {
             let pass = passphrase(true)?;
@@ -251,6 +275,18 @@ impl Store {
                 }
             }
         };
+        if !config.encrypted && !backend.list(FileType::Key)?.is_empty() {
+            return Err(Error::damaged(
+                "config",
+                "it says the store is not encrypted, but the store has key files: the config was replaced",
+            ));
+        }
+        if config.compute_auth(&keys.id) != config.auth {
+            return Err(Error::damaged(
+                "config",
+                "it fails authentication with the store's keys: it was changed",
+            ));
+        }
         Ok(Store::with(backend, config, keys))
     }
 
@@ -871,3 +907,88 @@ pub fn open_or_create_mem(encrypted: bool) -> Store {
 }
 
 pub use format::Snapshot as SnapshotRecord;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ErrorKind;
+    use crate::store::backend::MemBackend;
+
+    fn opts(encrypted: bool) -> CreateOptions {
+        CreateOptions {
+            encrypted,
+            compression: true,
+            kdf: KdfParams {
+                m_kib: 64,
+                t: 1,
+                p: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_swapped_plaintext_config_is_refused() {
+        let mem = Arc::new(MemBackend::new());
+        Store::create(mem.clone(), &opts(true), &|_| Ok(b"pw".to_vec())).unwrap();
+        // An attacker writes a plaintext config with keys of their own.
+        let mut cfg: Config = unframe(
+            MAGIC_CONFIG,
+            &mem.read(FileType::Config, "config").unwrap(),
+            "config",
+        )
+        .unwrap();
+        let evil = MasterKeys::random();
+        cfg.encrypted = false;
+        cfg.plain_keys = Some(evil.clone());
+        cfg.auth = cfg.compute_auth(&evil.id);
+        mem.tamper(FileType::Config, "config", |b| {
+            *b = frame(MAGIC_CONFIG, &cfg)
+        });
+        let e = Store::open(mem.clone(), &|_| Ok(b"pw".to_vec()))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), ErrorKind::Damaged, "{e}");
+    }
+
+    #[test]
+    fn an_edited_config_is_refused() {
+        let mem = Arc::new(MemBackend::new());
+        Store::create(mem.clone(), &opts(true), &|_| Ok(b"pw".to_vec())).unwrap();
+        let mut cfg: Config = unframe(
+            MAGIC_CONFIG,
+            &mem.read(FileType::Config, "config").unwrap(),
+            "config",
+        )
+        .unwrap();
+        cfg.pack_size = 1;
+        mem.tamper(FileType::Config, "config", |b| {
+            *b = frame(MAGIC_CONFIG, &cfg)
+        });
+        let e = Store::open(mem.clone(), &|_| Ok(b"pw".to_vec()))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("authentication"), "{e}");
+    }
+
+    #[test]
+    fn an_interrupted_create_can_be_run_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("s");
+        let b: Arc<dyn Backend> = Arc::new(super::super::LocalBackend::new(&root));
+        // What a create interrupted before the config leaves.
+        b.init().unwrap();
+        b.write(FileType::Key, "deadbeef", b"half a key file")
+            .unwrap();
+        Store::create(b.clone(), &opts(true), &|_| Ok(b"pw".to_vec())).unwrap();
+        Store::open(b.clone(), &|_| Ok(b"pw".to_vec())).unwrap();
+        // But never over someone's files.
+        let other = dir.path().join("o");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("precious"), b"x").unwrap();
+        let b: Arc<dyn Backend> = Arc::new(super::super::LocalBackend::new(&other));
+        let e = Store::create(b, &opts(false), &|_| Ok(Vec::new()))
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::NotEmpty(_)), "{e}");
+    }
+}
