@@ -116,15 +116,9 @@ pub fn mkdir_p(c: &Conn, path: &Path, mode: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Upload `data` to `path` through a temporary name; `replace` allows replacing an existing
-/// file (OpenSSH's rename refuses, so the old file is removed first).
-pub fn upload_conn(
-    c: &Conn,
-    path: &Path,
-    data: &[u8],
-    mode: i32,
-    replace: bool,
-) -> std::io::Result<()> {
+/// Upload `data` to `path` through a temporary name. Store files are never replaced: if the
+/// name exists (OpenSSH's rename refuses it), the same content-addressed upload was done.
+pub fn upload_conn(c: &Conn, path: &Path, data: &[u8], mode: i32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let tmp = dir.join(format!(".tmp-{}", crate::store::crypto::random_hex(8)));
     let res = (|| -> std::io::Result<()> {
@@ -143,13 +137,10 @@ pub fn upload_conn(
         // fsync@openssh.com: the data is on the server's disk before the name appears.
         let _ = f.fsync();
         drop(f);
-        if replace {
-            let _ = c.sftp.unlink(path);
-        }
         match c.sftp.rename(&tmp, path, None) {
             Ok(()) => Ok(()),
             Err(e) => {
-                if !replace && c.sftp.stat(path).is_ok() {
+                if c.sftp.stat(path).is_ok() {
                     // Same content-addressed name: already uploaded.
                     let _ = c.sftp.unlink(&tmp);
                     Ok(())
@@ -289,13 +280,12 @@ impl Backend for SftpBackend {
 
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
         let p = self.path(t, name);
-        let replace = t == FileType::Lock;
         self.pool.run(&t.path(name), |c| {
-            match upload_conn(c, &p, data, 0o600, replace) {
+            match upload_conn(c, &p, data, 0o600) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // The directory is missing (e.g. a new packs/XX): make it and try again.
                     mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)?;
-                    upload_conn(c, &p, data, 0o600, replace)
+                    upload_conn(c, &p, data, 0o600)
                 }
                 r => r,
             }

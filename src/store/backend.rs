@@ -262,7 +262,7 @@ impl Backend for LocalBackend {
                 .create(d)
                 .at(d)?;
         }
-        if t != FileType::Lock && p.exists() {
+        if p.exists() {
             return Ok(());
         }
         write_atomic(&p, data, 0o600)

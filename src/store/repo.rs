@@ -634,7 +634,8 @@ const LOCK_STALE: Duration = Duration::from_secs(1800);
 /// A held store lock.
 pub struct LockGuard {
     backend: Arc<dyn Backend>,
-    name: String,
+    /// The current lock file's name (each refresh writes a new file, then removes the old).
+    name: Arc<std::sync::Mutex<String>>,
     stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -699,6 +700,7 @@ impl LockGuard {
             return Err(Error::Locked(who, file));
         }
         let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let name = Arc::new(std::sync::Mutex::new(name));
         let thread = {
             let backend = backend.clone();
             let stop = stop.clone();
@@ -708,6 +710,11 @@ impl LockGuard {
                 let (m, cv) = &*stop;
                 let mut stopped = m.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
+                    // The flag is checked before waiting: a guard dropped before this thread
+                    // first ran must not leave it (and the dropping thread) waiting a period.
+                    if *stopped {
+                        return;
+                    }
                     let (g, _) = cv
                         .wait_timeout(stopped, LOCK_REFRESH)
                         .unwrap_or_else(|e| e.into_inner());
@@ -715,8 +722,18 @@ impl LockGuard {
                     if *stopped {
                         return;
                     }
+                    // A new file, then the old one removed: the lock is never absent, and no
+                    // backend has to overwrite a file.
                     rec.refreshed_ns = super::now_ns();
-                    let _ = backend.write(FileType::Lock, &name, &frame(MAGIC_LOCK, &rec));
+                    let fresh = super::crypto::random_hex(16);
+                    if backend
+                        .write(FileType::Lock, &fresh, &frame(MAGIC_LOCK, &rec))
+                        .is_ok()
+                    {
+                        let mut cur = name.lock().unwrap_or_else(|e| e.into_inner());
+                        let _ = backend.remove(FileType::Lock, &cur);
+                        *cur = fresh;
+                    }
                 }
             })
         };
@@ -739,7 +756,8 @@ impl Drop for LockGuard {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = self.backend.remove(FileType::Lock, &self.name);
+        let name = self.name.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = self.backend.remove(FileType::Lock, &name);
     }
 }
 
@@ -990,5 +1008,41 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, Error::NotEmpty(_)), "{e}");
+    }
+
+    #[test]
+    fn locks_conflict_and_stale_locks_are_ignored() {
+        let mem = Arc::new(MemBackend::new());
+        let store = Store::create(mem.clone(), &opts(false), &|_| Ok(Vec::new())).unwrap();
+        let rec = |pid: u32, exclusive: bool| LockRecord {
+            exclusive,
+            host: super::super::hostname(),
+            user: "u".into(),
+            pid,
+            created_ns: super::super::now_ns(),
+            refreshed_ns: super::super::now_ns(),
+            command: "prune".into(),
+        };
+        // Shared locks coexist and are removed when released.
+        let a = store.lock(false, "backup").unwrap();
+        let b = store.lock(false, "backup").unwrap();
+        assert_eq!(mem.list(FileType::Lock).unwrap().len(), 2);
+        drop((a, b));
+        assert!(mem.list(FileType::Lock).unwrap().is_empty());
+        // A live exclusive lock (pid 1 exists) blocks; the error names its file.
+        mem.write(FileType::Lock, "x", &frame(MAGIC_LOCK, &rec(1, true)))
+            .unwrap();
+        let e = store.lock(false, "backup").err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Locked);
+        assert!(e.to_string().contains("locks/x"), "{e}");
+        mem.remove(FileType::Lock, "x").unwrap();
+        // A lock of a dead process on this host is stale.
+        mem.write(
+            FileType::Lock,
+            "y",
+            &frame(MAGIC_LOCK, &rec(u32::MAX - 7, true)),
+        )
+        .unwrap();
+        store.lock(false, "backup").unwrap();
     }
 }
