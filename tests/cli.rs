@@ -6,15 +6,20 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kloset");
 const PASS: &str = "correct horse battery staple";
+/// The longest any one command may take; every command here handles a few hundred KiB, so
+/// anything near this is a hang (such as a lock thread keeping a finished command alive).
+const TIMEOUT: Duration = Duration::from_secs(120);
 
 // Exit codes (src/cli/mod.rs `exit`).
 const OK: i32 = 0;
@@ -137,8 +142,35 @@ impl Cmd {
         self
     }
 
+    /// Run to completion (at most [`TIMEOUT`]: a command that hangs fails the test).
     fn run(mut self) -> Out {
-        let o = self.cmd.output().expect("run kloset");
+        let mut child = self.cmd.spawn().expect("run kloset");
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut b = Vec::new();
+                r.read_to_end(&mut b).expect("read output");
+                b
+            })
+        };
+        let out_t = drain(Box::new(child.stdout.take().unwrap()));
+        let err_t = drain(Box::new(child.stderr.take().unwrap()));
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait for kloset") {
+                break st;
+            }
+            if start.elapsed() > TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("kloset took more than {TIMEOUT:?}: {:?}", self.cmd);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let o = std::process::Output {
+            status,
+            stdout: out_t.join().unwrap(),
+            stderr: err_t.join().unwrap(),
+        };
         let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(
@@ -251,11 +283,19 @@ impl World {
         o
     }
 
-    /// Create an encrypted store.
-    fn create(&self) {
+    /// Create an encrypted store (each command that opens it derives a key: slow).
+    fn create_encrypted(&self) {
         let o = self.ok(&["create"]);
         assert!(o.stdout.is_empty(), "create prints nothing on stdout");
         assert!(o.stderr.contains("created encrypted store"), "{}", o.stderr);
+        assert!(self.store.join("config").is_file());
+    }
+
+    /// Create a plaintext store: no key derivation, so the tests stay fast.
+    fn create(&self) {
+        let o = self.ok(&["create", "-plaintext"]);
+        assert!(o.stdout.is_empty(), "create prints nothing on stdout");
+        assert!(o.stderr.contains("created plaintext store"), "{}", o.stderr);
         assert!(self.store.join("config").is_file());
     }
 
@@ -335,7 +375,7 @@ fn packs(store: &Path) -> Vec<PathBuf> {
         .into_iter()
         .map(|(p, b)| (b.len(), store.join("packs").join(p)))
         .collect();
-    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.sort_by_key(|e| std::cmp::Reverse(e.0));
     v.into_iter().map(|(_, p)| p).collect()
 }
 
@@ -394,8 +434,13 @@ fn usage_errors_exit_2() {
     w.at(&["backup", "-tag"]).run().usage(&["--tag"]);
     w.at(&["restore"]).run().usage(&[]);
     w.at(&["cat"]).run().usage(&[]);
-    w.kloset(&["at"]).run().usage(&[]);
-    w.kloset(&[] as &[&str]).run().code(USAGE);
+    // Without a verb (or anything) the help goes to stderr, with exit 2.
+    for args in [&["at"][..], &["at", "store"], &[]] {
+        let o = w.kloset(args).run();
+        o.code(USAGE);
+        assert!(o.stderr.contains("Usage"), "{}", o.stderr);
+        assert!(o.stdout.is_empty(), "{}", o.stdout);
+    }
     w.at(&["create", "extra"]).run().usage(&["extra"]);
     // Nothing was written by any of them.
     assert!(
@@ -414,7 +459,7 @@ fn usage_errors_exit_2() {
 #[test]
 fn create_backup_ls_cat_restore_check_info() {
     let w = World::new();
-    w.create();
+    w.create_encrypted();
     let id = w.backup(&[]);
 
     // ls: one line, short id first, then time, host, source, size, file count.
@@ -742,7 +787,7 @@ fn json_outputs() {
 
     // info -json.
     let v = w.ok(&["info", "-json"]).json();
-    assert_eq!(v["encrypted"], true);
+    assert_eq!(v["encrypted"], false);
     assert_eq!(v["format_version"], 1);
     assert_eq!(v["snapshots"], 2);
     assert!(is_hex(v["id"].as_str().unwrap(), 32));
@@ -1071,7 +1116,7 @@ fn exclude_and_exclude_file() {
 #[test]
 fn wrong_passphrase_exit_4() {
     let w = World::new();
-    w.create();
+    w.create_encrypted();
     w.backup(&[]);
     for args in [
         &["ls"][..],
@@ -1104,7 +1149,7 @@ fn no_passphrase_and_no_terminal() {
     o.fails(o.code, &["KLOSET_PASSPHRASE"]);
     assert!(!w.store.join("config").exists());
 
-    w.create();
+    w.create_encrypted();
     w.backup(&[]);
     for args in [&["ls"][..], &["backup", &w.src_s()], &["info"]] {
         let o = Cmd::new(&w.home)
@@ -1199,7 +1244,7 @@ fn missing_store_exit_5() {
 #[test]
 fn create_refuses_existing_store_and_nonempty_dir() {
     let w = World::new();
-    w.create();
+    w.create_encrypted();
     w.backup(&[]);
     let before = w.store_files();
     for args in [&["create"][..], &["create", "-plaintext"]] {
@@ -1317,7 +1362,7 @@ fn damaged_pack_check_exit_6() {
 #[test]
 fn damaged_encrypted_pack_check_exit_6() {
     let w = World::new();
-    w.create();
+    w.create_encrypted();
     let id = w.backup(&[]);
     // The biggest pack holds the incompressible logo.
     let pack = packs(&w.store).remove(0);
@@ -1337,7 +1382,7 @@ fn damaged_encrypted_pack_check_exit_6() {
 #[test]
 fn damaged_config_is_a_clear_error() {
     let w = World::new();
-    w.create();
+    w.create_encrypted();
     w.backup(&[]);
     let config = w.store.join("config");
     let good = fs::read(&config).unwrap();
@@ -1435,7 +1480,7 @@ fn unreadable_source_file_is_partial_exit_3() {
     let secret = w.src.join("css/secret.css");
     fs::write(&secret, "top secret").unwrap();
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
-    let run: Box<dyn Fn(&[&str]) -> Out> = if root_user {
+    if root_user {
         if !have_setpriv {
             eprintln!("skipped: running as root without setpriv, cannot make a file unreadable");
             return;
@@ -1460,9 +1505,13 @@ fn unreadable_source_file_is_partial_exit_3() {
         ] {
             fs::set_permissions(w.src.join(f), fs::Permissions::from_mode(0o644)).unwrap();
         }
-        Box::new(|args: &[&str]| as_nobody(&w, args))
-    } else {
-        Box::new(|args: &[&str]| w.at(args).run())
+    }
+    let run = |args: &[&str]| {
+        if root_user {
+            as_nobody(&w, args)
+        } else {
+            w.at(args).run()
+        }
     };
     run(&["create", "-plaintext"]).ok();
     let o = run(&["backup", &w.src_s()]);

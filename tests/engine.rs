@@ -1007,14 +1007,14 @@ impl Source for FailingSource {
     fn read_dir(&self, path: &[u8]) -> kloset::store::Result<Vec<Node>> {
         self.inner.read_dir(path)
     }
-    fn open(&self, path: &[u8]) -> kloset::store::Result<Box<dyn Read + Send>> {
+    fn open(&self, path: &[u8], size: u64) -> kloset::store::Result<Box<dyn Read + Send>> {
         if path == self.fail_open.as_slice() {
             return Err(Error::io(
                 String::from_utf8_lossy(path),
                 std::io::Error::from(std::io::ErrorKind::PermissionDenied),
             ));
         }
-        let r = self.inner.open(path)?;
+        let r = self.inner.open(path, size)?;
         Ok(match self.fail_read.get(path) {
             Some(&left) => Box::new(FailAfter { inner: r, left }),
             None => r,
@@ -1109,8 +1109,8 @@ fn unreadable_directory_is_reported() {
             }
             self.0.read_dir(path)
         }
-        fn open(&self, path: &[u8]) -> kloset::store::Result<Box<dyn Read + Send>> {
-            self.0.open(path)
+        fn open(&self, path: &[u8], size: u64) -> kloset::store::Result<Box<dyn Read + Send>> {
+            self.0.open(path, size)
         }
     }
     let tmp = tempdir();

@@ -29,8 +29,8 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
-    /// What to back up: a local path (default: the current directory) or
-    /// sftp://[user@]host[:port]/path.
+    /// What to back up: a local path (default: the current directory),
+    /// sftp://[user@]host[:port]/path, or @NAME (a named source).
     pub path: Option<String>,
 }
 

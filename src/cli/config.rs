@@ -109,8 +109,15 @@ impl ConfigFile {
             )
             .into());
         };
-        Connector::from_entry(kind, name, e)
-            .with_context(|| format!("{}: {} {name:?}", path().display(), kind.noun()))
+        Connector::from_entry(kind, name, e).map_err(|e| {
+            // Name the file and the entry; keep the exit code of a bad key or value (2).
+            let code = e.downcast_ref::<ExitWith>().map_or(exit::ERROR, |x| x.0);
+            ExitWith(
+                code,
+                format!("{}: {} {name:?}: {e:#}", path().display(), kind.noun()),
+            )
+            .into()
+        })
     }
 }
 

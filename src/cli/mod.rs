@@ -73,9 +73,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Top {
-    /// Work on the store at STORE (a path, file://PATH, sftp://[user@]host[:port]/path).
+    /// Work on the store at STORE (a path, file://PATH, sftp://[user@]host[:port]/path, @NAME).
     At {
-        /// The store: a directory path, file://PATH or sftp://[user@]host[:port]/path.
+        /// The store: a directory path, file://PATH, sftp://[user@]host[:port]/path, or @NAME
+        /// (a store named with `kloset store add`).
         store: String,
         #[command(subcommand)]
         verb: Verb,
@@ -181,7 +182,16 @@ impl Ctx {
             fallback_env: Some("KLOSET_PASSPHRASE"),
             label: format!("passphrase of {given}"),
         };
-        Ok(Store::open(b, &|c| p.get(c))?)
+        Store::open(b, &|c| p.get(c)).map_err(|e| match e {
+            store::Error::WrongPassphrase(_) => ExitWith(
+                exit::WRONG_PASSPHRASE,
+                format!(
+                    "wrong passphrase for {given}: check KLOSET_OTHER_PASSPHRASE or KLOSET_OTHER_PASSPHRASE_FILE, the passphrase or passphrase_cmd of its named store, or KLOSET_PASSPHRASE"
+                ),
+            )
+            .into(),
+            e => e.into(),
+        })
     }
 
     pub fn sftp_options(&self) -> anyhow::Result<sftp::Options> {
@@ -387,13 +397,15 @@ pub fn normalise_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> 
         }
         if let Some(s) = a.to_str()
             && let Some(body) = s.strip_prefix('-')
-                && !body.starts_with('-') && body.len() > 1 {
-                    let name = body.split('=').next().unwrap_or("");
-                    if longs.contains(name) {
-                        out.push(format!("-{s}").into());
-                        continue;
-                    }
-                }
+            && !body.starts_with('-')
+            && body.len() > 1
+        {
+            let name = body.split('=').next().unwrap_or("");
+            if longs.contains(name) {
+                out.push(format!("-{s}").into());
+                continue;
+            }
+        }
         out.push(a);
     }
     out
@@ -423,9 +435,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 
 fn connector_kind(e: &sftp::Error) -> ErrorKind {
     match e {
-        sftp::Error::UnknownHostKey(_) | sftp::Error::ChangedHostKey(_) => {
-            ErrorKind::HostKey
-        }
+        sftp::Error::UnknownHostKey(_) | sftp::Error::ChangedHostKey(_) => ErrorKind::HostKey,
         sftp::Error::Connect(..) | sftp::Error::Auth(..) => ErrorKind::Unreachable,
         _ => ErrorKind::Other,
     }

@@ -11,8 +11,8 @@ use crate::store::restore::{self, RestoreOptions, RestoreProgress};
 
 #[derive(Parser, Debug)]
 pub struct Args {
-    /// Where to restore: a directory (created if missing; default: the current directory)
-    /// or sftp://[user@]host[:port]/path.
+    /// Where to restore: a directory (created if missing; default: the current directory),
+    /// sftp://[user@]host[:port]/path, or @NAME (a named destination).
     #[arg(long, value_name = "DIR")]
     pub to: Option<String>,
     /// SNAP or SNAP:PATH.

@@ -229,4 +229,16 @@ impl Destination for SftpDestination {
                 })
         })
     }
+
+    fn remove_file(&self, path: &[u8]) -> Result<()> {
+        let p = self.path(path);
+        self.pool
+            .run(&self.what(path), |c| match c.sftp.unlink(&p) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let e = io(e);
+                    if not_found(&e) { Ok(()) } else { Err(e) }
+                }
+            })
+    }
 }

@@ -108,16 +108,19 @@ impl Source for SftpSource {
             Ok(out)
         })
     }
-    fn open(&self, path: &[u8]) -> Result<Box<dyn Read + Send>> {
+    fn open(&self, path: &[u8], size: u64) -> Result<Box<dyn Read + Send>> {
         let p = crate::store::source::os(path).to_path_buf();
         let r = RemoteReader {
             pool: self.pool.clone(),
             path: p,
             pos: 0,
+            size,
             open: None,
             what: format!("{}: {}", self.loc.url(), String::from_utf8_lossy(path)),
         };
-        let mut r = BufReader::with_capacity(super::backend::IO_BUF / 2, r);
+        // A buffer no larger than the file: small files are the common case.
+        let cap = (size as usize).clamp(32 << 10, super::backend::IO_BUF / 2);
+        let mut r = BufReader::with_capacity(cap, r);
         // Open now so a missing or unreadable file fails here, not in the middle of chunking.
         r.fill_buf_checked()?;
         Ok(Box::new(r))
@@ -142,6 +145,9 @@ struct RemoteReader {
     pool: Arc<Pool>,
     path: std::path::PathBuf,
     pos: u64,
+    /// The size the walk saw: reading stops there, so libssh2 requests nothing past the end
+    /// (a file that grew since is recorded as it was when listed).
+    size: u64,
     open: Option<(Conn, ssh2::File)>,
     what: String,
 }
@@ -178,6 +184,13 @@ impl RemoteReader {
 
 impl Read for RemoteReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let remaining = self.size.saturating_sub(self.pos) as usize;
+        if remaining == 0 {
+            return Ok(0);
+        }
+        // libssh2 reads ahead about four times each call: ask for a quarter of what is left.
+        let want = (remaining / 4).max(32 << 10).min(remaining).min(buf.len());
+        let buf = &mut buf[..want];
         let mut attempt = 0;
         loop {
             if self.open.is_none() {

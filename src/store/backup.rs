@@ -73,6 +73,7 @@ type JobOutcome = Result<JobResult, (Vec<u8>, String)>;
 struct Job {
     id: usize,
     path: Vec<u8>,
+    size: u64,
 }
 
 #[derive(Default)]
@@ -169,7 +170,11 @@ impl Walker<'_> {
                 let id = self.jobs;
                 self.jobs += 1;
                 // A send only fails when every worker has died, which `run` reports.
-                let _ = self.tx.send(Job { id, path: full });
+                let _ = self.tx.send(Job {
+                    id,
+                    path: full,
+                    size: n.size,
+                });
                 Item::File(n, id)
             }
             _ => {
@@ -190,12 +195,13 @@ fn chunk_file(
     packer: &Packer,
     source: &dyn Source,
     path: &[u8],
+    size: u64,
     buf: &mut Vec<u8>,
     progress: &Progress,
 ) -> Result<JobResult, JobError> {
     let cp: ChunkerParams = store.config().chunker;
     let seed = store.crypto().keys().chunker_seed;
-    let mut reader = source.open(path).map_err(JobError::Source)?;
+    let mut reader = source.open(path, size).map_err(JobError::Source)?;
     let mut res = JobResult::default();
     let pathname = || String::from_utf8_lossy(path).into_owned();
     let mut handle = |data: &[u8]| -> Result<(), JobError> {
@@ -306,7 +312,9 @@ pub fn run(
                     if fatal.lock().is_some() {
                         continue;
                     }
-                    let r = chunk_file(store, packer, source, &job.path, &mut buf, progress);
+                    let r = chunk_file(
+                        store, packer, source, &job.path, job.size, &mut buf, progress,
+                    );
                     if buf.capacity() > (SLICE_LIMIT as usize) * 2 {
                         buf = Vec::new();
                     }

@@ -56,9 +56,10 @@ impl Cache {
     pub fn put(&self, t: FileType, name: &str, data: &[u8]) {
         let p = self.path(t, name);
         if let Some(d) = p.parent()
-            && std::fs::create_dir_all(d).is_err() {
-                return;
-            }
+            && std::fs::create_dir_all(d).is_err()
+        {
+            return;
+        }
         let _ = write_atomic(&p, data, 0o600);
     }
 

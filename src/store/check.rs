@@ -80,9 +80,10 @@ pub fn run(
     }
     for l in backend.list(FileType::Lock)? {
         if let Ok(b) = backend.read(FileType::Lock, &l.name)
-            && let Err(e) = unframe::<LockRecord>(MAGIC_LOCK, &b, &FileType::Lock.path(&l.name)) {
-                rep.errors.push(e.to_string());
-            }
+            && let Err(e) = unframe::<LockRecord>(MAGIC_LOCK, &b, &FileType::Lock.path(&l.name))
+        {
+            rep.errors.push(e.to_string());
+        }
     }
 
     let all = selected.is_none();

@@ -36,6 +36,9 @@ pub trait Destination: Send + Sync {
     fn special(&self, path: &[u8], node: &Node) -> Result<()>;
     /// Apply mode, owner (when permitted), xattrs and times.
     fn set_metadata(&self, path: &[u8], node: &Node) -> Result<()>;
+    /// Remove a file this restore created but could not complete, so no file with wrong
+    /// content is left under a real name.
+    fn remove_file(&self, path: &[u8]) -> Result<()>;
 }
 
 /// A local directory.
@@ -211,5 +214,13 @@ impl Destination for LocalDestination {
             UtimensatFlags::NoFollowSymlink,
         )
         .map_err(|e| Error::io_path(&p, e.into()))
+    }
+
+    fn remove_file(&self, path: &[u8]) -> Result<()> {
+        let p = self.path(path);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io_path(&p, e)),
+            _ => Ok(()),
+        }
     }
 }

@@ -276,6 +276,16 @@ pub fn run(
         return Err(e);
     }
     report.errors.extend(errors.into_inner());
+    // A file whose data could not be restored is removed rather than left full of zeros
+    // under its real name; it is listed in the errors.
+    for &i in &files {
+        if failed[i].load(Ordering::Relaxed) {
+            report.files -= 1;
+            if let Err(e) = dest.remove_file(&entries[i].rel) {
+                report.errors.push((entries[i].rel.clone(), e.to_string()));
+            }
+        }
+    }
 
     // 5. Hard links, then directory metadata deepest first.
     for (p, i) in hard_links {
@@ -291,10 +301,12 @@ pub fn run(
         }
     }
     for e in entries.iter().rev() {
-        if e.node.kind == NodeKind::Dir && (!e.rel.is_empty() || created_root)
-            && let Err(err) = dest.set_metadata(&e.rel, &e.node) {
-                report.errors.push((e.rel.clone(), err.to_string()));
-            }
+        if e.node.kind == NodeKind::Dir
+            && (!e.rel.is_empty() || created_root)
+            && let Err(err) = dest.set_metadata(&e.rel, &e.node)
+        {
+            report.errors.push((e.rel.clone(), err.to_string()));
+        }
     }
     report.bytes = progress.bytes.load(Ordering::Relaxed);
     Ok(report)

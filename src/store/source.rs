@@ -28,8 +28,9 @@ pub trait Source: Send + Sync {
     fn stat(&self, path: &[u8]) -> Result<Node>;
     /// The entries of a directory with their metadata, in any order.
     fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>>;
-    /// The contents of a regular file.
-    fn open(&self, path: &[u8]) -> Result<Box<dyn Read + Send>>;
+    /// The contents of a regular file; `size` is its size as the walk saw it (a remote source
+    /// reads no more than that, so it requests nothing past the end).
+    fn open(&self, path: &[u8], size: u64) -> Result<Box<dyn Read + Send>>;
 }
 
 pub fn os(path: &[u8]) -> &Path {
@@ -139,17 +140,18 @@ pub fn local_node(path: &Path, name: Vec<u8>) -> Result<Node> {
     }
     // Extended attributes: a filesystem without them is not an error.
     if (kind != NodeKind::Symlink || cfg!(target_os = "linux"))
-        && let Ok(names) = xattr::list(path) {
-            for name in names {
-                if let Ok(Some(value)) = xattr::get(path, &name) {
-                    n.xattrs.push(Xattr {
-                        name: name.into_vec(),
-                        value,
-                    });
-                }
+        && let Ok(names) = xattr::list(path)
+    {
+        for name in names {
+            if let Ok(Some(value)) = xattr::get(path, &name) {
+                n.xattrs.push(Xattr {
+                    name: name.into_vec(),
+                    value,
+                });
             }
-            n.xattrs.sort_by(|a, b| a.name.cmp(&b.name));
         }
+        n.xattrs.sort_by(|a, b| a.name.cmp(&b.name));
+    }
     Ok(n)
 }
 
@@ -189,7 +191,7 @@ impl Source for LocalSource {
         }
         Ok(out)
     }
-    fn open(&self, path: &[u8]) -> Result<Box<dyn Read + Send>> {
+    fn open(&self, path: &[u8], _size: u64) -> Result<Box<dyn Read + Send>> {
         let p = os(path);
         Ok(Box::new(fs::File::open(p).at(p)?))
     }

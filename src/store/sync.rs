@@ -243,9 +243,10 @@ impl Copier<'_> {
                 return Ok(false);
             }
             if let (Some(x), Some(y)) = (a.subtree, b.subtree)
-                && !self.zip(x, y)? {
-                    return Ok(false);
-                }
+                && !self.zip(x, y)?
+            {
+                return Ok(false);
+            }
             learned.extend(a.content.iter().copied().zip(b.content.iter().copied()));
         }
         {
@@ -565,6 +566,45 @@ mod tests {
         assert_eq!(a.snapshots().unwrap().0.len(), 3);
         assert_eq!(b.snapshots().unwrap().0.len(), 3);
         assert_eq!(sync(&a, &b).copied.len() + sync(&b, &a).copied.len(), 0);
+    }
+
+    #[test]
+    fn interrupted_sync_leaves_a_consistent_store_and_a_rerun_completes() {
+        use crate::store::check::{self, CheckProgress};
+
+        let dir = tempfile::tempdir().unwrap();
+        tree(dir.path(), 9);
+        let a = open_or_create_mem(true);
+        let first = backup(&a, dir.path());
+        let b = open_or_create_mem(true);
+        let clean = |s: &Store| {
+            let rep = check::run(s, None, false, &CheckProgress::default()).unwrap();
+            assert!(rep.ok(), "{rep:?}");
+        };
+        // The state a sync cut off after uploading its packs leaves: the packs, but neither
+        // the index files nor the snapshot, which are written after them.
+        assert_eq!(sync(&a, &b).copied.len(), 1);
+        let backend = b.backend().clone();
+        for t in [FileType::Snapshot, FileType::Index] {
+            for f in backend.list(t).unwrap() {
+                backend.remove(t, &f.name).unwrap();
+            }
+        }
+        let pass = |_: bool| Ok(b"test".to_vec());
+        let b = Store::open(backend, &pass).unwrap();
+        assert!(b.snapshots().unwrap().0.is_empty());
+        assert!(!b.index_report().recovered_packs.is_empty());
+        clean(&b);
+
+        // A re-run (a new process) completes, reusing every blob already uploaded.
+        let r = sync(&a, &b);
+        assert_eq!(r.copied.len(), 1);
+        assert_eq!(r.new_blobs, 0, "{r:?}");
+        clean(&b);
+        assert_eq!(
+            files(&restored(&a, &first).path().join("r")),
+            files(&restored(&b, &r.copied[0].1).path().join("r"))
+        );
     }
 
     #[test]
