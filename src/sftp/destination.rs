@@ -241,4 +241,61 @@ impl Destination for SftpDestination {
                 }
             })
     }
+
+    fn write_whole(&self, path: &[u8], data: &[u8], node: &Node) -> Result<()> {
+        let p = self.path(path);
+        self.pool.run(&self.what(path), |c| {
+            if c.sftp.lstat(&p).is_ok_and(|s| !s.is_file()) {
+                let _ = c.sftp.unlink(&p);
+            }
+            let mut f = c
+                .sftp
+                .open_mode(
+                    &p,
+                    OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+                    0o600,
+                    OpenType::File,
+                )
+                .map_err(io)?;
+            if data.iter().all(|&b| b == 0) {
+                if !data.is_empty() {
+                    f.setstat(stat_size(data.len() as u64)).map_err(io)?;
+                }
+            } else {
+                for chunk in data.chunks(super::backend::IO_BUF) {
+                    f.write_all(chunk)?;
+                }
+            }
+            // Owners where the server allows it, then mode and times, on the open handle.
+            let _ = f.setstat(FileStat {
+                size: None,
+                uid: Some(node.uid),
+                gid: Some(node.gid),
+                perm: None,
+                atime: None,
+                mtime: None,
+            });
+            let mtime = node.mtime.sec.max(0) as u64;
+            f.setstat(FileStat {
+                size: None,
+                uid: None,
+                gid: None,
+                perm: Some(node.mode & 0o7777),
+                atime: Some(mtime),
+                mtime: Some(mtime),
+            })
+            .map_err(io)
+        })
+    }
+}
+
+fn stat_size(size: u64) -> FileStat {
+    FileStat {
+        size: Some(size),
+        uid: None,
+        gid: None,
+        perm: None,
+        atime: None,
+        mtime: None,
+    }
 }

@@ -129,7 +129,8 @@ pub fn run(
                     hard_primary.insert((e.node.dev, e.node.inode), i);
                 }
                 report.files += 1;
-                if dest.is_complete(&e.rel, &e.node) {
+                // Nothing can be complete in a directory this restore just created.
+                if !created_root && dest.is_complete(&e.rel, &e.node) {
                     report.skipped += 1;
                     progress.files.fetch_add(1, Ordering::Relaxed);
                     continue;
@@ -137,11 +138,17 @@ pub fn run(
                 progress
                     .total_bytes
                     .fetch_add(e.node.size, Ordering::Relaxed);
-                let r = dest.create_file(&e.rel, e.node.size);
-                if r.is_ok() {
+                if e.node.content.len() == 1 {
+                    // Written whole (create, write, metadata) when its one chunk arrives.
                     files.push(i);
+                    Ok(())
+                } else {
+                    let r = dest.create_file(&e.rel, e.node.size);
+                    if r.is_ok() {
+                        files.push(i);
+                    }
+                    r
                 }
-                r
             }
             _ => {
                 report.others += 1;
@@ -250,6 +257,23 @@ pub fn run(
                                 continue;
                             }
                             let e = &entries[i];
+                            if e.node.content.len() == 1 {
+                                let w = plain.as_ref().map_err(|e| e.to_string()).and_then(|p| {
+                                    dest.write_whole(&e.rel, p, &e.node)
+                                        .map_err(|e| e.to_string())
+                                });
+                                match w {
+                                    Ok(()) => {
+                                        progress.bytes.fetch_add(e.node.size, Ordering::Relaxed);
+                                        progress.files.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    Err(msg) => {
+                                        failed[i].store(true, Ordering::Relaxed);
+                                        errors.lock().push((e.rel.clone(), msg));
+                                    }
+                                }
+                                continue;
+                            }
                             let w = plain.as_ref().map_err(|e| e.to_string()).and_then(|p| {
                                 dest.write_at(&e.rel, foff, p).map_err(|e| e.to_string())
                             });
