@@ -146,7 +146,11 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         cfg.mount_options
             .push(fuser::MountOption::DefaultPermissions);
     }
-    cfg.n_threads = Some(4);
+    // Two request threads: measured on a 2-core machine, `tar` of 21k small files took 2.4 s
+    // with one thread, 2.8 s with two and 3.3–4.3 s with four (each request woke another
+    // thread); a second thread keeps the mount responsive while one waits on a slow fetch.
+    // Chunk fetches themselves run on the prefetch threads.
+    cfg.n_threads = Some(2);
     cfg.clone_fd = true;
 
     let session = fuser::Session::new(Fuse { fs }, &mountpoint, &cfg).map_err(|e| {

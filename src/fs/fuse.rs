@@ -65,7 +65,47 @@ const MAX_READAHEAD: u32 = 4 << 20;
 impl Filesystem for Fuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_READAHEAD);
+        // READDIRPLUS: a listing carries every entry's attributes, so `ls -l`, `tar` or `cp -r`
+        // need no LOOKUP round trip per file.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
         Ok(())
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let (parent, entries) = match self.fs.readdir(ino.0) {
+            Ok(x) => x,
+            Err(e) => {
+                reply.error(errno(&e));
+                return;
+            }
+        };
+        let dots = [(ino.0, OsStr::new(".")), (parent, OsStr::new(".."))];
+        let all = dots
+            .into_iter()
+            .chain(entries.iter().map(|e| (e.ino, OsStr::from_bytes(&e.name))));
+        for (i, (ino, name)) in all.enumerate().skip(offset as usize) {
+            let Ok(a) = self.fs.getattr(ino) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(ino),
+                (i + 1) as u64,
+                name,
+                &self.fs.ttl(ino),
+                &attr(&a),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -412,7 +412,7 @@ impl SnapshotFs {
                 }
             }
         }
-        let entries: Vec<DirEntry> = raw
+        let mut entries: Vec<DirEntry> = raw
             .into_iter()
             .map(|(name, what, kind)| DirEntry {
                 ino: self.child_ino(ino, &name, what),
@@ -420,6 +420,8 @@ impl SnapshotFs {
                 name,
             })
             .collect();
+        // Sorted by name, so lookups are binary searches (directories of thousands of files).
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
         let entries = Arc::new(entries);
         *inode.children.lock() = Some(entries.clone());
         Ok(entries)
@@ -444,11 +446,10 @@ impl SnapshotFs {
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
         let entries = self.list(parent)?;
-        let e = entries
-            .iter()
-            .find(|e| e.name == name)
-            .ok_or(Error::NotFound)?;
-        self.getattr(e.ino)
+        let i = entries
+            .binary_search_by(|e| e.name.as_slice().cmp(name))
+            .map_err(|_| Error::NotFound)?;
+        self.getattr(entries[i].ino)
     }
 
     pub fn readdir(&self, ino: u64) -> Result<(u64, Arc<Vec<DirEntry>>)> {
