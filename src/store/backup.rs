@@ -89,7 +89,68 @@ enum JobError {
     Store(Error),
 }
 
+/// Lists directories ahead of the walk on a few threads.
+///
+/// The walk stays a simple depth-first recursion on one thread (it owns the tree being built);
+/// it asks the lister for each subdirectory as soon as it sees it and takes the result when it
+/// gets there, waiting only if that listing is still in flight.
+struct Lister {
+    slots: Mutex<std::collections::HashMap<Vec<u8>, Option<Result<Vec<Node>>>>>,
+    ready: parking_lot::Condvar,
+    tx: Mutex<Option<crossbeam_channel::Sender<Vec<u8>>>>,
+}
+
+/// Directories listed ahead of the walk at most; beyond that the walk lists them itself.
+const LIST_AHEAD: usize = 4096;
+
+impl Lister {
+    fn request(&self, path: Vec<u8>) {
+        let mut slots = self.slots.lock();
+        if slots.len() >= LIST_AHEAD || slots.contains_key(&path) {
+            return;
+        }
+        slots.insert(path.clone(), None);
+        drop(slots);
+        let sent = match &*self.tx.lock() {
+            Some(tx) => tx.try_send(path.clone()).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.slots.lock().remove(&path);
+        }
+    }
+
+    /// No more requests: the listing threads finish what is queued and end.
+    fn close(&self) {
+        self.tx.lock().take();
+    }
+
+    fn take(&self, path: &[u8]) -> Option<Result<Vec<Node>>> {
+        let mut slots = self.slots.lock();
+        loop {
+            match slots.get(path) {
+                None => return None,
+                Some(Some(_)) => return slots.remove(path).flatten(),
+                Some(None) => self.ready.wait(&mut slots),
+            }
+        }
+    }
+
+    fn run(&self, source: &dyn Source, rx: crossbeam_channel::Receiver<Vec<u8>>) {
+        for path in rx.iter() {
+            let r = source.read_dir(&path);
+            let mut slots = self.slots.lock();
+            if let Some(slot) = slots.get_mut(&path) {
+                *slot = Some(r);
+            }
+            drop(slots);
+            self.ready.notify_all();
+        }
+    }
+}
+
 struct Walker<'a> {
+    lister: &'a Lister,
     store: &'a Store,
     source: &'a dyn Source,
     opts: &'a BackupOptions,
@@ -123,7 +184,11 @@ impl Walker<'_> {
     }
 
     fn walk_dir(&mut self, path: &[u8], node: Node, parent: Option<&Tree>) -> PendingDir {
-        let mut entries = match self.source.read_dir(path) {
+        let listed = match self.lister.take(path) {
+            Some(r) => r,
+            None => self.source.read_dir(path),
+        };
+        let mut entries = match listed {
             Ok(e) => e,
             Err(e) => {
                 self.errors.push((path.to_vec(), e.to_string()));
@@ -131,6 +196,14 @@ impl Walker<'_> {
             }
         };
         entries.sort_by(|a, b| a.name.cmp(&b.name));
+        // List the subdirectories ahead on the lister's threads, in the order the walk will
+        // reach them, so metadata reads (cold caches, remote round trips) overlap.
+        for n in entries.iter().filter(|n| n.kind == NodeKind::Dir) {
+            let full = join(path, &n.name);
+            if !self.excluded(&full, &n.name) {
+                self.lister.request(full);
+            }
+        }
         let mut items = Vec::with_capacity(entries.len());
         for n in entries {
             let full = join(path, &n.name);
@@ -300,7 +373,20 @@ pub fn run(
     let results: Mutex<Vec<Option<JobOutcome>>> = Mutex::new(Vec::new());
     let fatal: Mutex<Option<Error>> = Mutex::new(None);
 
+    let (list_tx, list_rx) = bounded::<Vec<u8>>(LIST_AHEAD);
+    let lister = Lister {
+        slots: Mutex::new(std::collections::HashMap::new()),
+        ready: parking_lot::Condvar::new(),
+        tx: Mutex::new(Some(list_tx)),
+    };
     let (root_item, mut errors, mut stats) = std::thread::scope(|s| {
+        // Listing threads: a few, as listing is latency-bound (disk or network), not CPU-bound.
+        for _ in 0..4 {
+            let rx = list_rx.clone();
+            let lister = &lister;
+            s.spawn(move || lister.run(source, rx));
+        }
+        drop(list_rx);
         for _ in 0..workers {
             let rx = rx.clone();
             let packer = &packer;
@@ -337,6 +423,7 @@ pub fn run(
         }
         drop(rx);
         let mut w = Walker {
+            lister: &lister,
             store,
             source,
             opts,
@@ -369,6 +456,7 @@ pub fn run(
             errors, stats, tx, ..
         } = w;
         drop(tx);
+        lister.close();
         (item, errors, stats)
     });
     if let Some(e) = fatal.into_inner() {
