@@ -89,13 +89,16 @@ enum JobError {
     Store(Error),
 }
 
+/// A directory's entries, or why they could not be read.
+type Listing = Result<Vec<Node>>;
+
 /// Lists directories ahead of the walk on a few threads.
 ///
 /// The walk stays a simple depth-first recursion on one thread (it owns the tree being built);
 /// it asks the lister for each subdirectory as soon as it sees it and takes the result when it
 /// gets there, waiting only if that listing is still in flight.
 struct Lister {
-    slots: Mutex<std::collections::HashMap<Vec<u8>, Option<Result<Vec<Node>>>>>,
+    slots: Mutex<std::collections::HashMap<Vec<u8>, Option<Listing>>>,
     ready: parking_lot::Condvar,
     tx: Mutex<Option<crossbeam_channel::Sender<Vec<u8>>>>,
 }
@@ -125,7 +128,7 @@ impl Lister {
         self.tx.lock().take();
     }
 
-    fn take(&self, path: &[u8]) -> Option<Result<Vec<Node>>> {
+    fn take(&self, path: &[u8]) -> Option<Listing> {
         let mut slots = self.slots.lock();
         loop {
             match slots.get(path) {
