@@ -153,7 +153,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     cfg.n_threads = Some(2);
     cfg.clone_fd = true;
 
-    let session = fuser::Session::new(Fuse { fs }, &mountpoint, &cfg).map_err(|e| {
+    let session = fuser::Session::new(Fuse::new(fs), &mountpoint, &cfg).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::PermissionDenied => {
                 " (no permission: run as root, or install fuse3 for fusermount3)"

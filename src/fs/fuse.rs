@@ -20,6 +20,14 @@ use crate::store::tree::NodeKind;
 
 pub struct Fuse {
     pub fs: Arc<SnapshotFs>,
+    /// The kernel accepted FUSE_NO_OPEN_SUPPORT: files are opened without a request.
+    pub no_open: bool,
+}
+
+impl Fuse {
+    pub fn new(fs: Arc<SnapshotFs>) -> Fuse {
+        Fuse { fs, no_open: false }
+    }
 }
 
 fn kind(k: NodeKind) -> FileType {
@@ -68,6 +76,11 @@ impl Filesystem for Fuse {
         // READDIRPLUS: a listing carries every entry's attributes, so `ls -l`, `tar` or `cp -r`
         // need no LOOKUP round trip per file.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
+        // No OPEN/RELEASE round trips: answering the first OPEN with ENOSYS makes the kernel
+        // open files by itself from then on, with FOPEN_KEEP_CACHE (snapshots never change).
+        self.no_open = config
+            .add_capabilities(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT)
+            .is_ok();
         Ok(())
     }
 
@@ -134,6 +147,13 @@ impl Filesystem for Fuse {
             reply.error(Errno::EROFS);
             return;
         }
+        if self.no_open {
+            match self.fs.openable(ino.0) {
+                Ok(()) => reply.error(Errno::ENOSYS),
+                Err(e) => reply.error(errno(&e)),
+            }
+            return;
+        }
         match self.fs.open(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
@@ -143,7 +163,7 @@ impl Filesystem for Fuse {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -151,7 +171,13 @@ impl Filesystem for Fuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
+        // Handles start at 1: 0 is a file the kernel opened by itself ("no open").
+        let r = if fh.0 == 0 {
+            self.fs.read_ino(ino.0, offset, size)
+        } else {
+            self.fs.read(fh.0, offset, size)
+        };
+        match r {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
         }

@@ -142,6 +142,8 @@ pub struct SnapshotFs {
     refreshed: Mutex<Option<Instant>>,
     whole_store: bool,
     handles: RwLock<HashMap<u64, Arc<Open>>>,
+    /// Read state of files read without a handle (kernel "no open" mode).
+    by_ino: Mutex<lru::LruCache<u64, Arc<Open>>>,
     next_fh: AtomicU64,
     /// Id of an all-zero maximum-size chunk, not counted in `st_blocks` (sparse files).
     zero_chunk: BlobId,
@@ -172,6 +174,9 @@ impl SnapshotFs {
             refreshed: Mutex::new(None),
             whole_store: cfg.root.is_none(),
             handles: RwLock::new(HashMap::new()),
+            by_ino: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(4096).expect("non-zero"),
+            )),
             next_fh: AtomicU64::new(1),
             zero_chunk,
             mount_time: SystemTime::now(),
@@ -530,6 +535,14 @@ impl SnapshotFs {
 
     /// Open a file for reading; returns a handle.
     pub fn open(&self, ino: u64) -> Result<u64> {
+        let h = Arc::new(self.make_open(ino)?);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().insert(fh, h);
+        Ok(fh)
+    }
+
+    /// The read state of a file, built from its chunk list.
+    fn make_open(&self, ino: u64) -> Result<Open> {
         let node = match &self.inode(ino)?.what {
             What::Node { node, .. } if node.kind == NodeKind::File => node.clone(),
             What::Node { node, .. } if node.kind == NodeKind::Dir => return Err(Error::IsDir),
@@ -555,17 +568,38 @@ impl SnapshotFs {
             }
         }
         offsets.push(off);
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().insert(
-            fh,
-            Arc::new(Open {
-                ino,
-                content: node.content.clone(),
-                offsets,
-                next: Mutex::new((0, 1)),
-            }),
-        );
-        Ok(fh)
+        Ok(Open {
+            ino,
+            content: node.content.clone(),
+            offsets,
+            next: Mutex::new((0, 1)),
+        })
+    }
+
+    /// Check that `ino` can be opened for reading (for kernels that skip OPEN requests).
+    pub fn openable(&self, ino: u64) -> Result<()> {
+        match &self.inode(ino)?.what {
+            What::Node { node, .. } if node.kind == NodeKind::File => Ok(()),
+            What::Node { node, .. } if node.kind == NodeKind::Dir => Err(Error::IsDir),
+            What::StoreRoot | What::Virtual(_) => Err(Error::IsDir),
+            _ => Err(Error::NotFound),
+        }
+    }
+
+    /// Read without an open handle: the kernel sends no OPEN/RELEASE when the filesystem
+    /// supports "no open" (one request per small file instead of three). The read state is
+    /// kept per inode in a small LRU.
+    pub fn read_ino(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let cached = self.by_ino.lock().get(&ino).cloned();
+        let h = match cached {
+            Some(h) => h,
+            None => {
+                let h = Arc::new(self.make_open(ino)?);
+                self.by_ino.lock().put(ino, h.clone());
+                h
+            }
+        };
+        self.read_open(&h, offset, size)
     }
 
     pub fn release(&self, fh: u64) {
@@ -580,6 +614,10 @@ impl SnapshotFs {
             .get(&fh)
             .cloned()
             .ok_or(Error::BadHandle)?;
+        self.read_open(&h, offset, size)
+    }
+
+    fn read_open(&self, h: &Open, offset: u64, size: u32) -> Result<Vec<u8>> {
         let end_of_file = *h.offsets.last().expect("at least the end offset");
         if offset >= end_of_file || size == 0 {
             return Ok(Vec::new());
@@ -749,6 +787,10 @@ mod tests {
         assert_eq!(fs.read(fh, 2, 2).unwrap(), b"ll");
         assert_eq!(fs.read(fh, 10, 2).unwrap(), b"");
         fs.release(fh);
+        // Without a handle ("no open" kernels), by inode.
+        assert_eq!(fs.read_ino(small.ino, 1, 3).unwrap(), b"ell");
+        assert!(fs.openable(small.ino).is_ok());
+        assert!(matches!(fs.openable(ROOT), Err(Error::IsDir)));
         if !small.kind.eq(&NodeKind::Dir) {
             let x = fs.getxattr(small.ino, b"user.k");
             if let Ok(v) = x {

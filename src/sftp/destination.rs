@@ -94,28 +94,9 @@ impl Destination for SftpDestination {
     fn create_file(&self, path: &[u8], size: u64) -> Result<()> {
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
-            if c.sftp.lstat(&p).is_ok_and(|s| !s.is_file()) {
-                let _ = c.sftp.unlink(&p);
-            }
-            let mut f = c
-                .sftp
-                .open_mode(
-                    &p,
-                    OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
-                    0o600,
-                    OpenType::File,
-                )
-                .map_err(io)?;
+            let mut f = create_truncated(c, &p)?;
             if size > 0 {
-                f.setstat(FileStat {
-                    size: Some(size),
-                    uid: None,
-                    gid: None,
-                    perm: None,
-                    atime: None,
-                    mtime: None,
-                })
-                .map_err(io)?;
+                f.setstat(stat_size(size)).map_err(io)?;
             }
             Ok(())
         })
@@ -195,38 +176,15 @@ impl Destination for SftpDestination {
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
             // Owners first, and only where the server lets us (it does when we log in as root).
-            let _ = c.sftp.setstat(
-                &p,
-                FileStat {
-                    size: None,
-                    uid: Some(node.uid),
-                    gid: Some(node.gid),
-                    perm: None,
-                    atime: None,
-                    mtime: None,
-                },
-            );
-            let mtime = node.mtime.sec.max(0) as u64;
-            c.sftp
-                .setstat(
-                    &p,
-                    FileStat {
-                        size: None,
-                        uid: None,
-                        gid: None,
-                        perm: Some(node.mode & 0o7777),
-                        atime: Some(mtime),
-                        mtime: Some(mtime),
-                    },
-                )
-                .map_err(|e| {
-                    let e = io(e);
-                    if not_found(&e) {
-                        e
-                    } else {
-                        std::io::Error::new(e.kind(), format!("setting mode and times: {e}"))
-                    }
-                })
+            let _ = c.sftp.setstat(&p, stat_owner(node));
+            c.sftp.setstat(&p, stat_mode_times(node)).map_err(|e| {
+                let e = io(e);
+                if not_found(&e) {
+                    e
+                } else {
+                    std::io::Error::new(e.kind(), format!("setting mode and times: {e}"))
+                }
+            })
         })
     }
 
@@ -245,18 +203,7 @@ impl Destination for SftpDestination {
     fn write_whole(&self, path: &[u8], data: &[u8], node: &Node) -> Result<()> {
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
-            if c.sftp.lstat(&p).is_ok_and(|s| !s.is_file()) {
-                let _ = c.sftp.unlink(&p);
-            }
-            let mut f = c
-                .sftp
-                .open_mode(
-                    &p,
-                    OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
-                    0o600,
-                    OpenType::File,
-                )
-                .map_err(io)?;
+            let mut f = create_truncated(c, &p)?;
             if data.iter().all(|&b| b == 0) {
                 if !data.is_empty() {
                     f.setstat(stat_size(data.len() as u64)).map_err(io)?;
@@ -267,35 +214,63 @@ impl Destination for SftpDestination {
                 }
             }
             // Owners where the server allows it, then mode and times, on the open handle.
-            let _ = f.setstat(FileStat {
-                size: None,
-                uid: Some(node.uid),
-                gid: Some(node.gid),
-                perm: None,
-                atime: None,
-                mtime: None,
-            });
-            let mtime = node.mtime.sec.max(0) as u64;
-            f.setstat(FileStat {
-                size: None,
-                uid: None,
-                gid: None,
-                perm: Some(node.mode & 0o7777),
-                atime: Some(mtime),
-                mtime: Some(mtime),
-            })
-            .map_err(io)
+            let _ = f.setstat(stat_owner(node));
+            f.setstat(stat_mode_times(node)).map_err(io)
         })
     }
 }
 
-fn stat_size(size: u64) -> FileStat {
+/// SETSTAT attributes: nothing.
+fn stat_none() -> FileStat {
     FileStat {
-        size: Some(size),
+        size: None,
         uid: None,
         gid: None,
         perm: None,
         atime: None,
         mtime: None,
     }
+}
+
+/// SETSTAT attributes: only the size (ftruncate).
+fn stat_size(size: u64) -> FileStat {
+    FileStat {
+        size: Some(size),
+        ..stat_none()
+    }
+}
+
+/// SETSTAT attributes: only the owner.
+fn stat_owner(node: &Node) -> FileStat {
+    FileStat {
+        uid: Some(node.uid),
+        gid: Some(node.gid),
+        ..stat_none()
+    }
+}
+
+/// SETSTAT attributes: mode, and mtime as both times (SFTP v3 has whole seconds only).
+fn stat_mode_times(node: &Node) -> FileStat {
+    let mtime = node.mtime.sec.max(0) as u64;
+    FileStat {
+        perm: Some(node.mode & 0o7777),
+        atime: Some(mtime),
+        mtime: Some(mtime),
+        ..stat_none()
+    }
+}
+
+/// Open `p` for writing, created or truncated, replacing anything that is not a file.
+fn create_truncated(c: &super::conn::Conn, p: &Path) -> std::io::Result<ssh2::File> {
+    if c.sftp.lstat(p).is_ok_and(|s| !s.is_file()) {
+        let _ = c.sftp.unlink(p);
+    }
+    c.sftp
+        .open_mode(
+            p,
+            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+            0o600,
+            OpenType::File,
+        )
+        .map_err(io)
 }

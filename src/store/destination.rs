@@ -123,17 +123,7 @@ impl Destination for LocalDestination {
 
     fn create_file(&self, path: &[u8], size: u64) -> Result<()> {
         let p = self.path(path);
-        if fs::symlink_metadata(&p).is_ok_and(|m| !m.is_file()) {
-            clear(&p)?;
-        }
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&p)
-            .at(&p)?;
-        f.set_len(size).at(&p)
+        create_truncated(&p)?.set_len(size).at(&p)
     }
 
     fn write_at(&self, path: &[u8], offset: u64, data: &[u8]) -> Result<()> {
@@ -144,16 +134,7 @@ impl Destination for LocalDestination {
 
     fn write_whole(&self, path: &[u8], data: &[u8], node: &Node) -> Result<()> {
         let p = self.path(path);
-        if fs::symlink_metadata(&p).is_ok_and(|m| !m.is_file()) {
-            clear(&p)?;
-        }
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&p)
-            .at(&p)?;
+        let f = create_truncated(&p)?;
         f.set_len(data.len() as u64).at(&p)?;
         write_sparse(&f, &p, 0, data)?;
         drop(f);
@@ -227,6 +208,21 @@ impl Destination for LocalDestination {
             _ => Ok(()),
         }
     }
+}
+
+/// Open `p` for writing, created or truncated (0600 until its metadata is set), replacing
+/// anything that is not a file.
+fn create_truncated(p: &Path) -> Result<fs::File> {
+    if fs::symlink_metadata(p).is_ok_and(|m| !m.is_file()) {
+        clear(p)?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .at(p)
 }
 
 /// Write `data` at `offset`, leaving 4 KiB blocks of zeros as holes (the file already has its
