@@ -61,6 +61,10 @@ fn sample_tree(root: &Path) {
     fs::write(root.join("secret"), b"x").unwrap();
     fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
     fs::set_permissions(root.join("www/css"), fs::Permissions::from_mode(0o750)).unwrap();
+    // Setuid survives an owner change on the destination (chown clears it).
+    fs::write(root.join("suid"), b"#!/bin/sh\n").unwrap();
+    std::os::unix::fs::chown(root.join("suid"), Some(4321), Some(4321)).unwrap();
+    fs::set_permissions(root.join("suid"), fs::Permissions::from_mode(0o4755)).unwrap();
     symlink("www/index.html", root.join("link")).unwrap();
 }
 
@@ -200,7 +204,7 @@ fn remote_source_and_destination() {
     sample_tree(&data);
     let src_url = sshd.url(&data);
     let first = snapshot_json(&sshd, store, &[&src_url]);
-    assert_eq!(first["files"], 5);
+    assert_eq!(first["files"], 6);
     assert!(first["bytes_read"].as_u64().unwrap() > 3_000_000);
 
     // Unchanged remote tree: nothing is read again.

@@ -175,8 +175,15 @@ impl Destination for SftpDestination {
         }
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
-            // Owners first, and only where the server lets us (it does when we log in as root).
-            let _ = c.sftp.setstat(&p, stat_owner(node));
+            // Owners, mode and times in one request; where the server refuses the owners (we
+            // are not root there), mode and times alone.
+            if c.sftp.setstat(&p, stat_all(node)).is_ok() {
+                // OpenSSH applies the owner last, and chown clears setuid/setgid bits.
+                if node.mode & 0o6000 != 0 {
+                    c.sftp.setstat(&p, stat_mode(node)).map_err(io)?;
+                }
+                return Ok(());
+            }
             c.sftp.setstat(&p, stat_mode_times(node)).map_err(|e| {
                 let e = io(e);
                 if not_found(&e) {
@@ -213,8 +220,15 @@ impl Destination for SftpDestination {
                     f.write_all(chunk)?;
                 }
             }
-            // Owners where the server allows it, then mode and times, on the open handle.
-            let _ = f.setstat(stat_owner(node));
+            // On the open handle: owners, mode and times in one request, or without the owners
+            // where the server refuses them.
+            if f.setstat(stat_all(node)).is_ok() {
+                // OpenSSH applies the owner last, and chown clears setuid/setgid bits.
+                if node.mode & 0o6000 != 0 {
+                    f.setstat(stat_mode(node)).map_err(io)?;
+                }
+                return Ok(());
+            }
             f.setstat(stat_mode_times(node)).map_err(io)
         })
     }
@@ -240,12 +254,20 @@ fn stat_size(size: u64) -> FileStat {
     }
 }
 
-/// SETSTAT attributes: only the owner.
-fn stat_owner(node: &Node) -> FileStat {
+/// SETSTAT attributes: only the mode.
+fn stat_mode(node: &Node) -> FileStat {
+    FileStat {
+        perm: Some(node.mode & 0o7777),
+        ..stat_none()
+    }
+}
+
+/// SETSTAT attributes: owner, mode and times.
+fn stat_all(node: &Node) -> FileStat {
     FileStat {
         uid: Some(node.uid),
         gid: Some(node.gid),
-        ..stat_none()
+        ..stat_mode_times(node)
     }
 }
 
