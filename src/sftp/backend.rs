@@ -51,6 +51,16 @@ impl SftpBackend {
     }
 }
 
+/// An SFTP error as an I/O error, except "no such file", which means `missing`.
+fn missing_is<T>(e: ssh2::Error, missing: T) -> std::io::Result<T> {
+    let e = io(e);
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Ok(missing)
+    } else {
+        Err(e)
+    }
+}
+
 /// Read exactly `len` bytes from `offset` without making libssh2 fetch past the range.
 pub fn read_range_conn(c: &Conn, path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
     let mut f = c.sftp.open(path).map_err(io)?;
@@ -169,14 +179,7 @@ impl Backend for SftpBackend {
         let p = self.dir("");
         self.pool.run(&self.loc.url(), |c| match c.sftp.stat(&p) {
             Ok(s) => Ok(s.is_dir()),
-            Err(e) => {
-                let e = io(e);
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
+            Err(e) => missing_is(e, false),
         })
     }
 
@@ -188,14 +191,7 @@ impl Backend for SftpBackend {
                     .into_iter()
                     .filter_map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()))
                     .collect()),
-                Err(e) => {
-                    let e = io(e);
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        Ok(Vec::new())
-                    } else {
-                        Err(e)
-                    }
-                }
+                Err(e) => missing_is(e, Vec::new()),
             })
     }
 
@@ -217,14 +213,7 @@ impl Backend for SftpBackend {
         let entries = |c: &Conn, d: &Path| -> std::io::Result<Vec<(PathBuf, ssh2::FileStat)>> {
             match c.sftp.readdir(d) {
                 Ok(v) => Ok(v),
-                Err(e) => {
-                    let e = io(e);
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        Ok(Vec::new())
-                    } else {
-                        Err(e)
-                    }
-                }
+                Err(e) => missing_is(e, Vec::new()),
             }
         };
         let mut out: Vec<Listed> = self.pool.run(&what, |c| {
@@ -296,14 +285,7 @@ impl Backend for SftpBackend {
         let p = self.path(t, name);
         self.pool.run(&t.path(name), |c| match c.sftp.unlink(&p) {
             Ok(()) => Ok(()),
-            Err(e) => {
-                let e = io(e);
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
+            Err(e) => missing_is(e, ()),
         })
     }
 }
