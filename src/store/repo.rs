@@ -979,23 +979,31 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_swapped_plaintext_config_is_refused() {
-        let mem = Arc::new(MemBackend::new());
-        Store::create(mem.clone(), &opts(true), &|_| Ok(b"pw".to_vec())).unwrap();
-        // An attacker writes a plaintext config with keys of their own.
+    /// Replace the store's config with an edited one, framed as a valid file (as someone with
+    /// write access to the store could).
+    fn rewrite_config(mem: &MemBackend, edit: impl FnOnce(&mut Config)) {
         let mut cfg: Config = unframe(
             MAGIC_CONFIG,
             &mem.read(FileType::Config, "config").unwrap(),
             "config",
         )
         .unwrap();
-        let evil = MasterKeys::random();
-        cfg.encrypted = false;
-        cfg.plain_keys = Some(evil.clone());
-        cfg.auth = cfg.compute_auth(&evil.id);
+        edit(&mut cfg);
         mem.tamper(FileType::Config, "config", |b| {
             *b = frame(MAGIC_CONFIG, &cfg)
+        });
+    }
+
+    #[test]
+    fn a_swapped_plaintext_config_is_refused() {
+        let mem = Arc::new(MemBackend::new());
+        Store::create(mem.clone(), &opts(true), &|_| Ok(b"pw".to_vec())).unwrap();
+        // An attacker writes a plaintext config with keys of their own.
+        let evil = MasterKeys::random();
+        rewrite_config(&mem, |cfg| {
+            cfg.encrypted = false;
+            cfg.plain_keys = Some(evil.clone());
+            cfg.auth = cfg.compute_auth(&evil.id);
         });
         let e = Store::open(mem.clone(), &|_| Ok(b"pw".to_vec()))
             .err()
@@ -1007,16 +1015,7 @@ mod tests {
     fn an_edited_config_is_refused() {
         let mem = Arc::new(MemBackend::new());
         Store::create(mem.clone(), &opts(true), &|_| Ok(b"pw".to_vec())).unwrap();
-        let mut cfg: Config = unframe(
-            MAGIC_CONFIG,
-            &mem.read(FileType::Config, "config").unwrap(),
-            "config",
-        )
-        .unwrap();
-        cfg.pack_size = 1;
-        mem.tamper(FileType::Config, "config", |b| {
-            *b = frame(MAGIC_CONFIG, &cfg)
-        });
+        rewrite_config(&mem, |cfg| cfg.pack_size = 1);
         let e = Store::open(mem.clone(), &|_| Ok(b"pw".to_vec()))
             .err()
             .unwrap();
