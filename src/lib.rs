@@ -7,3 +7,4 @@ pub mod cli;
 pub mod fs;
 pub mod sftp;
 pub mod store;
+pub mod trace;

@@ -1,6 +1,7 @@
 //! The `kloset` binary: everything happens in `kloset::cli`.
 
 fn main() {
+    kloset::trace::init();
     tune_malloc();
     std::process::exit(kloset::cli::main());
 }

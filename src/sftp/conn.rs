@@ -455,6 +455,7 @@ fn authenticate(sess: &Session, t: &Target) -> Result<(), Error> {
 
 /// Open one connection: TCP, handshake, host key check, authentication, SFTP.
 pub fn connect(t: &Target) -> Result<Conn, Error> {
+    let _t = crate::trace::span("ssh connect");
     let addrs: Vec<_> = (t.hostname.as_str(), t.port)
         .to_socket_addrs()
         .map_err(|e| Error::Connect(t.display(), format!("cannot resolve host name: {e}")))?

@@ -92,68 +92,147 @@ enum JobError {
 /// A directory's entries, or why they could not be read.
 type Listing = Result<Vec<Node>>;
 
+/// Is `path` (whose last component is `name`) left out by the exclude patterns?
+fn is_excluded(exclude: Option<&globset::GlobSet>, path: &[u8], name: &[u8]) -> bool {
+    exclude.is_some_and(|g| {
+        g.is_match(std::ffi::OsStr::from_bytes(path))
+            || g.is_match(std::ffi::OsStr::from_bytes(name))
+    })
+}
+
 /// Lists directories ahead of the walk on a few threads.
 ///
-/// The walk stays a simple depth-first recursion on one thread (it owns the tree being built);
-/// it asks the lister for each subdirectory as soon as it sees it and takes the result when it
-/// gets there, waiting only if that listing is still in flight.
-struct Lister {
-    slots: Mutex<std::collections::HashMap<Vec<u8>, Option<Listing>>>,
+/// The walk stays a simple depth-first recursion on one thread (it owns the tree being built)
+/// and takes each directory's listing from here, waiting only if it is still in flight. The
+/// lister explores on its own from the root, depth first (a stack, so the walk's next
+/// directories come first), so it can start before the store is open: with a cold page cache
+/// most of an unchanged backup is the kernel reading inodes, and this overlaps it with the
+/// SSH login and the key derivation. At most [`LIST_AHEAD`] listings are held; past that the
+/// walk lists directories itself and the lister follows its requests.
+pub struct Lister<'s> {
+    source: &'s dyn Source,
+    exclude: Option<&'s globset::GlobSet>,
+    state: Mutex<ListerState>,
+    /// A listing finished.
     ready: parking_lot::Condvar,
-    tx: Mutex<Option<crossbeam_channel::Sender<Vec<u8>>>>,
+    /// Work was queued, or the lister was closed.
+    work: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct ListerState {
+    /// Requested directories: `None` while queued or in flight.
+    slots: std::collections::HashMap<Vec<u8>, Option<Listing>>,
+    /// Directories to list, the next one last.
+    stack: Vec<Vec<u8>>,
+    closed: bool,
 }
 
 /// Directories listed ahead of the walk at most; beyond that the walk lists them itself.
 const LIST_AHEAD: usize = 4096;
 
-impl Lister {
-    fn request(&self, path: Vec<u8>) {
-        let mut slots = self.slots.lock();
-        if slots.len() >= LIST_AHEAD || slots.contains_key(&path) {
-            return;
-        }
-        slots.insert(path.clone(), None);
-        drop(slots);
-        let sent = match &*self.tx.lock() {
-            Some(tx) => tx.try_send(path.clone()).is_ok(),
-            None => false,
-        };
-        if !sent {
-            self.slots.lock().remove(&path);
+/// Threads listing directories: listing is latency-bound (disk or network), not CPU-bound.
+pub const LISTER_THREADS: usize = 4;
+
+impl<'s> Lister<'s> {
+    pub fn new(source: &'s dyn Source, exclude: Option<&'s globset::GlobSet>) -> Self {
+        Lister {
+            source,
+            exclude,
+            state: Mutex::new(ListerState::default()),
+            ready: parking_lot::Condvar::new(),
+            work: parking_lot::Condvar::new(),
         }
     }
 
-    /// No more requests: the listing threads finish what is queued and end.
-    fn close(&self) {
-        self.tx.lock().take();
+    /// Queue `path` for listing (if there is room and it is not queued already).
+    pub fn request(&self, path: Vec<u8>) {
+        let mut st = self.state.lock();
+        Self::push(&mut st, path);
+        drop(st);
+        self.work.notify_one();
+    }
+
+    fn push(st: &mut ListerState, path: Vec<u8>) -> bool {
+        if st.closed || st.slots.len() >= LIST_AHEAD || st.slots.contains_key(&path) {
+            return false;
+        }
+        st.slots.insert(path.clone(), None);
+        st.stack.push(path);
+        true
+    }
+
+    /// No more work: the listing threads end after the listing in hand; queued directories
+    /// are dropped (the walk lists them itself if it still needs them).
+    pub fn close(&self) {
+        let mut st = self.state.lock();
+        st.closed = true;
+        for p in std::mem::take(&mut st.stack) {
+            st.slots.remove(&p);
+        }
+        drop(st);
+        self.work.notify_all();
+        self.ready.notify_all();
     }
 
     fn take(&self, path: &[u8]) -> Option<Listing> {
-        let mut slots = self.slots.lock();
+        let mut st = self.state.lock();
         loop {
-            match slots.get(path) {
+            match st.slots.get(path) {
                 None => return None,
-                Some(Some(_)) => return slots.remove(path).flatten(),
-                Some(None) => self.ready.wait(&mut slots),
+                Some(Some(_)) => return st.slots.remove(path).flatten(),
+                Some(None) => self.ready.wait(&mut st),
             }
         }
     }
 
-    fn run(&self, source: &dyn Source, rx: crossbeam_channel::Receiver<Vec<u8>>) {
-        for path in rx.iter() {
-            let r = source.read_dir(&path);
-            let mut slots = self.slots.lock();
-            if let Some(slot) = slots.get_mut(&path) {
+    /// The body of a listing thread: until [`Lister::close`].
+    pub fn run(&self) {
+        loop {
+            let path = {
+                let mut st = self.state.lock();
+                loop {
+                    if let Some(p) = st.stack.pop() {
+                        break p;
+                    }
+                    if st.closed {
+                        return;
+                    }
+                    self.work.wait(&mut st);
+                }
+            };
+            let r = self.source.read_dir(&path);
+            let mut subdirs: Vec<Vec<u8>> = match &r {
+                Ok(entries) => entries
+                    .iter()
+                    .filter(|n| n.kind == NodeKind::Dir)
+                    .map(|n| (join(&path, &n.name), &n.name))
+                    .filter(|(full, name)| !is_excluded(self.exclude, full, name))
+                    .map(|(full, _)| full)
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            // The walk goes through names in order: the first subdirectory goes on top.
+            subdirs.sort_unstable_by(|a, b| b.cmp(a));
+            let mut st = self.state.lock();
+            if let Some(slot) = st.slots.get_mut(&path) {
                 *slot = Some(r);
             }
-            drop(slots);
+            let mut queued = false;
+            for d in subdirs {
+                queued |= Self::push(&mut st, d);
+            }
+            drop(st);
             self.ready.notify_all();
+            if queued {
+                self.work.notify_all();
+            }
         }
     }
 }
 
 struct Walker<'a> {
-    lister: &'a Lister,
+    lister: &'a Lister<'a>,
     store: &'a Store,
     source: &'a dyn Source,
     opts: &'a BackupOptions,
@@ -176,14 +255,7 @@ fn unchanged(n: &Node, old: &Node, has_inodes: bool) -> bool {
 
 impl Walker<'_> {
     fn excluded(&self, path: &[u8], name: &[u8]) -> bool {
-        match &self.opts.exclude {
-            Some(g) => {
-                let p = std::ffi::OsStr::from_bytes(path);
-                let n = std::ffi::OsStr::from_bytes(name);
-                g.is_match(p) || g.is_match(n)
-            }
-            None => false,
-        }
+        is_excluded(self.opts.exclude.as_ref(), path, name)
     }
 
     fn walk_dir(&mut self, path: &[u8], node: Node, parent: Option<&Tree>) -> PendingDir {
@@ -347,12 +419,54 @@ pub fn run(
     opts: &BackupOptions,
     progress: &Progress,
 ) -> Result<BackupResult> {
+    with_lister(source, opts.exclude.as_ref(), |lister| {
+        run_listed(store, source, opts, progress, lister)
+    })
+}
+
+/// Start listing `source` from its root on [`LISTER_THREADS`] threads, call `f` with the
+/// lister (for [`run_listed`]), and stop the listing when `f` returns.
+pub fn with_lister<R>(
+    source: &dyn Source,
+    exclude: Option<&globset::GlobSet>,
+    f: impl FnOnce(&Lister) -> R,
+) -> R {
+    /// Closes the lister however `f` ends, so the scope's threads can be joined.
+    struct Closing<'a, 's>(&'a Lister<'s>);
+    impl Drop for Closing<'_, '_> {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let lister = Lister::new(source, exclude);
+    std::thread::scope(|s| {
+        for _ in 0..LISTER_THREADS {
+            s.spawn(|| lister.run());
+        }
+        let closing = Closing(&lister);
+        lister.request(source.root());
+        let r = f(closing.0);
+        drop(closing);
+        r
+    })
+}
+
+/// [`run`] with a lister that is already listing `source` (see [`with_lister`]), so the
+/// listing can start before the store is opened. `opts.exclude` must be the lister's.
+pub fn run_listed(
+    store: &Store,
+    source: &dyn Source,
+    opts: &BackupOptions,
+    progress: &Progress,
+    lister: &Lister,
+) -> Result<BackupResult> {
     let started = Instant::now();
     let root_path = source.root();
     let describe = source.describe();
     let host = super::hostname();
     let root_node = source.stat(&root_path)?;
 
+    let t_parent = crate::trace::span("find the parent snapshot");
     let parent: Option<SnapshotEntry> = if opts.no_parent {
         None
     } else {
@@ -366,6 +480,8 @@ pub fn run(
         .as_ref()
         .and_then(|p| store.lookup(p, &root_path).ok());
 
+    drop(t_parent);
+    let t_walk = crate::trace::span("walk and read files");
     let workers = if opts.workers > 0 {
         opts.workers
     } else {
@@ -376,20 +492,7 @@ pub fn run(
     let results: Mutex<Vec<Option<JobOutcome>>> = Mutex::new(Vec::new());
     let fatal: Mutex<Option<Error>> = Mutex::new(None);
 
-    let (list_tx, list_rx) = bounded::<Vec<u8>>(LIST_AHEAD);
-    let lister = Lister {
-        slots: Mutex::new(std::collections::HashMap::new()),
-        ready: parking_lot::Condvar::new(),
-        tx: Mutex::new(Some(list_tx)),
-    };
     let (root_item, mut errors, mut stats) = std::thread::scope(|s| {
-        // Listing threads: a few, as listing is latency-bound (disk or network), not CPU-bound.
-        for _ in 0..4 {
-            let rx = list_rx.clone();
-            let lister = &lister;
-            s.spawn(move || lister.run(source, rx));
-        }
-        drop(list_rx);
         for _ in 0..workers {
             let rx = rx.clone();
             let packer = &packer;
@@ -426,7 +529,7 @@ pub fn run(
         }
         drop(rx);
         let mut w = Walker {
-            lister: &lister,
+            lister,
             store,
             source,
             opts,
@@ -459,13 +562,14 @@ pub fn run(
             errors, stats, tx, ..
         } = w;
         drop(tx);
-        lister.close();
         (item, errors, stats)
     });
     if let Some(e) = fatal.into_inner() {
         return Err(e);
     }
     let mut results = results.into_inner();
+    drop(t_walk);
+    let t_trees = crate::trace::span("write trees, packs, index");
 
     // Build the trees bottom-up.
     let mut builder = TreeBuilder {
@@ -542,6 +646,8 @@ pub fn run(
         errors,
         duration_ms: started.elapsed().as_millis() as u64,
     };
+    drop(t_trees);
+    let _t = crate::trace::span("write the snapshot");
     let id = store.write_snapshot(&snapshot)?;
     Ok(BackupResult { id, snapshot })
 }
@@ -625,4 +731,71 @@ pub fn exclude_set(patterns: &[String]) -> Result<Option<globset::GlobSet>> {
 /// For tests: a shared counter set.
 pub fn progress() -> Arc<Progress> {
     Arc::new(Progress::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalSource;
+
+    /// A local source that counts the directories it lists.
+    struct Counting {
+        inner: LocalSource,
+        listed: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl Source for Counting {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn root(&self) -> Vec<u8> {
+            self.inner.root()
+        }
+        fn has_inodes(&self) -> bool {
+            true
+        }
+        fn stat(&self, path: &[u8]) -> Result<Node> {
+            self.inner.stat(path)
+        }
+        fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>> {
+            self.listed.lock().push(path.to_vec());
+            self.inner.read_dir(path)
+        }
+        fn open(&self, path: &[u8], size: u64) -> Result<Box<dyn Read + Send>> {
+            self.inner.open(path, size)
+        }
+    }
+
+    #[test]
+    fn the_lister_explores_everything_not_excluded_once() {
+        let t = tempfile::tempdir().unwrap();
+        for d in ["a/b/c", "a/skip/x", "d", "e/f"] {
+            std::fs::create_dir_all(t.path().join(d)).unwrap();
+        }
+        std::fs::write(t.path().join("a/b/file"), b"x").unwrap();
+        let src = Counting {
+            inner: LocalSource::new(t.path()).unwrap(),
+            listed: Mutex::new(Vec::new()),
+        };
+        let ex = exclude_set(&["skip".to_string()]).unwrap();
+        let root = src.root();
+        with_lister(&src, ex.as_ref(), |l| {
+            // Take every directory the walk would, waiting for the lister's work.
+            for d in ["", "/a", "/a/b", "/a/b/c", "/d", "/e", "/e/f"] {
+                let p = [root.as_slice(), d.as_bytes()].concat();
+                l.take(&p).expect("listed ahead").unwrap();
+            }
+        });
+        let mut listed = src.listed.into_inner();
+        listed.sort();
+        let mut want: Vec<Vec<u8>> = ["", "/a", "/a/b", "/a/b/c", "/d", "/e", "/e/f"]
+            .iter()
+            .map(|d| [root.as_slice(), d.as_bytes()].concat())
+            .collect();
+        want.sort();
+        assert_eq!(
+            listed, want,
+            "each directory listed once, the excluded one never"
+        );
+    }
 }

@@ -276,6 +276,7 @@ impl Store {
 
     /// Open an existing store without loading the index.
     pub fn open_no_index(backend: Arc<dyn Backend>, passphrase: PassphraseFn) -> Result<Store> {
+        let _t = crate::trace::span("open store (config, keys)");
         let config = read_config(backend.as_ref())?;
         let keys = match &config.plain_keys {
             Some(k) if !config.encrypted => k.clone(),
@@ -299,6 +300,7 @@ impl Store {
                     return Err(damaged.remove(0));
                 }
                 let pass = passphrase(false)?;
+                let _t = crate::trace::span("key derivation");
                 let mut found = None;
                 for k in &parsed {
                     if let Some(keys) = k.unwrap(&pass, &config.id)? {
@@ -346,6 +348,7 @@ impl Store {
     /// Read every index file; packs that no index lists (an interrupted backup) have their
     /// headers read so their blobs are known and reused.
     pub fn load_index(&self) -> Result<()> {
+        let _t = crate::trace::span("load index");
         let mut idx = Index::default();
         let mut report = IndexLoadReport::default();
         let listed = self.backend.list(FileType::Index)?;
@@ -371,7 +374,10 @@ impl Store {
                 Err(e) => report.damaged_index_files.push((file, e.to_string())),
             }
         }
-        let packs = self.backend.list(FileType::Pack)?;
+        let packs = {
+            let _t = crate::trace::span("list packs");
+            self.backend.list(FileType::Pack)?
+        };
         for p in packs {
             if idx.has_pack(&p.name) {
                 continue;
