@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
-use fastcdc::v2020::{FastCDC, Normalization, StreamCDC};
+use fastcdc::v2020::{FastCDC, Normalization};
 use parking_lot::Mutex;
 
 use super::crypto::BlobId;
@@ -335,8 +335,9 @@ impl Walker<'_> {
 
 use std::os::unix::ffi::OsStrExt;
 
-/// Largest file read whole into memory and chunked from a slice; bigger ones are streamed.
-const SLICE_LIMIT: u64 = 4 << 20;
+/// A worker keeps its read buffer between files up to this capacity; a larger file's window
+/// (two maximum chunk sizes) is given back when the file is done.
+const KEEP_BUF: usize = 8 << 20;
 
 fn chunk_file(
     store: &Store,
@@ -352,7 +353,7 @@ fn chunk_file(
     let mut reader = source.open(path, size).map_err(JobError::Source)?;
     let mut res = JobResult::default();
     let pathname = || String::from_utf8_lossy(path).into_owned();
-    let mut handle = |data: &[u8]| -> Result<(), JobError> {
+    let handle = |data: &[u8]| -> Result<(), JobError> {
         let id = store.crypto().blob_id(data);
         if !packer.claim(&id) {
             packer
@@ -369,47 +370,73 @@ fn chunk_file(
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     };
-    // Read up to SLICE_LIMIT bytes; if the file ends there, chunk the slice.
+    chunk_stream(
+        &mut reader,
+        size,
+        cp,
+        seed,
+        buf,
+        |e| Error::io(pathname(), e),
+        handle,
+    )?;
+    Ok(res)
+}
+
+/// Cut everything `reader` gives into FastCDC chunks and call `handle` on each, in order.
+///
+/// The file is read into `buf` (reused across files) in windows of up to two maximum chunk
+/// sizes; a chunk is cut only once a whole maximum chunk size past its start is in the buffer
+/// (or the file has ended), so the cuts are exactly those of FastCDC over the whole file. The
+/// unconsumed tail is moved to the front before the next read. `size_hint` (the size the walk
+/// saw) sizes the first read so small files are read in one call.
+fn chunk_stream(
+    reader: &mut dyn Read,
+    size_hint: u64,
+    cp: ChunkerParams,
+    seed: u64,
+    buf: &mut Vec<u8>,
+    io_err: impl Fn(std::io::Error) -> Error,
+    mut handle: impl FnMut(&[u8]) -> Result<(), JobError>,
+) -> Result<(), JobError> {
+    let max = cp.max as usize;
+    let window = 2 * max;
     buf.clear();
-    (&mut reader)
-        .take(SLICE_LIMIT + 1)
-        .read_to_end(buf)
-        .map_err(|e| JobError::Source(Error::io(pathname(), e)))?;
-    if buf.len() as u64 <= SLICE_LIMIT {
-        if buf.is_empty() {
-            return Ok(res);
+    buf.reserve((size_hint as usize).saturating_add(1).min(window));
+    let mut eof = false;
+    loop {
+        // Fill the window (or up to the end of the file).
+        let want = (window - buf.len()) as u64;
+        let got = reader
+            .take(want)
+            .read_to_end(buf)
+            .map_err(|e| JobError::Source(io_err(e)))?;
+        if (got as u64) < want {
+            eof = true;
         }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut consumed = 0;
         for c in FastCDC::with_level_and_seed(
             buf,
             cp.min as usize,
             cp.avg as usize,
-            cp.max as usize,
+            max,
             Normalization::Level1,
             seed,
         ) {
+            if !eof && buf.len() - c.offset < max {
+                break;
+            }
             handle(&buf[c.offset..c.offset + c.length])?;
+            consumed = c.offset + c.length;
         }
-        return Ok(res);
+        if eof {
+            return Ok(());
+        }
+        buf.copy_within(consumed.., 0);
+        buf.truncate(buf.len() - consumed);
     }
-    let head = std::io::Cursor::new(std::mem::take(buf));
-    let stream = StreamCDC::with_level_and_seed(
-        head.chain(reader),
-        cp.min as usize,
-        cp.avg as usize,
-        cp.max as usize,
-        Normalization::Level1,
-        seed,
-    );
-    for c in stream {
-        let c = c.map_err(|e| {
-            JobError::Source(match e {
-                fastcdc::v2020::Error::IoError(e) => Error::io(pathname(), e),
-                other => Error::Other(format!("{}: {other}", pathname())),
-            })
-        })?;
-        handle(&c.data)?;
-    }
-    Ok(res)
 }
 
 /// Run a backup of `source` into `store`.
@@ -507,7 +534,7 @@ pub fn run_listed(
                     let r = chunk_file(
                         store, packer, source, &job.path, job.size, &mut buf, progress,
                     );
-                    if buf.capacity() > (SLICE_LIMIT as usize) * 2 {
+                    if buf.capacity() > KEEP_BUF {
                         buf = Vec::new();
                     }
                     progress.files.fetch_add(1, Ordering::Relaxed);
@@ -797,5 +824,98 @@ mod tests {
             listed, want,
             "each directory listed once, the excluded one never"
         );
+    }
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+
+    /// A reader that hands out at most `step` bytes per call, like a pipe or a network.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = out.len().min(self.step).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn windowed_chunking_cuts_where_whole_file_chunking_does() {
+        let cp = ChunkerParams {
+            min: 1024,
+            avg: 4096,
+            max: 16384,
+        };
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..300_000)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Stretches of zeros force cuts at the maximum size.
+                if (100_000..160_000).contains(&i) {
+                    0
+                } else {
+                    x as u8
+                }
+            })
+            .collect();
+        let want: Vec<(usize, usize)> =
+            FastCDC::with_level_and_seed(&data, 1024, 4096, 16384, Normalization::Level1, 7)
+                .map(|c| (c.offset, c.length))
+                .collect();
+        for (len, step, hint) in [
+            (300_000, 1 << 20, 300_000),
+            (300_000, 777, 0),
+            (40_000, 5000, 1),
+            (0, 10, 0),
+        ] {
+            let mut got = Vec::new();
+            let mut at = 0;
+            let mut buf = Vec::new();
+            let mut r = Trickle {
+                data: &data[..len],
+                step,
+            };
+            chunk_stream(
+                &mut r,
+                hint,
+                cp,
+                7,
+                &mut buf,
+                |e| Error::Other(e.to_string()),
+                |c| {
+                    assert_eq!(c, &data[at..at + c.len()]);
+                    got.push((at, c.len()));
+                    at += c.len();
+                    Ok(())
+                },
+            )
+            .map_err(|_| "chunking failed")
+            .unwrap();
+            assert_eq!(at, len);
+            if len == data.len() {
+                assert_eq!(got, want, "step {step}");
+            } else {
+                let whole: Vec<(usize, usize)> = FastCDC::with_level_and_seed(
+                    &data[..len],
+                    1024,
+                    4096,
+                    16384,
+                    Normalization::Level1,
+                    7,
+                )
+                .map(|c| (c.offset, c.length))
+                .collect();
+                assert_eq!(got, whole, "len {len} step {step}");
+            }
+        }
     }
 }

@@ -11,7 +11,7 @@
 //! plaintext store `payload ‖ tag(16)` where the tag is a keyed BLAKE3 over aad and payload.
 //! The aad binds a sealed thing to its role (a blob to its id), so nothing can be swapped.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInOut, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use serde::{Deserialize, Serialize};
 
@@ -151,6 +151,36 @@ impl Crypto {
         }
     }
 
+    /// Bytes [`Crypto::seal_in_place`] wants reserved before the payload (the nonce).
+    pub fn seal_prefix(&self) -> usize {
+        if self.encrypted() { NONCE_LEN } else { 0 }
+    }
+
+    /// [`Crypto::seal`] without copies: `buf` holds [`Crypto::seal_prefix`] reserved bytes
+    /// and then the payload; it is turned into the sealed bytes in place (same result as
+    /// `seal`), the tag appended.
+    pub fn seal_in_place(&self, aad: &[u8], buf: &mut Vec<u8>) {
+        match &self.cipher {
+            Some(c) => {
+                let mut nonce = [0u8; NONCE_LEN];
+                fill_random(&mut nonce);
+                buf[..NONCE_LEN].copy_from_slice(&nonce);
+                let tag = c
+                    .encrypt_inout_detached(
+                        &Nonce::from(nonce),
+                        aad,
+                        (&mut buf[NONCE_LEN..]).into(),
+                    )
+                    .expect("AES-GCM encryption of an in-memory buffer cannot fail");
+                buf.extend_from_slice(&tag);
+            }
+            None => {
+                let tag = self.plain_tag(aad, buf);
+                buf.extend_from_slice(&tag);
+            }
+        }
+    }
+
     /// Open a sealed payload; `None` if it fails authentication.
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
         match &self.cipher {
@@ -285,6 +315,11 @@ mod tests {
         for enc in [true, false] {
             let c = Crypto::new(MasterKeys::random(), enc);
             let s = c.seal(b"aad", b"hello world");
+            let mut in_place = vec![0u8; c.seal_prefix()];
+            in_place.extend_from_slice(b"hello world");
+            c.seal_in_place(b"aad", &mut in_place);
+            assert_eq!(in_place.len(), s.len());
+            assert_eq!(c.open(b"aad", &in_place).unwrap(), b"hello world");
             assert_eq!(c.open(b"aad", &s).unwrap(), b"hello world");
             assert!(c.open(b"other", &s).is_none());
             for i in 0..s.len() {

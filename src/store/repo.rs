@@ -148,8 +148,13 @@ fn worth_compressing(data: &[u8]) -> bool {
     if data.len() < SAMPLE_ABOVE {
         return true;
     }
-    let sample = &data[..SAMPLE];
-    compress(sample, 1).is_none_or(|z| z.len() < SAMPLE - SAMPLE / 32)
+    SAMPLE_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        b.clear();
+        // Not shrinking by 3% means not fitting in that much room: zstd reports it as an error.
+        b.reserve_exact(SAMPLE);
+        compress_into(&data[..SAMPLE], 1, &mut b, SAMPLE - SAMPLE / 32 - 1)
+    })
 }
 
 thread_local! {
@@ -157,19 +162,44 @@ thread_local! {
     /// megabytes each time.
     static COMPRESSORS: std::cell::RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(Vec::new()) };
+    /// Where [`worth_compressing`] compresses its sample.
+    static SAMPLE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Where [`Packer::add`] seals a blob before copying it into the pack: one buffer per
+    /// thread, reused, instead of four fresh ones per blob (compressed, payload, ciphertext,
+    /// sealed), which for megabyte chunks meant mmap, page faults and munmap every time.
+    static SEAL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
+/// Append `data` compressed at `level` to `out` if the result fits in `room` bytes; on
+/// `false`, `out` is as it was.
+fn compress_into(data: &[u8], level: i32, out: &mut Vec<u8>, room: usize) -> bool {
     COMPRESSORS.with(|c| {
         let mut c = c.borrow_mut();
         let i = match c.iter().position(|(l, _)| *l == level) {
             Some(i) => i,
-            None => {
-                c.push((level, zstd::bulk::Compressor::new(level).ok()?));
-                c.len() - 1
-            }
+            None => match zstd::bulk::Compressor::new(level) {
+                Ok(z) => {
+                    c.push((level, z));
+                    c.len() - 1
+                }
+                Err(_) => return false,
+            },
         };
-        c[i].1.compress(data).ok()
+        let start = out.len();
+        out.reserve(room);
+        let fits = {
+            // zstd writes after the cursor, up to the Vec's capacity; a result that does not
+            // fit is an error and leaves nothing behind.
+            let mut cur = std::io::Cursor::new(&mut *out);
+            cur.set_position(start as u64);
+            c[i].1.compress_to_buffer(data, &mut cur).is_ok()
+        };
+        if fits && out.len() - start <= room {
+            true
+        } else {
+            out.truncate(start);
+            false
+        }
     })
 }
 
@@ -529,24 +559,29 @@ impl Store {
 
     /// Prepare a blob for a pack: compress (when it helps) and seal it.
     pub fn seal_blob(&self, id: &BlobId, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.seal_blob_into(id, data, &mut out);
+        out
+    }
+
+    /// [`Store::seal_blob`] into `out` (cleared first), reusing its memory.
+    pub fn seal_blob_into(&self, id: &BlobId, data: &[u8], out: &mut Vec<u8>) {
         let level = self.config.compression_level;
-        let mut payload = Vec::with_capacity(data.len() + 1);
-        let compressed = if level > 0 && worth_compressing(data) {
-            compress(data, level).filter(|z| z.len() + 64 < data.len())
-        } else {
-            None
-        };
-        match compressed {
-            Some(z) => {
-                payload.push(CODEC_ZSTD);
-                payload.extend_from_slice(&z);
-            }
-            None => {
-                payload.push(CODEC_RAW);
-                payload.extend_from_slice(data);
-            }
+        let pre = self.crypto.seal_prefix();
+        out.clear();
+        out.reserve(pre + 1 + data.len() + self.crypto.overhead());
+        out.resize(pre, 0);
+        out.push(CODEC_ZSTD);
+        // Compressed data is kept only if it saves more than 64 bytes.
+        let compressed = level > 0
+            && data.len() > 64
+            && worth_compressing(data)
+            && compress_into(data, level, out, data.len() - 65);
+        if !compressed {
+            out[pre] = CODEC_RAW;
+            out.extend_from_slice(data);
         }
-        self.crypto.seal(&id.0, &payload)
+        self.crypto.seal_in_place(&id.0, out);
     }
 
     /// All snapshots, oldest first. Damaged snapshot files are returned separately.
@@ -822,6 +857,10 @@ struct PackBuf {
     entries: Vec<PackEntry>,
 }
 
+/// A thread's sealing buffer is kept up to this size (most chunks are smaller; the largest
+/// are 8 MiB and would keep that much per thread for good).
+const MAX_KEPT_SEAL_BUF: usize = 4 << 20;
+
 /// Packs per index file written during a backup: an interrupted backup loses at most this
 /// many packs' worth of index (and the packs stay recoverable from their headers).
 const PACKS_PER_INDEX: usize = 32;
@@ -849,8 +888,15 @@ impl<'a> Packer<'a> {
 
     /// Add a blob whose id the caller has claimed.
     pub fn add(&self, kind: BlobKind, id: BlobId, data: &[u8]) -> Result<()> {
-        let sealed = self.store.seal_blob(&id, data);
-        self.add_sealed(kind, id, data.len() as u32, &sealed)
+        SEAL_BUF.with(|b| {
+            let mut sealed = b.borrow_mut();
+            self.store.seal_blob_into(&id, data, &mut sealed);
+            let r = self.add_sealed(kind, id, data.len() as u32, &sealed);
+            if sealed.capacity() > MAX_KEPT_SEAL_BUF {
+                *sealed = Vec::new();
+            }
+            r
+        })
     }
 
     /// Add an already sealed blob.
