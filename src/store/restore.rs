@@ -98,8 +98,11 @@ pub fn run(
     let mut report = RestoreReport::default();
 
     // 1. Walk the tree to restore.
+    let t = crate::trace::span("restore: load the trees");
     let mut entries = Vec::new();
     collect(store, &top, top_rel, &mut entries, &mut report)?;
+    drop(t);
+    let t = crate::trace::span("restore: directories, links, special files");
 
     // 2. Directories, links, special files, empty and complete files.
     let mut hard_primary: HashMap<(u64, u64), usize> = HashMap::new();
@@ -164,7 +167,9 @@ pub fn run(
         }
     }
 
+    drop(t);
     // 3. Plan: which blob goes where.
+    let t = crate::trace::span("restore: plan");
     let remaining: Vec<AtomicUsize> = (0..entries.len()).map(|_| AtomicUsize::new(0)).collect();
     let failed: Vec<std::sync::atomic::AtomicBool> = (0..entries.len())
         .map(|_| std::sync::atomic::AtomicBool::new(false))
@@ -204,7 +209,9 @@ pub fn run(
     }
     let ranges = plan_ranges(store, targets.keys());
 
+    drop(t);
     // 4. Read each range once, write its blobs everywhere they go.
+    let t = crate::trace::span("restore: read packs, write files");
     let workers = if opts.workers > 0 {
         opts.workers
     } else {
@@ -311,7 +318,9 @@ pub fn run(
         }
     }
 
+    drop(t);
     // 5. Hard links, then directory metadata deepest first.
+    let _t = crate::trace::span("restore: hard links, directory metadata");
     for (p, i) in hard_links {
         if failed[p].load(Ordering::Relaxed) {
             report.errors.push((
