@@ -206,6 +206,33 @@ impl Crypto {
         }
     }
 
+    /// [`Crypto::open`] without copies: `sealed` is checked and decrypted in place, and the
+    /// payload is returned from inside it.
+    pub fn open_in_place<'a>(&self, aad: &[u8], sealed: &'a mut [u8]) -> Option<&'a [u8]> {
+        match &self.cipher {
+            Some(c) => {
+                if sealed.len() < SEAL_OVERHEAD_ENCRYPTED {
+                    return None;
+                }
+                let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
+                let at = rest.len() - TAG_LEN;
+                let (ct, tag) = rest.split_at_mut(at);
+                let nonce: [u8; NONCE_LEN] = (&*nonce).try_into().ok()?;
+                let tag = aes_gcm::Tag::try_from(&*tag).ok()?;
+                c.decrypt_inout_detached(&Nonce::from(nonce), aad, (&mut *ct).into(), &tag)
+                    .ok()?;
+                Some(ct)
+            }
+            None => {
+                if sealed.len() < TAG_LEN {
+                    return None;
+                }
+                let (payload, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+                (self.plain_tag(aad, payload) == tag).then_some(payload)
+            }
+        }
+    }
+
     pub fn overhead(&self) -> usize {
         if self.encrypted() {
             SEAL_OVERHEAD_ENCRYPTED
@@ -320,6 +347,14 @@ mod tests {
             c.seal_in_place(b"aad", &mut in_place);
             assert_eq!(in_place.len(), s.len());
             assert_eq!(c.open(b"aad", &in_place).unwrap(), b"hello world");
+            assert_eq!(
+                c.open_in_place(b"aad", &mut in_place.clone()).unwrap(),
+                b"hello world"
+            );
+            let mut bad = in_place.clone();
+            *bad.last_mut().unwrap() ^= 1;
+            assert!(c.open_in_place(b"aad", &mut bad).is_none());
+            assert!(c.open_in_place(b"other", &mut in_place.clone()).is_none());
             assert_eq!(c.open(b"aad", &s).unwrap(), b"hello world");
             assert!(c.open(b"other", &s).is_none());
             for i in 0..s.len() {

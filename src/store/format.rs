@@ -218,25 +218,67 @@ pub fn seal_record<T: Serialize>(c: &Crypto, aad: &[u8], rec: &T) -> Vec<u8> {
 /// Largest record or blob we accept to decompress, as a guard against damaged length fields.
 const MAX_DECOMPRESSED: usize = 1 << 30;
 
+thread_local! {
+    /// One zstd decompression context per thread: creating one per blob allocates and clears
+    /// its tables every time.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompress a zstd frame into `out` (cleared first); `raw_len_hint` is its size if known
+/// (0: from the frame header). Larger results than the size are refused.
+fn decompress_into(body: &[u8], raw_len_hint: usize, out: &mut Vec<u8>) -> Option<()> {
+    let cap = if raw_len_hint > 0 {
+        raw_len_hint
+    } else {
+        zstd::zstd_safe::get_frame_content_size(body)
+            .ok()
+            .flatten()
+            .map(|n| n as usize)
+            .unwrap_or(MAX_DECOMPRESSED)
+    };
+    if cap > MAX_DECOMPRESSED {
+        return None;
+    }
+    out.clear();
+    out.reserve_exact(cap);
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new().ok()?);
+        }
+        d.as_mut()?.decompress_to_buffer(body, out).ok()
+    })?;
+    Some(())
+}
+
 /// Decode a codec-tagged payload.
 pub fn decode_payload(payload: &[u8], raw_len_hint: usize) -> Option<Vec<u8>> {
     let (&codec, body) = payload.split_first()?;
     match codec {
         CODEC_RAW => Some(body.to_vec()),
         CODEC_ZSTD => {
-            let cap = if raw_len_hint > 0 {
-                raw_len_hint
-            } else {
-                zstd::zstd_safe::get_frame_content_size(body)
-                    .ok()
-                    .flatten()
-                    .map(|n| n as usize)
-                    .unwrap_or(MAX_DECOMPRESSED)
-            };
-            if cap > MAX_DECOMPRESSED {
-                return None;
-            }
-            zstd::bulk::decompress(body, cap).ok()
+            let mut out = Vec::new();
+            decompress_into(body, raw_len_hint, &mut out)?;
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+/// [`decode_payload`] into a reused buffer: the body itself if stored raw, else decompressed
+/// into `out`.
+pub fn decode_payload_ref<'a>(
+    payload: &'a [u8],
+    raw_len_hint: usize,
+    out: &'a mut Vec<u8>,
+) -> Option<&'a [u8]> {
+    let (&codec, body) = payload.split_first()?;
+    match codec {
+        CODEC_RAW => Some(body),
+        CODEC_ZSTD => {
+            decompress_into(body, raw_len_hint, out)?;
+            Some(out)
         }
         _ => None,
     }

@@ -495,6 +495,32 @@ impl Store {
         raw_len: u32,
         pack: &str,
     ) -> Result<Vec<u8>> {
+        let mut sealed = sealed.to_vec();
+        let mut out = Vec::new();
+        let (addr, len) = {
+            let plain = self.decode_blob_in_place(id, &mut sealed, raw_len, pack, &mut out)?;
+            (plain.as_ptr() as usize, plain.len())
+        };
+        // A blob stored raw is inside `sealed`; a compressed one was decompressed into `out`.
+        let base = sealed.as_ptr() as usize;
+        if addr < base || addr + len > base + sealed.len() {
+            return Ok(out);
+        }
+        sealed.truncate(addr - base + len);
+        sealed.drain(..addr - base);
+        Ok(sealed)
+    }
+
+    /// [`Store::decode_blob`] without copies: `sealed` is decrypted in place, and the blob is
+    /// returned from inside it (stored raw) or from `out` (decompressed into it).
+    pub fn decode_blob_in_place<'a>(
+        &self,
+        id: &BlobId,
+        sealed: &'a mut [u8],
+        raw_len: u32,
+        pack: &str,
+        out: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8]> {
         let damaged = |why: &str| {
             Error::damaged(
                 FileType::Pack.path(pack),
@@ -503,11 +529,11 @@ impl Store {
         };
         let payload = self
             .crypto
-            .open(&id.0, sealed)
+            .open_in_place(&id.0, sealed)
             .ok_or_else(|| damaged("fails authentication"))?;
-        let data = decode_payload(&payload, raw_len as usize)
+        let data = decode_payload_ref(payload, raw_len as usize, out)
             .ok_or_else(|| damaged("cannot be decompressed"))?;
-        if self.crypto.blob_id(&data) != *id {
+        if self.crypto.blob_id(data) != *id {
             return Err(damaged("has the wrong content"));
         }
         Ok(data)

@@ -225,6 +225,8 @@ pub fn run(
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
+                let mut out = Vec::new();
+                let mut single: Vec<u8>;
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(r) = ranges.get(k) else { break };
@@ -240,24 +242,38 @@ pub fn run(
                             length,
                         )
                     };
-                    let data = read(r.offset, r.length);
+                    let mut data = read(r.offset, r.length);
                     for (id, off, len, raw) in &r.blobs {
                         // A range that cannot be read whole (a truncated pack, a read error)
                         // is read again blob by blob, so only the blobs really lost fail
-                        // their files.
-                        let plain: Result<Vec<u8>, String> = match &data {
+                        // their files. Blobs are decrypted in place in the range's buffer and
+                        // decompressed into one buffer per worker.
+                        let plain: Result<&[u8], String> = match &mut data {
                             Ok(d) => store
-                                .decode_blob(
+                                .decode_blob_in_place(
                                     id,
-                                    &d[*off as usize..(*off + *len as u64) as usize],
+                                    &mut d[*off as usize..(*off + *len as u64) as usize],
                                     *raw,
                                     &pack,
+                                    &mut out,
                                 )
                                 .map_err(|e| e.to_string()),
                             Err(e) if r.blobs.len() == 1 => Err(e.to_string()),
-                            Err(_) => read(r.offset + off, *len as u64)
-                                .and_then(|s| store.decode_blob(id, &s, *raw, &pack))
-                                .map_err(|e| e.to_string()),
+                            Err(_) => match read(r.offset + off, *len as u64) {
+                                Ok(s) => {
+                                    single = s;
+                                    store
+                                        .decode_blob_in_place(
+                                            id,
+                                            &mut single,
+                                            *raw,
+                                            &pack,
+                                            &mut out,
+                                        )
+                                        .map_err(|e| e.to_string())
+                                }
+                                Err(e) => Err(e.to_string()),
+                            },
                         };
                         for &(i, foff) in &targets[id] {
                             if failed[i].load(Ordering::Relaxed) {
