@@ -495,7 +495,17 @@ impl Store {
         raw_len: u32,
         pack: &str,
     ) -> Result<Vec<u8>> {
-        let mut sealed = sealed.to_vec();
+        self.decode_blob_owned(id, sealed.to_vec(), raw_len, pack)
+    }
+
+    /// [`Store::decode_blob`] of a buffer the caller owns: decrypted in place, no copy.
+    pub fn decode_blob_owned(
+        &self,
+        id: &BlobId,
+        mut sealed: Vec<u8>,
+        raw_len: u32,
+        pack: &str,
+    ) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         let (addr, len) = {
             let plain = self.decode_blob_in_place(id, &mut sealed, raw_len, pack, &mut out)?;
@@ -566,7 +576,7 @@ impl Store {
             },
             _ => self.backend.read_range(FileType::Pack, &pack, off, len)?,
         };
-        self.decode_blob(id, &sealed, loc.raw_length, &pack)
+        self.decode_blob_owned(id, sealed, loc.raw_length, &pack)
     }
 
     /// Read a tree blob (cached).
