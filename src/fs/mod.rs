@@ -835,22 +835,17 @@ mod tests {
         a
     }
 
-    /// The whole-store layout with a 64 MiB chunk cache.
-    fn mount_whole(store: &Arc<Store>) -> Arc<SnapshotFs> {
-        SnapshotFs::new(
+    #[test]
+    fn listing_a_directory_prefetches_the_files_below_it() {
+        let (src, store, mem) = fixture();
+        let fs = SnapshotFs::new(
             store.clone(),
             MountConfig {
                 cache_bytes: 64 << 20,
                 root: None,
             },
         )
-        .unwrap()
-    }
-
-    #[test]
-    fn listing_a_directory_prefetches_the_files_below_it() {
-        let (src, store, mem) = fixture();
-        let fs = mount_whole(&store);
+        .unwrap();
         let (_, root) = fs.readdir(ROOT).unwrap();
         let id = root.iter().find(|e| e.name.len() == 8).unwrap();
         let id = String::from_utf8_lossy(&id.name).into_owned();
@@ -884,7 +879,14 @@ mod tests {
     #[test]
     fn whole_store_layout_and_reads() {
         let (src, store, _mem) = fixture();
-        let fs = mount_whole(&store);
+        let fs = SnapshotFs::new(
+            store.clone(),
+            MountConfig {
+                cache_bytes: 64 << 20,
+                root: None,
+            },
+        )
+        .unwrap();
         let (_, root) = fs.readdir(ROOT).unwrap();
         let names: Vec<_> = root
             .iter()
