@@ -27,40 +27,6 @@ pub const PACK_RANGE: u64 = 4 << 20;
 /// Blobs at most this large are grouped into pack-range reads.
 const SMALL_BLOB: u32 = 256 << 10;
 
-/// What a range read tells the readers of a neighbour it could not deliver (they then fetch
-/// it themselves).
-const NEIGHBOUR_FAILED: &str = "kloset: neighbour not delivered";
-
-/// Neighbours claimed by a range read: each is finished when decoded, and whatever is left
-/// when the read ends (an error, a damaged blob) is released with [`NEIGHBOUR_FAILED`].
-struct Claims<'a> {
-    cache: &'a ChunkCache,
-    flights: HashMap<BlobId, Arc<Inflight>>,
-}
-
-impl Claims<'_> {
-    fn finish(&mut self, id: BlobId, res: Result<Chunk, String>) {
-        let Some(f) = self.flights.remove(&id) else {
-            return;
-        };
-        if let Ok(c) = &res {
-            self.cache.insert(id, c.clone());
-        }
-        *f.done.lock() = Some(res);
-        f.cv.notify_all();
-        self.cache.inflight.lock().remove(&id);
-    }
-}
-
-impl Drop for Claims<'_> {
-    fn drop(&mut self) {
-        let left: Vec<BlobId> = self.flights.keys().copied().collect();
-        for id in left {
-            self.finish(id, Err(NEIGHBOUR_FAILED.into()));
-        }
-    }
-}
-
 #[derive(Default)]
 struct Inflight {
     done: Mutex<Option<Result<Chunk, String>>>,
@@ -139,50 +105,6 @@ impl ChunkCache {
         let _ = self.prefetch_tx.try_send(id);
     }
 
-    /// Prefetch the first chunks of a directory's files, given in reading order, so a reader
-    /// going through them one by one (`tar`, `cp -r`, `rsync`) finds them fetched instead of
-    /// waiting a round trip per file. Small blobs are fetched by pack range (see `fetch`), so
-    /// only the blob that starts each range is queued; at most `budget` bytes (raw) are asked for.
-    pub fn prefetch_files(&self, first_chunks: &[BlobId], budget: u64) {
-        let mut queued = 0u64;
-        // The ranges queued so far, (pack, start, end): a small blob inside one comes with it.
-        let mut covered: Vec<(u32, u64, u64)> = Vec::new();
-        let idx = self.store.index();
-        for id in first_chunks {
-            let Some(loc) = idx.get(id) else { continue };
-            let (off, end) = (loc.offset as u64, loc.offset as u64 + loc.length as u64);
-            if loc.length <= SMALL_BLOB {
-                if covered
-                    .iter()
-                    .any(|&(p, s, e)| p == loc.pack && s <= off && end <= e)
-                {
-                    continue;
-                }
-                covered.push((loc.pack, off, off + PACK_RANGE));
-            }
-            if queued >= budget {
-                break;
-            }
-            queued += loc.raw_length as u64;
-            if self.lru.lock().map.contains(id) || self.inflight.lock().contains_key(id) {
-                continue;
-            }
-            if self.prefetch_tx.try_send(*id).is_err() {
-                break;
-            }
-        }
-    }
-
-    /// Is this chunk in memory?
-    pub fn contains(&self, id: &BlobId) -> bool {
-        self.lru.lock().map.contains(id)
-    }
-
-    /// Bytes the cache holds at most.
-    pub fn capacity(&self) -> usize {
-        self.max_bytes
-    }
-
     fn insert(&self, id: BlobId, c: Chunk) {
         let mut l = self.lru.lock();
         if let Some(old) = l.map.put(id, c.clone()) {
@@ -218,13 +140,7 @@ impl ChunkCache {
             while d.is_none() {
                 flight.cv.wait(&mut d);
             }
-            let r = d.clone().expect("set above");
-            drop(d);
-            if matches!(&r, Err(m) if m == NEIGHBOUR_FAILED) {
-                // Another blob's range read could not deliver this one: read it alone.
-                return self.get(id);
-            }
-            return r;
+            return d.clone().expect("set above");
         }
         // Check again: it may have landed between the LRU check and registering.
         // (The LRU guard must be gone before fetching: `fetch` takes it again.)
@@ -283,25 +199,6 @@ impl ChunkCache {
         let last = blobs[end - 1];
         let len = last.0 as u64 + last.1 as u64 - base;
         let pack = self.store.index().pack_name(loc.pack).to_string();
-        // Claim the neighbours nobody has or is fetching, so that their readers wait for this
-        // read instead of starting the same one (a reader of a directory's files and the
-        // directory prefetcher would otherwise read each range twice).
-        let mut claims = Claims {
-            cache: self,
-            flights: {
-                let lru = self.lru.lock();
-                let mut inf = self.inflight.lock();
-                let mut claimed = HashMap::new();
-                for b in &blobs[start..end] {
-                    if b.3 != *id && !lru.map.contains(&b.3) && !inf.contains_key(&b.3) {
-                        let f = Arc::new(Inflight::default());
-                        inf.insert(b.3, f.clone());
-                        claimed.insert(b.3, f);
-                    }
-                }
-                claimed
-            },
-        };
         let data = self
             .store
             .backend()
@@ -312,21 +209,21 @@ impl ChunkCache {
             let rel = (off as u64 - base) as usize;
             let sealed = &data[rel..rel + slen as usize];
             if bid == *id {
-                wanted = Some(
+                let c = Arc::new(
                     self.store
                         .decode_blob(&bid, sealed, raw, &pack)
-                        .map(Arc::new)
-                        .map_err(|e| e.to_string()),
+                        .map_err(|e| e.to_string())?,
                 );
-            } else if claims.flights.contains_key(&bid) {
-                // Neighbours are cached only if they authenticate; a damaged one is fetched
-                // (and reported) by its reader on its own.
+                wanted = Some(c);
+            } else if !self.lru.lock().map.contains(&bid) {
+                // Neighbours are cached only if they authenticate; a damaged one is simply
+                // fetched (and reported) when someone reads it.
                 if let Ok(c) = self.store.decode_blob(&bid, sealed, raw, &pack) {
-                    claims.finish(bid, Ok(Arc::new(c)));
+                    self.insert(bid, Arc::new(c));
                 }
             }
         }
-        wanted.unwrap_or_else(|| Err(format!("blob {} missing from its pack range", id.short())))
+        wanted.ok_or_else(|| format!("blob {} missing from its pack range", id.short()))
     }
 
     /// Bytes held.

@@ -92,9 +92,6 @@ impl Filesystem for Fuse {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
-        if offset == 0 {
-            self.fs.prefetch_dir(ino.0);
-        }
         let (parent, entries) = match self.fs.readdir(ino.0) {
             Ok(x) => x,
             Err(e) => {
@@ -208,9 +205,6 @@ impl Filesystem for Fuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if offset == 0 {
-            self.fs.prefetch_dir(ino.0);
-        }
         let (parent, entries) = match self.fs.readdir(ino.0) {
             Ok(x) => x,
             Err(e) => {

@@ -15,7 +15,7 @@
 pub mod cache;
 pub mod fuse;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -148,13 +148,7 @@ pub struct SnapshotFs {
     /// Id of an all-zero maximum-size chunk, not counted in `st_blocks` (sparse files).
     zero_chunk: BlobId,
     mount_time: SystemTime,
-    /// Directories the directory prefetcher has walked, and its queue.
-    prefetched: Mutex<HashSet<u64>>,
-    dir_tx: crossbeam_channel::Sender<u64>,
 }
-
-/// Files whose first chunks one directory prefetch asks for at most.
-const PREFETCH_FILES: usize = 50_000;
 
 fn systime(t: Time) -> SystemTime {
     if t.sec >= 0 {
@@ -168,7 +162,6 @@ impl SnapshotFs {
     pub fn new(store: Arc<Store>, cfg: MountConfig) -> Result<Arc<SnapshotFs>> {
         let cache = ChunkCache::new(store.clone(), cfg.cache_bytes);
         cache.start_prefetchers(4);
-        let (dir_tx, dir_rx) = crossbeam_channel::bounded(64);
         let zero = vec![0u8; store.config().chunker.max as usize];
         let zero_chunk = store.crypto().blob_id(&zero);
         let fs = SnapshotFs {
@@ -187,8 +180,6 @@ impl SnapshotFs {
             next_fh: AtomicU64::new(1),
             zero_chunk,
             mount_time: SystemTime::now(),
-            prefetched: Mutex::new(HashSet::new()),
-            dir_tx,
             store,
         };
         let root = match cfg.root {
@@ -218,7 +209,6 @@ impl SnapshotFs {
             }),
         );
         let fs = Arc::new(fs);
-        fs.start_dir_prefetcher(dir_rx);
         if fs.whole_store {
             fs.refresh(true)?;
         }
@@ -470,77 +460,6 @@ impl SnapshotFs {
     pub fn readdir(&self, ino: u64) -> Result<(u64, Arc<Vec<DirEntry>>)> {
         let parent = self.inode(ino)?.parent;
         Ok((parent, self.list(ino)?))
-    }
-
-    /// A directory is being listed from its start: queue it for the directory prefetcher
-    /// (see [`SnapshotFs::prefetch_tree`]).
-    pub fn prefetch_dir(&self, ino: u64) {
-        if self.prefetched.lock().contains(&ino) {
-            return;
-        }
-        let _ = self.dir_tx.try_send(ino);
-    }
-
-    /// Fetch, in the background, the first chunks of the files under directory `ino` in the
-    /// order a recursive reader (`tar`, `cp -r`, `rsync`) meets them: depth first, names in
-    /// order, at most [`PREFETCH_FILES`] files and a quarter of the chunk cache (at most
-    /// 64 MiB). The reader then finds most files in memory instead of waiting a round trip
-    /// for each pack range, including at the start of each subdirectory. Small files share
-    /// pack-range reads, so this costs a few requests per few thousand files. A directory is
-    /// walked once; its subdirectories are walked again when they are listed (what did not fit
-    /// in the first walk's limits is asked for then; the rest is found cached or in flight).
-    fn prefetch_tree(&self, ino: u64) {
-        let mut firsts = Vec::new();
-        let mut stack: Vec<(Arc<Vec<DirEntry>>, usize)> = Vec::new();
-        if !self.prefetched.lock().insert(ino) {
-            return;
-        }
-        let Ok(top) = self.list(ino) else { return };
-        stack.push((top, 0));
-        while let Some((entries, i)) = stack.last_mut() {
-            let Some(e) = entries.get(*i) else {
-                stack.pop();
-                continue;
-            };
-            *i += 1;
-            if firsts.len() >= PREFETCH_FILES {
-                break;
-            }
-            let Ok(inode) = self.inode(e.ino) else {
-                continue;
-            };
-            let What::Node { node, .. } = &inode.what else {
-                continue;
-            };
-            match node.kind {
-                NodeKind::File => {
-                    if let Some(c) = node.content.first()
-                        && *c != self.zero_chunk
-                    {
-                        firsts.push(*c);
-                    }
-                }
-                NodeKind::Dir => {
-                    if let Ok(sub) = self.list(e.ino) {
-                        stack.push((sub, 0));
-                    }
-                }
-                _ => {}
-            }
-        }
-        let budget = (self.cache.capacity() as u64 / 4).min(64 << 20);
-        self.cache.prefetch_files(&firsts, budget);
-    }
-
-    /// Start the directory prefetcher thread; it ends when the filesystem is dropped.
-    fn start_dir_prefetcher(self: &Arc<Self>, rx: crossbeam_channel::Receiver<u64>) {
-        let weak = Arc::downgrade(self);
-        std::thread::spawn(move || {
-            while let Ok(ino) = rx.recv() {
-                let Some(fs) = weak.upgrade() else { return };
-                fs.prefetch_tree(ino);
-            }
-        });
     }
 
     fn blocks(&self, node: &Node) -> u64 {
@@ -833,47 +752,6 @@ mod tests {
             ino = a.ino;
         }
         a
-    }
-
-    #[test]
-    fn listing_a_directory_prefetches_the_files_below_it() {
-        let (src, store, mem) = fixture();
-        let fs = SnapshotFs::new(
-            store.clone(),
-            MountConfig {
-                cache_bytes: 64 << 20,
-                root: None,
-            },
-        )
-        .unwrap();
-        let (_, root) = fs.readdir(ROOT).unwrap();
-        let id = root.iter().find(|e| e.name.len() == 8).unwrap();
-        let id = String::from_utf8_lossy(&id.name).into_owned();
-        let top = walk(
-            &fs,
-            ROOT,
-            format!("{id}{}", src.path().display()).as_bytes(),
-        );
-        let small = walk(&fs, top.ino, b"a/b/small.txt");
-        let chunk = match &fs.inode(small.ino).unwrap().what {
-            What::Node { node, .. } => node.content[0],
-            _ => unreachable!(),
-        };
-        assert!(!fs.cache.contains(&chunk));
-        let reads = mem.reads();
-        // Listing the top directory fetches a file two levels down, without anyone reading it.
-        fs.prefetch_dir(top.ino);
-        let t = Instant::now();
-        while !fs.cache.contains(&chunk) {
-            assert!(t.elapsed() < Duration::from_secs(10), "not prefetched");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(mem.reads() > reads);
-        // Reading it now costs no store read.
-        let reads = mem.reads();
-        let fh = fs.open(small.ino).unwrap();
-        assert_eq!(fs.read(fh, 0, 100).unwrap(), b"hello");
-        assert_eq!(mem.reads(), reads);
     }
 
     #[test]

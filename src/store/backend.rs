@@ -283,17 +283,11 @@ impl Backend for LocalBackend {
 pub struct MemBackend {
     files: Mutex<BTreeMap<(FileType, String), Vec<u8>>>,
     initialised: Mutex<bool>,
-    reads: std::sync::atomic::AtomicU64,
 }
 
 impl MemBackend {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Reads served so far (`read` and `read_range`), for tests of caching.
-    pub fn reads(&self) -> u64 {
-        self.reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Change a stored file in place (for tamper tests).
@@ -342,8 +336,6 @@ impl Backend for MemBackend {
             .collect())
     }
     fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
-        self.reads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.files
             .lock()
             .get(&(t, name.to_string()))
