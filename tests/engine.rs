@@ -512,7 +512,14 @@ fn slice_and_stream_chunking_agree() {
         let r = backup(&store, &src);
         let c = file_node(&store, &r, b"grow.bin").content;
         if let Some((pmib, pc)) = prev {
-            assert!(pc.len() >= 2, "{pmib} MiB made {} chunk(s)", pc.len());
+            // Chunks are at most 8 MiB, so a larger file has two or more; a smaller one may be a
+            // single chunk with some of the store's random chunker seeds (then there is nothing
+            // to compare for this step).
+            assert!(
+                pc.len() >= 2 || pmib <= 8,
+                "{pmib} MiB made {} chunk(s)",
+                pc.len()
+            );
             // Every chunk but the last one of the shorter file is cut again.
             let keep = pc.len() - 1;
             assert!(

@@ -174,6 +174,9 @@ impl Backend for SftpBackend {
     fn is_remote(&self) -> bool {
         true
     }
+    fn warm_up(&self) {
+        self.pool.warm();
+    }
 
     fn root_exists(&self) -> Result<bool> {
         let p = self.dir("");

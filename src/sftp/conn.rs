@@ -569,6 +569,33 @@ impl Pool {
         }
     }
 
+    /// Open the rest of the pool's connections on background threads, so work that is about
+    /// to fan out over them does not wait for SSH handshakes when it starts.
+    pub fn warm(self: &Arc<Self>) {
+        let want = self.target.connections.max(1);
+        let have = *self.count.lock();
+        for _ in have..want {
+            let p = self.clone();
+            std::thread::spawn(move || {
+                {
+                    let mut n = p.count.lock();
+                    if *n >= p.target.connections.max(1) {
+                        return;
+                    }
+                    *n += 1;
+                }
+                match connect(&p.target) {
+                    Ok(c) => p.checkin(c),
+                    Err(_) => {
+                        // Whoever needs a connection will try again and report the error.
+                        *p.count.lock() -= 1;
+                        p.freed.notify_one();
+                    }
+                }
+            });
+        }
+    }
+
     fn checkin(&self, c: Conn) {
         self.idle.lock().push(c);
         self.freed.notify_one();

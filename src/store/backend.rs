@@ -85,6 +85,9 @@ pub trait Backend: Send + Sync {
     fn is_remote(&self) -> bool {
         false
     }
+    /// Many reads are about to run in parallel: open what they need (connections) now, in
+    /// the background, so they do not all wait for it then.
+    fn warm_up(&self) {}
     /// Does the store's root directory exist?
     fn root_exists(&self) -> Result<bool>;
     /// Is the root directory empty (or missing)?

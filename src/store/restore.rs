@@ -97,6 +97,8 @@ pub fn run(
     let created_root = dest.prepare()?;
     let mut report = RestoreReport::default();
 
+    // The pack reads of step 4 run on several connections: open them while the trees load.
+    store.backend().warm_up();
     // 1. Walk the tree to restore.
     let t = crate::trace::span("restore: load the trees");
     let mut entries = Vec::new();
