@@ -447,3 +447,35 @@ fn walk_count(dir: &Path) -> usize {
         })
         .sum()
 }
+
+/// Work about to fan out (a restore's pack reads) opens the pool's other connections ahead of
+/// time, in the background.
+#[test]
+fn a_warmed_pool_opens_its_connections_in_the_background() {
+    let sshd = sshd_or_skip!();
+    let loc = kloset::sftp::Location::parse(&sshd.url(sshd.remote_dir("pool"))).unwrap();
+    let key = format!("identity={}", sshd.ssh_file("id_ed25519").display());
+    let opts = kloset::sftp::Options::parse([
+        key.as_str(),
+        "connections=3",
+        "insecure_ignore_host_key=true",
+    ])
+    .unwrap();
+    let pool = kloset::sftp::conn::Pool::open(&loc, &opts).unwrap();
+    assert_eq!(pool.connections(), (1, 1));
+    pool.warm();
+    let t = std::time::Instant::now();
+    while pool.connections() != (3, 3) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{:?} connections (open, idle) after warm(); sshd log: {}",
+            pool.connections(),
+            sshd.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Warming a full pool opens nothing more.
+    pool.warm();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(pool.connections(), (3, 3));
+}

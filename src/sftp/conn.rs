@@ -569,6 +569,11 @@ impl Pool {
         }
     }
 
+    /// Connections open (idle or in use), and of those idle.
+    pub fn connections(&self) -> (usize, usize) {
+        (*self.count.lock(), self.idle.lock().len())
+    }
+
     /// Open the rest of the pool's connections on background threads, so work that is about
     /// to fan out over them does not wait for SSH handshakes when it starts.
     pub fn warm(self: &Arc<Self>) {
