@@ -459,6 +459,55 @@ fn file_node(store: &Store, res: &BackupResult, rel: &[u8]) -> Node {
     store.lookup(&snap, rel).expect("lookup")
 }
 
+/// An unchanged backup reuses the parent's extended attributes only for entries whose ctime and
+/// inode have not moved; a changed or removed attribute (which moves the ctime) is read again.
+#[test]
+fn xattrs_are_reread_when_the_ctime_moves() {
+    let tmp = tempdir();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    if !t::xattrs_supported(tmp.path()) {
+        eprintln!(
+            "SKIPPED: {} has no user extended attributes",
+            tmp.path().display()
+        );
+        return;
+    }
+    for f in ["changed", "kept", "removed"] {
+        fs::write(src.join(f), f).unwrap();
+        xattr::set(src.join(f), "user.kloset.v", b"1").unwrap();
+    }
+    xattr::set(src.join("d"), "user.kloset.v", b"dir").unwrap();
+    let store = create_store(Arc::new(MemBackend::new()), true);
+    let r1 = backup(&store, &src);
+    // Past the coarse clock tick of the writes above, so the ctimes below do move.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    xattr::set(src.join("changed"), "user.kloset.v", b"2").unwrap();
+    xattr::remove(src.join("removed"), "user.kloset.v").unwrap();
+    xattr::set(src.join("d"), "user.kloset.new", b"added").unwrap();
+    let r2 = backup(&store, &src);
+    assert_eq!(
+        r2.snapshot.parent,
+        Some(r1.id),
+        "the second backup has a parent"
+    );
+    let attrs = |rel: &[u8]| -> Vec<(Vec<u8>, Vec<u8>)> {
+        file_node(&store, &r2, rel)
+            .xattrs
+            .into_iter()
+            .map(|x| (x.name, x.value))
+            .collect()
+    };
+    let v = |name: &str, value: &[u8]| (name.as_bytes().to_vec(), value.to_vec());
+    assert_eq!(attrs(b"changed"), vec![v("user.kloset.v", b"2")]);
+    assert_eq!(attrs(b"kept"), vec![v("user.kloset.v", b"1")]);
+    assert_eq!(attrs(b"removed"), vec![]);
+    assert_eq!(
+        attrs(b"d"),
+        vec![v("user.kloset.new", b"added"), v("user.kloset.v", b"dir")]
+    );
+}
+
 #[test]
 fn chunk_boundaries_survive_an_insertion() {
     let tmp = tempdir();

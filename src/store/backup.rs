@@ -253,6 +253,12 @@ fn unchanged(n: &Node, old: &Node, has_inodes: bool) -> bool {
         && (old.size == 0 || !old.content.is_empty())
 }
 
+/// Has the inode not changed since the parent snapshot? Any change to its metadata or extended
+/// attributes moves the ctime, so the parent's attributes still hold.
+fn same_inode_change(n: &Node, old: &Node) -> bool {
+    n.kind == old.kind && n.ctime == old.ctime && n.inode == old.inode
+}
+
 impl Walker<'_> {
     fn excluded(&self, path: &[u8], name: &[u8]) -> bool {
         is_excluded(self.opts.exclude.as_ref(), path, name)
@@ -280,12 +286,16 @@ impl Walker<'_> {
             }
         }
         let mut items = Vec::with_capacity(entries.len());
-        for n in entries {
+        for mut n in entries {
             let full = join(path, &n.name);
             if self.excluded(&full, &n.name) {
                 continue;
             }
             let old = parent.and_then(|t| t.find(&n.name));
+            match old.filter(|o| self.has_inodes && same_inode_change(&n, o)) {
+                Some(o) => n.xattrs = o.xattrs.clone(),
+                None => self.source.load_xattrs(&full, &mut n),
+            }
             items.push(self.item(full, n, old));
         }
         PendingDir { node, items }
@@ -787,6 +797,9 @@ mod tests {
         fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>> {
             self.listed.lock().push(path.to_vec());
             self.inner.read_dir(path)
+        }
+        fn load_xattrs(&self, path: &[u8], node: &mut Node) {
+            self.inner.load_xattrs(path, node)
         }
         fn open(&self, path: &[u8], size: u64) -> Result<Box<dyn Read + Send>> {
             self.inner.open(path, size)

@@ -1,8 +1,8 @@
 //! The source connector: a tree to back up.
 //!
 //! A [`Source`] answers "what is at this path" ([`Source::stat`]), "what is in this directory"
-//! ([`Source::read_dir`], entries with full metadata) and "give me this file's bytes"
-//! ([`Source::open`]). Paths are absolute raw bytes. [`LocalSource`] reads the local
+//! ([`Source::read_dir`], entries with their metadata; extended attributes on request through
+//! [`Source::load_xattrs`]) and "give me this file's bytes" ([`Source::open`]). Paths are absolute raw bytes. [`LocalSource`] reads the local
 //! filesystem with `lstat`, never following symlinks; the SFTP source lives in `crate::sftp`.
 
 use std::ffi::OsStr;
@@ -26,8 +26,15 @@ pub trait Source: Send + Sync {
     /// Metadata of one path, not following a final symlink. The node's name is the last
     /// component of `path`.
     fn stat(&self, path: &[u8]) -> Result<Node>;
-    /// The entries of a directory with their metadata, in any order.
+    /// The entries of a directory with their metadata, in any order. Extended attributes may
+    /// be left unread: the walk reuses the parent snapshot's for entries whose ctime and inode
+    /// have not moved (every change to an attribute moves the ctime) and asks
+    /// [`Source::load_xattrs`] for the others.
     fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>>;
+    /// Read the extended attributes of `path` into `node` (replacing what it has). Best effort,
+    /// like the rest of the attribute reading: a filesystem without them leaves `node` without.
+    /// Sources whose `read_dir` already fills them in keep this default, which does nothing.
+    fn load_xattrs(&self, _path: &[u8], _node: &mut Node) {}
     /// The contents of a regular file; `size` is its size as the walk saw it (a remote source
     /// reads no more than that, so it requests nothing past the end).
     fn open(&self, path: &[u8], size: u64) -> Result<Box<dyn Read + Send>>;
@@ -117,6 +124,14 @@ pub fn group_name(gid: u32) -> String {
 
 /// Metadata of a local path as a node (lstat, symlink target, xattrs).
 pub fn local_node(path: &Path, name: Vec<u8>) -> Result<Node> {
+    let mut n = local_node_bare(path, name)?;
+    read_xattrs(path, &mut n);
+    Ok(n)
+}
+
+/// [`local_node`] without the extended attributes (one `listxattr` per path saved: 15% of an
+/// unchanged backup's CPU).
+fn local_node_bare(path: &Path, name: Vec<u8>) -> Result<Node> {
     let m = fs::symlink_metadata(path).at(path)?;
     let kind = NodeKind::from_mode(m.mode())
         .ok_or_else(|| Error::Other(format!("{}: unknown file type", path.display())))?;
@@ -138,8 +153,13 @@ pub fn local_node(path: &Path, name: Vec<u8>) -> Result<Node> {
         n.target = fs::read_link(path).at(path)?.into_os_string().into_vec();
         n.size = n.target.len() as u64;
     }
-    // Extended attributes: a filesystem without them is not an error.
-    if (kind != NodeKind::Symlink || cfg!(target_os = "linux"))
+    Ok(n)
+}
+
+/// Extended attributes of a local path into `n`: a filesystem without them is not an error.
+fn read_xattrs(path: &Path, n: &mut Node) {
+    n.xattrs.clear();
+    if (n.kind != NodeKind::Symlink || cfg!(target_os = "linux"))
         && let Ok(names) = xattr::list(path)
     {
         for name in names {
@@ -152,7 +172,6 @@ pub fn local_node(path: &Path, name: Vec<u8>) -> Result<Node> {
         }
         n.xattrs.sort_by(|a, b| a.name.cmp(&b.name));
     }
-    Ok(n)
 }
 
 use std::os::unix::ffi::OsStringExt;
@@ -182,7 +201,7 @@ impl Source for LocalSource {
             let e = e.at(p)?;
             let name = e.file_name().into_vec();
             let full = super::tree::join(path, &name);
-            match local_node(os(&full), name) {
+            match local_node_bare(os(&full), name) {
                 Ok(n) => out.push(n),
                 // Vanished between readdir and lstat: it is simply not in the snapshot.
                 Err(e) if e.is_not_found() => {}
@@ -190,6 +209,9 @@ impl Source for LocalSource {
             }
         }
         Ok(out)
+    }
+    fn load_xattrs(&self, path: &[u8], node: &mut Node) {
+        read_xattrs(os(path), node);
     }
     fn open(&self, path: &[u8], _size: u64) -> Result<Box<dyn Read + Send>> {
         let p = os(path);
