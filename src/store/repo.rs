@@ -170,6 +170,20 @@ thread_local! {
     static SEAL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A zstd context for `level`. Level 3 (the default) gets smaller match tables than zstd's own
+/// (hash log 16, chain log 14: 320 KiB instead of 768 KiB, inside the 512 KiB L2 cache of a
+/// core here). Measured on /usr/share + a tar of /usr/lib: a first backup takes ~10% less CPU
+/// and the store grows ~1.4% (still below restic's); zstd is a third of a first backup's CPU.
+fn new_compressor(level: i32) -> std::io::Result<zstd::bulk::Compressor<'static>> {
+    use zstd::stream::raw::CParameter;
+    let mut z = zstd::bulk::Compressor::new(level)?;
+    if level == 3 {
+        z.set_parameter(CParameter::HashLog(16))?;
+        z.set_parameter(CParameter::ChainLog(14))?;
+    }
+    Ok(z)
+}
+
 /// Append `data` compressed at `level` to `out` if the result fits in `room` bytes; on
 /// `false`, `out` is as it was.
 fn compress_into(data: &[u8], level: i32, out: &mut Vec<u8>, room: usize) -> bool {
@@ -177,7 +191,7 @@ fn compress_into(data: &[u8], level: i32, out: &mut Vec<u8>, room: usize) -> boo
         let mut c = c.borrow_mut();
         let i = match c.iter().position(|(l, _)| *l == level) {
             Some(i) => i,
-            None => match zstd::bulk::Compressor::new(level) {
+            None => match new_compressor(level) {
                 Ok(z) => {
                     c.push((level, z));
                     c.len() - 1
