@@ -6,7 +6,10 @@
 //! for instead of fetched twice. A miss on a small blob reads a whole contiguous range of its
 //! pack (up to [`PACK_RANGE`]) and caches every small blob in it: a directory's small files sit
 //! together in a pack because backup packs them in walk order, so `tar` or `cp -r` of a
-//! directory costs a few range reads instead of one round trip per file. [`ChunkCache::prefetch`]
+//! directory costs a few range reads instead of one round trip per file. A reader's miss also
+//! queues the range after it, and a reader reaching the first blob of a range read ahead queues
+//! the next one, so a sequential reader of small files has one range in flight ahead of it
+//! (bounded: nothing is read ahead that no reader is approaching). [`ChunkCache::prefetch`]
 //! queues chunks for a small pool of threads, which sequential readers use to fetch ahead.
 
 use std::collections::HashMap;
@@ -26,6 +29,10 @@ pub type Chunk = Arc<Vec<u8>>;
 pub const PACK_RANGE: u64 = 4 << 20;
 /// Blobs at most this large are grouped into pack-range reads.
 const SMALL_BLOB: u32 = 256 << 10;
+/// Pack ranges of small blobs read ahead of a sequential reader. The page cache is cold on the
+/// server too when a mount is browsed after a while: one range ahead left `tar` waiting at
+/// nearly every range (each a few hundred small files, gone through faster than it is read).
+const READ_AHEAD: usize = 3;
 
 #[derive(Default)]
 struct Inflight {
@@ -45,12 +52,21 @@ pub struct ChunkCache {
     inflight: Mutex<HashMap<BlobId, Arc<Inflight>>>,
     /// Blobs of each pack sorted by offset: (offset, sealed length, raw length, id).
     by_pack: HashMap<u32, Vec<(u32, u32, u32, BlobId)>>,
+    /// Largest pack range read at once ([`PACK_RANGE`]; smaller in tests).
+    range: u64,
     prefetch_tx: crossbeam_channel::Sender<BlobId>,
     prefetch_rx: crossbeam_channel::Receiver<BlobId>,
+    /// Pack-range readahead: the first blob of a range read ahead → the first blob of the range
+    /// after it, queued when a reader gets to the former.
+    ahead: Mutex<HashMap<BlobId, BlobId>>,
 }
 
 impl ChunkCache {
     pub fn new(store: Arc<Store>, max_bytes: usize) -> Arc<ChunkCache> {
+        Self::with_range(store, max_bytes, PACK_RANGE)
+    }
+
+    fn with_range(store: Arc<Store>, max_bytes: usize, range: u64) -> Arc<ChunkCache> {
         let mut by_pack: HashMap<u32, Vec<(u32, u32, u32, BlobId)>> = HashMap::new();
         {
             let idx = store.index();
@@ -78,8 +94,10 @@ impl ChunkCache {
             max_bytes,
             inflight: Mutex::new(HashMap::new()),
             by_pack,
+            range,
             prefetch_tx: tx,
             prefetch_rx: rx,
+            ahead: Mutex::new(HashMap::new()),
         })
     }
 
@@ -91,7 +109,7 @@ impl ChunkCache {
             std::thread::spawn(move || {
                 while let Ok(id) = rx.recv() {
                     let Some(c) = weak.upgrade() else { return };
-                    let _ = c.get(&id);
+                    let _ = c.get_as(&id, true);
                 }
             });
         }
@@ -121,6 +139,19 @@ impl ChunkCache {
 
     /// The chunk `id`, from memory, from another thread's fetch, or from the store.
     pub fn get(&self, id: &BlobId) -> Result<Chunk, String> {
+        self.get_as(id, false)
+    }
+
+    /// Is `id` in memory (not counting fetches in flight)?
+    pub fn holds(&self, id: &BlobId) -> bool {
+        self.lru.lock().map.contains(id)
+    }
+
+    /// [`ChunkCache::get`] for a reader (`ahead` false) or for a prefetcher thread.
+    fn get_as(&self, id: &BlobId, ahead: bool) -> Result<Chunk, String> {
+        if !ahead && let Some(next) = self.ahead.lock().remove(id) {
+            self.prefetch(next);
+        }
         if let Some(c) = self.lru.lock().map.get(id) {
             return Ok(c.clone());
         }
@@ -147,7 +178,7 @@ impl ChunkCache {
         let cached = self.lru.lock().map.get(id).cloned();
         let res = match cached {
             Some(c) => Ok(c),
-            None => self.fetch(id),
+            None => self.fetch(id, ahead),
         };
         if let Ok(c) = &res {
             self.insert(*id, c.clone());
@@ -158,7 +189,7 @@ impl ChunkCache {
         res
     }
 
-    fn fetch(&self, id: &BlobId) -> Result<Chunk, String> {
+    fn fetch(&self, id: &BlobId, ahead: bool) -> Result<Chunk, String> {
         let loc = self
             .store
             .index()
@@ -180,14 +211,24 @@ impl ChunkCache {
                 .map_err(|e| e.to_string());
         };
         let start = blobs.partition_point(|b| b.0 < loc.offset);
-        let mut end = start;
-        let base = loc.offset as u64;
-        while end < blobs.len() {
-            let b = blobs[end];
-            if b.1 > SMALL_BLOB || b.0 as u64 + b.1 as u64 - base > PACK_RANGE {
-                break;
+        let end = range_end(blobs, start, self.range);
+        // Readahead of the ranges of small blobs after this one (large blobs end a range:
+        // chunks of big files backed up at the same time sit between the small ones). A
+        // reader's miss queues the next READ_AHEAD ranges; a range read ahead marks the one
+        // READ_AHEAD further, queued when a reader gets to this one.
+        if ahead {
+            if let Some(k) = range_after(blobs, end, READ_AHEAD, self.range) {
+                self.ahead.lock().insert(*id, blobs[k].3);
             }
-            end += 1;
+        } else {
+            let mut e = end;
+            for _ in 0..READ_AHEAD {
+                let Some(k) = range_after(blobs, e, 1, self.range) else {
+                    break;
+                };
+                self.prefetch(blobs[k].3);
+                e = range_end(blobs, k, self.range);
+            }
         }
         if end <= start + 1 {
             return self
@@ -196,6 +237,7 @@ impl ChunkCache {
                 .map(Arc::new)
                 .map_err(|e| e.to_string());
         }
+        let base = loc.offset as u64;
         let last = blobs[end - 1];
         let len = last.0 as u64 + last.1 as u64 - base;
         let pack = self.store.index().pack_name(loc.pack).to_string();
@@ -229,5 +271,132 @@ impl ChunkCache {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.lru.lock().bytes
+    }
+}
+
+/// Blobs of a pack sorted by offset: (offset, sealed length, raw length, id).
+type PackBlobs = [(u32, u32, u32, BlobId)];
+
+/// The end (exclusive) of the range of small blobs starting at `start`: contiguous small blobs
+/// spanning at most `range` bytes.
+fn range_end(blobs: &PackBlobs, start: usize, range: u64) -> usize {
+    let base = blobs[start].0 as u64;
+    let mut end = start;
+    while end < blobs.len() {
+        let b = blobs[end];
+        if b.1 > SMALL_BLOB || b.0 as u64 + b.1 as u64 - base > range {
+            break;
+        }
+        end += 1;
+    }
+    end.max(start + 1)
+}
+
+/// Where the `n`th range after the one ending at `end` starts (ranges start at small blobs).
+fn range_after(blobs: &PackBlobs, mut end: usize, n: usize, range: u64) -> Option<usize> {
+    let mut start = None;
+    for _ in 0..n {
+        let k = end + blobs.get(end..)?.iter().position(|b| b.1 <= SMALL_BLOB)?;
+        start = Some(k);
+        end = range_end(blobs, k, range);
+    }
+    start
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A store (in memory) holding 150 incompressible 100 KiB files: small blobs, several pack
+    /// ranges of them in one pack.
+    fn store_of_small_files() -> (Arc<Store>, tempfile::TempDir) {
+        let src = tempfile::tempdir().unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for f in 0..150 {
+            let data: Vec<u8> = (0..100 << 10)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            std::fs::write(src.path().join(format!("f{f:03}")), data).unwrap();
+        }
+        let (store, _) = crate::fs::tests::memory_store(src.path(), Vec::new());
+        (store, src)
+    }
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "waited 20 s for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A reader going through small blobs in pack order has READ_AHEAD pack ranges read ahead:
+    /// its first miss queues the ranges after it, reaching a range read ahead queues the one
+    /// READ_AHEAD further, and nothing beyond is read before the reader gets closer.
+    #[test]
+    fn sequential_small_blobs_are_read_ranges_ahead() {
+        let (store, _src) = store_of_small_files();
+        // Ranges of at most 4 blobs, so one pack holds many.
+        let range = 450 << 10;
+        let cache = ChunkCache::with_range(store.clone(), 256 << 20, range);
+        cache.start_prefetchers(2);
+        let blobs = cache
+            .by_pack
+            .values()
+            .max_by_key(|b| b.len())
+            .unwrap()
+            .clone();
+        let mut starts = vec![0];
+        while let Some(k) = range_after(
+            &blobs,
+            range_end(&blobs, *starts.last().unwrap(), range),
+            1,
+            range,
+        ) {
+            starts.push(k);
+        }
+        assert!(
+            starts.len() >= READ_AHEAD + 3,
+            "the fixture needs {} ranges in a pack: {starts:?}",
+            READ_AHEAD + 3
+        );
+        // The ranges are what a reader gets: contiguous, 4 blobs of 100 KiB each.
+        assert!(starts.windows(2).all(|w| w[1] - w[0] == 4), "{starts:?}");
+        let id = |k: usize| blobs[starts[k]].3;
+        let quiet = || std::thread::sleep(Duration::from_millis(300));
+
+        // A miss reads range 0 and queues ranges 1..=READ_AHEAD.
+        let first = cache.get(&id(0)).unwrap();
+        assert_eq!(*first, store.read_blob(&id(0)).unwrap());
+        assert!((starts[0]..starts[1]).all(|k| cache.holds(&blobs[k].3)));
+        for r in 1..=READ_AHEAD {
+            wait_for(&format!("range {r} to be read ahead"), || {
+                cache.holds(&id(r))
+            });
+        }
+        quiet();
+        assert!(!cache.holds(&id(READ_AHEAD + 1)), "read too far ahead");
+
+        // Reaching range 1 queues range READ_AHEAD + 1, and no more.
+        let second = cache.get(&id(1)).unwrap();
+        assert_eq!(*second, store.read_blob(&id(1)).unwrap());
+        wait_for("the next range to be read ahead", || {
+            cache.holds(&id(READ_AHEAD + 1))
+        });
+        quiet();
+        assert!(!cache.holds(&id(READ_AHEAD + 2)), "read too far ahead");
+        // Every blob read ahead decodes to what the store holds.
+        for b in &blobs[starts[1]..starts[READ_AHEAD + 1]] {
+            assert_eq!(*cache.get(&b.3).unwrap(), store.read_blob(&b.3).unwrap());
+        }
     }
 }

@@ -725,6 +725,15 @@ mod tests {
         std::fs::hard_link(d.join("big.bin"), d.join("big-link.bin")).unwrap();
         std::os::unix::fs::symlink("a/b/small.txt", d.join("ln")).unwrap();
         let _ = xattr::set(d.join("a/b/small.txt"), "user.k", b"v");
+        let (store, mem) = memory_store(d, vec!["t1".into()]);
+        (src, store, mem)
+    }
+
+    /// A store in memory (fast key derivation) holding one backup of `dir`, index loaded.
+    pub(super) fn memory_store(
+        dir: &std::path::Path,
+        tags: Vec<String>,
+    ) -> (Arc<Store>, Arc<crate::store::MemBackend>) {
         let mem = Arc::new(crate::store::MemBackend::new());
         let opts = crate::store::CreateOptions {
             kdf: crate::store::crypto::KdfParams {
@@ -735,14 +744,14 @@ mod tests {
             ..Default::default()
         };
         let store = Arc::new(Store::create(mem.clone(), &opts, &|_| Ok(b"t".to_vec())).unwrap());
-        let source = crate::store::LocalSource::new(d).unwrap();
+        let source = crate::store::LocalSource::new(dir).unwrap();
         let bo = BackupOptions {
-            tags: vec!["t1".into()],
+            tags,
             ..Default::default()
         };
         crate::store::backup::run(&store, &source, &bo, &Progress::default()).unwrap();
         store.load_index().unwrap();
-        (src, store, mem)
+        (store, mem)
     }
 
     fn walk(fs: &SnapshotFs, mut ino: u64, path: &[u8]) -> Attr {
