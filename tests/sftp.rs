@@ -450,17 +450,25 @@ fn walk_count(dir: &Path) -> usize {
 
 /// Work about to fan out (a restore's pack reads) opens the pool's other connections ahead of
 /// time, in the background.
+/// `dir` on the test server as a location, with options for a pool of `connections`.
+fn location(
+    sshd: &Sshd,
+    dir: &Path,
+    connections: usize,
+) -> (kloset::sftp::Location, kloset::sftp::Options) {
+    let loc = kloset::sftp::Location::parse(&sshd.url(dir)).unwrap();
+    let key = format!("identity={}", sshd.ssh_file("id_ed25519").display());
+    let n = format!("connections={connections}");
+    let opts =
+        kloset::sftp::Options::parse([key.as_str(), n.as_str(), "insecure_ignore_host_key=true"])
+            .unwrap();
+    (loc, opts)
+}
+
 #[test]
 fn a_warmed_pool_opens_its_connections_in_the_background() {
     let sshd = sshd_or_skip!();
-    let loc = kloset::sftp::Location::parse(&sshd.url(sshd.remote_dir("pool"))).unwrap();
-    let key = format!("identity={}", sshd.ssh_file("id_ed25519").display());
-    let opts = kloset::sftp::Options::parse([
-        key.as_str(),
-        "connections=3",
-        "insecure_ignore_host_key=true",
-    ])
-    .unwrap();
+    let (loc, opts) = location(&sshd, &sshd.remote_dir("pool"), 3);
     let pool = kloset::sftp::conn::Pool::open(&loc, &opts).unwrap();
     assert_eq!(pool.connections(), (1, 1));
     pool.warm();
@@ -489,10 +497,7 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
     let sshd = sshd_or_skip!();
     let dir = sshd.remote_dir("cipher");
     fs::create_dir_all(&dir).unwrap();
-    let loc = kloset::sftp::Location::parse(&sshd.url(&dir)).unwrap();
-    let key = format!("identity={}", sshd.ssh_file("id_ed25519").display());
-    let opts =
-        kloset::sftp::Options::parse([key.as_str(), "insecure_ignore_host_key=true"]).unwrap();
+    let (loc, opts) = location(&sshd, &dir, 1);
     let pool = kloset::sftp::conn::Pool::open(&loc, &opts).unwrap();
     let c = pool.take().unwrap();
     for (t, way) in [
@@ -530,4 +535,34 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
     std::io::Read::read_to_end(&mut c.sftp.open(&path).unwrap(), &mut back).unwrap();
     assert_eq!(back, data, "read back through SFTP");
     pool.give_back(c);
+}
+
+/// Listing packs fans the `packs/xx/` directories out over the pool's connections (3 here):
+/// every pack is listed once with its size, upload temporaries (dot files) and subdirectories
+/// are not.
+#[test]
+fn packs_are_listed_over_several_connections() {
+    use kloset::store::backend::{Backend, FileType};
+    let sshd = sshd_or_skip!();
+    let dir = sshd.remote_dir("list");
+    let mut want = Vec::new();
+    for i in 0..60u32 {
+        let name = format!("{:02x}{:062x}", (i * 7) % 256, i);
+        let sub = dir.join("packs").join(&name[..2]);
+        fs::create_dir_all(&sub).unwrap();
+        fs::write(sub.join(&name), vec![0u8; i as usize]).unwrap();
+        fs::write(sub.join(format!(".{name}.tmp")), b"partial").unwrap();
+        want.push((name, i as u64));
+    }
+    fs::create_dir_all(dir.join("packs/00/not-a-pack")).unwrap();
+    want.sort();
+    let (loc, opts) = location(&sshd, &dir, 3);
+    let backend = kloset::sftp::SftpBackend::open(loc, &opts).unwrap();
+    let got: Vec<(String, u64)> = backend
+        .list(FileType::Pack)
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.name, l.size))
+        .collect();
+    assert_eq!(got, want);
 }

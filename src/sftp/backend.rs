@@ -49,6 +49,69 @@ impl SftpBackend {
             Path::new(&self.loc.path).join(sub)
         }
     }
+
+    /// The packs, from up to 256 subdirectories of `packs/`. Each directory costs about four
+    /// round trips (open, read, read to the end, close), so they are listed on all of the
+    /// pool's connections at once: over a 10 ms round trip one connection took 1.2 s for 30
+    /// directories, and a large store has all 256.
+    fn list_packs(&self, what: &str) -> Result<Vec<Listed>> {
+        let top = self.dir("packs");
+        let dirs: Vec<PathBuf> = self.pool.run(what, |c| {
+            Ok(dir_entries(c, &top)?
+                .into_iter()
+                .filter(|(_, st)| st.is_dir())
+                .map(|(d, _)| d)
+                .collect())
+        })?;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let lists = parking_lot::Mutex::new(Vec::with_capacity(dirs.len()));
+        let workers = self.pool.target().connections.clamp(1, dirs.len().max(1));
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(d) = dirs.get(i) else { break };
+                        let r = self.pool.run(what, |c| Ok(files_of(dir_entries(c, d)?)));
+                        let failed = r.is_err();
+                        lists.lock().push(r);
+                        if failed {
+                            // The others stop too: the listing fails as a whole.
+                            next.store(dirs.len(), std::sync::atomic::Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let mut out = Vec::new();
+        for l in lists.into_inner() {
+            out.extend(l?);
+        }
+        Ok(out)
+    }
+}
+
+/// The entries of a directory with their attributes; a missing directory is empty.
+fn dir_entries(c: &Conn, d: &Path) -> std::io::Result<Vec<(PathBuf, ssh2::FileStat)>> {
+    match c.sftp.readdir(d) {
+        Ok(v) => Ok(v),
+        Err(e) => missing_is(e, Vec::new()),
+    }
+}
+
+/// The regular files among `entries`, without dot files (uploads in progress).
+fn files_of(entries: Vec<(PathBuf, ssh2::FileStat)>) -> Vec<Listed> {
+    entries
+        .into_iter()
+        .filter_map(|(p, st)| {
+            let name = p.file_name()?.to_string_lossy().into_owned();
+            (!name.starts_with('.') && st.is_file()).then(|| Listed {
+                name,
+                size: st.size.unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 /// An SFTP error as an I/O error, except "no such file", which means `missing`.
@@ -213,48 +276,23 @@ impl Backend for SftpBackend {
 
     fn list(&self, t: FileType) -> Result<Vec<Listed>> {
         let what = format!("{}/{}", self.loc.url(), t.dir());
-        let entries = |c: &Conn, d: &Path| -> std::io::Result<Vec<(PathBuf, ssh2::FileStat)>> {
-            match c.sftp.readdir(d) {
-                Ok(v) => Ok(v),
-                Err(e) => missing_is(e, Vec::new()),
+        let mut out = match t {
+            FileType::Config => self.pool.run(&what, |c| {
+                Ok(match c.sftp.stat(&self.path(t, "config")) {
+                    Ok(st) => vec![Listed {
+                        name: "config".into(),
+                        size: st.size.unwrap_or(0),
+                    }],
+                    Err(_) => Vec::new(),
+                })
+            })?,
+            FileType::Pack => self.list_packs(&what)?,
+            _ => {
+                let d = self.dir(t.dir());
+                self.pool
+                    .run(&what, |c| Ok(files_of(dir_entries(c, &d)?)))?
             }
         };
-        let mut out: Vec<Listed> = self.pool.run(&what, |c| {
-            let mut out = Vec::new();
-            let push = |out: &mut Vec<Listed>, v: Vec<(PathBuf, ssh2::FileStat)>| {
-                for (p, st) in v {
-                    let name = p
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    if !name.starts_with('.') && st.is_file() {
-                        out.push(Listed {
-                            name,
-                            size: st.size.unwrap_or(0),
-                        });
-                    }
-                }
-            };
-            match t {
-                FileType::Config => {
-                    if let Ok(st) = c.sftp.stat(&self.path(t, "config")) {
-                        out.push(Listed {
-                            name: "config".into(),
-                            size: st.size.unwrap_or(0),
-                        });
-                    }
-                }
-                FileType::Pack => {
-                    for (d, st) in entries(c, &self.dir("packs"))? {
-                        if st.is_dir() {
-                            push(&mut out, entries(c, &d)?);
-                        }
-                    }
-                }
-                _ => push(&mut out, entries(c, &self.dir(t.dir()))?),
-            }
-            Ok(out)
-        })?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }

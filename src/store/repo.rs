@@ -15,6 +15,7 @@ use std::time::Duration;
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 
+use super::backend::Listed;
 use super::backend::{Backend, FileType};
 use super::cache::Cache;
 use super::crypto::{BlobId, Crypto, KdfParams, KeyFile, MasterKeys};
@@ -134,6 +135,66 @@ pub struct Store {
     index_report: Mutex<IndexLoadReport>,
     /// Local copies of index files, snapshots and tree packs (remote stores only).
     cache: Option<Cache>,
+}
+
+/// Read an immutable file through the local cache `cache` (remote stores), or straight.
+fn fetch_via(
+    backend: &dyn Backend,
+    cache: Option<&Cache>,
+    t: FileType,
+    name: &str,
+) -> Result<Vec<u8>> {
+    if let Some(c) = cache {
+        if let Some(b) = c.get(t, name) {
+            return Ok(b);
+        }
+        let b = backend.read(t, name)?;
+        c.put(t, name, &b);
+        return Ok(b);
+    }
+    backend.read(t, name)
+}
+
+/// The local cache of a remote store's immutable files (none for local stores, or with
+/// `KLOSET_NO_CACHE` set).
+fn cache_for(backend: &dyn Backend, config: &Config) -> Option<Cache> {
+    if backend.is_remote() && std::env::var_os("KLOSET_NO_CACHE").is_none() {
+        Cache::for_store(&config.id_hex())
+    } else {
+        None
+    }
+}
+
+/// The index files' bytes and the pack listing, read without the keys (so while they are
+/// derived); [`Store::load_index_from`] authenticates them.
+struct IndexFiles {
+    index: Vec<(Listed, Result<Vec<u8>>)>,
+    packs: Vec<Listed>,
+}
+
+impl IndexFiles {
+    fn read(backend: &dyn Backend, cache: Option<&Cache>) -> Result<IndexFiles> {
+        let _t = crate::trace::span("read index files");
+        let listed = backend.list(FileType::Index)?;
+        if let Some(c) = cache {
+            c.retain(
+                FileType::Index,
+                &listed.iter().map(|f| f.name.clone()).collect(),
+            );
+        }
+        let index = listed
+            .into_iter()
+            .map(|f| {
+                let b = fetch_via(backend, cache, FileType::Index, &f.name);
+                (f, b)
+            })
+            .collect();
+        let packs = {
+            let _t = crate::trace::span("list packs");
+            backend.list(FileType::Pack)?
+        };
+        Ok(IndexFiles { index, packs })
+    }
 }
 
 /// Blobs at least this large are sampled before being compressed.
@@ -295,11 +356,16 @@ impl Store {
     }
 
     fn with(backend: Arc<dyn Backend>, config: Config, keys: MasterKeys) -> Store {
-        let cache = if backend.is_remote() && std::env::var_os("KLOSET_NO_CACHE").is_none() {
-            Cache::for_store(&config.id_hex())
-        } else {
-            None
-        };
+        let cache = cache_for(backend.as_ref(), &config);
+        Store::with_cache(backend, config, keys, cache)
+    }
+
+    fn with_cache(
+        backend: Arc<dyn Backend>,
+        config: Config,
+        keys: MasterKeys,
+        cache: Option<Cache>,
+    ) -> Store {
         Store {
             cache,
             crypto: Crypto::new(keys, config.encrypted),
@@ -311,17 +377,27 @@ impl Store {
         }
     }
 
-    /// Open an existing store and load its index.
+    /// Open an existing store and load its index. The index files are listed and read (from
+    /// the local cache for remote stores) while Argon2id derives the key on another thread.
     pub fn open(backend: Arc<dyn Backend>, passphrase: PassphraseFn) -> Result<Store> {
-        let store = Store::open_no_index(backend, passphrase)?;
-        store.load_index()?;
-        Ok(store)
+        Store::open_with(backend, passphrase, true)
     }
 
     /// Open an existing store without loading the index.
     pub fn open_no_index(backend: Arc<dyn Backend>, passphrase: PassphraseFn) -> Result<Store> {
-        let _t = crate::trace::span("open store (config, keys)");
+        Store::open_with(backend, passphrase, false)
+    }
+
+    fn open_with(
+        backend: Arc<dyn Backend>,
+        passphrase: PassphraseFn,
+        with_index: bool,
+    ) -> Result<Store> {
+        let t = crate::trace::span("open store (config, keys)");
         let config = read_config(backend.as_ref())?;
+        let cache = cache_for(backend.as_ref(), &config);
+        let read_files = || with_index.then(|| IndexFiles::read(backend.as_ref(), cache.as_ref()));
+        let mut index_files = None;
         let keys = match &config.plain_keys {
             Some(k) if !config.encrypted => k.clone(),
             _ => {
@@ -344,14 +420,22 @@ impl Store {
                     return Err(damaged.remove(0));
                 }
                 let pass = passphrase(false)?;
-                let _t = crate::trace::span("key derivation");
-                let mut found = None;
-                for k in &parsed {
-                    if let Some(keys) = k.unwrap(&pass, &config.id)? {
-                        found = Some(keys);
-                        break;
-                    }
-                }
+                // Argon2id is CPU only: the index files come over the connection meanwhile.
+                let found = std::thread::scope(|s| {
+                    let derive = s.spawn(|| {
+                        let _t = crate::trace::span("key derivation");
+                        for k in &parsed {
+                            if let Some(keys) = k.unwrap(&pass, &config.id)? {
+                                return Ok(Some(keys));
+                            }
+                        }
+                        Ok::<_, Error>(None)
+                    });
+                    index_files = read_files();
+                    derive
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                })?;
                 match found {
                     Some(k) => k,
                     None => return Err(Error::WrongPassphrase(files.len())),
@@ -370,7 +454,16 @@ impl Store {
                 "it fails authentication with the store's keys: it was changed",
             ));
         }
-        Ok(Store::with(backend, config, keys))
+        let store = Store::with_cache(backend, config, keys, cache);
+        drop(t);
+        if with_index {
+            let files = match index_files {
+                Some(f) => f?,
+                None => IndexFiles::read(store.backend.as_ref(), store.cache.as_ref())?,
+            };
+            store.load_index_from(files)?;
+        }
+        Ok(store)
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -392,19 +485,18 @@ impl Store {
     /// Read every index file; packs that no index lists (an interrupted backup) have their
     /// headers read so their blobs are known and reused.
     pub fn load_index(&self) -> Result<()> {
+        let files = IndexFiles::read(self.backend.as_ref(), self.cache.as_ref())?;
+        self.load_index_from(files)
+    }
+
+    /// [`Store::load_index`] from files already read: authenticate and merge them.
+    fn load_index_from(&self, files: IndexFiles) -> Result<()> {
         let _t = crate::trace::span("load index");
         let mut idx = Index::default();
         let mut report = IndexLoadReport::default();
-        let listed = self.backend.list(FileType::Index)?;
-        if let Some(c) = &self.cache {
-            c.retain(
-                FileType::Index,
-                &listed.iter().map(|f| f.name.clone()).collect(),
-            );
-        }
-        for f in listed {
+        for (f, bytes) in files.index {
             let file = format!("index/{}", f.name);
-            let res = self.fetch(FileType::Index, &f.name).and_then(|b| {
+            let res = bytes.and_then(|b| {
                 if self.crypto.file_id(&b) != f.name {
                     if let Some(c) = &self.cache {
                         c.remove(FileType::Index, &f.name);
@@ -418,10 +510,7 @@ impl Store {
                 Err(e) => report.damaged_index_files.push((file, e.to_string())),
             }
         }
-        let packs = {
-            let _t = crate::trace::span("list packs");
-            self.backend.list(FileType::Pack)?
-        };
+        let packs = files.packs;
         for p in packs {
             if idx.has_pack(&p.name) {
                 continue;
@@ -445,15 +534,7 @@ impl Store {
 
     /// Read an immutable file through the local cache (remote stores), or straight.
     fn fetch(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
-        if let Some(c) = &self.cache {
-            if let Some(b) = c.get(t, name) {
-                return Ok(b);
-            }
-            let b = self.backend.read(t, name)?;
-            c.put(t, name, &b);
-            return Ok(b);
-        }
-        self.backend.read(t, name)
+        fetch_via(self.backend.as_ref(), self.cache.as_ref(), t, name)
     }
 
     /// Write an immutable file, keeping a copy in the local cache.
