@@ -537,32 +537,40 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
     pool.give_back(c);
 }
 
-/// Listing packs fans the `packs/xx/` directories out over the pool's connections (3 here):
-/// every pack is listed once with its size, upload temporaries (dot files) and subdirectories
-/// are not.
+/// Listing packs, with all 256 `packs/xx/` directories (enough that listing takes longer than
+/// the 50 ms after which it fans out over the pool's connections, 3 here): every pack is
+/// listed once with its size; upload temporaries (dot files) and subdirectories are not.
 #[test]
 fn packs_are_listed_over_several_connections() {
     use kloset::store::backend::{Backend, FileType};
     let sshd = sshd_or_skip!();
     let dir = sshd.remote_dir("list");
     let mut want = Vec::new();
-    for i in 0..60u32 {
+    for i in 0..300u32 {
         let name = format!("{:02x}{:062x}", (i * 7) % 256, i);
         let sub = dir.join("packs").join(&name[..2]);
         fs::create_dir_all(&sub).unwrap();
         fs::write(sub.join(&name), vec![0u8; i as usize]).unwrap();
-        fs::write(sub.join(format!(".{name}.tmp")), b"partial").unwrap();
+        if i % 5 == 0 {
+            fs::write(sub.join(format!(".{name}.tmp")), b"partial").unwrap();
+        }
         want.push((name, i as u64));
     }
     fs::create_dir_all(dir.join("packs/00/not-a-pack")).unwrap();
     want.sort();
     let (loc, opts) = location(&sshd, &dir, 3);
     let backend = kloset::sftp::SftpBackend::open(loc, &opts).unwrap();
+    let t = std::time::Instant::now();
     let got: Vec<(String, u64)> = backend
         .list(FileType::Pack)
         .unwrap()
         .into_iter()
         .map(|l| (l.name, l.size))
         .collect();
+    eprintln!(
+        "listed 256 directories in {:?} with {} connection(s)",
+        t.elapsed(),
+        backend.pool().connections().0
+    );
     assert_eq!(got, want);
 }

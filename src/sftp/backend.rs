@@ -22,6 +22,9 @@ pub struct SftpBackend {
     pool: Arc<Pool>,
 }
 
+/// Listing `packs/` goes on over all of the pool's connections once it has taken this long.
+const FAN_OUT_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Size of each sequential read or write call.
 pub const IO_BUF: usize = 4 << 20;
 /// Smallest ranged read call (libssh2 asks in packets of 32 KiB).
@@ -51,11 +54,14 @@ impl SftpBackend {
     }
 
     /// The packs, from up to 256 subdirectories of `packs/`. Each directory costs about four
-    /// round trips (open, read, read to the end, close), so they are listed on all of the
-    /// pool's connections at once: over a 10 ms round trip one connection took 1.2 s for 30
-    /// directories, and a large store has all 256.
+    /// round trips (open, read, read to the end, close): over a 10 ms round trip one
+    /// connection took 1.2 s for 30 directories, and a large store has all 256. So once
+    /// listing has taken [`FAN_OUT_AFTER`], the rest is spread over all of the pool's
+    /// connections. (On loopback the 30 take ~30 ms, less than opening more connections.)
     fn list_packs(&self, what: &str) -> Result<Vec<Listed>> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let top = self.dir("packs");
+        let started = std::time::Instant::now();
         let dirs: Vec<PathBuf> = self.pool.run(what, |c| {
             Ok(dir_entries(c, &top)?
                 .into_iter()
@@ -63,27 +69,32 @@ impl SftpBackend {
                 .map(|(d, _)| d)
                 .collect())
         })?;
-        let next = std::sync::atomic::AtomicUsize::new(0);
+        let next = AtomicUsize::new(0);
         let lists = parking_lot::Mutex::new(Vec::with_capacity(dirs.len()));
-        let workers = self.pool.target().connections.clamp(1, dirs.len().max(1));
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(d) = dirs.get(i) else { break };
-                        let r = self.pool.run(what, |c| Ok(files_of(dir_entries(c, d)?)));
-                        let failed = r.is_err();
-                        lists.lock().push(r);
-                        if failed {
-                            // The others stop too: the listing fails as a whole.
-                            next.store(dirs.len(), std::sync::atomic::Ordering::Relaxed);
-                            break;
-                        }
-                    }
-                });
+        // Take directories off `next` until none are left (or one fails, or `until` says stop).
+        let work = |until: &dyn Fn() -> bool| {
+            while until() {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(d) = dirs.get(i) else { break };
+                let r = self.pool.run(what, |c| Ok(files_of(dir_entries(c, d)?)));
+                let failed = r.is_err();
+                lists.lock().push(r);
+                if failed {
+                    // The others stop too: the listing fails as a whole.
+                    next.store(dirs.len(), Ordering::Relaxed);
+                    break;
+                }
             }
-        });
+        };
+        work(&|| started.elapsed() < FAN_OUT_AFTER);
+        if next.load(Ordering::Relaxed) < dirs.len() {
+            let workers = self.pool.target().connections.clamp(1, dirs.len());
+            std::thread::scope(|s| {
+                for _ in 0..workers {
+                    s.spawn(|| work(&|| true));
+                }
+            });
+        }
         let mut out = Vec::new();
         for l in lists.into_inner() {
             out.extend(l?);
