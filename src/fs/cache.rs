@@ -7,9 +7,10 @@
 //! pack (up to [`PACK_RANGE`]) and caches every small blob in it: a directory's small files sit
 //! together in a pack because backup packs them in walk order, so `tar` or `cp -r` of a
 //! directory costs a few range reads instead of one round trip per file. A reader's miss also
-//! queues the range after it, and a reader reaching the first blob of a range read ahead queues
-//! the next one, so a sequential reader of small files has one range in flight ahead of it
-//! (bounded: nothing is read ahead that no reader is approaching). [`ChunkCache::prefetch`]
+//! queues the [`READ_AHEAD`] ranges after it, and a reader reaching the first blob of a range
+//! read ahead queues the one [`READ_AHEAD`] further, so a sequential reader of small files keeps
+//! that many ranges in flight (bounded: nothing is read ahead that no reader is approaching).
+//! [`ChunkCache::prefetch`]
 //! queues chunks for a small pool of threads, which sequential readers use to fetch ahead.
 
 use std::collections::HashMap;
@@ -29,9 +30,10 @@ pub type Chunk = Arc<Vec<u8>>;
 pub const PACK_RANGE: u64 = 4 << 20;
 /// Blobs at most this large are grouped into pack-range reads.
 const SMALL_BLOB: u32 = 256 << 10;
-/// Pack ranges of small blobs read ahead of a sequential reader. The page cache is cold on the
-/// server too when a mount is browsed after a while: one range ahead left `tar` waiting at
-/// nearly every range (each a few hundred small files, gone through faster than it is read).
+/// Pack ranges of small blobs read ahead of a sequential reader. A range holds a few hundred
+/// small files that `tar` goes through in milliseconds, about one round trip over a real
+/// network: with 3 ranges ahead a cold `tar` of share/man over a 10 ms round trip took 2.4–2.6 s
+/// instead of 5.3–5.5 s (docs/PERFORMANCE.md).
 const READ_AHEAD: usize = 3;
 
 #[derive(Default)]
@@ -57,7 +59,7 @@ pub struct ChunkCache {
     prefetch_tx: crossbeam_channel::Sender<BlobId>,
     prefetch_rx: crossbeam_channel::Receiver<BlobId>,
     /// Pack-range readahead: the first blob of a range read ahead → the first blob of the range
-    /// after it, queued when a reader gets to the former.
+    /// [`READ_AHEAD`] further, queued when a reader gets to the former.
     ahead: Mutex<HashMap<BlobId, BlobId>>,
 }
 

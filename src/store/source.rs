@@ -2,8 +2,9 @@
 //!
 //! A [`Source`] answers "what is at this path" ([`Source::stat`]), "what is in this directory"
 //! ([`Source::read_dir`], entries with their metadata; extended attributes on request through
-//! [`Source::load_xattrs`]) and "give me this file's bytes" ([`Source::open`]). Paths are absolute raw bytes. [`LocalSource`] reads the local
-//! filesystem with `lstat`, never following symlinks; the SFTP source lives in `crate::sftp`.
+//! [`Source::load_xattrs`]) and "give me this file's bytes" ([`Source::open`]). Paths are
+//! absolute raw bytes. [`LocalSource`] reads the local filesystem with `lstat`, never following
+//! symlinks; the SFTP source lives in `crate::sftp`.
 
 use std::ffi::OsStr;
 use std::fs;
