@@ -508,6 +508,53 @@ fn xattrs_are_reread_when_the_ctime_moves() {
     );
 }
 
+/// Directories equal to the parent snapshot's keep their tree ids (the backup reuses them
+/// without re-encoding); a change anywhere below a directory — a new file three levels down, a
+/// directory's mode, a removed file — gives it and every ancestor a new tree, and the
+/// snapshot shows the change.
+#[test]
+fn unchanged_trees_are_reused_and_changes_reach_the_root() {
+    let tmp = tempdir();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("a/b/c")).unwrap();
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("a/b/c/f"), b"f").unwrap();
+    fs::write(src.join("a/x"), b"x").unwrap();
+    fs::write(src.join("d/y"), b"y").unwrap();
+    let store = create_store(Arc::new(MemBackend::new()), true);
+    let subtree = |r: &BackupResult, rel: &[u8]| file_node(&store, r, rel).subtree.unwrap();
+    let names = |r: &BackupResult, rel: &[u8]| -> Vec<Vec<u8>> {
+        let t = store.load_tree(&subtree(r, rel)).unwrap();
+        t.nodes.iter().map(|n| n.name.clone()).collect()
+    };
+
+    let r1 = backup(&store, &src);
+    let r2 = backup(&store, &src);
+    assert_eq!(r2.snapshot.root, r1.snapshot.root, "nothing changed");
+
+    fs::write(src.join("a/b/c/new"), b"n").unwrap();
+    let r3 = backup(&store, &src);
+    assert_eq!(names(&r3, b"a/b/c"), vec![b"f".to_vec(), b"new".to_vec()]);
+    for dir in [&b"a/b"[..], b"a"] {
+        assert_ne!(subtree(&r3, dir), subtree(&r2, dir), "{}", String::from_utf8_lossy(dir));
+    }
+    assert_ne!(r3.snapshot.root, r2.snapshot.root);
+    assert_eq!(subtree(&r3, b"d"), subtree(&r2, b"d"), "d did not change");
+
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(src.join("a/b"), fs::Permissions::from_mode(0o700)).unwrap();
+    let r4 = backup(&store, &src);
+    assert_eq!(file_node(&store, &r4, b"a/b").mode, 0o700);
+    assert_eq!(subtree(&r4, b"a/b"), subtree(&r3, b"a/b"), "a/b's entries did not change");
+    assert_ne!(subtree(&r4, b"a"), subtree(&r3, b"a"), "a holds a/b's new mode");
+
+    fs::remove_file(src.join("d/y")).unwrap();
+    let r5 = backup(&store, &src);
+    assert!(names(&r5, b"d").is_empty());
+    assert_eq!(subtree(&r5, b"a"), subtree(&r4, b"a"));
+    assert_ne!(r5.snapshot.root, r4.snapshot.root);
+}
+
 #[test]
 fn chunk_boundaries_survive_an_insertion() {
     let tmp = tempdir();

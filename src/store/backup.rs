@@ -65,6 +65,10 @@ enum Item {
 struct PendingDir {
     node: Node,
     items: Vec<Item>,
+    /// The parent snapshot's tree id for this directory, if every entry came out equal to the
+    /// parent's (subdirectories still to be finished the same way): the tree is then that one,
+    /// and is not encoded and hashed again.
+    reuse: Option<BlobId>,
 }
 
 /// A finished job: the chunk list, or the path and reason it could not be read.
@@ -253,6 +257,21 @@ fn unchanged(n: &Node, old: &Node, has_inodes: bool) -> bool {
         && (old.size == 0 || !old.content.is_empty())
 }
 
+/// Is a walked entry what the parent snapshot has for it? A directory is compared without its
+/// tree, which is known once its own entries are finished.
+fn item_equals(item: &mut Item, old: &Node) -> bool {
+    match item {
+        Item::Done(n) => n == old,
+        Item::File(..) => false,
+        Item::Dir(d) => {
+            d.node.subtree = old.subtree;
+            let eq = d.reuse.is_some() && d.node == *old;
+            d.node.subtree = None;
+            eq
+        }
+    }
+}
+
 /// Has the inode not changed since the parent snapshot? Any change to its metadata or extended
 /// attributes moves the ctime, so the parent's attributes still hold.
 fn same_inode_change(n: &Node, old: &Node) -> bool {
@@ -264,7 +283,8 @@ impl Walker<'_> {
         is_excluded(self.opts.exclude.as_ref(), path, name)
     }
 
-    fn walk_dir(&mut self, path: &[u8], node: Node, parent: Option<&Tree>) -> PendingDir {
+    fn walk_dir(&mut self, path: &[u8], node: Node, parent: Option<(BlobId, &Tree)>) -> PendingDir {
+        let (old_id, parent) = (parent.map(|p| p.0), parent.map(|p| p.1));
         let listed = match self.lister.take(path) {
             Some(r) => r,
             None => self.source.read_dir(path),
@@ -286,6 +306,7 @@ impl Walker<'_> {
             }
         }
         let mut items = Vec::with_capacity(entries.len());
+        let mut same = true;
         for mut n in entries {
             let full = join(path, &n.name);
             if self.excluded(&full, &n.name) {
@@ -296,9 +317,16 @@ impl Walker<'_> {
                 Some(o) => n.xattrs = o.xattrs.clone(),
                 None => self.source.load_xattrs(&full, &mut n),
             }
-            items.push(self.item(full, n, old));
+            let mut item = self.item(full, n, old);
+            same = same && old.is_some_and(|o| item_equals(&mut item, o));
+            items.push(item);
         }
-        PendingDir { node, items }
+        let same = same && parent.is_some_and(|t| t.nodes.len() == items.len());
+        PendingDir {
+            node,
+            items,
+            reuse: old_id.filter(|_| same),
+        }
     }
 
     fn item(&mut self, full: Vec<u8>, mut n: Node, old: Option<&Node>) -> Item {
@@ -308,8 +336,8 @@ impl Walker<'_> {
                 let old_tree = old
                     .filter(|o| o.kind == NodeKind::Dir)
                     .and_then(|o| o.subtree)
-                    .and_then(|id| self.store.load_tree(&id).ok());
-                let d = self.walk_dir(&full, n, old_tree.as_deref());
+                    .and_then(|id| Some((id, self.store.load_tree(&id).ok()?)));
+                let d = self.walk_dir(&full, n, old_tree.as_ref().map(|(id, t)| (*id, &**t)));
                 Item::Dir(Box::new(d))
             }
             NodeKind::File => {
@@ -582,13 +610,12 @@ pub fn run_listed(
                 .as_ref()
                 .filter(|n| n.kind == NodeKind::Dir)
                 .and_then(|n| n.subtree)
-                .and_then(|id| store.load_tree(&id).ok());
+                .and_then(|id| Some((id, store.load_tree(&id).ok()?)));
+            let parent_tree = parent_tree.as_ref().map(|(id, t)| (*id, &**t));
             match root_node.kind {
-                NodeKind::Dir => Item::Dir(Box::new(w.walk_dir(
-                    &root_path,
-                    root_node,
-                    parent_tree.as_deref(),
-                ))),
+                NodeKind::Dir => {
+                    Item::Dir(Box::new(w.walk_dir(&root_path, root_node, parent_tree)))
+                }
                 _ => {
                     let n = root_node;
                     w.item(root_path.clone(), n, parent_node.as_ref())
@@ -733,15 +760,36 @@ impl TreeBuilder<'_, '_> {
                 }
             }
             Item::Dir(d) => {
-                let PendingDir { mut node, items } = *d;
+                let PendingDir {
+                    mut node,
+                    items,
+                    mut reuse,
+                } = *d;
                 let mut t = Tree::default();
                 for it in items {
-                    if let Some(n) = self.finish_item(it)? {
-                        t.nodes.push(n);
+                    let sub_reuse = match &it {
+                        Item::Dir(d) => Some(d.reuse),
+                        _ => None,
+                    };
+                    match self.finish_item(it)? {
+                        Some(n) => {
+                            // A subdirectory whose tree changed changes this one.
+                            if sub_reuse.is_some_and(|r| r.is_none() || n.subtree != r) {
+                                reuse = None;
+                            }
+                            t.nodes.push(n);
+                        }
+                        None => reuse = None,
                     }
                 }
-                t.sort();
-                node.subtree = Some(self.write_tree(&t)?);
+                node.subtree = Some(match reuse {
+                    // Equal to the parent snapshot's tree, which was just read from the store.
+                    Some(id) => id,
+                    None => {
+                        t.sort();
+                        self.write_tree(&t)?
+                    }
+                });
                 Ok(Some(node))
             }
         }
