@@ -536,7 +536,12 @@ fn unchanged_trees_are_reused_and_changes_reach_the_root() {
     let r3 = backup(&store, &src);
     assert_eq!(names(&r3, b"a/b/c"), vec![b"f".to_vec(), b"new".to_vec()]);
     for dir in [&b"a/b"[..], b"a"] {
-        assert_ne!(subtree(&r3, dir), subtree(&r2, dir), "{}", String::from_utf8_lossy(dir));
+        assert_ne!(
+            subtree(&r3, dir),
+            subtree(&r2, dir),
+            "{}",
+            String::from_utf8_lossy(dir)
+        );
     }
     assert_ne!(r3.snapshot.root, r2.snapshot.root);
     assert_eq!(subtree(&r3, b"d"), subtree(&r2, b"d"), "d did not change");
@@ -545,8 +550,16 @@ fn unchanged_trees_are_reused_and_changes_reach_the_root() {
     fs::set_permissions(src.join("a/b"), fs::Permissions::from_mode(0o700)).unwrap();
     let r4 = backup(&store, &src);
     assert_eq!(file_node(&store, &r4, b"a/b").mode, 0o700);
-    assert_eq!(subtree(&r4, b"a/b"), subtree(&r3, b"a/b"), "a/b's entries did not change");
-    assert_ne!(subtree(&r4, b"a"), subtree(&r3, b"a"), "a holds a/b's new mode");
+    assert_eq!(
+        subtree(&r4, b"a/b"),
+        subtree(&r3, b"a/b"),
+        "a/b's entries did not change"
+    );
+    assert_ne!(
+        subtree(&r4, b"a"),
+        subtree(&r3, b"a"),
+        "a holds a/b's new mode"
+    );
 
     fs::remove_file(src.join("d/y")).unwrap();
     let r5 = backup(&store, &src);
