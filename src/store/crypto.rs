@@ -281,11 +281,50 @@ pub struct KeyFile {
 fn derive(passphrase: &[u8], salt: &[u8], kdf: KdfParams) -> Result<[u8; 32]> {
     let params = argon2::Params::new(kdf.m_kib, kdf.t, kdf.p, Some(32))
         .map_err(|e| Error::Other(format!("bad key derivation parameters: {e}")))?;
+    let blocks = params.block_count();
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut out = [0u8; 32];
-    a.hash_password_into(passphrase, salt, &mut out)
+    let mut memory = KdfMemory::new(blocks)?;
+    a.hash_password_into_with_memory(passphrase, salt, &mut out, memory.blocks())
         .map_err(|e| Error::Other(format!("key derivation failed: {e}")))?;
     Ok(out)
+}
+
+/// Argon2's working memory, mapped fresh from the kernel and backed by huge pages where the
+/// system allows them (`madvise` mode of transparent huge pages, Debian's default).
+///
+/// The crate's own allocation (64-byte aligned, so not `calloc`) zero-fills 64 MiB on one
+/// thread before the lanes start, one 4 KiB page fault at a time. A fresh anonymous map is
+/// already zero and its pages are first touched by the lanes in parallel, in 2 MiB faults.
+/// Measured on `kloset ls` of a remote store: page faults 19.8k -> 3.4k, CPU 277 -> 210 ms,
+/// wall 285 -> 238 ms. Like the crate's buffer, it is not wiped: it goes back to the kernel.
+struct KdfMemory {
+    map: memmap2::MmapMut,
+    blocks: usize,
+}
+
+impl KdfMemory {
+    fn new(blocks: usize) -> Result<KdfMemory> {
+        let len = blocks * std::mem::size_of::<argon2::Block>();
+        let map = memmap2::MmapOptions::new()
+            .len(len.max(1))
+            .map_anon()
+            .map_err(|e| Error::Other(format!("key derivation: cannot map {len} bytes: {e}")))?;
+        #[cfg(target_os = "linux")]
+        // Only a hint: without transparent huge pages the map stays in 4 KiB pages.
+        let _ = map.advise(memmap2::Advice::HugePage);
+        Ok(KdfMemory { map, blocks })
+    }
+
+    #[allow(unsafe_code)]
+    fn blocks(&mut self) -> &mut [argon2::Block] {
+        let p = self.map.as_mut_ptr();
+        debug_assert_eq!(p.align_offset(std::mem::align_of::<argon2::Block>()), 0);
+        // SAFETY: the map is page-aligned (more than a Block's 64-byte alignment), holds
+        // `blocks` Blocks' worth of bytes, is zero-filled by the kernel, and an all-zero Block
+        // (128 u64 words) is a valid one; the slice borrows `self`, which owns the map.
+        unsafe { std::slice::from_raw_parts_mut(p.cast::<argon2::Block>(), self.blocks) }
+    }
 }
 
 impl KeyFile {
