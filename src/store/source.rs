@@ -133,7 +133,11 @@ pub fn local_node(path: &Path, name: Vec<u8>) -> Result<Node> {
 /// [`local_node`] without the extended attributes (one `listxattr` per path saved: 15% of an
 /// unchanged backup's CPU).
 fn local_node_bare(path: &Path, name: Vec<u8>) -> Result<Node> {
-    let m = fs::symlink_metadata(path).at(path)?;
+    node_of(path, name, fs::symlink_metadata(path).at(path)?)
+}
+
+/// The node for `path`, named `name`, from its `lstat` metadata `m` (without attributes).
+fn node_of(path: &Path, name: Vec<u8>, m: fs::Metadata) -> Result<Node> {
     let kind = NodeKind::from_mode(m.mode())
         .ok_or_else(|| Error::Other(format!("{}: unknown file type", path.display())))?;
     let mut n = Node::new(name, kind);
@@ -197,12 +201,25 @@ impl Source for LocalSource {
     }
     fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>> {
         let p = os(path);
-        let mut out = Vec::new();
-        for e in fs::read_dir(p).at(p)? {
-            let e = e.at(p)?;
+        let mut entries = fs::read_dir(p)
+            .at(p)?
+            .collect::<std::io::Result<Vec<_>>>()
+            .at(p)?;
+        // Inodes are read in inode-number order: neighbours share inode-table blocks, so a
+        // cold cache reads them in runs rather than in the directory's hash order (cold
+        // unchanged backup of /usr/share, alternating runs: median 0.95 -> 0.90 s).
+        entries.sort_unstable_by_key(std::os::unix::fs::DirEntryExt::ino);
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
             let name = e.file_name().into_vec();
             let full = super::tree::join(path, &name);
-            match local_node_bare(os(&full), name) {
+            // `DirEntry::metadata` is an `lstat` relative to the open directory: the kernel
+            // looks up one name instead of walking the whole path again.
+            match e
+                .metadata()
+                .at(os(&full))
+                .and_then(|m| node_of(os(&full), name, m))
+            {
                 Ok(n) => out.push(n),
                 // Vanished between readdir and lstat: it is simply not in the snapshot.
                 Err(e) if e.is_not_found() => {}
