@@ -80,6 +80,63 @@ struct Job {
     size: u64,
 }
 
+/// Files whose first bytes are asked of the source ahead of the workers, at most.
+///
+/// Workers read each file with blocking calls; on a cold cache a small file is a random disk
+/// read, and a first backup of /usr/share had both cores waiting on the disk 12% of the time
+/// with 3 workers (more workers: less waiting but no faster, and more memory). The files the
+/// workers are about to read are instead requested ahead with [`Source::prefetch`].
+const PREFETCH_FILES: usize = 128;
+/// Bytes of one file requested ahead at most: the kernel's own readahead follows a reader
+/// through a large file.
+const PREFETCH_BYTES: u64 = 1 << 20;
+
+/// How far the workers have got: the number of jobs taken, and the workers still running.
+#[derive(Default)]
+struct Taken {
+    state: Mutex<(usize, usize)>,
+    moved: parking_lot::Condvar,
+}
+
+impl Taken {
+    fn take(&self, id: usize) {
+        let mut st = self.state.lock();
+        st.0 = st.0.max(id + 1);
+        drop(st);
+        self.moved.notify_all();
+    }
+
+    /// Wait until job `id` is at most [`PREFETCH_FILES`] ahead of the workers; `false` if
+    /// no worker is left to take it.
+    fn wait_near(&self, id: usize) -> bool {
+        let mut st = self.state.lock();
+        while id >= st.0 + PREFETCH_FILES {
+            if st.1 == 0 {
+                return false;
+            }
+            self.moved.wait(&mut st);
+        }
+        true
+    }
+}
+
+/// Counts a worker out of [`Taken`] however it ends.
+struct Working<'a>(&'a Taken);
+
+impl<'a> Working<'a> {
+    fn start(t: &'a Taken) -> Self {
+        t.state.lock().1 += 1;
+        Working(t)
+    }
+}
+
+impl Drop for Working<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().1 -= 1;
+        self.0.moved.notify_all();
+    }
+}
+
 #[derive(Default)]
 struct JobResult {
     content: Vec<BlobId>,
@@ -241,6 +298,8 @@ struct Walker<'a> {
     source: &'a dyn Source,
     opts: &'a BackupOptions,
     tx: crossbeam_channel::Sender<Job>,
+    /// The prefetcher's queue: (job id, path, bytes to request).
+    prefetch: crossbeam_channel::Sender<(usize, Vec<u8>, u64)>,
     jobs: usize,
     errors: Vec<(Vec<u8>, String)>,
     stats: SnapshotStats,
@@ -355,6 +414,11 @@ impl Walker<'_> {
                 }
                 let id = self.jobs;
                 self.jobs += 1;
+                // Never waits: with the prefetcher's queue full the file is simply not
+                // requested ahead.
+                let _ = self
+                    .prefetch
+                    .try_send((id, full.clone(), n.size.min(PREFETCH_BYTES)));
                 // A send only fails when every worker has died, which `run` reports.
                 let _ = self.tx.send(Job {
                     id,
@@ -557,15 +621,20 @@ pub fn run_listed(
     let results: Mutex<Vec<Option<JobOutcome>>> = Mutex::new(Vec::new());
     let fatal: Mutex<Option<Error>> = Mutex::new(None);
 
+    let taken = Taken::default();
+    let (prefetch_tx, prefetch_rx) = bounded::<(usize, Vec<u8>, u64)>(1024);
     let (root_item, mut errors, mut stats) = std::thread::scope(|s| {
         for _ in 0..workers {
             let rx = rx.clone();
             let packer = &packer;
             let results = &results;
             let fatal = &fatal;
+            let working = Working::start(&taken);
             s.spawn(move || {
+                let working = working;
                 let mut buf = Vec::new();
                 for job in rx.iter() {
+                    working.0.take(job.id);
                     if fatal.lock().is_some() {
                         continue;
                     }
@@ -593,12 +662,23 @@ pub fn run_listed(
             });
         }
         drop(rx);
+        s.spawn(|| {
+            for (id, path, len) in prefetch_rx.iter() {
+                if !taken.wait_near(id) {
+                    break;
+                }
+                if len > 0 {
+                    source.prefetch(&path, len);
+                }
+            }
+        });
         let mut w = Walker {
             lister,
             store,
             source,
             opts,
             tx,
+            prefetch: prefetch_tx,
             jobs: 0,
             errors: Vec::new(),
             stats: SnapshotStats::default(),
@@ -823,13 +903,33 @@ mod tests {
     use super::*;
     use crate::store::LocalSource;
 
-    /// A local source that counts the directories it lists.
-    struct Counting {
-        inner: LocalSource,
-        listed: Mutex<Vec<Vec<u8>>>,
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Open(Vec<u8>),
+        Prefetch(Vec<u8>, u64),
     }
 
-    impl Source for Counting {
+    /// A local source that logs the directories it lists and the files it opens and
+    /// prefetches; opens are slowed down by `slow_open`.
+    struct Recording {
+        inner: LocalSource,
+        listed: Mutex<Vec<Vec<u8>>>,
+        log: Mutex<Vec<Event>>,
+        slow_open: std::time::Duration,
+    }
+
+    impl Recording {
+        fn new(root: &std::path::Path, slow_open: std::time::Duration) -> Self {
+            Recording {
+                inner: LocalSource::new(root).unwrap(),
+                listed: Mutex::new(Vec::new()),
+                log: Mutex::new(Vec::new()),
+                slow_open,
+            }
+        }
+    }
+
+    impl Source for Recording {
         fn describe(&self) -> String {
             self.inner.describe()
         }
@@ -850,7 +950,12 @@ mod tests {
             self.inner.load_xattrs(path, node)
         }
         fn open(&self, path: &[u8], size: u64) -> Result<Box<dyn Read + Send>> {
+            self.log.lock().push(Event::Open(path.to_vec()));
+            std::thread::sleep(self.slow_open);
             self.inner.open(path, size)
+        }
+        fn prefetch(&self, path: &[u8], len: u64) {
+            self.log.lock().push(Event::Prefetch(path.to_vec(), len));
         }
     }
 
@@ -861,10 +966,7 @@ mod tests {
             std::fs::create_dir_all(t.path().join(d)).unwrap();
         }
         std::fs::write(t.path().join("a/b/file"), b"x").unwrap();
-        let src = Counting {
-            inner: LocalSource::new(t.path()).unwrap(),
-            listed: Mutex::new(Vec::new()),
-        };
+        let src = Recording::new(t.path(), std::time::Duration::ZERO);
         let ex = exclude_set(&["skip".to_string()]).unwrap();
         let root = src.root();
         with_lister(&src, ex.as_ref(), |l| {
@@ -884,6 +986,60 @@ mod tests {
         assert_eq!(
             listed, want,
             "each directory listed once, the excluded one never"
+        );
+    }
+
+    #[test]
+    fn files_are_prefetched_once_and_not_too_far_ahead() {
+        let t = tempfile::tempdir().unwrap();
+        let n = 3 * PREFETCH_FILES;
+        for i in 0..n {
+            std::fs::write(t.path().join(format!("f{i:04}")), format!("file {i}")).unwrap();
+        }
+        std::fs::write(t.path().join("empty"), b"").unwrap();
+        let big = vec![7u8; PREFETCH_BYTES as usize + 1];
+        std::fs::write(t.path().join("big"), &big).unwrap();
+        // Slow reads: unbounded, the prefetcher would run through every file at once.
+        let src = Recording::new(t.path(), std::time::Duration::from_micros(300));
+        let store = crate::store::repo::open_or_create_mem(false);
+        let workers = 2;
+        let opts = BackupOptions {
+            workers,
+            ..BackupOptions::default()
+        };
+        let r = run(&store, &src, &opts, &Progress::default()).unwrap();
+        assert_eq!(r.snapshot.stats.files as usize, n + 2);
+        assert!(r.snapshot.errors.is_empty());
+
+        let log = src.log.into_inner();
+        let root = t.path().as_os_str().as_bytes();
+        let path = |name: &str| [root, b"/", name.as_bytes()].concat();
+        let (mut opens, mut prefetched) = (0, Vec::new());
+        for e in &log {
+            match e {
+                Event::Open(_) => opens += 1,
+                Event::Prefetch(p, len) => {
+                    // Job k is requested only once the workers have taken job k - PREFETCH_FILES
+                    // (each has taken at most one job it has not opened yet).
+                    assert!(
+                        prefetched.len() < opens + workers + PREFETCH_FILES,
+                        "prefetch {} with only {opens} files opened",
+                        prefetched.len()
+                    );
+                    prefetched.push((p.clone(), *len));
+                }
+            }
+        }
+        assert_eq!(opens, n + 2, "every file read once");
+        let mut want: Vec<(Vec<u8>, u64)> = (0..n)
+            .map(|i| (path(&format!("f{i:04}")), format!("file {i}").len() as u64))
+            .collect();
+        want.push((path("big"), PREFETCH_BYTES));
+        want.sort();
+        prefetched.sort();
+        assert_eq!(
+            prefetched, want,
+            "each non-empty file requested once, at most PREFETCH_BYTES"
         );
     }
 }

@@ -39,6 +39,10 @@ pub trait Source: Send + Sync {
     /// The contents of a regular file; `size` is its size as the walk saw it (a remote source
     /// reads no more than that, so it requests nothing past the end).
     fn open(&self, path: &[u8], size: u64) -> Result<Box<dyn Read + Send>>;
+    /// Start reading the first `len` bytes of a file that [`Source::open`] will be asked for
+    /// soon, without waiting for them. Only a hint: sources without a cheap way to do it, and
+    /// any error, do nothing.
+    fn prefetch(&self, _path: &[u8], _len: u64) {}
 }
 
 pub fn os(path: &[u8]) -> &Path {
@@ -234,5 +238,11 @@ impl Source for LocalSource {
     fn open(&self, path: &[u8], _size: u64) -> Result<Box<dyn Read + Send>> {
         let p = os(path);
         Ok(Box::new(fs::File::open(p).at(p)?))
+    }
+    /// `posix_fadvise(WILLNEED)`: the kernel queues the reads and returns.
+    fn prefetch(&self, path: &[u8], len: u64) {
+        if let (Ok(f), Some(len)) = (fs::File::open(os(path)), std::num::NonZeroU64::new(len)) {
+            let _ = rustix::fs::fadvise(&f, 0, Some(len), rustix::fs::Advice::WillNeed);
+        }
     }
 }
