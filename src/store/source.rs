@@ -185,6 +185,26 @@ fn read_xattrs(path: &Path, n: &mut Node) {
 
 use std::os::unix::ffi::OsStringExt;
 
+/// Open a file that the walk saw as a regular file, for reading. If it has since been replaced
+/// by something else, fail instead of blocking (opening a fifo waits for a writer) or following
+/// it (a symlink).
+fn open_regular(p: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(p)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is no longer a regular file (it changed during the backup)",
+        ));
+    }
+    // Back to blocking reads, whatever the filesystem makes of O_NONBLOCK on a file.
+    rustix::fs::fcntl_setfl(&f, rustix::fs::OFlags::empty())?;
+    Ok(f)
+}
+
 impl Source for LocalSource {
     fn describe(&self) -> String {
         String::from_utf8_lossy(&self.root).into_owned()
@@ -237,12 +257,48 @@ impl Source for LocalSource {
     }
     fn open(&self, path: &[u8], _size: u64) -> Result<Box<dyn Read + Send>> {
         let p = os(path);
-        Ok(Box::new(fs::File::open(p).at(p)?))
+        Ok(Box::new(open_regular(p).at(p)?))
     }
     /// `posix_fadvise(WILLNEED)`: the kernel queues the reads and returns.
     fn prefetch(&self, path: &[u8], len: u64) {
-        if let (Ok(f), Some(len)) = (fs::File::open(os(path)), std::num::NonZeroU64::new(len)) {
+        if let (Ok(f), Some(len)) = (open_regular(os(path)), std::num::NonZeroU64::new(len)) {
             let _ = rustix::fs::fadvise(&f, 0, Some(len), rustix::fs::Advice::WillNeed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_replaced_by_a_fifo_or_a_symlink_is_refused_without_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        let src = LocalSource::new(t.path()).unwrap();
+        let path = |name: &str| t.path().join(name).as_os_str().as_bytes().to_vec();
+        std::fs::write(t.path().join("file"), b"data").unwrap();
+        let mut got = Vec::new();
+        src.open(&path("file"), 4)
+            .unwrap()
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(got, b"data");
+
+        // What the walk saw as files, replaced since: open must fail at once.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            t.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(t.path().join("file"), t.path().join("link")).unwrap();
+        for name in ["fifo", "link"] {
+            let e = src.open(&path(name), 4).err().expect(name);
+            assert!(e.to_string().contains(name), "{e}");
+            // A hint only: returns, does nothing.
+            src.prefetch(&path(name), 4);
         }
     }
 }
