@@ -137,11 +137,26 @@ fn missing_is<T>(e: ssh2::Error, missing: T) -> std::io::Result<T> {
 
 /// Read exactly `len` bytes from `offset` without making libssh2 fetch past the range.
 pub fn read_range_conn(c: &Conn, path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    read_range_conn_into(c, path, offset, len, &mut buf)?;
+    Ok(buf)
+}
+
+/// [`read_range_conn`] into `buf`, reusing its memory (a fresh megabyte buffer per read is
+/// a page fault per 4 KiB).
+pub fn read_range_conn_into(
+    c: &Conn,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
     let mut f = c.sftp.open(path).map_err(io)?;
     if offset > 0 {
         f.seek(SeekFrom::Start(offset))?;
     }
-    let mut buf = vec![0u8; len as usize];
+    buf.clear();
+    buf.resize(len as usize, 0);
     let mut done = 0usize;
     while done < buf.len() {
         let remaining = buf.len() - done;
@@ -155,7 +170,7 @@ pub fn read_range_conn(c: &Conn, path: &Path, offset: u64, len: u64) -> std::io:
         }
         done += n;
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// Read a whole remote file with large read calls.
@@ -317,6 +332,19 @@ impl Backend for SftpBackend {
         let p = self.path(t, name);
         self.pool
             .run(&t.path(name), |c| read_range_conn(c, &p, offset, len))
+    }
+    fn read_range_into(
+        &self,
+        t: FileType,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        let p = self.path(t, name);
+        self.pool.run(&t.path(name), |c| {
+            read_range_conn_into(c, &p, offset, len, buf)
+        })
     }
 
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {

@@ -105,6 +105,18 @@ pub trait Backend: Send + Sync {
     fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>>;
     /// `len` bytes from `offset`. Fails if the file is shorter.
     fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// [`Backend::read_range`] into `buf` (replacing its content), reusing its memory.
+    fn read_range_into(
+        &self,
+        t: FileType,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        *buf = self.read_range(t, name, offset, len)?;
+        Ok(())
+    }
     /// Create a file atomically with this content.
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()>;
     /// Remove a file; removing a missing file is not an error.

@@ -694,6 +694,34 @@ impl Store {
         self.decode_blob_owned(id, sealed, loc.raw_length, &pack)
     }
 
+    /// [`Store::read_blob`] of a blob outside tree packs, read into `sealed`: a buffer the
+    /// caller keeps between reads, so a megabyte chunk does not cost a fresh mapping (a page
+    /// fault per 4 KiB) for its ciphertext.
+    pub fn read_blob_reusing(&self, id: &BlobId, sealed: &mut Vec<u8>) -> Result<Vec<u8>> {
+        let (loc, pack) = {
+            let idx = self.index.read();
+            let loc = idx.get(id).ok_or_else(|| Error::MissingBlob(id.hex()))?;
+            (loc, idx.pack_name(loc.pack).to_string())
+        };
+        if loc.kind == BlobKind::Tree {
+            return self.read_blob(id);
+        }
+        let (off, len) = (loc.offset as u64, loc.length as u64);
+        self.backend
+            .read_range_into(FileType::Pack, &pack, off, len, sealed)?;
+        let mut out = Vec::new();
+        let (addr, plain_len) = {
+            let plain = self.decode_blob_in_place(id, sealed, loc.raw_length, &pack, &mut out)?;
+            (plain.as_ptr() as usize, plain.len())
+        };
+        // A blob stored raw is inside `sealed`; a compressed one was decompressed into `out`.
+        let base = sealed.as_ptr() as usize;
+        if addr >= base && addr + plain_len <= base + sealed.len() {
+            return Ok(sealed[addr - base..addr - base + plain_len].to_vec());
+        }
+        Ok(out)
+    }
+
     /// Read a tree blob (cached).
     pub fn load_tree(&self, id: &BlobId) -> Result<Arc<Tree>> {
         if let Some(t) = self.trees.lock().get(id) {
