@@ -36,14 +36,6 @@ const SMALL_BLOB: u32 = 256 << 10;
 /// instead of 5.3–5.5 s (docs/PERFORMANCE.md).
 const READ_AHEAD: usize = 3;
 
-thread_local! {
-    /// Where a fetching thread reads a large blob's ciphertext, kept between blobs.
-    static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// A fetching thread keeps its ciphertext buffer up to this size (chunks are at most 8 MiB).
-const MAX_KEPT_SEALED: usize = 9 << 20;
-
 #[derive(Default)]
 struct Inflight {
     done: Mutex<Option<Result<Chunk, String>>>,
@@ -206,15 +198,9 @@ impl ChunkCache {
             .get(id)
             .ok_or_else(|| format!("blob {} is not in the store's index", id.short()))?;
         if loc.length > SMALL_BLOB {
-            return SEALED
-                .with(|b| {
-                    let mut b = b.borrow_mut();
-                    let r = self.store.read_blob_reusing(id, &mut b);
-                    if b.capacity() > MAX_KEPT_SEALED {
-                        *b = Vec::new();
-                    }
-                    r
-                })
+            return self
+                .store
+                .read_blob(id)
                 .map(Arc::new)
                 .map_err(|e| e.to_string());
         }

@@ -236,6 +236,22 @@ thread_local! {
     /// thread, reused, instead of four fresh ones per blob (compressed, payload, ciphertext,
     /// sealed), which for megabyte chunks meant mmap, page faults and munmap every time.
     static SEAL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Where [`Store::read_blob`] reads a blob's ciphertext: a fresh megabyte buffer per blob
+    /// was a new mapping each time, a page fault per 4 KiB.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A thread's read buffer is kept up to this size (sealed chunks are at most a little over
+/// 8 MiB).
+const MAX_KEPT_READ_BUF: usize = 9 << 20;
+
+/// Where a blob decoded by [`Store::decode_blob_in_place`] lies in its `sealed` buffer, given
+/// the decoded slice's address and length: inside (stored raw), or `None` (decompressed into
+/// `out`).
+fn span_in(plain: (usize, usize), sealed: &[u8]) -> Option<std::ops::Range<usize>> {
+    let base = sealed.as_ptr() as usize;
+    let (addr, len) = plain;
+    (addr >= base && addr + len <= base + sealed.len()).then(|| addr - base..addr - base + len)
 }
 
 /// A zstd context for `level`. Level 3 (the default) gets smaller match tables than zstd's own
@@ -622,18 +638,18 @@ impl Store {
         pack: &str,
     ) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        let (addr, len) = {
-            let plain = self.decode_blob_in_place(id, &mut sealed, raw_len, pack, &mut out)?;
-            (plain.as_ptr() as usize, plain.len())
+        let plain = {
+            let p = self.decode_blob_in_place(id, &mut sealed, raw_len, pack, &mut out)?;
+            (p.as_ptr() as usize, p.len())
         };
-        // A blob stored raw is inside `sealed`; a compressed one was decompressed into `out`.
-        let base = sealed.as_ptr() as usize;
-        if addr < base || addr + len > base + sealed.len() {
-            return Ok(out);
+        match span_in(plain, &sealed) {
+            Some(r) => {
+                sealed.truncate(r.end);
+                sealed.drain(..r.start);
+                Ok(sealed)
+            }
+            None => Ok(out),
         }
-        sealed.truncate(addr - base + len);
-        sealed.drain(..addr - base);
-        Ok(sealed)
     }
 
     /// [`Store::decode_blob`] without copies: `sealed` is decrypted in place, and the blob is
@@ -672,9 +688,9 @@ impl Store {
             (loc, idx.pack_name(loc.pack).to_string())
         };
         let (off, len) = (loc.offset as u64, loc.length as u64);
-        let sealed = match (&self.cache, loc.kind) {
+        if let (Some(c), BlobKind::Tree) = (&self.cache, loc.kind) {
             // Tree packs are fetched whole once and read locally from then on.
-            (Some(c), BlobKind::Tree) => match c.read_range(FileType::Pack, &pack, off, len) {
+            let sealed = match c.read_range(FileType::Pack, &pack, off, len) {
                 Some(b) => b,
                 None => {
                     let all = self.backend.read(FileType::Pack, &pack)?;
@@ -688,38 +704,36 @@ impl Store {
                     }
                     all[off as usize..end as usize].to_vec()
                 }
-            },
-            _ => self.backend.read_range(FileType::Pack, &pack, off, len)?,
-        };
-        self.decode_blob_owned(id, sealed, loc.raw_length, &pack)
-    }
-
-    /// [`Store::read_blob`] of a blob outside tree packs, read into `sealed`: a buffer the
-    /// caller keeps between reads, so a megabyte chunk does not cost a fresh mapping (a page
-    /// fault per 4 KiB) for its ciphertext.
-    pub fn read_blob_reusing(&self, id: &BlobId, sealed: &mut Vec<u8>) -> Result<Vec<u8>> {
-        let (loc, pack) = {
-            let idx = self.index.read();
-            let loc = idx.get(id).ok_or_else(|| Error::MissingBlob(id.hex()))?;
-            (loc, idx.pack_name(loc.pack).to_string())
-        };
-        if loc.kind == BlobKind::Tree {
-            return self.read_blob(id);
+            };
+            return self.decode_blob_owned(id, sealed, loc.raw_length, &pack);
         }
-        let (off, len) = (loc.offset as u64, loc.length as u64);
-        self.backend
-            .read_range_into(FileType::Pack, &pack, off, len, sealed)?;
-        let mut out = Vec::new();
-        let (addr, plain_len) = {
-            let plain = self.decode_blob_in_place(id, sealed, loc.raw_length, &pack, &mut out)?;
-            (plain.as_ptr() as usize, plain.len())
-        };
-        // A blob stored raw is inside `sealed`; a compressed one was decompressed into `out`.
-        let base = sealed.as_ptr() as usize;
-        if addr >= base && addr + plain_len <= base + sealed.len() {
-            return Ok(sealed[addr - base..addr - base + plain_len].to_vec());
-        }
-        Ok(out)
+        READ_BUF.with(|b| {
+            let mut sealed = b.borrow_mut();
+            let r = self
+                .backend
+                .read_range_into(FileType::Pack, &pack, off, len, &mut sealed)
+                .and_then(|()| {
+                    let mut out = Vec::new();
+                    let plain = {
+                        let p = self.decode_blob_in_place(
+                            id,
+                            &mut sealed,
+                            loc.raw_length,
+                            &pack,
+                            &mut out,
+                        )?;
+                        (p.as_ptr() as usize, p.len())
+                    };
+                    Ok(match span_in(plain, &sealed) {
+                        Some(r) => sealed[r].to_vec(),
+                        None => out,
+                    })
+                });
+            if sealed.capacity() > MAX_KEPT_READ_BUF {
+                *sealed = Vec::new();
+            }
+            r
+        })
     }
 
     /// Read a tree blob (cached).

@@ -189,11 +189,7 @@ use std::os::unix::ffi::OsStringExt;
 /// by something else, fail instead of blocking (opening a fifo waits for a writer) or following
 /// it (a symlink).
 fn open_regular(p: &Path) -> std::io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(p)?;
+    let f = open_nonblocking(p)?;
     if !f.metadata()?.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -203,6 +199,15 @@ fn open_regular(p: &Path) -> std::io::Result<fs::File> {
     // Back to blocking reads, whatever the filesystem makes of O_NONBLOCK on a file.
     rustix::fs::fcntl_setfl(&f, rustix::fs::OFlags::empty())?;
     Ok(f)
+}
+
+/// Open `p` for reading without waiting (a fifo) and without following a symlink.
+fn open_nonblocking(p: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(p)
 }
 
 impl Source for LocalSource {
@@ -259,9 +264,10 @@ impl Source for LocalSource {
         let p = os(path);
         Ok(Box::new(open_regular(p).at(p)?))
     }
-    /// `posix_fadvise(WILLNEED)`: the kernel queues the reads and returns.
+    /// `posix_fadvise(WILLNEED)`: the kernel queues the reads and returns (on anything but a
+    /// regular file it fails, which is as good as nothing).
     fn prefetch(&self, path: &[u8], len: u64) {
-        if let (Ok(f), Some(len)) = (open_regular(os(path)), std::num::NonZeroU64::new(len)) {
+        if let (Ok(f), Some(len)) = (open_nonblocking(os(path)), std::num::NonZeroU64::new(len)) {
             let _ = rustix::fs::fadvise(&f, 0, Some(len), rustix::fs::Advice::WillNeed);
         }
     }
