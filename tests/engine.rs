@@ -568,6 +568,36 @@ fn unchanged_trees_are_reused_and_changes_reach_the_root() {
     assert_ne!(r5.snapshot.root, r4.snapshot.root);
 }
 
+/// An unchanged file keeps the parent snapshot's block count, so a block count that moves
+/// without the file changing (ext4 writeback) does not give unchanged directories new trees.
+#[test]
+fn an_unchanged_file_keeps_its_block_count() {
+    let tmp = tempdir();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("a")).unwrap();
+    fs::write(src.join("a/f"), vec![7u8; 10_000]).unwrap();
+    // Written back, so the first backup sees the real block count.
+    fs::File::open(src.join("a/f")).unwrap().sync_all().unwrap();
+    let store = create_store(Arc::new(MemBackend::new()), true);
+    let r1 = backup(&store, &src);
+    let blocks = file_node(&store, &r1, b"a/f").blocks;
+    assert!(blocks > 0, "a 10 kB file has blocks");
+    let wb = FailingSource {
+        inner: LocalSource::new(&src).unwrap(),
+        fail_open: Vec::new(),
+        fail_read: HashMap::new(),
+        blocks_in_writeback: true,
+    };
+    let r2 = backup_with(&store, &wb, &BackupOptions::default());
+    assert_eq!(file_node(&store, &r2, b"a/f").blocks, blocks);
+    assert_eq!(r2.snapshot.root, r1.snapshot.root, "nothing changed");
+
+    // A changed file takes what the source reports.
+    fs::write(src.join("a/f"), vec![8u8; 10_001]).unwrap();
+    let r3 = backup_with(&store, &wb, &BackupOptions::default());
+    assert_eq!(file_node(&store, &r3, b"a/f").blocks, 0);
+}
+
 #[test]
 fn chunk_boundaries_survive_an_insertion() {
     let tmp = tempdir();
@@ -1088,6 +1118,9 @@ struct FailingSource {
     fail_open: Vec<u8>,
     /// Path → bytes delivered before the read error.
     fail_read: HashMap<Vec<u8>, usize>,
+    /// Files report 0 allocated blocks, as ext4 does for a moment while writeback allocates a
+    /// freshly written file (seen on this machine's /tmp during `sync`).
+    blocks_in_writeback: bool,
 }
 
 struct FailAfter {
@@ -1121,7 +1154,16 @@ impl Source for FailingSource {
         self.inner.stat(path)
     }
     fn read_dir(&self, path: &[u8]) -> kloset::store::Result<Vec<Node>> {
-        self.inner.read_dir(path)
+        let mut nodes = self.inner.read_dir(path)?;
+        if self.blocks_in_writeback {
+            for n in nodes.iter_mut().filter(|n| n.kind == NodeKind::File) {
+                n.blocks = 0;
+            }
+        }
+        Ok(nodes)
+    }
+    fn load_xattrs(&self, path: &[u8], node: &mut Node) {
+        self.inner.load_xattrs(path, node)
     }
     fn open(&self, path: &[u8], size: u64) -> kloset::store::Result<Box<dyn Read + Send>> {
         if path == self.fail_open.as_slice() {
@@ -1155,6 +1197,7 @@ fn unreadable_files_are_reported_and_the_rest_is_restorable() {
         inner: LocalSource::new(&src).unwrap(),
         fail_open: p("dir/secret"),
         fail_read: [(p("dir/flaky"), 300_000), (p("huge"), 16_500_000)].into(),
+        blocks_in_writeback: false,
     };
     for encrypted in [true, false] {
         let store_dir = tmp.path().join(format!("store-{encrypted}"));
