@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
@@ -259,12 +259,24 @@ impl Backend for LocalBackend {
     }
 
     fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let p = self.file(t, name);
-        let mut f = fs::File::open(&p).at(&p)?;
-        f.seek(SeekFrom::Start(offset)).at(&p)?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact(&mut buf).at(&p)?;
+        let mut buf = Vec::new();
+        self.read_range_into(t, name, offset, len, &mut buf)?;
         Ok(buf)
+    }
+
+    fn read_range_into(
+        &self,
+        t: FileType,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        let p = self.file(t, name);
+        let f = fs::File::open(&p).at(&p)?;
+        buf.clear();
+        buf.resize(len as usize, 0);
+        f.read_exact_at(buf, offset).at(&p)
     }
 
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
