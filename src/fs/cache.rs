@@ -12,6 +12,13 @@
 //! that many ranges in flight (bounded: nothing is read ahead that no reader is approaching).
 //! [`ChunkCache::prefetch`]
 //! queues chunks for a small pool of threads, which sequential readers use to fetch ahead.
+//!
+//! A sequential reader of a large file streams: the chunks it has gone past
+//! ([`ChunkCache::passed`]) stay cached only up to a ring of [`STREAM_RING`] bytes, as a
+//! database keeps a sequential scan in a small ring of buffers, so reading a file larger than
+//! the cache does not push everything else out (the kernel's page cache keeps what was read).
+//! The buffers of chunks leaving the cache are kept for the next fetches, which then
+//! decompress into memory that is already mapped instead of faulting in fresh pages.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +42,22 @@ const SMALL_BLOB: u32 = 256 << 10;
 /// network: with 3 ranges ahead a cold `tar` of share/man over a 10 ms round trip took 2.4–2.6 s
 /// instead of 5.3–5.5 s (docs/PERFORMANCE.md).
 const READ_AHEAD: usize = 3;
+/// Chunks a sequential reader has gone past stay cached up to this many bytes (or a quarter of
+/// the cache, if less): enough for requests the kernel sends out of order, and for re-reads
+/// of what was just read.
+pub const STREAM_RING: usize = 64 << 20;
+/// Chunks that left the ring remembered, so pack-range reads do not bring them back.
+const GONE: usize = 4096;
+/// Buffers of chunks that left the cache, kept for the next fetches.
+const FREE_BUFFERS: usize = 16;
+/// Buffers smaller than this come from the allocator's heap and are not worth keeping.
+const KEEP_BUFFER: usize = 256 << 10;
+
+thread_local! {
+    /// Where a thread reads pack ranges of small blobs (up to [`PACK_RANGE`]): a fresh buffer
+    /// per range was a page fault per 4 KiB.
+    static RANGE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 #[derive(Default)]
 struct Inflight {
@@ -44,7 +67,27 @@ struct Inflight {
 
 struct Lru {
     map: LruCache<BlobId, Chunk>,
+    /// Memory held by `map` (buffer capacities).
     bytes: usize,
+    /// Chunks a sequential reader has gone past, oldest first, with their sizes.
+    passed: LruCache<BlobId, usize>,
+    passed_bytes: usize,
+    /// Chunks that left the ring (the last [`GONE`]): a pack-range read does not bring them
+    /// back as neighbours (chunks of one file are not always in file order in their packs, so
+    /// a range can hold some the reader has gone past).
+    gone: LruCache<BlobId, ()>,
+}
+
+impl Lru {
+    /// Is `id` cached, or did a sequential reader go past it lately?
+    fn holds_or_passed(&self, id: &BlobId) -> bool {
+        self.map.contains(id) || self.gone.contains(id)
+    }
+}
+
+/// Memory a chunk holds.
+fn held(c: &Chunk) -> usize {
+    c.capacity()
 }
 
 pub struct ChunkCache {
@@ -61,6 +104,12 @@ pub struct ChunkCache {
     /// Pack-range readahead: the first blob of a range read ahead → the first blob of the range
     /// [`READ_AHEAD`] further, queued when a reader gets to the former.
     ahead: Mutex<HashMap<BlobId, BlobId>>,
+    /// Bytes of passed chunks kept ([`STREAM_RING`], at most a quarter of the cache).
+    ring: usize,
+    /// Buffers of chunks that left the cache, for the next large fetches.
+    free: Mutex<Vec<Vec<u8>>>,
+    /// Fetches that reused such a buffer.
+    reused: std::sync::atomic::AtomicU64,
 }
 
 impl ChunkCache {
@@ -92,6 +141,9 @@ impl ChunkCache {
             lru: Mutex::new(Lru {
                 map: LruCache::unbounded(),
                 bytes: 0,
+                passed: LruCache::unbounded(),
+                passed_bytes: 0,
+                gone: LruCache::new(std::num::NonZeroUsize::new(GONE).expect("not zero")),
             }),
             max_bytes,
             inflight: Mutex::new(HashMap::new()),
@@ -100,6 +152,9 @@ impl ChunkCache {
             prefetch_tx: tx,
             prefetch_rx: rx,
             ahead: Mutex::new(HashMap::new()),
+            ring: STREAM_RING.min(max_bytes / 4),
+            free: Mutex::new(Vec::new()),
+            reused: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -127,15 +182,84 @@ impl ChunkCache {
 
     fn insert(&self, id: BlobId, c: Chunk) {
         let mut l = self.lru.lock();
-        if let Some(old) = l.map.put(id, c.clone()) {
-            l.bytes -= old.len();
+        l.gone.pop(&id);
+        l.bytes += held(&c);
+        if let Some(old) = l.map.put(id, c) {
+            l.bytes -= held(&old);
         }
-        l.bytes += c.len();
         while l.bytes > self.max_bytes && l.map.len() > 1 {
-            match l.map.pop_lru() {
-                Some((_, v)) => l.bytes -= v.len(),
-                None => break,
+            let Some((k, v)) = l.map.pop_lru() else { break };
+            l.bytes -= held(&v);
+            if let Some(n) = l.passed.pop(&k) {
+                l.passed_bytes -= n;
             }
+            self.recycle(v);
+        }
+    }
+
+    /// A sequential reader has read chunk `id` to its end: it joins the ring of passed
+    /// chunks, and the oldest beyond [`STREAM_RING`] bytes leave the cache.
+    pub fn passed(&self, id: &BlobId) {
+        let mut l = self.lru.lock();
+        let Some(n) = l.map.peek(id).map(held) else {
+            return;
+        };
+        if l.passed.put(*id, n).is_none() {
+            l.passed_bytes += n;
+        }
+        while l.passed_bytes > self.ring {
+            let Some((k, n)) = l.passed.pop_lru() else {
+                break;
+            };
+            l.passed_bytes -= n;
+            if let Some(c) = l.map.pop(&k) {
+                l.bytes -= held(&c);
+                self.recycle(c);
+            }
+            l.gone.put(k, ());
+        }
+    }
+
+    /// Keep the buffer of a chunk leaving the cache for a later fetch, if no reader holds it.
+    fn recycle(&self, c: Chunk) {
+        if let Ok(buf) = Arc::try_unwrap(c)
+            && buf.capacity() >= KEEP_BUFFER
+        {
+            let mut free = self.free.lock();
+            if free.len() < FREE_BUFFERS {
+                free.push(buf);
+            }
+        }
+    }
+
+    /// A kept buffer for a chunk of `len` bytes: the smallest that holds it without being
+    /// more than twice as large, else the largest smaller one (grown, its pages reused); empty
+    /// when none suits or `len` is too small to be worth it.
+    fn buffer_for(&self, len: usize) -> Vec<u8> {
+        if len < KEEP_BUFFER {
+            return Vec::new();
+        }
+        let mut free = self.free.lock();
+        let fits = free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len && b.capacity() <= 2 * len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        let pick = fits.or_else(|| {
+            free.iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() < len)
+                .max_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i)
+        });
+        match pick {
+            Some(i) => {
+                self.reused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                free.swap_remove(i)
+            }
+            None => Vec::new(),
         }
     }
 
@@ -154,8 +278,15 @@ impl ChunkCache {
         if !ahead && let Some(next) = self.ahead.lock().remove(id) {
             self.prefetch(next);
         }
-        if let Some(c) = self.lru.lock().map.get(id) {
-            return Ok(c.clone());
+        {
+            let mut l = self.lru.lock();
+            if let Some(c) = l.map.get(id) {
+                return Ok(c.clone());
+            }
+            // Queued ahead of a reader that has since read it and gone past: not wanted.
+            if ahead && l.gone.contains(id) {
+                return Err(format!("blob {} was read already", id.short()));
+            }
         }
         let (flight, leader) = {
             let mut inf = self.inflight.lock();
@@ -198,9 +329,10 @@ impl ChunkCache {
             .get(id)
             .ok_or_else(|| format!("blob {} is not in the store's index", id.short()))?;
         if loc.length > SMALL_BLOB {
+            let buf = self.buffer_for(loc.raw_length as usize);
             return self
                 .store
-                .read_blob(id)
+                .read_blob_reusing(id, buf)
                 .map(Arc::new)
                 .map_err(|e| e.to_string());
         }
@@ -243,36 +375,42 @@ impl ChunkCache {
         let last = blobs[end - 1];
         let len = last.0 as u64 + last.1 as u64 - base;
         let pack = self.store.index().pack_name(loc.pack).to_string();
-        let data = self
-            .store
-            .backend()
-            .read_range(FileType::Pack, &pack, base, len)
-            .map_err(|e| e.to_string())?;
-        let mut wanted = None;
-        for &(off, slen, raw, bid) in &blobs[start..end] {
-            let rel = (off as u64 - base) as usize;
-            let sealed = &data[rel..rel + slen as usize];
-            if bid == *id {
-                let c = Arc::new(
-                    self.store
-                        .decode_blob(&bid, sealed, raw, &pack)
-                        .map_err(|e| e.to_string())?,
-                );
-                wanted = Some(c);
-            } else if !self.lru.lock().map.contains(&bid) {
-                // Neighbours are cached only if they authenticate; a damaged one is simply
-                // fetched (and reported) when someone reads it.
-                if let Ok(c) = self.store.decode_blob(&bid, sealed, raw, &pack) {
-                    self.insert(bid, Arc::new(c));
+        RANGE_BUF.with(|b| {
+            let mut data = b.borrow_mut();
+            self.store
+                .backend()
+                .read_range_into(FileType::Pack, &pack, base, len, &mut data)
+                .map_err(|e| e.to_string())?;
+            let mut wanted = None;
+            for &(off, slen, raw, bid) in &blobs[start..end] {
+                let rel = (off as u64 - base) as usize;
+                let sealed = &mut data[rel..rel + slen as usize];
+                let decode = |sealed: &mut [u8]| {
+                    let out = self.buffer_for(raw as usize);
+                    self.store.decode_blob_into(&bid, sealed, raw, &pack, out)
+                };
+                if bid == *id {
+                    wanted = Some(Arc::new(decode(sealed).map_err(|e| e.to_string())?));
+                } else if !self.lru.lock().holds_or_passed(&bid) {
+                    // Neighbours are cached only if they authenticate; a damaged one is simply
+                    // fetched (and reported) when someone reads it.
+                    if let Ok(c) = decode(sealed) {
+                        self.insert(bid, Arc::new(c));
+                    }
                 }
             }
-        }
-        wanted.ok_or_else(|| format!("blob {} missing from its pack range", id.short()))
+            wanted.ok_or_else(|| format!("blob {} missing from its pack range", id.short()))
+        })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.lru.lock().bytes
+    }
+
+    /// Fetches that decompressed into the buffer of a chunk that had left the cache.
+    pub fn reused_buffers(&self) -> u64 {
+        self.reused.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -112,6 +112,10 @@ struct Inode {
     children: Mutex<Option<Arc<Vec<DirEntry>>>>,
 }
 
+/// A file of at least this many chunks (4 MiB and more) read sequentially is streamed: the
+/// chunks its reader has gone past are kept only in the cache's ring ([`cache::STREAM_RING`]).
+const STREAMED_FILE_CHUNKS: usize = 8;
+
 struct Open {
     ino: u64,
     content: Vec<BlobId>,
@@ -650,6 +654,13 @@ impl SnapshotFs {
                 return Err(self.io_error(h.ino, "chunk is shorter than the index says".into()));
             }
             out.extend_from_slice(&c[from as usize..to]);
+            // A sequential reader of a large file has read this chunk to its end: it is
+            // streamed, kept only in the cache's ring of passed chunks.
+            let read_to_end = to == c.len();
+            drop(c);
+            if read_to_end && window > 1 && h.content.len() >= STREAMED_FILE_CHUNKS {
+                self.cache.passed(&h.content[i]);
+            }
             i += 1;
         }
         Ok(out)
@@ -833,6 +844,83 @@ mod tests {
         assert_eq!(fs.readlink(ln.ino).unwrap(), b"a/b/small.txt");
         assert!(matches!(fs.lookup(ROOT, b"nope"), Err(Error::NotFound)));
         assert!(matches!(fs.open(ROOT), Err(Error::IsDir)));
+    }
+
+    /// A sequential read of a file larger than the cache's ring keeps only the ring of chunks
+    /// it has gone past (and decompresses into their buffers as they leave); a file read out
+    /// of order stays cached whole.
+    #[test]
+    fn a_large_file_read_in_order_is_streamed_through_a_ring() {
+        let src = tempfile::tempdir().unwrap();
+        // 48 MiB: the first half compresses to about half (chunks read one by one), the
+        // second to about an eighth (chunks read in pack ranges with their neighbours).
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut data = Vec::with_capacity(48 << 20);
+        for block in 0..(48 << 20) / 4096 {
+            let noisy = if block < (24 << 20) / 4096 { 2048 } else { 512 };
+            for k in 0..4096 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                data.push(if k < noisy { x as u8 } else { 0 });
+            }
+        }
+        std::fs::write(src.path().join("big"), &data).unwrap();
+        let (store, _mem) = memory_store(src.path(), Vec::new());
+        let mount = || {
+            SnapshotFs::new(
+                store.clone(),
+                MountConfig {
+                    cache_bytes: 64 << 20,
+                    root: None,
+                },
+            )
+            .unwrap()
+        };
+        let ring = (64 << 20) / 4;
+        let fs = mount();
+        let (_, root) = fs.readdir(ROOT).unwrap();
+        let id = root
+            .iter()
+            .find(|e| e.name.len() == 8)
+            .unwrap()
+            .name
+            .clone();
+        use std::os::unix::ffi::OsStrExt;
+        let path = [id.as_slice(), src.path().as_os_str().as_bytes(), b"/big"].concat();
+
+        let f = walk(&fs, ROOT, &path);
+        let mut got = Vec::with_capacity(data.len());
+        while got.len() < data.len() {
+            let b = fs.read_ino(f.ino, got.len() as u64, 256 << 10).unwrap();
+            assert!(!b.is_empty());
+            got.extend(b);
+        }
+        assert!(got == data, "content read in order");
+        let held = fs.cache.bytes();
+        assert!(
+            held <= ring + (8 << 20),
+            "{held} bytes cached after streaming 48 MiB through a ring of {ring}"
+        );
+        assert!(fs.cache.reused_buffers() > 0, "no buffer was reused");
+
+        // Out of order (last chunk first): nothing is streamed, the whole file stays cached.
+        let fs = mount();
+        let f = walk(&fs, ROOT, &path);
+        let mut end = data.len();
+        while end > 0 {
+            let start = end.saturating_sub(1 << 20);
+            let b = fs
+                .read_ino(f.ino, start as u64, (end - start) as u32)
+                .unwrap();
+            assert!(b == data[start..end], "content at {start}");
+            end = start;
+        }
+        assert!(
+            fs.cache.bytes() >= data.len(),
+            "{} bytes cached after reading 48 MiB backwards",
+            fs.cache.bytes()
+        );
     }
 
     #[test]

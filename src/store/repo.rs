@@ -652,6 +652,27 @@ impl Store {
         }
     }
 
+    /// [`Store::decode_blob`] of a buffer the caller lets us change (decrypted in place) into
+    /// `out`'s memory (its content replaced).
+    pub fn decode_blob_into(
+        &self,
+        id: &BlobId,
+        sealed: &mut [u8],
+        raw_len: u32,
+        pack: &str,
+        mut out: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let plain = {
+            let p = self.decode_blob_in_place(id, sealed, raw_len, pack, &mut out)?;
+            (p.as_ptr() as usize, p.len())
+        };
+        if let Some(r) = span_in(plain, sealed) {
+            out.clear();
+            out.extend_from_slice(&sealed[r]);
+        }
+        Ok(out)
+    }
+
     /// [`Store::decode_blob`] without copies: `sealed` is decrypted in place, and the blob is
     /// returned from inside it (stored raw) or from `out` (decompressed into it).
     pub fn decode_blob_in_place<'a>(
@@ -682,6 +703,12 @@ impl Store {
 
     /// Read one blob.
     pub fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>> {
+        self.read_blob_reusing(id, Vec::new())
+    }
+
+    /// [`Store::read_blob`] into `out`'s memory (its content is replaced): a data blob read
+    /// into a buffer that already has the capacity costs no new pages.
+    pub fn read_blob_reusing(&self, id: &BlobId, out: Vec<u8>) -> Result<Vec<u8>> {
         let (loc, pack) = {
             let idx = self.index.read();
             let loc = idx.get(id).ok_or_else(|| Error::MissingBlob(id.hex()))?;
@@ -712,23 +739,7 @@ impl Store {
             let r = self
                 .backend
                 .read_range_into(FileType::Pack, &pack, off, len, &mut sealed)
-                .and_then(|()| {
-                    let mut out = Vec::new();
-                    let plain = {
-                        let p = self.decode_blob_in_place(
-                            id,
-                            &mut sealed,
-                            loc.raw_length,
-                            &pack,
-                            &mut out,
-                        )?;
-                        (p.as_ptr() as usize, p.len())
-                    };
-                    Ok(match span_in(plain, &sealed) {
-                        Some(r) => sealed[r].to_vec(),
-                        None => out,
-                    })
-                });
+                .and_then(|()| self.decode_blob_into(id, &mut sealed, loc.raw_length, &pack, out));
             if sealed.capacity() > MAX_KEPT_READ_BUF {
                 *sealed = Vec::new();
             }
