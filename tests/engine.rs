@@ -598,6 +598,33 @@ fn an_unchanged_file_keeps_its_block_count() {
     assert_eq!(file_node(&store, &r3, b"a/f").blocks, 0);
 }
 
+/// A restore into a directory that already holds other things puts its own entries in their
+/// place: a symlink where a file goes is replaced, never written through; a directory where a
+/// file goes and a file where a directory goes are replaced too.
+#[test]
+fn restore_replaces_what_is_in_the_way() {
+    let tmp = tempdir();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("f"), b"file").unwrap();
+    fs::write(src.join("g"), b"another file").unwrap();
+    fs::write(src.join("d/x"), b"in d").unwrap();
+    let store = create_store(Arc::new(MemBackend::new()), true);
+    backup(&store, &src);
+
+    let outside = tmp.path().join("outside");
+    fs::write(&outside, b"must stay").unwrap();
+    let dest = tmp.path().join("dest");
+    fs::create_dir_all(dest.join("g/sub")).unwrap();
+    std::os::unix::fs::symlink(&outside, dest.join("f")).unwrap();
+    fs::write(dest.join("d"), b"a file where a directory goes").unwrap();
+    let rep = restore_latest(&store, &dest);
+    assert!(rep.errors.is_empty(), "{:?}", show_errors(&rep.errors));
+    assert_eq!(fs::read(&outside).unwrap(), b"must stay");
+    let diffs = t::diff(&t::scan(&src), &t::scan(&dest));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
 #[test]
 fn chunk_boundaries_survive_an_insertion() {
     let tmp = tempdir();

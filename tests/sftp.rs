@@ -228,6 +228,17 @@ fn remote_source_and_destination() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already complete"));
     assert_same_tree(&data, &dst);
 
+    // Things in the way on the server: replaced, a symlink never written through.
+    let outside = sshd.remote_dir("outside");
+    fs::write(&outside, b"must stay").unwrap();
+    fs::remove_file(dst.join("www/index.html")).unwrap();
+    symlink(&outside, dst.join("www/index.html")).unwrap();
+    fs::remove_dir_all(dst.join("www/css")).unwrap();
+    fs::write(dst.join("www/css"), b"a file where a directory goes").unwrap();
+    ok(&sshd, &["at", store, "restore", "-to", &dst_url, id]);
+    assert_eq!(fs::read(&outside).unwrap(), b"must stay");
+    assert_same_tree(&data, &dst);
+
     // A single file onto the server.
     let dst2 = sshd.remote_dir("restore-one");
     let p = format!("{id}:{}/www/css", data.display());

@@ -113,6 +113,12 @@ impl Destination for LocalDestination {
 
     fn mkdir(&self, path: &[u8]) -> Result<()> {
         let p = self.path(path);
+        // Made at once where nothing is in the way (mkdir never follows a symlink), so a
+        // fresh restore makes one call per directory.
+        match fs::DirBuilder::new().mode(0o700).create(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            r => return r.at(&p),
+        }
         match fs::symlink_metadata(&p) {
             Ok(m) if m.is_dir() => return Ok(()),
             Ok(_) => clear(&p)?,
@@ -234,6 +240,17 @@ impl Destination for LocalDestination {
 /// Open `p` for writing, created or truncated (0600 until its metadata is set), replacing
 /// anything that is not a file.
 fn create_truncated(p: &Path) -> Result<fs::File> {
+    // A new file is created exclusively (never through a symlink), without a look first;
+    // only when something is there is it looked at.
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        r => return r.at(p),
+    }
     if fs::symlink_metadata(p).is_ok_and(|m| !m.is_file()) {
         clear(p)?;
     }
