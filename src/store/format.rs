@@ -249,7 +249,8 @@ fn decompress_into(body: &[u8], raw_len_hint: usize, out: &mut Vec<u8>) -> Optio
         }
         d.as_mut()?.decompress_to_buffer(body, out).ok()
     })?;
-    Some(())
+    // `out` may have come with more room than `cap` (a reused buffer): the limit still holds.
+    (out.len() <= cap).then_some(())
 }
 
 /// Decode a codec-tagged payload.
@@ -332,6 +333,21 @@ mod tests {
             t[i] ^= 1;
             assert!(unframe::<LockRecord>(MAGIC_LOCK, &t, "x").is_err());
         }
+    }
+
+    /// A frame that decompresses to more than the size the index gives is refused, also into
+    /// a reused buffer that has room for more.
+    #[test]
+    fn decompressed_size_is_bounded_even_in_a_larger_buffer() {
+        let data = vec![7u8; 100_000];
+        let body = zstd::bulk::compress(&data, 3).unwrap();
+        let mut out = Vec::with_capacity(1 << 20);
+        assert!(decompress_into(&body, 100_000, &mut out).is_some());
+        assert_eq!(out, data);
+        let mut out = Vec::with_capacity(1 << 20);
+        assert!(decompress_into(&body, 99_999, &mut out).is_none());
+        let mut out = Vec::new();
+        assert!(decompress_into(&body, 99_999, &mut out).is_none());
     }
 
     #[test]
