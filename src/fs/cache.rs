@@ -7,8 +7,8 @@
 //! pack (up to [`PACK_RANGE`]) and caches every small blob in it: a directory's small files sit
 //! together in a pack because backup packs them in walk order, so `tar` or `cp -r` of a
 //! directory costs a few range reads instead of one round trip per file. A reader's miss also
-//! queues the [`READ_AHEAD`] ranges after it, and a reader reaching the first blob of a range
-//! read ahead queues the one [`READ_AHEAD`] further, so a sequential reader of small files keeps
+//! queues the `READ_AHEAD` ranges after it, and a reader reaching the first blob of a range
+//! read ahead queues the one `READ_AHEAD` further, so a sequential reader of small files keeps
 //! that many ranges in flight (bounded: nothing is read ahead that no reader is approaching).
 //! [`ChunkCache::prefetch`]
 //! queues chunks for a small pool of threads, which sequential readers use to fetch ahead.

@@ -168,7 +168,7 @@ fn is_excluded(exclude: Option<&globset::GlobSet>, path: &[u8], name: &[u8]) -> 
 /// lister explores on its own from the root, depth first (a stack, so the walk's next
 /// directories come first), so it can start before the store is open: with a cold page cache
 /// most of an unchanged backup is the kernel reading inodes, and this overlaps it with the
-/// SSH login and the key derivation. At most [`LIST_AHEAD`] listings are held; past that the
+/// SSH login and the key derivation. At most `LIST_AHEAD` listings are held; past that the
 /// walk lists directories itself and the lister follows its requests.
 pub struct Lister<'s> {
     source: &'s dyn Source,
