@@ -13,12 +13,17 @@
 //! [`ChunkCache::prefetch`]
 //! queues chunks for a small pool of threads, which sequential readers use to fetch ahead.
 //!
-//! A sequential reader of a large file streams: the chunks it has gone past
-//! ([`ChunkCache::passed`]) stay cached only up to a ring of [`STREAM_RING`] bytes, as a
-//! database keeps a sequential scan in a small ring of buffers, so reading a file larger than
-//! the cache does not push everything else out (the kernel's page cache keeps what was read).
-//! The buffers of chunks leaving the cache are kept for the next fetches, which then
-//! decompress into memory that is already mapped instead of faulting in fresh pages.
+//! The cache is in two parts, as in a segmented LRU: a ring of [`STREAM_RING`] bytes for what
+//! may not be read again, and the LRU proper. Chunks read ahead (prefetched, or a range's
+//! neighbours) enter the ring and move to the LRU when a reader that is not streaming reads
+//! them; a sequential reader of a large file streams, its chunks staying in the ring, and the
+//! chunks it has gone past ([`ChunkCache::passed`]) move to the ring's new end. So reading a
+//! file larger than the cache does not push everything else out (the kernel's page cache keeps
+//! what was read), as a database keeps a sequential scan in a small ring of buffers, and what
+//! was read ahead but never wanted (a prefetch that came too late, a range holding chunks a
+//! reader has gone past: a file's chunks are not always in file order in their packs) leaves
+//! with the ring. The buffers of chunks leaving the cache are kept for the next fetches, which
+//! then decompress into memory that is already mapped instead of faulting in fresh pages.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,12 +47,10 @@ const SMALL_BLOB: u32 = 256 << 10;
 /// network: with 3 ranges ahead a cold `tar` of share/man over a 10 ms round trip took 2.4–2.6 s
 /// instead of 5.3–5.5 s (docs/PERFORMANCE.md).
 const READ_AHEAD: usize = 3;
-/// Chunks a sequential reader has gone past stay cached up to this many bytes (or a quarter of
-/// the cache, if less): enough for requests the kernel sends out of order, and for re-reads
-/// of what was just read.
+/// Bytes of the ring (or a quarter of the cache, if less): what is read ahead of readers (16
+/// chunks and 3 pack ranges each), and chunks a streaming reader has gone past, enough for
+/// requests the kernel sends out of order and for re-reads of what was just read.
 pub const STREAM_RING: usize = 64 << 20;
-/// Chunks that left the ring remembered, so pack-range reads do not bring them back.
-const GONE: usize = 4096;
 /// Buffers of chunks that left the cache, kept for the next fetches.
 const FREE_BUFFERS: usize = 16;
 /// Buffers smaller than this come from the allocator's heap and are not worth keeping.
@@ -69,19 +72,25 @@ struct Lru {
     map: LruCache<BlobId, Chunk>,
     /// Memory held by `map` (buffer capacities).
     bytes: usize,
-    /// Chunks a sequential reader has gone past, oldest first, with their sizes.
-    passed: LruCache<BlobId, usize>,
-    passed_bytes: usize,
-    /// Chunks that left the ring (the last [`GONE`]): a pack-range read does not bring them
-    /// back as neighbours (chunks of one file are not always in file order in their packs, so
-    /// a range can hold some the reader has gone past).
-    gone: LruCache<BlobId, ()>,
+    /// The chunks of `map` that are in the ring, oldest first, with their sizes.
+    ring: LruCache<BlobId, usize>,
+    ring_bytes: usize,
 }
 
 impl Lru {
-    /// Is `id` cached, or did a sequential reader go past it lately?
-    fn holds_or_passed(&self, id: &BlobId) -> bool {
-        self.map.contains(id) || self.gone.contains(id)
+    /// `id` (of `n` bytes) goes to the ring's new end.
+    fn ring_push(&mut self, id: BlobId, n: usize) {
+        if let Some(old) = self.ring.put(id, n) {
+            self.ring_bytes -= old;
+        }
+        self.ring_bytes += n;
+    }
+
+    /// `id` leaves the ring (for the LRU proper, or the cache).
+    fn ring_remove(&mut self, id: &BlobId) {
+        if let Some(n) = self.ring.pop(id) {
+            self.ring_bytes -= n;
+        }
     }
 }
 
@@ -104,8 +113,8 @@ pub struct ChunkCache {
     /// Pack-range readahead: the first blob of a range read ahead → the first blob of the range
     /// [`READ_AHEAD`] further, queued when a reader gets to the former.
     ahead: Mutex<HashMap<BlobId, BlobId>>,
-    /// Bytes of passed chunks kept ([`STREAM_RING`], at most a quarter of the cache).
-    ring: usize,
+    /// Bytes of the ring ([`STREAM_RING`], at most a quarter of the cache).
+    ring_max: usize,
     /// Buffers of chunks that left the cache, for the next large fetches.
     free: Mutex<Vec<Vec<u8>>>,
     /// Fetches that reused such a buffer.
@@ -141,9 +150,8 @@ impl ChunkCache {
             lru: Mutex::new(Lru {
                 map: LruCache::unbounded(),
                 bytes: 0,
-                passed: LruCache::unbounded(),
-                passed_bytes: 0,
-                gone: LruCache::new(std::num::NonZeroUsize::new(GONE).expect("not zero")),
+                ring: LruCache::unbounded(),
+                ring_bytes: 0,
             }),
             max_bytes,
             inflight: Mutex::new(HashMap::new()),
@@ -152,7 +160,7 @@ impl ChunkCache {
             prefetch_tx: tx,
             prefetch_rx: rx,
             ahead: Mutex::new(HashMap::new()),
-            ring: STREAM_RING.min(max_bytes / 4),
+            ring_max: STREAM_RING.min(max_bytes / 4),
             free: Mutex::new(Vec::new()),
             reused: std::sync::atomic::AtomicU64::new(0),
         })
@@ -166,7 +174,7 @@ impl ChunkCache {
             std::thread::spawn(move || {
                 while let Ok(id) = rx.recv() {
                     let Some(c) = weak.upgrade() else { return };
-                    let _ = c.get_as(&id, true);
+                    let _ = c.get_as(&id, true, true);
                 }
             });
         }
@@ -180,44 +188,50 @@ impl ChunkCache {
         let _ = self.prefetch_tx.try_send(id);
     }
 
-    fn insert(&self, id: BlobId, c: Chunk) {
+    /// Cache chunk `id`, in the ring or in the LRU proper.
+    fn insert(&self, id: BlobId, c: Chunk, in_ring: bool) {
         let mut l = self.lru.lock();
-        l.gone.pop(&id);
-        l.bytes += held(&c);
+        let n = held(&c);
+        l.bytes += n;
         if let Some(old) = l.map.put(id, c) {
             l.bytes -= held(&old);
+        }
+        if in_ring {
+            l.ring_push(id, n);
+        } else {
+            l.ring_remove(&id);
+        }
+        self.trim(&mut l);
+    }
+
+    /// Drop the ring's oldest chunks beyond its size, then the LRU's beyond the cache's.
+    fn trim(&self, l: &mut Lru) {
+        while l.ring_bytes > self.ring_max {
+            let Some((k, n)) = l.ring.pop_lru() else {
+                break;
+            };
+            l.ring_bytes -= n;
+            if let Some(c) = l.map.pop(&k) {
+                l.bytes -= held(&c);
+                self.recycle(c);
+            }
         }
         while l.bytes > self.max_bytes && l.map.len() > 1 {
             let Some((k, v)) = l.map.pop_lru() else { break };
             l.bytes -= held(&v);
-            if let Some(n) = l.passed.pop(&k) {
-                l.passed_bytes -= n;
-            }
+            l.ring_remove(&k);
             self.recycle(v);
         }
     }
 
-    /// A sequential reader has read chunk `id` to its end: it joins the ring of passed
-    /// chunks, and the oldest beyond [`STREAM_RING`] bytes leave the cache.
+    /// A streaming reader has read chunk `id` to its end: it goes to the ring's new end.
     pub fn passed(&self, id: &BlobId) {
         let mut l = self.lru.lock();
         let Some(n) = l.map.peek(id).map(held) else {
             return;
         };
-        if l.passed.put(*id, n).is_none() {
-            l.passed_bytes += n;
-        }
-        while l.passed_bytes > self.ring {
-            let Some((k, n)) = l.passed.pop_lru() else {
-                break;
-            };
-            l.passed_bytes -= n;
-            if let Some(c) = l.map.pop(&k) {
-                l.bytes -= held(&c);
-                self.recycle(c);
-            }
-            l.gone.put(k, ());
-        }
+        l.ring_push(*id, n);
+        self.trim(&mut l);
     }
 
     /// Keep the buffer of a chunk leaving the cache for a later fetch, if no reader holds it.
@@ -263,9 +277,10 @@ impl ChunkCache {
         }
     }
 
-    /// The chunk `id`, from memory, from another thread's fetch, or from the store.
-    pub fn get(&self, id: &BlobId) -> Result<Chunk, String> {
-        self.get_as(id, false)
+    /// The chunk `id`, from memory, from another thread's fetch, or from the store, for a
+    /// reader that is `streaming` (its chunks stay in the ring) or not (they join the LRU).
+    pub fn get(&self, id: &BlobId, streaming: bool) -> Result<Chunk, String> {
+        self.get_as(id, false, streaming)
     }
 
     /// Is `id` in memory (not counting fetches in flight)?
@@ -273,19 +288,20 @@ impl ChunkCache {
         self.lru.lock().map.contains(id)
     }
 
-    /// [`ChunkCache::get`] for a reader (`ahead` false) or for a prefetcher thread.
-    fn get_as(&self, id: &BlobId, ahead: bool) -> Result<Chunk, String> {
+    /// [`ChunkCache::get`] for a reader (`ahead` false) or for a prefetcher thread (`ahead`;
+    /// it counts as streaming).
+    fn get_as(&self, id: &BlobId, ahead: bool, streaming: bool) -> Result<Chunk, String> {
         if !ahead && let Some(next) = self.ahead.lock().remove(id) {
             self.prefetch(next);
         }
+        let keep = !ahead && !streaming;
         {
             let mut l = self.lru.lock();
-            if let Some(c) = l.map.get(id) {
-                return Ok(c.clone());
-            }
-            // Queued ahead of a reader that has since read it and gone past: not wanted.
-            if ahead && l.gone.contains(id) {
-                return Err(format!("blob {} was read already", id.short()));
+            if let Some(c) = l.map.get(id).cloned() {
+                if keep {
+                    l.ring_remove(id);
+                }
+                return Ok(c);
             }
         }
         let (flight, leader) = {
@@ -304,7 +320,12 @@ impl ChunkCache {
             while d.is_none() {
                 flight.cv.wait(&mut d);
             }
-            return d.clone().expect("set above");
+            let r = d.clone().expect("set above");
+            drop(d);
+            if keep {
+                self.lru.lock().ring_remove(id);
+            }
+            return r;
         }
         // Check again: it may have landed between the LRU check and registering.
         // (The LRU guard must be gone before fetching: `fetch` takes it again.)
@@ -314,7 +335,7 @@ impl ChunkCache {
             None => self.fetch(id, ahead),
         };
         if let Ok(c) = &res {
-            self.insert(*id, c.clone());
+            self.insert(*id, c.clone(), !keep);
         }
         *flight.done.lock() = Some(res.clone());
         flight.cv.notify_all();
@@ -391,11 +412,11 @@ impl ChunkCache {
                 };
                 if bid == *id {
                     wanted = Some(Arc::new(decode(sealed).map_err(|e| e.to_string())?));
-                } else if !self.lru.lock().holds_or_passed(&bid) {
+                } else if !self.lru.lock().map.contains(&bid) {
                     // Neighbours are cached only if they authenticate; a damaged one is simply
                     // fetched (and reported) when someone reads it.
                     if let Ok(c) = decode(sealed) {
-                        self.insert(bid, Arc::new(c));
+                        self.insert(bid, Arc::new(c), true);
                     }
                 }
             }
@@ -515,7 +536,7 @@ mod tests {
         let quiet = || std::thread::sleep(Duration::from_millis(300));
 
         // A miss reads range 0 and queues ranges 1..=READ_AHEAD.
-        let first = cache.get(&id(0)).unwrap();
+        let first = cache.get(&id(0), false).unwrap();
         assert_eq!(*first, store.read_blob(&id(0)).unwrap());
         assert!((starts[0]..starts[1]).all(|k| cache.holds(&blobs[k].3)));
         for r in 1..=READ_AHEAD {
@@ -527,7 +548,7 @@ mod tests {
         assert!(!cache.holds(&id(READ_AHEAD + 1)), "read too far ahead");
 
         // Reaching range 1 queues range READ_AHEAD + 1, and no more.
-        let second = cache.get(&id(1)).unwrap();
+        let second = cache.get(&id(1), false).unwrap();
         assert_eq!(*second, store.read_blob(&id(1)).unwrap());
         wait_for("the next range to be read ahead", || {
             cache.holds(&id(READ_AHEAD + 1))
@@ -536,7 +557,10 @@ mod tests {
         assert!(!cache.holds(&id(READ_AHEAD + 2)), "read too far ahead");
         // Every blob read ahead decodes to what the store holds.
         for b in &blobs[starts[1]..starts[READ_AHEAD + 1]] {
-            assert_eq!(*cache.get(&b.3).unwrap(), store.read_blob(&b.3).unwrap());
+            assert_eq!(
+                *cache.get(&b.3, false).unwrap(),
+                store.read_blob(&b.3).unwrap()
+            );
         }
     }
 }

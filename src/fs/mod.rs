@@ -112,8 +112,8 @@ struct Inode {
     children: Mutex<Option<Arc<Vec<DirEntry>>>>,
 }
 
-/// A file of at least this many chunks (4 MiB and more) read sequentially is streamed: the
-/// chunks its reader has gone past are kept only in the cache's ring ([`cache::STREAM_RING`]).
+/// A file of at least this many chunks (4 MiB and more) read sequentially is streamed: its
+/// chunks are kept only in the cache's ring ([`cache::STREAM_RING`]).
 const STREAMED_FILE_CHUNKS: usize = 8;
 
 struct Open {
@@ -636,6 +636,8 @@ impl SnapshotFs {
             *n = (end, w);
             w
         };
+        // A sequential reader of a large file streams: its chunks stay in the cache's ring.
+        let streaming = window > 1 && h.content.len() >= STREAMED_FILE_CHUNKS;
         let mut out = Vec::with_capacity((end - offset) as usize);
         let mut i = first;
         while i < h.content.len() && h.offsets[i] < end {
@@ -645,7 +647,7 @@ impl SnapshotFs {
             }
             let c = self
                 .cache
-                .get(&h.content[i])
+                .get(&h.content[i], streaming)
                 .map_err(|e| self.io_error(h.ino, e))?;
             let cs = h.offsets[i];
             let from = offset.max(cs) - cs;
@@ -654,11 +656,10 @@ impl SnapshotFs {
                 return Err(self.io_error(h.ino, "chunk is shorter than the index says".into()));
             }
             out.extend_from_slice(&c[from as usize..to]);
-            // A sequential reader of a large file has read this chunk to its end: it is
-            // streamed, kept only in the cache's ring of passed chunks.
+            // Read to its end: to the ring's new end, so what the reader passed leaves last.
             let read_to_end = to == c.len();
             drop(c);
-            if read_to_end && window > 1 && h.content.len() >= STREAMED_FILE_CHUNKS {
+            if read_to_end && streaming {
                 self.cache.passed(&h.content[i]);
             }
             i += 1;
