@@ -848,8 +848,8 @@ mod tests {
     }
 
     /// A sequential read of a file larger than the cache's ring keeps only the ring of chunks
-    /// it has gone past (and decompresses into their buffers as they leave); a file read out
-    /// of order stays cached whole.
+    /// it has gone past (and decompresses into their buffers as they leave), and what left can
+    /// be prefetched again for the next reader; a file read out of order stays cached whole.
     #[test]
     fn a_large_file_read_in_order_is_streamed_through_a_ring() {
         let src = tempfile::tempdir().unwrap();
@@ -904,6 +904,31 @@ mod tests {
             "{held} bytes cached after streaming 48 MiB through a ring of {ring}"
         );
         assert!(fs.cache.reused_buffers() > 0, "no buffer was reused");
+        // A chunk that left the ring is prefetched again for the next reader.
+        let snap = store.resolve_snapshot("latest").unwrap();
+        let node = store
+            .lookup(
+                &snap,
+                &[src.path().as_os_str().as_bytes(), b"/big"].concat(),
+            )
+            .unwrap();
+        // One of the first chunks, too large to come back as a pack range's neighbour.
+        let first = *node
+            .content
+            .iter()
+            .take(8)
+            .find(|c| store.index().get(c).unwrap().length > 256 << 10)
+            .expect("a large chunk among the first");
+        assert!(!fs.cache.holds(&first), "an early chunk left the ring");
+        fs.cache.prefetch(first);
+        let t = std::time::Instant::now();
+        while !fs.cache.holds(&first) {
+            assert!(
+                t.elapsed().as_secs() < 20,
+                "the chunk was not prefetched again"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
 
         // Out of order (last chunk first): nothing is streamed, the whole file stays cached.
         let fs = mount();
