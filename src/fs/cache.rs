@@ -47,12 +47,14 @@ const SMALL_BLOB: u32 = 256 << 10;
 /// network: with 3 ranges ahead a cold `tar` of share/man over a 10 ms round trip took 2.4–2.6 s
 /// instead of 5.3–5.5 s (docs/PERFORMANCE.md).
 const READ_AHEAD: usize = 3;
-/// Bytes of the ring (or a quarter of the cache, if less): what is read ahead of readers (16
+/// Bytes of the ring (or the whole cache, if smaller): what is read ahead of readers (16
 /// chunks and 3 pack ranges each), and chunks a streaming reader has gone past, enough for
 /// requests the kernel sends out of order and for re-reads of what was just read.
 pub const STREAM_RING: usize = 64 << 20;
-/// Buffers of chunks that left the cache, kept for the next fetches.
+/// Buffers of chunks that left the cache, kept for the next fetches: at most this many, and
+/// this many bytes (or an eighth of the cache, if less), on top of the cache's own bound.
 const FREE_BUFFERS: usize = 16;
+const FREE_BYTES: usize = 32 << 20;
 /// Buffers smaller than this come from the allocator's heap and are not worth keeping.
 const KEEP_BUFFER: usize = 256 << 10;
 
@@ -113,10 +115,13 @@ pub struct ChunkCache {
     /// Pack-range readahead: the first blob of a range read ahead → the first blob of the range
     /// [`READ_AHEAD`] further, queued when a reader gets to the former.
     ahead: Mutex<HashMap<BlobId, BlobId>>,
-    /// Bytes of the ring ([`STREAM_RING`], at most a quarter of the cache).
+    /// Bytes of the ring ([`STREAM_RING`], at most the cache: a smaller cache is all ring,
+    /// as an LRU alone would be, so a reader's window read ahead still fits).
     ring_max: usize,
     /// Buffers of chunks that left the cache, for the next large fetches.
     free: Mutex<Vec<Vec<u8>>>,
+    /// Bytes the kept buffers may hold ([`FREE_BYTES`], at most an eighth of the cache).
+    free_max: usize,
     /// Fetches that reused such a buffer.
     reused: std::sync::atomic::AtomicU64,
 }
@@ -160,8 +165,9 @@ impl ChunkCache {
             prefetch_tx: tx,
             prefetch_rx: rx,
             ahead: Mutex::new(HashMap::new()),
-            ring_max: STREAM_RING.min(max_bytes / 4),
+            ring_max: STREAM_RING.min(max_bytes),
             free: Mutex::new(Vec::new()),
+            free_max: FREE_BYTES.min(max_bytes / 8),
             reused: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -240,7 +246,8 @@ impl ChunkCache {
             && buf.capacity() >= KEEP_BUFFER
         {
             let mut free = self.free.lock();
-            if free.len() < FREE_BUFFERS {
+            let kept: usize = free.iter().map(|b| b.capacity()).sum();
+            if free.len() < FREE_BUFFERS && kept + buf.capacity() <= self.free_max {
                 free.push(buf);
             }
         }

@@ -853,12 +853,13 @@ mod tests {
     #[test]
     fn a_large_file_read_in_order_is_streamed_through_a_ring() {
         let src = tempfile::tempdir().unwrap();
-        // 48 MiB: the first half compresses to about half (chunks read one by one), the
-        // second to about an eighth (chunks read in pack ranges with their neighbours).
+        // 80 MiB (more than the ring and a largest chunk): the first half compresses to about
+        // half (chunks read one by one), the second to about an eighth (chunks read in pack
+        // ranges with their neighbours).
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut data = Vec::with_capacity(48 << 20);
-        for block in 0..(48 << 20) / 4096 {
-            let noisy = if block < (24 << 20) / 4096 { 2048 } else { 512 };
+        let mut data = Vec::with_capacity(80 << 20);
+        for block in 0..(80 << 20) / 4096 {
+            let noisy = if block < (40 << 20) / 4096 { 2048 } else { 512 };
             for k in 0..4096 {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -868,17 +869,18 @@ mod tests {
         }
         std::fs::write(src.path().join("big"), &data).unwrap();
         let (store, _mem) = memory_store(src.path(), Vec::new());
-        let mount = || {
+        let mount_with = |cache_bytes: usize| {
             SnapshotFs::new(
                 store.clone(),
                 MountConfig {
-                    cache_bytes: 64 << 20,
+                    cache_bytes,
                     root: None,
                 },
             )
             .unwrap()
         };
-        let ring = (64 << 20) / 4;
+        let mount = || mount_with(256 << 20);
+        let ring = super::cache::STREAM_RING;
         let fs = mount();
         let (_, root) = fs.readdir(ROOT).unwrap();
         let id = root
@@ -890,20 +892,26 @@ mod tests {
         use std::os::unix::ffi::OsStrExt;
         let path = [id.as_slice(), src.path().as_os_str().as_bytes(), b"/big"].concat();
 
-        let f = walk(&fs, ROOT, &path);
-        let mut got = Vec::with_capacity(data.len());
-        while got.len() < data.len() {
-            let b = fs.read_ino(f.ino, got.len() as u64, 256 << 10).unwrap();
-            assert!(!b.is_empty());
-            got.extend(b);
-        }
-        assert!(got == data, "content read in order");
+        let read_in_order = |fs: &SnapshotFs| {
+            let f = walk(fs, ROOT, &path);
+            let mut got = Vec::with_capacity(data.len());
+            while got.len() < data.len() {
+                let b = fs.read_ino(f.ino, got.len() as u64, 256 << 10).unwrap();
+                assert!(!b.is_empty());
+                got.extend(b);
+            }
+            assert!(got == data, "content read in order");
+        };
+        read_in_order(&fs);
         let held = fs.cache.bytes();
         assert!(
             held <= ring + (8 << 20),
-            "{held} bytes cached after streaming 48 MiB through a ring of {ring}"
+            "{held} bytes cached after streaming 80 MiB through a ring of {ring}"
         );
-        assert!(fs.cache.reused_buffers() > 0, "no buffer was reused");
+        // In a 16 MiB cache (all ring), chunks leave early and lend their buffers.
+        let small = mount_with(16 << 20);
+        read_in_order(&small);
+        assert!(small.cache.reused_buffers() > 0, "no buffer was reused");
         // A chunk that left the ring is prefetched again for the next reader.
         let snap = store.resolve_snapshot("latest").unwrap();
         let node = store
@@ -944,7 +952,7 @@ mod tests {
         }
         assert!(
             fs.cache.bytes() >= data.len(),
-            "{} bytes cached after reading 48 MiB backwards",
+            "{} bytes cached after reading 80 MiB backwards",
             fs.cache.bytes()
         );
     }
