@@ -135,15 +135,8 @@ fn missing_is<T>(e: ssh2::Error, missing: T) -> std::io::Result<T> {
     }
 }
 
-/// Read exactly `len` bytes from `offset` without making libssh2 fetch past the range.
-pub fn read_range_conn(c: &Conn, path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    read_range_conn_into(c, path, offset, len, &mut buf)?;
-    Ok(buf)
-}
-
-/// [`read_range_conn`] into `buf`, reusing its memory (a fresh megabyte buffer per read is
-/// a page fault per 4 KiB).
+/// Read exactly `len` bytes from `offset` into `buf` (reusing its memory: a fresh megabyte
+/// buffer per read is a page fault per 4 KiB), without making libssh2 fetch past the range.
 pub fn read_range_conn_into(
     c: &Conn,
     path: &Path,
@@ -328,11 +321,6 @@ impl Backend for SftpBackend {
         self.pool.run(&t.path(name), |c| read_all_conn(c, &p))
     }
 
-    fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let p = self.path(t, name);
-        self.pool
-            .run(&t.path(name), |c| read_range_conn(c, &p, offset, len))
-    }
     fn read_range_into(
         &self,
         t: FileType,

@@ -103,9 +103,8 @@ pub trait Backend: Send + Sync {
     fn list(&self, t: FileType) -> Result<Vec<Listed>>;
     /// The whole file.
     fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>>;
-    /// `len` bytes from `offset`. Fails if the file is shorter.
-    fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
-    /// [`Backend::read_range`] into `buf` (replacing its content), reusing its memory.
+    /// `len` bytes from `offset` into `buf` (replacing its content), reusing its memory. Fails
+    /// if the file is shorter.
     fn read_range_into(
         &self,
         t: FileType,
@@ -113,9 +112,12 @@ pub trait Backend: Send + Sync {
         offset: u64,
         len: u64,
         buf: &mut Vec<u8>,
-    ) -> Result<()> {
-        *buf = self.read_range(t, name, offset, len)?;
-        Ok(())
+    ) -> Result<()>;
+    /// [`Backend::read_range_into`] a new buffer.
+    fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_range_into(t, name, offset, len, &mut buf)?;
+        Ok(buf)
     }
     /// Create a file atomically with this content.
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()>;
@@ -258,12 +260,6 @@ impl Backend for LocalBackend {
         fs::read(&p).at(&p)
     }
 
-    fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        self.read_range_into(t, name, offset, len, &mut buf)?;
-        Ok(buf)
-    }
-
     fn read_range_into(
         &self,
         t: FileType,
@@ -374,7 +370,14 @@ impl Backend for MemBackend {
                 )
             })
     }
-    fn read_range(&self, t: FileType, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    fn read_range_into(
+        &self,
+        t: FileType,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
         let all = self.read(t, name)?;
         let end = offset.saturating_add(len);
         if end > all.len() as u64 {
@@ -383,7 +386,9 @@ impl Backend for MemBackend {
                 std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
             ));
         }
-        Ok(all[offset as usize..end as usize].to_vec())
+        buf.clear();
+        buf.extend_from_slice(&all[offset as usize..end as usize]);
+        Ok(())
     }
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
         self.files
