@@ -774,7 +774,10 @@ pub fn run_listed(
             }
             p
         };
-        let mut t = Tree { nodes: vec![node] };
+        let mut t = Tree {
+            nodes: vec![node],
+            ..Tree::default()
+        };
         t.sort();
         let id = builder.write_tree(&t)?;
         if i == 0 {

@@ -747,16 +747,19 @@ impl Store {
         })
     }
 
-    /// Read a tree blob (cached).
+    /// Read a tree blob (cached), sanitized: entries whose names could leave the directory or
+    /// repeat an earlier name are not in [`Tree::nodes`] but listed in [`Tree::rejected`], for
+    /// the caller to report ([`Tree::sanitize`]).
     pub fn load_tree(&self, id: &BlobId) -> Result<Arc<Tree>> {
         if let Some(t) = self.trees.lock().get(id) {
             return Ok(t.clone());
         }
         let raw = self.read_blob(id)?;
-        let t =
-            Arc::new(Tree::decode(&raw).ok_or_else(|| {
-                Error::damaged(format!("tree {}", id.short()), "cannot parse tree")
-            })?);
+        let mut t = Tree::decode(&raw).ok_or_else(|| {
+            Error::damaged(format!("tree {}", id.short()), "cannot parse tree")
+        })?;
+        t.sanitize();
+        let t = Arc::new(t);
         self.trees.lock().put(*id, t.clone());
         Ok(t)
     }

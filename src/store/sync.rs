@@ -396,7 +396,11 @@ impl Copier<'_> {
                 n.subtree = Some(self.rewrite(sub)?);
             }
         }
-        let raw = Tree { nodes }.encode();
+        let raw = Tree {
+            nodes,
+            ..Tree::default()
+        }
+        .encode();
         let did = self.dst.crypto().blob_id(&raw);
         if !self.packer.claim(&did) {
             self.packer.add(BlobKind::Tree, did, &raw)?;

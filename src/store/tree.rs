@@ -176,10 +176,43 @@ impl Node {
     }
 }
 
+/// Longest entry name accepted from a tree or a source (Linux's `NAME_MAX`).
+pub const MAX_NAME: usize = 255;
+
+/// Why a name from a tree or a source cannot be used as a directory entry, or `None` when it
+/// can. This is the one place that decides: every reader (backup walkers, restore, mount, `ls`,
+/// `sync`, `check`) goes through it, directly or through [`Tree::sanitize`], so a name is never
+/// joined onto a path before it has passed.
+pub fn name_problem(name: &[u8]) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("empty name")
+    } else if name == b"." || name == b".." {
+        Some("name is `.` or `..`")
+    } else if name.contains(&b'/') {
+        Some("name contains `/`")
+    } else if name.contains(&0) {
+        Some("name contains a NUL byte")
+    } else if name.len() > MAX_NAME {
+        Some("name is longer than 255 bytes")
+    } else {
+        None
+    }
+}
+
+/// An entry left out of a tree by [`Tree::sanitize`]: its raw name and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub name: Vec<u8>,
+    pub why: &'static str,
+}
+
 /// The entries of one directory, sorted by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tree {
     pub nodes: Vec<Node>,
+    /// Entries [`Tree::sanitize`] left out (never stored: trees are written sanitized).
+    #[serde(skip)]
+    pub rejected: Vec<Rejected>,
 }
 
 impl Tree {
@@ -192,6 +225,33 @@ impl Tree {
 
     pub fn sort(&mut self) {
         self.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+
+    /// Make the tree safe to act on: entries with a name [`name_problem`] refuses, and every
+    /// entry after the first of a name that occurs twice (a directory `d`, then a symlink `d`
+    /// pointing elsewhere, would otherwise let a restore build `d/…` and then write through
+    /// the link), are moved to [`Tree::rejected`]; the rest is sorted, so lookups by name
+    /// work whatever order the tree came in. Returns whether anything was rejected.
+    pub fn sanitize(&mut self) -> bool {
+        let sorted = self.nodes.windows(2).all(|w| w[0].name < w[1].name);
+        if sorted && self.nodes.iter().all(|n| name_problem(&n.name).is_none()) {
+            return false;
+        }
+        // A stable sort keeps the first of equal names first.
+        self.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut kept: Vec<Node> = Vec::with_capacity(self.nodes.len());
+        for n in std::mem::take(&mut self.nodes) {
+            let why = name_problem(&n.name).or_else(|| {
+                (kept.last().map(|k| &k.name) == Some(&n.name))
+                    .then_some("a second entry with the same name")
+            });
+            match why {
+                Some(why) => self.rejected.push(Rejected { name: n.name, why }),
+                None => kept.push(n),
+            }
+        }
+        self.nodes = kept;
+        !self.rejected.is_empty()
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -246,6 +306,60 @@ mod tests {
         let back = Tree::decode(&t.encode()).unwrap();
         assert_eq!(back, t);
         assert!(back.find(&[0xff, b'\n', 0x80]).is_some());
+    }
+
+    #[test]
+    fn names_that_could_leave_a_directory_are_refused() {
+        for bad in [
+            &b""[..],
+            b".",
+            b"..",
+            b"/etc",
+            b"a/b",
+            b"../x",
+            b"a\0b",
+            &[b'x'; 256],
+        ] {
+            assert!(name_problem(bad).is_some(), "{bad:?}");
+        }
+        for good in [&b"..."[..], b".a", b"a..b", b"\xff\n\x1b[31m", &[b'x'; 255]] {
+            assert_eq!(name_problem(good), None, "{good:?}");
+        }
+    }
+
+    #[test]
+    fn sanitize_drops_bad_names_and_later_duplicates_and_sorts() {
+        let mut dir = Node::new(b"d".to_vec(), NodeKind::Dir);
+        dir.mode = 0o755;
+        let mut link = Node::new(b"d".to_vec(), NodeKind::Symlink);
+        link.target = b"/etc".to_vec();
+        let mut t = Tree {
+            nodes: vec![
+                Node::new(b"z".to_vec(), NodeKind::File),
+                dir.clone(),
+                Node::new(b"/abs".to_vec(), NodeKind::File),
+                link,
+                Node::new(b"..".to_vec(), NodeKind::Dir),
+            ],
+            ..Tree::default()
+        };
+        assert!(t.sanitize());
+        let names: Vec<&[u8]> = t.nodes.iter().map(|n| &n.name[..]).collect();
+        assert_eq!(names, vec![&b"d"[..], b"z"]);
+        assert_eq!(t.nodes[0], dir, "the first entry of a name is the one kept");
+        let mut why: Vec<_> = t.rejected.iter().map(|r| (&r.name[..], r.why)).collect();
+        why.sort();
+        assert_eq!(
+            why,
+            vec![
+                (&b".."[..], "name is `.` or `..`"),
+                (b"/abs", "name contains `/`"),
+                (b"d", "a second entry with the same name"),
+            ]
+        );
+        let mut clean = t.clone();
+        clean.rejected.clear();
+        assert!(!clean.sanitize());
     }
 
     #[test]
