@@ -20,6 +20,7 @@ use fastcdc::v2020::{FastCDC, Normalization};
 use parking_lot::Mutex;
 
 use super::crypto::BlobId;
+use super::dirfd::MAX_DEPTH;
 use super::error::{Error, Result};
 use super::format::{BlobKind, ChunkerParams, Snapshot, SnapshotStats};
 use super::repo::{Packer, SnapshotEntry, Store};
@@ -77,7 +78,8 @@ type JobOutcome = Result<JobResult, (Vec<u8>, String)>;
 struct Job {
     id: usize,
     path: Vec<u8>,
-    size: u64,
+    /// The file as the walk saw it (without content).
+    seen: Node,
 }
 
 /// Files whose first bytes are asked of the source ahead of the workers, at most.
@@ -141,6 +143,11 @@ impl Drop for Working<'_> {
 struct JobResult {
     content: Vec<BlobId>,
     size: u64,
+    /// The file's state when it was read, when it had changed since the walk saw it.
+    node: Option<Node>,
+    /// The file's path and why its content may not be one state of it (it kept changing
+    /// while it was read).
+    warning: Option<(Vec<u8>, String)>,
 }
 
 /// Why a file job failed: a source file that cannot be read only loses that file; a store
@@ -305,6 +312,8 @@ struct Walker<'a> {
     stats: SnapshotStats,
     progress: &'a Progress,
     has_inodes: bool,
+    /// Directories between the root and the one being walked.
+    depth: usize,
 }
 
 /// Is `n` unchanged since `old` was backed up, so its chunk list can be reused?
@@ -348,14 +357,34 @@ impl Walker<'_> {
             Some(r) => r,
             None => self.source.read_dir(path),
         };
-        let mut entries = match listed {
+        let listed = if self.depth >= MAX_DEPTH {
+            Err(Error::Other(format!(
+                "more than {MAX_DEPTH} directories deep: its entries are not backed up"
+            )))
+        } else {
+            listed
+        };
+        let entries = match listed {
             Ok(e) => e,
             Err(e) => {
                 self.errors.push((path.to_vec(), e.to_string()));
                 Vec::new()
             }
         };
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        // Names from a source are held to what a tree may contain: a server that lists `..`,
+        // `a/b` or one name twice (a directory, then a symlink to elsewhere) gets those
+        // entries reported, never stored.
+        let mut checked = Tree {
+            nodes: entries,
+            ..Tree::default()
+        };
+        checked.sanitize();
+        for r in &checked.rejected {
+            self.errors
+                .push((join(path, &r.name), format!("{}: not backed up", r.why)));
+        }
+        // Sorted by name, as trees are.
+        let entries = checked.nodes;
         // List the subdirectories ahead on the lister's threads, in the order the walk will
         // reach them, so metadata reads (cold caches, remote round trips) overlap.
         for n in entries.iter().filter(|n| n.kind == NodeKind::Dir) {
@@ -396,7 +425,9 @@ impl Walker<'_> {
                     .filter(|o| o.kind == NodeKind::Dir)
                     .and_then(|o| o.subtree)
                     .and_then(|id| Some((id, self.store.load_tree(&id).ok()?)));
+                self.depth += 1;
                 let d = self.walk_dir(&full, n, old_tree.as_ref().map(|(id, t)| (*id, &**t)));
+                self.depth -= 1;
                 Item::Dir(Box::new(d))
             }
             NodeKind::File => {
@@ -428,7 +459,7 @@ impl Walker<'_> {
                 let _ = self.tx.send(Job {
                     id,
                     path: full,
-                    size: n.size,
+                    seen: n.clone(),
                 });
                 Item::File(n, id)
             }
@@ -445,6 +476,54 @@ use std::os::unix::ffi::OsStrExt;
 /// A worker keeps its read buffer between files up to this capacity; a larger file's window
 /// (two maximum chunk sizes) is given back when the file is done.
 const KEEP_BUF: usize = 8 << 20;
+
+/// Read a file whole and check it did not change meanwhile (size, mtime, and where the source
+/// has them ctime and inode, before and after, as GNU tar does). A file that changed is read
+/// once more; if it moved again, what was read last is kept and reported.
+fn read_file(
+    store: &Store,
+    packer: &Packer,
+    source: &dyn Source,
+    job: &Job,
+    buf: &mut Vec<u8>,
+    progress: &Progress,
+) -> Result<JobResult, JobError> {
+    let mut res = chunk_file(
+        store,
+        packer,
+        source,
+        &job.path,
+        job.seen.size,
+        buf,
+        progress,
+    )?;
+    let mut seen = std::borrow::Cow::Borrowed(&job.seen);
+    for attempt in 0..2 {
+        match source.changed(&job.path, &seen) {
+            Ok(None) => break,
+            Ok(Some(now)) if attempt == 0 => {
+                res = chunk_file(store, packer, source, &job.path, now.size, buf, progress)?;
+                seen = std::borrow::Cow::Owned(now);
+            }
+            Ok(Some(now)) => {
+                seen = std::borrow::Cow::Owned(now);
+                res.warning = Some((
+                    job.path.clone(),
+                    "it changed while it was read, twice: stored as last read, which may mix \
+                     its old and new content"
+                        .into(),
+                ));
+            }
+            // Gone since it was read: what was read is the file as it was.
+            Err(e) if e.is_not_found() => break,
+            Err(e) => return Err(JobError::Source(e)),
+        }
+    }
+    if let std::borrow::Cow::Owned(n) = seen {
+        res.node = Some(n);
+    }
+    Ok(res)
+}
 
 fn chunk_file(
     store: &Store,
@@ -617,6 +696,19 @@ pub fn run_listed(
     progress: &Progress,
     lister: &Lister,
 ) -> Result<BackupResult> {
+    // The walk and the tree building recurse once per directory level.
+    super::dirfd::on_deep_stack("backup's walk", || {
+        walk_and_commit(store, source, opts, progress, lister)
+    })
+}
+
+fn walk_and_commit(
+    store: &Store,
+    source: &dyn Source,
+    opts: &BackupOptions,
+    progress: &Progress,
+    lister: &Lister,
+) -> Result<BackupResult> {
     let started = Instant::now();
     let root_path = source.root();
     let describe = source.describe();
@@ -666,9 +758,7 @@ pub fn run_listed(
                     if fatal.lock().is_some() {
                         continue;
                     }
-                    let r = chunk_file(
-                        store, packer, source, &job.path, job.size, &mut buf, progress,
-                    );
+                    let r = read_file(store, packer, source, &job, &mut buf, progress);
                     if buf.capacity() > KEEP_BUF {
                         buf = Vec::new();
                     }
@@ -712,6 +802,7 @@ pub fn run_listed(
             stats: SnapshotStats::default(),
             progress,
             has_inodes: source.has_inodes(),
+            depth: 0,
         };
         let item = {
             let parent_tree = parent_node
@@ -853,11 +944,20 @@ impl TreeBuilder<'_, '_> {
                 let r = self.results.get_mut(job).and_then(|r| r.take());
                 match r {
                     Some(Ok(r)) => {
-                        if r.size != n.size {
-                            // The file changed while it was read: record what was read.
-                            self.stats.bytes = self.stats.bytes - n.size + r.size;
-                            n.size = r.size;
+                        let walked = n.size;
+                        if let Some(now) = r.node {
+                            // It changed after the walk saw it: its metadata as it was read.
+                            let name = std::mem::take(&mut n.name);
+                            let xattrs = std::mem::take(&mut n.xattrs);
+                            n = now;
+                            (n.name, n.xattrs) = (name, xattrs);
                         }
+                        if let Some(w) = r.warning {
+                            self.errors.push(w);
+                        }
+                        // What was read, whatever the file's size said.
+                        self.stats.bytes = self.stats.bytes - walked + r.size;
+                        n.size = r.size;
                         n.content = r.content;
                         Ok(Some(n))
                     }

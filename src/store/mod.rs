@@ -12,6 +12,7 @@ pub mod cache;
 pub mod check;
 pub mod crypto;
 pub mod destination;
+pub mod dirfd;
 pub mod error;
 pub mod format;
 pub mod repo;

@@ -13,6 +13,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use rustix::fs::{AtFlags, OFlags};
+
+use super::dirfd::{DirTree, check_name, proc_path};
 use super::error::{Error, IoContext, Result};
 use super::tree::{Node, NodeKind, Time, Xattr};
 
@@ -39,6 +45,13 @@ pub trait Source: Send + Sync {
     /// The contents of a regular file; `size` is its size as the walk saw it (a remote source
     /// reads no more than that, so it requests nothing past the end).
     fn open(&self, path: &[u8], size: u64) -> Result<Box<dyn Read + Send>>;
+    /// Has the file at `path` changed since the walk saw it as `seen` (size, mtime, and where
+    /// the source has them ctime and inode)? Asked after a file was read, to tell a file read
+    /// whole from one that moved under the reader. Returns its state now when it changed.
+    fn changed(&self, path: &[u8], seen: &Node) -> Result<Option<Node>> {
+        let now = self.stat(path)?;
+        Ok((!same_state(&now, seen, self.has_inodes())).then_some(now))
+    }
     /// Start reading the first `len` bytes of a file that [`Source::open`] will be asked for
     /// soon, without waiting for them. Only a hint: sources without a cheap way to do it, and
     /// any error, do nothing.
@@ -49,9 +62,14 @@ pub fn os(path: &[u8]) -> &Path {
     Path::new(OsStr::from_bytes(path))
 }
 
-/// The local filesystem.
+/// The local filesystem, walked through directory handles ([`DirTree`]): below the root,
+/// every directory is opened relative to its parent without following symlinks, so a
+/// directory swapped for a symlink while the backup runs ends that directory's walk with an
+/// error instead of pulling the link's target into the snapshot.
 pub struct LocalSource {
     root: Vec<u8>,
+    /// Opened at the first look below the root.
+    tree: std::sync::OnceLock<DirTree>,
 }
 
 impl LocalSource {
@@ -77,8 +95,78 @@ impl LocalSource {
         if root.is_empty() {
             root.push(b'/');
         }
-        Ok(LocalSource { root })
+        Ok(LocalSource {
+            root,
+            tree: std::sync::OnceLock::new(),
+        })
     }
+
+    fn tree(&self) -> Result<&DirTree> {
+        if let Some(t) = self.tree.get() {
+            return Ok(t);
+        }
+        let t = DirTree::open(os(&self.root)).at(os(&self.root))?;
+        Ok(self.tree.get_or_init(|| t))
+    }
+
+    /// `path` relative to the root, if it is the root or below it.
+    fn rel<'a>(&self, path: &'a [u8]) -> Option<&'a [u8]> {
+        let rest = path.strip_prefix(&self.root[..])?;
+        if rest.is_empty() || self.root == b"/" {
+            Some(rest)
+        } else {
+            rest.strip_prefix(b"/")
+        }
+    }
+
+    /// The open directory holding `path` (below the root) and `path`'s last component.
+    fn parent_of<'a>(&self, path: &'a [u8]) -> Result<(Arc<OwnedFd>, &'a [u8])> {
+        let rel = self.rel(path).filter(|r| !r.is_empty()).ok_or_else(|| {
+            Error::Other(format!(
+                "{}: not below the backup's root",
+                String::from_utf8_lossy(path)
+            ))
+        })?;
+        self.tree()?.parent(rel).at(os(path))
+    }
+}
+
+/// The node named `name` for `lstat` metadata `st` of the entry `name` in `dir` (the target
+/// of a symlink read there too), without extended attributes.
+fn node_at(dir: &OwnedFd, name: &[u8], st: &rustix::fs::Stat, shown: &Path) -> Result<Node> {
+    let kind = NodeKind::from_mode(st.st_mode)
+        .ok_or_else(|| Error::Other(format!("{}: unknown file type", shown.display())))?;
+    let mut n = Node::new(name.to_vec(), kind);
+    n.mode = st.st_mode & 0o7777;
+    n.uid = st.st_uid;
+    n.gid = st.st_gid;
+    n.user = user_name(n.uid);
+    n.group = group_name(n.gid);
+    n.mtime = time(st.st_mtime, st.st_mtime_nsec as i64);
+    n.ctime = time(st.st_ctime, st.st_ctime_nsec as i64);
+    n.dev = st.st_dev;
+    n.inode = st.st_ino;
+    n.nlink = st.st_nlink;
+    n.rdev = st.st_rdev;
+    n.blocks = st.st_blocks as u64;
+    n.size = if kind == NodeKind::Dir {
+        0
+    } else {
+        st.st_size as u64
+    };
+    if kind == NodeKind::Symlink {
+        n.target = rustix::fs::readlinkat(dir, OsStr::from_bytes(name), Vec::new())
+            .map_err(|e| Error::io_path(shown, e.into()))?
+            .into_bytes();
+        n.size = n.target.len() as u64;
+    }
+    Ok(n)
+}
+
+/// Read the extended attributes of the entry `name` in `dir` into `n`, through the
+/// directory's /proc name and without following a final symlink.
+fn read_xattrs_at(dir: &OwnedFd, name: &[u8], n: &mut Node) {
+    read_xattrs(&proc_path(dir.as_raw_fd()).join(OsStr::from_bytes(name)), n);
 }
 
 fn time(sec: i64, nsec: i64) -> Time {
@@ -188,8 +276,8 @@ use std::os::unix::ffi::OsStringExt;
 /// Open a file that the walk saw as a regular file, for reading. If it has since been replaced
 /// by something else, fail instead of blocking (opening a fifo waits for a writer) or following
 /// it (a symlink).
-fn open_regular(p: &Path) -> std::io::Result<fs::File> {
-    let f = open_nonblocking(p)?;
+fn open_regular(dir: &OwnedFd, name: &[u8]) -> std::io::Result<fs::File> {
+    let f = open_nonblocking(dir, name)?;
     if !f.metadata()?.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -201,13 +289,15 @@ fn open_regular(p: &Path) -> std::io::Result<fs::File> {
     Ok(f)
 }
 
-/// Open `p` for reading without waiting (a fifo) and without following a symlink.
-fn open_nonblocking(p: &Path) -> std::io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(p)
+/// Open `name` in `dir` for reading without waiting (a fifo) and without following a symlink.
+fn open_nonblocking(dir: &OwnedFd, name: &[u8]) -> std::io::Result<fs::File> {
+    let fd = rustix::fs::openat(
+        dir,
+        check_name(name)?,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    Ok(fs::File::from(fd))
 }
 
 impl Source for LocalSource {
@@ -226,28 +316,48 @@ impl Source for LocalSource {
             .find(|c| !c.is_empty())
             .unwrap_or(b"/")
             .to_vec();
-        local_node(os(path), name)
+        match self.rel(path) {
+            // The root and the directories above it (the snapshot holds the backed-up
+            // directory at its absolute path) are looked up by path, as the user named them.
+            None | Some(b"") => local_node(os(path), name),
+            Some(_) => {
+                let (dir, last) = self.parent_of(path)?;
+                let st =
+                    rustix::fs::statat(&*dir, OsStr::from_bytes(last), AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| Error::io_path(os(path), e.into()))?;
+                let mut n = node_at(&dir, last, &st, os(path))?;
+                n.name = name;
+                read_xattrs_at(&dir, last, &mut n);
+                Ok(n)
+            }
+        }
     }
     fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>> {
         let p = os(path);
-        let mut entries = fs::read_dir(p)
-            .at(p)?
-            .collect::<std::io::Result<Vec<_>>>()
-            .at(p)?;
+        let rel = self
+            .rel(path)
+            .ok_or_else(|| Error::Other(format!("{}: not below the backup's root", p.display())))?;
+        let dir = self.tree()?.dir(rel).at(p)?;
+        let mut entries: Vec<(u64, Vec<u8>)> = Vec::new();
+        for e in rustix::fs::Dir::read_from(&*dir).map_err(|e| Error::io_path(p, e.into()))? {
+            let e = e.map_err(|e| Error::io_path(p, e.into()))?;
+            let name = e.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                entries.push((e.ino(), name.to_vec()));
+            }
+        }
         // Inodes are read in inode-number order: neighbours share inode-table blocks, so a
         // cold cache reads them in runs rather than in the directory's hash order (cold
         // unchanged backup of /usr/share, alternating runs: median 0.95 -> 0.90 s).
-        entries.sort_unstable_by_key(std::os::unix::fs::DirEntryExt::ino);
+        entries.sort_unstable_by_key(|e| e.0);
         let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            let name = e.file_name().into_vec();
+        for (_, name) in entries {
             let full = super::tree::join(path, &name);
-            // `DirEntry::metadata` is an `lstat` relative to the open directory: the kernel
-            // looks up one name instead of walking the whole path again.
-            match e
-                .metadata()
-                .at(os(&full))
-                .and_then(|m| node_of(os(&full), name, m))
+            // An `lstat` relative to the open directory: the kernel looks up one name instead
+            // of walking the whole path again.
+            match rustix::fs::statat(&*dir, OsStr::from_bytes(&name), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| Error::io_path(os(&full), e.into()))
+                .and_then(|st| node_at(&dir, &name, &st, os(&full)))
             {
                 Ok(n) => out.push(n),
                 // Vanished between readdir and lstat: it is simply not in the snapshot.
@@ -258,24 +368,88 @@ impl Source for LocalSource {
         Ok(out)
     }
     fn load_xattrs(&self, path: &[u8], node: &mut Node) {
-        read_xattrs(os(path), node);
+        match self.parent_of(path) {
+            Ok((dir, name)) => read_xattrs_at(&dir, name, node),
+            Err(_) => node.xattrs.clear(),
+        }
     }
     fn open(&self, path: &[u8], _size: u64) -> Result<Box<dyn Read + Send>> {
-        let p = os(path);
-        Ok(Box::new(open_regular(p).at(p)?))
+        let (dir, name) = self.parent_of(path)?;
+        Ok(Box::new(open_regular(&dir, name).at(os(path))?))
+    }
+    fn changed(&self, path: &[u8], seen: &Node) -> Result<Option<Node>> {
+        let (dir, name) = self.parent_of(path)?;
+        let st = rustix::fs::statat(&*dir, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| Error::io_path(os(path), e.into()))?;
+        let now = node_at(&dir, name, &st, os(path))?;
+        Ok((!same_state(&now, seen, true)).then_some(now))
     }
     /// `posix_fadvise(WILLNEED)`: the kernel queues the reads and returns (on anything but a
     /// regular file it fails, which is as good as nothing).
     fn prefetch(&self, path: &[u8], len: u64) {
-        if let (Ok(f), Some(len)) = (open_nonblocking(os(path)), std::num::NonZeroU64::new(len)) {
+        if let (Ok((dir, name)), Some(len)) = (self.parent_of(path), std::num::NonZeroU64::new(len))
+            && let Ok(f) = open_nonblocking(&dir, name)
+        {
             let _ = rustix::fs::fadvise(&f, 0, Some(len), rustix::fs::Advice::WillNeed);
         }
     }
 }
 
+/// Is `now` the state `seen` had, as far as its content goes (size, mtime, and where the
+/// source has them, ctime and inode)? The check GNU tar makes around reading a file.
+pub fn same_state(now: &Node, seen: &Node, has_inodes: bool) -> bool {
+    now.kind == seen.kind
+        && now.size == seen.size
+        && now.mtime == seen.mtime
+        && (!has_inodes || (now.ctime == seen.ctime && now.inode == seen.inode))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 13, item 4: a directory the walk saw, swapped for a symlink before the walk reads
+    /// it, must not pull the link's target into the snapshot.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_is_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"outside").unwrap();
+        std::fs::create_dir_all(t.path().join("a/d")).unwrap();
+        std::fs::write(t.path().join("a/d/mine"), b"inside").unwrap();
+        let src = LocalSource::new(t.path()).unwrap();
+        let path = |rel: &str| t.path().join(rel).as_os_str().as_bytes().to_vec();
+        // The walk lists `a` (and keeps its handle), sees `d` as a directory...
+        let names: Vec<Vec<u8>> = src
+            .read_dir(&path("a"))
+            .unwrap()
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(names, vec![b"d".to_vec()]);
+        src.read_dir(&path("a/d")).unwrap();
+        // ... and `d` becomes a symlink to elsewhere before it is read (again).
+        std::fs::rename(t.path().join("a/d"), t.path().join("old")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), t.path().join("a/d")).unwrap();
+        let fresh = LocalSource::new(t.path()).unwrap();
+        for s in [&src, &fresh] {
+            // Refused, or (through the handle kept from before the swap) the directory the
+            // walk saw: never the link's target.
+            if let Ok(v) = s.read_dir(&path("a/d")) {
+                assert!(v.iter().all(|n| n.name != b"secret"));
+            }
+            assert!(s.open(&path("a/d/secret"), 7).is_err());
+            assert!(s.stat(&path("a/d/secret")).is_err());
+            let mut n = Node::new(b"secret".to_vec(), NodeKind::File);
+            s.load_xattrs(&path("a/d/secret"), &mut n);
+        }
+        // The same for a parent higher up.
+        std::fs::rename(t.path().join("a"), t.path().join("olda")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), t.path().join("a")).unwrap();
+        let fresh = LocalSource::new(t.path()).unwrap();
+        assert!(fresh.read_dir(&path("a")).is_err());
+        assert!(fresh.open(&path("a/secret"), 7).is_err());
+    }
 
     #[test]
     fn a_file_replaced_by_a_fifo_or_a_symlink_is_refused_without_blocking() {
