@@ -7,7 +7,7 @@ use clap::Parser;
 
 use super::progress::Bar;
 use super::{Ctx, bytes, exit, split_snap};
-use crate::store::restore::{self, RestoreOptions, RestoreProgress};
+use crate::store::restore::{self, RestoreOptions, RestoreProgress, ResumeMarker};
 
 #[derive(Parser, Debug)]
 pub struct Args {
@@ -36,15 +36,30 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
             )
         })
     };
+    // Only a restore that resumes one kloset started (and did not finish) into the same place
+    // trusts files it finds there; see `ResumeMarker`.
+    let marker = ResumeMarker::new(&dest.describe(), &s.id, path.map(str::as_bytes));
+    let resume = marker.as_ref().is_some_and(ResumeMarker::exists);
+    if let Some(m) = &marker {
+        m.create();
+    }
     let rep = restore::run(
         &store,
         &s,
         path.map(str::as_bytes),
         dest.as_ref(),
-        &RestoreOptions::default(),
+        &RestoreOptions {
+            resume,
+            ..RestoreOptions::default()
+        },
         &progress,
     )?;
     drop(bar);
+    if rep.errors.is_empty()
+        && let Some(m) = &marker
+    {
+        m.remove();
+    }
     if !ctx.quiet {
         eprintln!(
             "restored {} files, {} dirs, {} other entries ({}) from snapshot {} to {}{}",

@@ -156,6 +156,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
                     "bytes_read": r.bytes_read,
                     "new_blobs": r.new_blobs,
                     "new_bytes": r.new_bytes,
+                    "left_out": r.left_out,
                 })
             })
             .collect();
@@ -187,7 +188,17 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
             );
         }
     }
-    Ok(exit::OK)
+    // Entries left out of a copy are reported even with -quiet, and the exit code says the
+    // copies are not whole.
+    let left_out: Vec<&String> = reports.iter().flat_map(|r| &r.2.left_out).collect();
+    for l in &left_out {
+        eprintln!("kloset: warning: {l}");
+    }
+    Ok(if left_out.is_empty() {
+        exit::OK
+    } else {
+        exit::PARTIAL
+    })
 }
 
 #[cfg(test)]

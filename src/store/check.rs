@@ -14,10 +14,11 @@ use parking_lot::Mutex;
 
 use super::backend::FileType;
 use super::crypto::BlobId;
+use super::dirfd::MAX_DEPTH;
 use super::error::Result;
 use super::format::{LockRecord, MAGIC_LOCK, parse_key_file, unframe};
 use super::repo::{SnapshotEntry, Store};
-use super::tree::{Node, NodeKind, join};
+use super::tree::{NodeKind, join};
 
 #[derive(Default)]
 pub struct CheckProgress {
@@ -101,18 +102,22 @@ pub fn run(
     let mut trees_seen: HashSet<BlobId> = HashSet::new();
     let mut bad_trees: HashMap<BlobId, String> = HashMap::new();
     let mut needed: HashSet<BlobId> = HashSet::new();
+    // Does some tree hold entries that cannot be restored (see `Tree::sanitize`), or sit deeper
+    // than a restore goes? Then the paths are traced below.
+    let mut invalid = false;
     for s in &snaps {
-        let mut stack = vec![s.snap.root];
-        while let Some(t) = stack.pop() {
+        let mut stack = vec![(s.snap.root, 0)];
+        while let Some((t, depth)) = stack.pop() {
             if !trees_seen.insert(t) {
                 continue;
             }
             needed.insert(t);
             match store.load_tree(&t) {
                 Ok(tree) => {
+                    invalid |= !tree.rejected.is_empty() || depth > MAX_DEPTH;
                     for n in &tree.nodes {
                         if let Some(sub) = n.subtree {
-                            stack.push(sub);
+                            stack.push((sub, depth + 1));
                         }
                         needed.extend(n.content.iter().copied());
                     }
@@ -193,15 +198,13 @@ pub fn run(
     rep.errors.extend(errs);
 
     // Name the damage: which paths of which snapshots.
-    if !bad.is_empty() {
+    if !bad.is_empty() || invalid {
         for s in &snaps {
             let mut paths = Vec::new();
             if let Some(why) = bad.get(&s.snap.root) {
                 paths.push(format!("/ (tree unreadable: {why})"));
             } else {
-                let mut root = Node::new(Vec::new(), NodeKind::Dir);
-                root.subtree = Some(s.snap.root);
-                trace(store, &root, b"/".to_vec(), &bad, &mut paths);
+                trace(store, s.snap.root, b"/".to_vec(), &bad, &mut paths);
             }
             if !paths.is_empty() {
                 rep.damaged.insert(s.short().to_string(), paths);
@@ -297,29 +300,49 @@ fn check_pack(
     }
 }
 
+/// Add to `out` every path of the tree below `root` (shown as `path`) that cannot be restored:
+/// files with a bad blob, unreadable directories, entries a tree rejected (names that could
+/// leave their directory, or a second entry of one name). Iterative, and bounded to
+/// [`MAX_DEPTH`] levels, which are reported, so no tree from the store can exhaust the stack.
 fn trace(
     store: &Store,
-    node: &Node,
+    root: BlobId,
     path: Vec<u8>,
     bad: &HashMap<BlobId, String>,
     out: &mut Vec<String>,
 ) {
     let show = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
-    match (node.kind, node.subtree) {
-        (NodeKind::Dir, Some(sub)) => {
-            if let Some(why) = bad.get(&sub) {
-                out.push(format!("{} (directory unreadable: {why})", show(&path)));
-                return;
-            }
-            if let Ok(t) = store.load_tree(&sub) {
-                for c in &t.nodes {
-                    trace(store, c, join(&path, &c.name), bad, out);
-                }
-            }
+    let mut stack: Vec<(BlobId, Vec<u8>, usize)> = vec![(root, path, 0)];
+    while let Some((sub, path, depth)) = stack.pop() {
+        if let Some(why) = bad.get(&sub) {
+            out.push(format!("{} (directory unreadable: {why})", show(&path)));
+            continue;
         }
-        _ => {
-            if let Some(why) = node.content.iter().find_map(|c| bad.get(c)) {
-                out.push(format!("{} ({why})", show(&path)));
+        let Ok(t) = store.load_tree(&sub) else {
+            continue;
+        };
+        for r in &t.rejected {
+            out.push(format!(
+                "{} (invalid entry: {}; a restore leaves it out)",
+                show(&join(&path, &r.name)),
+                r.why
+            ));
+        }
+        if depth >= MAX_DEPTH && t.nodes.iter().any(|n| n.subtree.is_some()) {
+            out.push(format!(
+                "{} (more than {MAX_DEPTH} directories deep: a restore leaves out what is below)",
+                show(&path)
+            ));
+            continue;
+        }
+        for c in t.nodes.iter().rev() {
+            match (c.kind, c.subtree) {
+                (NodeKind::Dir, Some(s)) => stack.push((s, join(&path, &c.name), depth + 1)),
+                _ => {
+                    if let Some(why) = c.content.iter().find_map(|b| bad.get(b)) {
+                        out.push(format!("{} ({why})", show(&join(&path, &c.name))));
+                    }
+                }
             }
         }
     }

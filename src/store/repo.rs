@@ -755,9 +755,8 @@ impl Store {
             return Ok(t.clone());
         }
         let raw = self.read_blob(id)?;
-        let mut t = Tree::decode(&raw).ok_or_else(|| {
-            Error::damaged(format!("tree {}", id.short()), "cannot parse tree")
-        })?;
+        let mut t = Tree::decode(&raw)
+            .ok_or_else(|| Error::damaged(format!("tree {}", id.short()), "cannot parse tree"))?;
         t.sanitize();
         let t = Arc::new(t);
         self.trees.lock().put(*id, t.clone());

@@ -23,6 +23,11 @@ use super::tree::{Node, NodeKind, join};
 pub struct RestoreOptions {
     /// Worker threads (0: one per core, at least 4 so reads and writes overlap).
     pub workers: usize,
+    /// This restore resumes one kloset started into the same destination and did not finish
+    /// (the caller knows: see `cli::restore`'s marker). Only then are files already there with
+    /// the snapshot's size and mtime taken as complete and not written again; their owner,
+    /// mode and times are set again all the same. Otherwise every file is written anew.
+    pub resume: bool,
 }
 
 #[derive(Default)]
@@ -60,6 +65,63 @@ pub(crate) struct Range {
     pub length: u64,
     /// (blob, offset in range, sealed length, raw length)
     pub blobs: Vec<(BlobId, u64, u32, u32)>,
+}
+
+/// The record of a restore that has started and not yet finished, so that running the same
+/// restore again resumes it: files it already wrote whole are recognised by their size and
+/// mtime and not written again (their owner, mode and times are set again all the same).
+///
+/// It lives in kloset's own cache directory (`$XDG_CACHE_HOME/kloset/restores/`, default
+/// `~/.cache/kloset/restores/`, mode 0700), never in the destination, whose content may be
+/// anyone's: a file named by the hash of the destination, the snapshot id and the path
+/// restored. It is made before the first entry is written and removed when a restore ends
+/// without errors. Without it (a first restore, or a restore over a tree kloset did not
+/// leave half-done) every file is written anew, replacing whatever is there.
+pub struct ResumeMarker {
+    path: std::path::PathBuf,
+}
+
+impl ResumeMarker {
+    /// The marker of restoring `path` of snapshot `snap_id` into the destination described
+    /// as `dest`; `None` without a home or cache directory (restores then never resume).
+    pub fn new(dest: &str, snap_id: &str, path: Option<&[u8]>) -> Option<ResumeMarker> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| dirs::home_dir().map(|h| h.join(".cache")))?;
+        let mut h = blake3::Hasher::new();
+        for part in [dest.as_bytes(), snap_id.as_bytes(), path.unwrap_or(b"\0")] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        Some(ResumeMarker {
+            path: base
+                .join("kloset/restores")
+                .join(h.finalize().to_hex().as_str()),
+        })
+    }
+
+    /// Did a restore of the same thing start and not finish?
+    pub fn exists(&self) -> bool {
+        self.path.is_file()
+    }
+
+    /// Record that the restore has started (best effort: without it, a re-run rewrites all).
+    pub fn create(&self) {
+        if let Some(dir) = self.path.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+        }
+        let _ = std::fs::write(&self.path, b"");
+    }
+
+    /// The restore finished: a later one starts afresh.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Restore `path` of `snap` (or the whole backed-up tree) into `dest`.
@@ -134,10 +196,15 @@ pub fn run(
                     hard_primary.insert((e.node.dev, e.node.inode), i);
                 }
                 report.files += 1;
-                // Nothing can be complete in a directory this restore just created.
-                if !created_root && dest.is_complete(&e.rel, &e.node) {
+                // Nothing can be complete in a directory this restore just created, and only a
+                // restore resuming its own earlier run trusts what it finds.
+                if opts.resume && !created_root && dest.is_complete(&e.rel, &e.node) {
                     report.skipped += 1;
                     progress.files.fetch_add(1, Ordering::Relaxed);
+                    // Content as it was left; owner, mode and times set again in any case.
+                    if let Err(err) = dest.set_metadata(&e.rel, &e.node) {
+                        report.errors.push((e.rel.clone(), err.to_string()));
+                    }
                     continue;
                 }
                 progress
@@ -387,6 +454,10 @@ fn finish_file(
     }
 }
 
+/// Every entry to restore, parents before children, in tree order. Iterative, so a tree
+/// nested deeper than the stack allows is no danger; directories deeper than
+/// [`MAX_DEPTH`](super::dirfd::MAX_DEPTH) below the restored one, and entries a tree rejected
+/// ([`Tree::sanitize`](super::tree::Tree::sanitize)), are reported and left out.
 fn collect(
     store: &Store,
     node: &Node,
@@ -394,34 +465,72 @@ fn collect(
     out: &mut Vec<Entry>,
     report: &mut RestoreReport,
 ) -> Result<()> {
-    let sub = if node.kind == NodeKind::Dir {
-        node.subtree
-    } else {
-        None
-    };
+    // Directories whose entries are still to be listed: (index in `out`, depth). A directory
+    // is always in `out` before its entries, which is all the restore needs (it makes
+    // directories in this order and sets their metadata in the reverse one).
+    let mut todo: Vec<(usize, usize)> = Vec::new();
     out.push(Entry {
-        rel: rel.clone(),
+        rel,
         node: node.clone(),
     });
-    if let Some(sub) = sub {
-        match store.load_tree(&sub) {
-            Ok(t) => {
-                for child in &t.nodes {
-                    let r = if rel.is_empty() {
-                        child.name.clone()
-                    } else {
-                        join(&rel, &child.name)
-                    };
-                    collect(store, child, r, out, report)?;
-                }
-            }
+    todo.push((out.len() - 1, 0));
+    while let Some((i, depth)) = todo.pop() {
+        let sub = match (out[i].node.kind, out[i].node.subtree) {
+            (NodeKind::Dir, Some(sub)) => sub,
+            _ => continue,
+        };
+        let rel = out[i].rel.clone();
+        let t = match store.load_tree(&sub) {
+            Ok(t) => t,
             Err(e) if e.kind() == super::error::ErrorKind::Damaged => {
                 report.errors.push((rel, e.to_string()));
+                continue;
             }
             Err(e) => return Err(e),
+        };
+        for r in &t.rejected {
+            report.errors.push((
+                child_path(&rel, &r.name),
+                format!(
+                    "{}: not restored (the snapshot's tree is not valid here)",
+                    r.why
+                ),
+            ));
+        }
+        if depth >= super::dirfd::MAX_DEPTH && !t.nodes.is_empty() {
+            report.errors.push((
+                rel,
+                format!(
+                    "more than {} directories deep: its entries are not restored",
+                    super::dirfd::MAX_DEPTH
+                ),
+            ));
+            continue;
+        }
+        let first = out.len();
+        for child in &t.nodes {
+            out.push(Entry {
+                rel: child_path(&rel, &child.name),
+                node: child.clone(),
+            });
+        }
+        // Pushed in reverse, so subdirectories are expanded in name order.
+        for j in (first..out.len()).rev() {
+            if out[j].node.kind == NodeKind::Dir {
+                todo.push((j, depth + 1));
+            }
         }
     }
     Ok(())
+}
+
+/// The relative path of `name` in the directory at `rel` (empty: the root).
+fn child_path(rel: &[u8], name: &[u8]) -> Vec<u8> {
+    if rel.is_empty() {
+        name.to_vec()
+    } else {
+        join(rel, name)
+    }
 }
 
 /// Group blobs by pack, sort them by offset and merge neighbours into ranges of at most

@@ -32,11 +32,12 @@ use parking_lot::Mutex;
 
 use super::backend::FileType;
 use super::crypto::BlobId;
+use super::dirfd::MAX_DEPTH;
 use super::error::{Error, Result};
 use super::format::{BlobKind, Snapshot};
 use super::repo::{Packer, SnapshotEntry, Store};
 use super::restore::plan_ranges;
-use super::tree::{Node, NodeKind, Time, Tree};
+use super::tree::{Node, NodeKind, Time, Tree, join};
 
 /// Progress counters, readable while a sync runs.
 #[derive(Default)]
@@ -69,6 +70,9 @@ pub struct SyncReport {
     /// Blobs (data and trees) added to the destination and their sealed bytes.
     pub new_blobs: u64,
     pub new_bytes: u64,
+    /// Entries of the copied snapshots that were left out, one line each (path and why): names
+    /// a tree must not hold (see `Tree::sanitize`), which a restore would not restore either.
+    pub left_out: Vec<String>,
 }
 
 impl SyncReport {
@@ -80,6 +84,7 @@ impl SyncReport {
         self.bytes_read += o.bytes_read;
         self.new_blobs += o.new_blobs;
         self.new_bytes += o.new_bytes;
+        self.left_out.extend(o.left_out);
     }
 }
 
@@ -97,6 +102,17 @@ pub fn key(s: &Snapshot) -> SnapshotKey {
 /// The first failure to read the source (damage included) or to write the destination ends
 /// the sync; snapshots copied before it stay complete.
 pub fn run(
+    src: &Store,
+    dst: &Store,
+    selected: Option<Vec<SnapshotEntry>>,
+    opts: &SyncOptions,
+    progress: &SyncProgress,
+) -> Result<SyncReport> {
+    // Trees are compared, collected and rewritten recursively, one level per directory.
+    super::dirfd::on_deep_stack("sync", || run_here(src, dst, selected, opts, progress))
+}
+
+fn run_here(
     src: &Store,
     dst: &Store,
     selected: Option<Vec<SnapshotEntry>>,
@@ -155,6 +171,7 @@ pub fn run(
         progress,
         blobs_read: AtomicU64::new(0),
         bytes_read: AtomicU64::new(0),
+        left_out: Vec::new(),
     };
     let mut zipped: HashSet<(String, String)> = HashSet::new();
     for s in wanted {
@@ -171,7 +188,7 @@ pub fn run(
                 .max_by_key(|p| p.0.snap.time)
                 .or_else(|| pairs.iter().filter(same).min_by_key(|p| p.0.snap.time));
             if let Some((a, b)) = base {
-                c.zip(a.snap.root, b.snap.root)?;
+                c.zip(a.snap.root, b.snap.root, 0)?;
             }
         }
         let root = c.copy_snapshot(&s)?;
@@ -196,6 +213,7 @@ pub fn run(
     report.bytes_read = c.bytes_read.load(Ordering::Relaxed);
     report.new_blobs = c.packer.new_blobs.load(Ordering::Relaxed);
     report.new_bytes = c.packer.new_bytes.load(Ordering::Relaxed);
+    report.left_out = c.left_out;
     Ok(report)
 }
 
@@ -211,6 +229,18 @@ struct Copier<'a> {
     progress: &'a SyncProgress,
     blobs_read: AtomicU64,
     bytes_read: AtomicU64,
+    /// See [`SyncReport::left_out`].
+    left_out: Vec<String>,
+}
+
+/// Refuse trees nested deeper than a restore would go.
+fn too_deep(depth: usize) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(Error::Other(format!(
+            "a snapshot's trees are nested more than {MAX_DEPTH} directories deep; it is not copied"
+        )));
+    }
+    Ok(())
 }
 
 impl Copier<'_> {
@@ -218,9 +248,12 @@ impl Copier<'_> {
     /// Returns whether `d` is exactly `s` rewritten with destination ids, all present in the
     /// destination; only then are its pairs kept. Learns nothing wrong from a tree that is
     /// not a copy: it is compared field by field.
-    fn zip(&mut self, s: BlobId, d: BlobId) -> Result<bool> {
+    fn zip(&mut self, s: BlobId, d: BlobId, depth: usize) -> Result<bool> {
         if let Some(&known) = self.trees.get(&s) {
             return Ok(known == d);
+        }
+        if depth > MAX_DEPTH {
+            return Ok(false);
         }
         if !self.dst.index().contains(&d) {
             return Ok(false);
@@ -243,7 +276,7 @@ impl Copier<'_> {
                 return Ok(false);
             }
             if let (Some(x), Some(y)) = (a.subtree, b.subtree)
-                && !self.zip(x, y)?
+                && !self.zip(x, y, depth + 1)?
             {
                 return Ok(false);
             }
@@ -273,23 +306,38 @@ impl Copier<'_> {
         // 1. The data blobs whose destination id is unknown.
         let mut need: HashSet<BlobId> = HashSet::new();
         let mut seen: HashSet<BlobId> = HashSet::new();
-        self.collect(s.snap.root, &mut need, &mut seen)?;
+        let mut left_out = Vec::new();
+        self.collect(s.snap.root, b"/", &mut need, &mut seen, &mut left_out, 0)?;
+        for (path, why) in left_out {
+            self.left_out.push(format!(
+                "snapshot {}: {}: {why}; not copied",
+                s.short(),
+                String::from_utf8_lossy(&path)
+            ));
+        }
         // 2. Read them pack by pack, re-seal what the destination lacks.
         self.copy_data(&need)?;
         // 3. Trees, bottom-up.
-        self.rewrite(s.snap.root)
+        self.rewrite(s.snap.root, 0)
     }
 
+    /// The data blobs of tree `tree` (at `path`) and below that the destination may lack, and
+    /// the entries the trees left out (see [`SyncReport::left_out`]).
     fn collect(
         &self,
         tree: BlobId,
+        path: &[u8],
         need: &mut HashSet<BlobId>,
         seen: &mut HashSet<BlobId>,
+        left_out: &mut Vec<(Vec<u8>, &'static str)>,
+        depth: usize,
     ) -> Result<()> {
+        too_deep(depth)?;
         if self.trees.contains_key(&tree) || !seen.insert(tree) {
             return Ok(());
         }
         let t = self.src.load_tree(&tree)?;
+        left_out.extend(t.rejected.iter().map(|r| (join(path, &r.name), r.why)));
         {
             let data = self.data.lock();
             let idx = self.src.index();
@@ -306,7 +354,7 @@ impl Copier<'_> {
         }
         for n in &t.nodes {
             if let (NodeKind::Dir, Some(sub)) = (n.kind, n.subtree) {
-                self.collect(sub, need, seen)?;
+                self.collect(sub, &join(path, &n.name), need, seen, left_out, depth + 1)?;
             }
         }
         Ok(())
@@ -377,10 +425,11 @@ impl Copier<'_> {
     }
 
     /// The destination id of source tree `id`, writing it (and its subtrees) if needed.
-    fn rewrite(&mut self, id: BlobId) -> Result<BlobId> {
+    fn rewrite(&mut self, id: BlobId, depth: usize) -> Result<BlobId> {
         if let Some(&d) = self.trees.get(&id) {
             return Ok(d);
         }
+        too_deep(depth)?;
         let t = self.src.load_tree(&id)?;
         let mut nodes = t.nodes.clone();
         for n in &mut nodes {
@@ -393,7 +442,7 @@ impl Copier<'_> {
                 }
             }
             if let Some(sub) = n.subtree {
-                n.subtree = Some(self.rewrite(sub)?);
+                n.subtree = Some(self.rewrite(sub, depth + 1)?);
             }
         }
         let raw = Tree {

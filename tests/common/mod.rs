@@ -1,4 +1,5 @@
 //! Helpers shared by the integration tests: `mod common;` in a test file.
 
+pub mod craft;
 pub mod sshd;
 pub mod tree;
