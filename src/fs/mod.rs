@@ -408,6 +408,15 @@ impl SnapshotFs {
                         .store
                         .load_tree(&sub)
                         .map_err(|e| self.io_error(ino, e.to_string()))?;
+                    // Entries a tree must not hold (see `Tree::sanitize`) are not shown.
+                    for r in &t.rejected {
+                        eprintln!(
+                            "kloset: mount: {}/{}: {}; not shown",
+                            self.path_of(ino),
+                            String::from_utf8_lossy(&r.name).escape_debug(),
+                            r.why
+                        );
+                    }
                     for n in &t.nodes {
                         raw.push((
                             n.name.clone(),
@@ -955,6 +964,72 @@ mod tests {
             "{} bytes cached after reading 80 MiB backwards",
             fs.cache.bytes()
         );
+    }
+
+    /// Issue 13: a tree with `..`, a name holding `/`, and a directory `d` followed by a
+    /// symlink `d` to elsewhere: the mount shows the directory only.
+    #[test]
+    fn entries_a_tree_must_not_hold_are_not_shown() {
+        use crate::store::format::{BlobKind, Snapshot, SnapshotStats};
+        use crate::store::tree::{Time, Tree};
+        let src = tempfile::tempdir().unwrap();
+        let (store, _mem) = memory_store(src.path(), Vec::new());
+        let packer = crate::store::repo::Packer::new(&store);
+        let put = |raw: Vec<u8>| {
+            let id = store.crypto().blob_id(&raw);
+            if !packer.claim(&id) {
+                packer.add(BlobKind::Tree, id, &raw).unwrap();
+            }
+            id
+        };
+        let mut d = Node::new(b"d".to_vec(), NodeKind::Dir);
+        d.subtree = Some(put(Tree::default().encode()));
+        let mut link = Node::new(b"d".to_vec(), NodeKind::Symlink);
+        link.target = b"/etc".to_vec();
+        let nodes = vec![
+            d,
+            link,
+            Node::new(b"..".to_vec(), NodeKind::Dir),
+            Node::new(b"a/b".to_vec(), NodeKind::File),
+        ];
+        let root = put(Tree {
+            nodes,
+            ..Tree::default()
+        }
+        .encode());
+        packer.finish().unwrap();
+        let id = store
+            .write_snapshot(&Snapshot {
+                time: Time {
+                    sec: 2_000_000_000,
+                    nsec: 0,
+                },
+                host: "h".into(),
+                user: "u".into(),
+                source: "/".into(),
+                path: b"/".to_vec(),
+                tags: Vec::new(),
+                root,
+                parent: None,
+                stats: SnapshotStats::default(),
+                errors: Vec::new(),
+                duration_ms: 0,
+            })
+            .unwrap();
+        let fs = SnapshotFs::new(
+            store.clone(),
+            MountConfig {
+                cache_bytes: 1 << 20,
+                root: None,
+            },
+        )
+        .unwrap();
+        let dir = walk(&fs, ROOT, &id.as_bytes()[..8]);
+        let (_, entries) = fs.readdir(dir.ino).unwrap();
+        let names: Vec<&[u8]> = entries.iter().map(|e| &e.name[..]).collect();
+        assert_eq!(names, vec![&b"d"[..]]);
+        assert_eq!(entries[0].kind, NodeKind::Dir);
+        assert!(matches!(fs.lookup(dir.ino, b".."), Err(Error::NotFound)));
     }
 
     #[test]
