@@ -88,7 +88,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     if a.json {
         let v = serde_json::json!({
             "id": res.id,
-            "short_id": &res.id[..8],
+            "short_id": res.id.get(..8).unwrap_or(&res.id),
             "source": s.source,
             "files": s.stats.files,
             "dirs": s.stats.dirs,
@@ -101,11 +101,11 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{}", &res.id[..8]);
+        println!("{}", res.id.get(..8).unwrap_or(&res.id));
         if !ctx.quiet {
             eprintln!(
                 "snapshot {} of {}: {} files, {} dirs, {} ({} read, {} new in the store) in {:.1}s",
-                &res.id[..8],
+                res.id.get(..8).unwrap_or(&res.id),
                 s.source,
                 s.stats.files,
                 s.stats.dirs,
@@ -129,7 +129,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         eprintln!(
             "kloset: {} file(s) could not be read and are missing from snapshot {}",
             s.errors.len(),
-            &res.id[..8]
+            res.id.get(..8).unwrap_or(&res.id)
         );
         return Ok(exit::PARTIAL);
     }

@@ -7,6 +7,7 @@
 //! each call and throws that away on the next seek (DESIGN.md, "Transport facts").
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use ssh2::{OpenFlags, OpenType};
 
 use super::conn::{Conn, Pool, io};
 use super::{Location, Options};
-use crate::store::backend::{Backend, FileType, Listed};
+use crate::store::backend::{Backend, FileType, Listed, expected_entry, expected_pack_dir};
 use crate::store::error::Result;
 
 pub struct SftpBackend {
@@ -62,11 +63,13 @@ impl SftpBackend {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let top = self.dir("packs");
         let started = std::time::Instant::now();
-        let dirs: Vec<PathBuf> = self.pool.run(what, |c| {
+        let dirs: Vec<(PathBuf, String)> = self.pool.run(what, |c| {
             Ok(dir_entries(c, &top)?
                 .into_iter()
-                .filter(|(_, st)| st.is_dir())
-                .map(|(d, _)| d)
+                .filter_map(|(d, st)| {
+                    let sub = expected_pack_dir(d.file_name()?.as_bytes(), st.is_dir())?;
+                    Some((d, format!("packs/{sub}")))
+                })
                 .collect())
         })?;
         let next = AtomicUsize::new(0);
@@ -75,8 +78,10 @@ impl SftpBackend {
         let work = |until: &dyn Fn() -> bool| {
             while until() {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(d) = dirs.get(i) else { break };
-                let r = self.pool.run(what, |c| Ok(files_of(dir_entries(c, d)?)));
+                let Some((d, rel)) = dirs.get(i) else { break };
+                let r = self.pool.run(what, |c| {
+                    Ok(files_of(FileType::Pack, rel, dir_entries(c, d)?))
+                });
                 let failed = r.is_err();
                 lists.lock().push(r);
                 if failed {
@@ -111,13 +116,15 @@ fn dir_entries(c: &Conn, d: &Path) -> std::io::Result<Vec<(PathBuf, ssh2::FileSt
     }
 }
 
-/// The regular files among `entries`, without dot files (uploads in progress).
-fn files_of(entries: Vec<(PathBuf, ssh2::FileStat)>) -> Vec<Listed> {
+/// The files of type `t` among `entries` of the store directory `rel` (`index`,
+/// `packs/d0`): dot files (uploads in progress) are skipped silently, anything not of the
+/// type's shape with a warning ([`expected_entry`]).
+fn files_of(t: FileType, rel: &str, entries: Vec<(PathBuf, ssh2::FileStat)>) -> Vec<Listed> {
     entries
         .into_iter()
         .filter_map(|(p, st)| {
-            let name = p.file_name()?.to_string_lossy().into_owned();
-            (!name.starts_with('.') && st.is_file()).then(|| Listed {
+            let name = expected_entry(t, rel, p.file_name()?.as_bytes(), st.is_file())?;
+            Some(Listed {
                 name,
                 size: st.size.unwrap_or(0),
             })
@@ -309,7 +316,7 @@ impl Backend for SftpBackend {
             _ => {
                 let d = self.dir(t.dir());
                 self.pool
-                    .run(&what, |c| Ok(files_of(dir_entries(c, &d)?)))?
+                    .run(&what, |c| Ok(files_of(t, t.dir(), dir_entries(c, &d)?)))?
             }
         };
         out.sort_by(|a, b| a.name.cmp(&b.name));

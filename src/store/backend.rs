@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -55,14 +56,89 @@ impl FileType {
         }
     }
 
-    /// Path of a file relative to the store root, e.g. `packs/ab/ab12…`.
+    /// Path of a file relative to the store root, e.g. `packs/ab/ab12…`. Names that are not
+    /// of the expected shape ([`FileType::expects`]) never come out of a listing; one that is
+    /// passed anyway gets a path that cannot exist rather than a panic.
     pub fn path(self, name: &str) -> String {
         match self {
             FileType::Config => "config".to_string(),
-            FileType::Pack => format!("packs/{}/{}", &name[..name.len().min(2)], name),
+            FileType::Pack => format!("packs/{}/{}", name.get(..2).unwrap_or("--"), name),
             _ => format!("{}/{}", self.dir(), name),
         }
     }
+
+    /// Does `name` have the exact shape the writers give files of this type (docs/FORMAT.md
+    /// §2)? Packs, index files and snapshots: 64 lowercase hex digits (a keyed hash of the
+    /// content); key and lock files: 32 (16 random bytes); the config: `config`.
+    pub fn expects(self, name: &str) -> bool {
+        let hex = |len: usize| {
+            name.len() == len
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        match self {
+            FileType::Config => name == "config",
+            FileType::Key | FileType::Lock => hex(32),
+            FileType::Pack | FileType::Index | FileType::Snapshot => hex(64),
+        }
+    }
+}
+
+/// Is `name` (as listed in a store directory) the temporary file of an unfinished write, or
+/// another dot file? Those are skipped silently, as they always were: a write in progress
+/// (`.tmp-…`) is normal.
+pub fn is_hidden(name: &[u8]) -> bool {
+    name.first() == Some(&b'.')
+}
+
+/// Sort out one entry of a store directory being listed: `dir` is its directory relative to
+/// the store root (`index`, `packs/d0`), `name` its raw name, `is_file` whether it is a regular
+/// file. Returns the name if it is a file this directory should hold; anything else (a name
+/// of another shape, a subdirectory, a symlink, a pack in the wrong `packs/xx/`) is reported
+/// once as a warning and skipped. Dot files are skipped silently ([`is_hidden`]).
+pub fn expected_entry(t: FileType, dir: &str, name: &[u8], is_file: bool) -> Option<String> {
+    if is_hidden(name) {
+        return None;
+    }
+    let shown = || format!("{dir}/{}", super::notice::escape(name));
+    let good = std::str::from_utf8(name).ok().filter(|n| {
+        t.expects(n) && (t != FileType::Pack || dir.strip_prefix("packs/") == n.get(..2))
+    });
+    match good {
+        Some(n) if is_file => Some(n.to_string()),
+        Some(_) => {
+            super::notice::warn_once(format!(
+                "ignoring {} in the store: it is not a regular file",
+                shown()
+            ));
+            None
+        }
+        None => {
+            super::notice::warn_once(format!("ignoring unexpected file {} in the store", shown()));
+            None
+        }
+    }
+}
+
+/// Sort out one entry of `packs/`: the name of a `packs/xx/` directory (two lowercase hex
+/// digits) to list, or `None` (reported once, as [`expected_entry`] does).
+pub fn expected_pack_dir(name: &[u8], is_dir: bool) -> Option<String> {
+    if is_hidden(name) {
+        return None;
+    }
+    let good = name.len() == 2
+        && name
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
+    if good && is_dir {
+        return Some(String::from_utf8_lossy(name).into_owned());
+    }
+    super::notice::warn_once(format!(
+        "ignoring unexpected file packs/{} in the store",
+        super::notice::escape(name)
+    ));
+    None
 }
 
 /// A file listed by [`Backend::list`].
@@ -95,8 +171,9 @@ pub trait Backend: Send + Sync {
     fn root_entries(&self) -> Result<Vec<String>>;
     /// Create the root and the per-type directories (0700).
     fn init(&self) -> Result<()>;
-    /// Names and sizes of all files of a type. The temporary files of unfinished writes are
-    /// not listed.
+    /// Names and sizes of all files of a type. Only names of the shape this type has
+    /// ([`FileType::expects`]) are listed; the temporary files of unfinished writes are skipped
+    /// silently, anything else with a warning ([`expected_entry`]).
     ///
     /// # Errors
     /// I/O errors; a missing type directory is an empty list.
@@ -214,15 +291,17 @@ impl Backend for LocalBackend {
             return Ok(out);
         }
         let dir = self.root.join(t.dir());
-        let mut dirs = vec![dir.clone()];
+        // (directory, its path relative to the store root)
+        let mut dirs = vec![(dir.clone(), t.dir().to_string())];
         if t == FileType::Pack {
             dirs.clear();
             match fs::read_dir(&dir) {
                 Ok(rd) => {
                     for e in rd {
                         let e = e.at(&dir)?;
-                        if e.file_type().at(e.path())?.is_dir() {
-                            dirs.push(e.path());
+                        let is_dir = e.file_type().at(e.path())?.is_dir();
+                        if let Some(sub) = expected_pack_dir(e.file_name().as_bytes(), is_dir) {
+                            dirs.push((e.path(), format!("packs/{sub}")));
                         }
                     }
                 }
@@ -230,7 +309,7 @@ impl Backend for LocalBackend {
                 Err(e) => return Err(Error::io_path(&dir, e)),
             }
         }
-        for d in dirs {
+        for (d, rel) in dirs {
             let rd = match fs::read_dir(&d) {
                 Ok(rd) => rd,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -238,12 +317,13 @@ impl Backend for LocalBackend {
             };
             for e in rd {
                 let e = e.at(&d)?;
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') {
+                let raw = e.file_name();
+                if is_hidden(raw.as_bytes()) {
                     continue;
                 }
+                // Not followed: a symlink is not a store file.
                 let m = e.metadata().at(e.path())?;
-                if m.is_file() {
+                if let Some(name) = expected_entry(t, &rel, raw.as_bytes(), m.is_file()) {
                     out.push(Listed {
                         name,
                         size: m.len(),

@@ -858,7 +858,7 @@ impl Store {
                 spec.into(),
                 matches
                     .iter()
-                    .map(|m| m.name[..12].to_string())
+                    .map(|m| m.name.get(..12).unwrap_or(&m.name).to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
             )),
