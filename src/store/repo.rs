@@ -144,22 +144,14 @@ pub struct Store {
     cache: Option<Cache>,
 }
 
-/// Read an immutable file through the local cache `cache` (remote stores), or straight.
-fn fetch_via(
-    backend: &dyn Backend,
-    cache: Option<&Cache>,
-    t: FileType,
-    name: &str,
-) -> Result<Vec<u8>> {
-    if let Some(c) = cache {
-        if let Some(b) = c.get(t, name) {
-            return Ok(b);
-        }
-        let b = backend.read(t, name)?;
-        c.put(t, name, &b);
-        return Ok(b);
+/// Read an immutable file through the local cache `cache` (remote stores), or straight; says
+/// whether the bytes came from the cache. Nothing is put in the cache here: a copy is kept
+/// only once it has been checked ([`Store::accept`]).
+fn fetch_via(backend: &dyn Backend, cache: Option<&Cache>, t: FileType, name: &str) -> Fetched {
+    if let Some(b) = cache.and_then(|c| c.get(t, name)) {
+        return Ok((b, true));
     }
-    backend.read(t, name)
+    Ok((backend.read(t, name)?, false))
 }
 
 /// The local cache of a remote store's immutable files (none for local stores, or with
@@ -174,8 +166,12 @@ fn cache_for(backend: &dyn Backend, config: &Config) -> Option<Cache> {
 
 /// The index files' bytes and the pack listing, read without the keys (so while they are
 /// derived); [`Store::load_index_from`] authenticates them.
+/// A file's bytes, and whether they came from the local cache.
+type Fetched = Result<(Vec<u8>, bool)>;
+
 struct IndexFiles {
-    index: Vec<(Listed, Result<Vec<u8>>)>,
+    /// Each index file's bytes ([`Fetched`]).
+    index: Vec<(Listed, Fetched)>,
     packs: Vec<Listed>,
 }
 
@@ -520,14 +516,13 @@ impl Store {
         let mut opened = Vec::with_capacity(files.index.len());
         for (f, bytes) in files.index {
             let file = format!("index/{}", f.name);
-            let res = bytes.and_then(|b| {
-                if self.crypto.file_id(&b) != f.name {
-                    if let Some(c) = &self.cache {
-                        c.remove(FileType::Index, &f.name);
+            let res = bytes.and_then(|(b, cached)| {
+                self.accept(FileType::Index, &f.name, b, cached, |b| {
+                    if self.crypto.file_id(b) != f.name {
+                        return Err(Error::damaged(&file, "content does not match its name"));
                     }
-                    return Err(Error::damaged(&file, "content does not match its name"));
-                }
-                open_record::<IndexFile>(&self.crypto, AAD_INDEX, &b, &file)
+                    open_record::<IndexFile>(&self.crypto, AAD_INDEX, b, &file)
+                })
             });
             match res {
                 Ok(i) => opened.push(i),
@@ -568,9 +563,59 @@ impl Store {
         Ok(())
     }
 
-    /// Read an immutable file through the local cache (remote stores), or straight.
-    fn fetch(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
-        fetch_via(self.backend.as_ref(), self.cache.as_ref(), t, name)
+    /// Read an immutable file through the local cache (remote stores), or straight, and
+    /// `check` it ([`Store::accept`]).
+    fn fetch_checked<T>(
+        &self,
+        t: FileType,
+        name: &str,
+        check: impl Fn(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let (b, cached) = fetch_via(self.backend.as_ref(), self.cache.as_ref(), t, name)?;
+        self.accept(t, name, b, cached, check)
+    }
+
+    /// `check` the bytes of a file (authenticate and parse them). A copy from the local cache
+    /// that fails is the cache's fault, not the store's: it is dropped with a warning and the
+    /// file fetched again from the store, whose copy alone decides. A copy from the store that
+    /// passes is kept in the cache.
+    fn accept<T>(
+        &self,
+        t: FileType,
+        name: &str,
+        bytes: Vec<u8>,
+        cached: bool,
+        check: impl Fn(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let bytes = match check(&bytes) {
+            Ok(v) => {
+                if !cached && let Some(c) = &self.cache {
+                    c.put(t, name, &bytes);
+                }
+                return Ok(v);
+            }
+            Err(e) if !cached => return Err(e),
+            Err(_) => {
+                self.cache_damaged(t, name);
+                self.backend.read(t, name)?
+            }
+        };
+        let v = check(&bytes)?;
+        if let Some(c) = &self.cache {
+            c.put(t, name, &bytes);
+        }
+        Ok(v)
+    }
+
+    /// The cached copy of a file failed its checks: drop it, and say so once.
+    fn cache_damaged(&self, t: FileType, name: &str) {
+        if let Some(c) = &self.cache {
+            c.remove(t, name);
+            super::notice::warn_once(format!(
+                "cached copy {} was damaged; fetched it again from the store",
+                c.path(t, name).display()
+            ));
+        }
     }
 
     /// Write an immutable file, keeping a copy in the local cache.
@@ -716,22 +761,31 @@ impl Store {
         };
         let (off, len) = (loc.offset as u64, loc.length as u64);
         if let (Some(c), BlobKind::Tree) = (&self.cache, loc.kind) {
-            // Tree packs are fetched whole once and read locally from then on.
-            let sealed = match c.read_range(FileType::Pack, &pack, off, len) {
-                Some(b) => b,
-                None => {
-                    let all = self.backend.read(FileType::Pack, &pack)?;
-                    c.put(FileType::Pack, &pack, &all);
-                    let end = off + len;
-                    if end > all.len() as u64 {
-                        return Err(Error::damaged(
-                            FileType::Pack.path(&pack),
-                            "pack is shorter than its index says",
-                        ));
+            // Tree packs are fetched whole once and read locally from then on. A cached pack
+            // that is too short or whose blob fails its checks is dropped and fetched again.
+            match c.read_range(FileType::Pack, &pack, off, len) {
+                Some(sealed) => match self.decode_blob_owned(id, sealed, loc.raw_length, &pack) {
+                    Err(e) if e.kind() == super::ErrorKind::Damaged => {
+                        self.cache_damaged(FileType::Pack, &pack)
                     }
-                    all[off as usize..end as usize].to_vec()
-                }
-            };
+                    r => return r,
+                },
+                None if c.has(FileType::Pack, &pack) => self.cache_damaged(FileType::Pack, &pack),
+                None => {}
+            }
+            let all = self.backend.read(FileType::Pack, &pack)?;
+            // Only a pack that matches its name is kept.
+            if self.crypto.file_id(&all) == pack {
+                c.put(FileType::Pack, &pack, &all);
+            }
+            let end = off + len;
+            if end > all.len() as u64 {
+                return Err(Error::damaged(
+                    FileType::Pack.path(&pack),
+                    "pack is shorter than its index says",
+                ));
+            }
+            let sealed = all[off as usize..end as usize].to_vec();
             return self.decode_blob_owned(id, sealed, loc.raw_length, &pack);
         }
         READ_BUF.with(|b| {
@@ -755,9 +809,8 @@ impl Store {
             return Ok(t.clone());
         }
         let raw = self.read_blob(id)?;
-        let mut t = Tree::decode(&raw).ok_or_else(|| {
-            Error::damaged(format!("tree {}", id.short()), "cannot parse tree")
-        })?;
+        let mut t = Tree::decode(&raw)
+            .ok_or_else(|| Error::damaged(format!("tree {}", id.short()), "cannot parse tree"))?;
         t.sanitize();
         let t = Arc::new(t);
         self.trees.lock().put(*id, t.clone());
@@ -814,14 +867,12 @@ impl Store {
 
     pub fn read_snapshot(&self, name: &str) -> Result<SnapshotEntry> {
         let file = format!("snapshots/{name}");
-        let b = self.fetch(FileType::Snapshot, name)?;
-        if self.crypto.file_id(&b) != name {
-            if let Some(c) = &self.cache {
-                c.remove(FileType::Snapshot, name);
+        let snap = self.fetch_checked(FileType::Snapshot, name, |b| {
+            if self.crypto.file_id(b) != name {
+                return Err(Error::damaged(&file, "content does not match its name"));
             }
-            return Err(Error::damaged(&file, "content does not match its name"));
-        }
-        let snap = open_record(&self.crypto, AAD_SNAPSHOT, &b, &file)?;
+            open_record(&self.crypto, AAD_SNAPSHOT, b, &file)
+        })?;
         Ok(SnapshotEntry {
             id: name.to_string(),
             snap,
