@@ -543,6 +543,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Top::Destination(c) => connector::run(config::Kind::Destination, c, cli.quiet),
         Top::Pkg(c) => pkg::run(c),
         Top::At { store, verb } => {
+            // The mount handles its signals itself (they unmount).
+            if !matches!(verb, Verb::Mount(_)) {
+                clean_up_on_signals()?;
+            }
             let ctx = Ctx {
                 store_url: store,
                 quiet: cli.quiet,
@@ -561,6 +565,46 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
     }
+}
+
+/// Longest wait for the clean-up after SIGINT or SIGTERM (removing a lock or a temporary
+/// upload from a server that stopped answering must not keep the process alive).
+const CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// On SIGINT or SIGTERM, remove this command's lock and temporary files
+/// ([`store::interrupt::run_all`]) and exit 130 or 143 (128 + the signal), as a shell reports a
+/// process killed by it. The signals are blocked here, before any other thread exists, so
+/// every thread inherits the mask and only the waiting thread receives them (child processes
+/// start with an empty mask: std resets it).
+fn clean_up_on_signals() -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block()
+        .context("blocking SIGINT and SIGTERM for the clean-up thread")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let Ok(sig) = sigs.wait() else { return };
+            eprintln!(
+                "kloset: interrupted by {sig}; removing this command's lock and temporary files"
+            );
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            std::thread::spawn(move || {
+                store::interrupt::run_all();
+                let _ = tx.send(());
+            });
+            if rx.recv_timeout(CLEAN_UP_TIMEOUT).is_err() {
+                eprintln!(
+                    "kloset: the clean-up took longer than {}s; some temporary files may remain",
+                    CLEAN_UP_TIMEOUT.as_secs()
+                );
+            }
+            std::process::exit(128 + sig as i32);
+        })
+        .context("starting the signal thread")?;
+    Ok(())
 }
 
 /// Human-readable size.

@@ -218,30 +218,47 @@ pub fn mkdir_p(c: &Conn, path: &Path, mode: i32) -> std::io::Result<()> {
 /// Upload `data` to `path` through a temporary name. Store files are never replaced: if the
 /// name exists (OpenSSH's rename refuses it), the same content-addressed upload was done.
 pub fn upload_conn(c: &Conn, path: &Path, data: &[u8], mode: i32) -> std::io::Result<()> {
+    upload_conn_via(c, path, &temp_name(path), data, mode)
+}
+
+/// A fresh temporary name next to `path`: `.tmp-<16 hex>`.
+fn temp_name(path: &Path) -> PathBuf {
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let tmp = dir.join(format!(".tmp-{}", crate::store::crypto::random_hex(8)));
+    dir.join(format!(".tmp-{}", crate::store::crypto::random_hex(8)))
+}
+
+/// [`upload_conn`] through the temporary name `tmp` (created inside
+/// [`crate::store::interrupt::creating`], so an interruption removes it or keeps it from
+/// being created).
+fn upload_conn_via(
+    c: &Conn,
+    path: &Path,
+    tmp: &Path,
+    data: &[u8],
+    mode: i32,
+) -> std::io::Result<()> {
     let res = (|| -> std::io::Result<()> {
-        let mut f = c
-            .sftp
-            .open_mode(
-                &tmp,
+        let mut f = crate::store::interrupt::creating(|| {
+            c.sftp.open_mode(
+                tmp,
                 OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
                 mode,
                 OpenType::File,
             )
-            .map_err(io)?;
+        })
+        .map_err(io)?;
         for chunk in data.chunks(IO_BUF) {
             f.write_all(chunk)?;
         }
         // fsync@openssh.com: the data is on the server's disk before the name appears.
         let _ = f.fsync();
         drop(f);
-        match c.sftp.rename(&tmp, path, None) {
+        match c.sftp.rename(tmp, path, None) {
             Ok(()) => Ok(()),
             Err(e) => {
                 if c.sftp.stat(path).is_ok() {
                     // Same content-addressed name: already uploaded.
-                    let _ = c.sftp.unlink(&tmp);
+                    let _ = c.sftp.unlink(tmp);
                     Ok(())
                 } else {
                     Err(io(e))
@@ -250,7 +267,7 @@ pub fn upload_conn(c: &Conn, path: &Path, data: &[u8], mode: i32) -> std::io::Re
         }
     })();
     if res.is_err() {
-        let _ = c.sftp.unlink(&tmp);
+        let _ = c.sftp.unlink(tmp);
     }
     res
 }
@@ -344,12 +361,30 @@ impl Backend for SftpBackend {
 
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
         let p = self.path(t, name);
+        // Every attempt's temporary name (a retry on a new connection takes a fresh one), for
+        // an interruption to remove (over any free connection).
+        let tmps = Arc::new(parking_lot::Mutex::new(Vec::<PathBuf>::new()));
+        let _job = {
+            let (pool, tmps) = (self.pool.clone(), tmps.clone());
+            crate::store::interrupt::on_interrupt(move || {
+                for tmp in tmps.lock().iter() {
+                    let _ = pool.run("removing a temporary upload", |c| {
+                        match c.sftp.unlink(tmp) {
+                            Ok(()) => Ok(()),
+                            Err(e) => missing_is(e, ()),
+                        }
+                    });
+                }
+            })
+        };
         self.pool.run(&t.path(name), |c| {
-            match upload_conn(c, &p, data, 0o600) {
+            let tmp = temp_name(&p);
+            tmps.lock().push(tmp.clone());
+            match upload_conn_via(c, &p, &tmp, data, 0o600) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // The directory is missing (e.g. a new packs/XX): make it and try again.
                     mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)?;
-                    upload_conn(c, &p, data, 0o600)
+                    upload_conn_via(c, &p, &tmp, data, 0o600)
                 }
                 r => r,
             }

@@ -226,12 +226,21 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         std::process::id(),
         super::crypto::random_hex(8)
     ));
+    // Removed if the process is interrupted before it is renamed into place.
+    let _job = {
+        let tmp = tmp.clone();
+        super::interrupt::on_interrupt(move || {
+            let _ = fs::remove_file(&tmp);
+        })
+    };
     let res = (|| -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut f = super::interrupt::creating(|| {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+        })?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)

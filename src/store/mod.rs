@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod destination;
 pub mod error;
 pub mod format;
+pub mod interrupt;
 pub mod notice;
 pub mod repo;
 pub mod restore;

@@ -972,6 +972,8 @@ pub struct LockGuard {
     name: Arc<std::sync::Mutex<String>>,
     stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Removes the lock file if the process is interrupted.
+    _job: super::interrupt::Job,
 }
 
 fn lock_is_live(rec: &LockRecord) -> bool {
@@ -1018,6 +1020,21 @@ impl LockGuard {
             return Err(Error::Locked(who, file));
         }
         let name = super::crypto::random_hex(16);
+        // The lock file (and one being written by a refresh) is removed if the process is
+        // interrupted; registered before it is written, so none is left behind.
+        let current = Arc::new(std::sync::Mutex::new(name.clone()));
+        let fresh_name: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let job = {
+            let (backend, current, fresh_name) =
+                (backend.clone(), current.clone(), fresh_name.clone());
+            super::interrupt::on_interrupt(move || {
+                let fresh = fresh_name.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let cur = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for n in fresh.into_iter().chain([cur]) {
+                    let _ = backend.remove(FileType::Lock, &n);
+                }
+            })
+        };
         let now = super::now_ns();
         let rec = LockRecord {
             exclusive,
@@ -1034,8 +1051,9 @@ impl LockGuard {
             return Err(Error::Locked(who, file));
         }
         let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let name = Arc::new(std::sync::Mutex::new(name));
+        let name = current;
         let thread = {
+            let fresh_name = fresh_name.clone();
             let backend = backend.clone();
             let stop = stop.clone();
             let name = name.clone();
@@ -1060,6 +1078,7 @@ impl LockGuard {
                     // backend has to overwrite a file.
                     rec.refreshed_ns = super::now_ns();
                     let fresh = super::crypto::random_hex(16);
+                    *fresh_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(fresh.clone());
                     if backend
                         .write(FileType::Lock, &fresh, &frame(MAGIC_LOCK, &rec))
                         .is_ok()
@@ -1068,6 +1087,7 @@ impl LockGuard {
                         let _ = backend.remove(FileType::Lock, &cur);
                         *cur = fresh;
                     }
+                    *fresh_name.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
             })
         };
@@ -1076,6 +1096,7 @@ impl LockGuard {
             name,
             stop,
             thread: Some(thread),
+            _job: job,
         })
     }
 }
