@@ -289,12 +289,20 @@ pub fn backend_for(url: &str, opts: &sftp::Options) -> anyhow::Result<Arc<dyn Ba
         return Ok(Arc::new(sftp::SftpBackend::open(l, opts)?));
     }
     if url.contains("://") {
-        anyhow::bail!(
-            "unsupported store location {url:?}: use a directory path, file://PATH or sftp://host/path"
-        );
+        return Err(ExitWith(
+            exit::USAGE,
+            format!(
+                "unsupported store location {url:?}: use a directory path, file://PATH or sftp://host/path"
+            ),
+        )
+        .into());
     }
     if url.is_empty() {
-        anyhow::bail!("empty store location: give a directory path");
+        return Err(ExitWith(
+            exit::USAGE,
+            "empty store location: give a directory path".into(),
+        )
+        .into());
     }
     Ok(Arc::new(LocalBackend::new(PathBuf::from(url))))
 }
@@ -495,12 +503,22 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            if let Some(se) = e.downcast_ref::<sftp::Error>() {
+            if let Some(se) = e.chain().find_map(|c| c.downcast_ref::<sftp::Error>()) {
+                // A malformed location or `-o` option is a bad command line.
+                let usage = matches!(
+                    se,
+                    sftp::Error::Url(..)
+                        | sftp::Error::UnknownOption(_)
+                        | sftp::Error::BadOption(..)
+                );
                 let se: store::Error = match se {
                     sftp::Error::Url(a, b) => sftp::Error::Url(a.clone(), b.clone()).into(),
                     other => store::Error::Connector(other.to_string(), connector_kind(other)),
                 };
                 eprintln!("kloset: {se}");
+                if usage {
+                    return exit::USAGE;
+                }
                 return exit_code(&anyhow::Error::new(se));
             }
             if let Some(ExitWith(code, msg)) = e.downcast_ref::<ExitWith>() {
