@@ -15,7 +15,9 @@ use ssh2::{OpenFlags, OpenType};
 
 use super::conn::{Conn, Pool, io};
 use super::{Location, Options};
-use crate::store::backend::{Backend, FileType, Listed, expected_entry, expected_pack_dir};
+use crate::store::backend::{
+    Backend, FileType, Listed, MAX_STORE_FILE, expected_entry, expected_pack_dir,
+};
 use crate::store::error::Result;
 
 pub struct SftpBackend {
@@ -175,18 +177,45 @@ pub fn read_range_conn_into(
 
 /// Read a whole remote file with large read calls.
 pub fn read_all_conn(c: &Conn, path: &Path) -> std::io::Result<Vec<u8>> {
+    read_all_conn_max(c, path, u64::MAX)
+}
+
+/// Memory reserved up front for a whole-file read, whatever size the server claims.
+const MAX_PREALLOC: u64 = 64 << 20;
+
+/// [`read_all_conn`], failing once the file has turned out larger than `max` bytes: the size
+/// a server reports only sizes the first allocation (at most [`MAX_PREALLOC`]), and a server
+/// that sends more than it said cannot make kloset hold more than `max`.
+fn read_all_conn_max(c: &Conn, path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     let mut f = c.sftp.open(path).map_err(io)?;
-    let size = f.stat().ok().and_then(|s| s.size).unwrap_or(0) as usize;
-    let mut out = Vec::with_capacity(size);
-    let mut buf = vec![0u8; IO_BUF.min(size.max(MIN_RANGE_READ))];
+    let size = f.stat().ok().and_then(|s| s.size).unwrap_or(0);
+    if size > max {
+        return Err(too_large(path, max));
+    }
+    let mut out = Vec::with_capacity(size.min(MAX_PREALLOC) as usize);
+    let mut buf = vec![0u8; IO_BUF.min((size as usize).max(MIN_RANGE_READ))];
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
             break;
         }
+        if out.len() as u64 + n as u64 > max {
+            return Err(too_large(path, max));
+        }
         out.extend_from_slice(&buf[..n]);
     }
     Ok(out)
+}
+
+fn too_large(path: &Path, max: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!(
+            "{} is larger than {} MiB, more than any store file",
+            path.display(),
+            max >> 20
+        ),
+    )
 }
 
 /// Create the directory `path` and its missing parents (the last with `mode`).
@@ -342,7 +371,8 @@ impl Backend for SftpBackend {
 
     fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
         let p = self.path(t, name);
-        self.pool.run(&t.path(name), |c| read_all_conn(c, &p))
+        self.pool
+            .run(&t.path(name), |c| read_all_conn_max(c, &p, MAX_STORE_FILE))
     }
 
     fn read_range_into(

@@ -141,6 +141,11 @@ pub fn expected_pack_dir(name: &[u8], is_dir: bool) -> Option<String> {
     None
 }
 
+/// No store file is read whole beyond this size (packs are about `pack_size`, 16 MiB, plus
+/// one blob; a record decompresses to at most 1 GiB): a larger file is damage, not a reason
+/// to allocate without bound.
+pub const MAX_STORE_FILE: u64 = 2 << 30;
+
 /// A file listed by [`Backend::list`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
@@ -345,8 +350,28 @@ impl Backend for LocalBackend {
     }
 
     fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
+        use std::io::Read;
         let p = self.file(t, name);
-        fs::read(&p).at(&p)
+        let f = fs::File::open(&p).at(&p)?;
+        let size = f.metadata().at(&p)?.len();
+        let too_large = || {
+            Error::damaged(
+                t.path(name),
+                format!(
+                    "it is larger than {} MiB, more than any store file",
+                    MAX_STORE_FILE >> 20
+                ),
+            )
+        };
+        if size > MAX_STORE_FILE {
+            return Err(too_large());
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        f.take(MAX_STORE_FILE + 1).read_to_end(&mut out).at(&p)?;
+        if out.len() as u64 > MAX_STORE_FILE {
+            return Err(too_large());
+        }
+        Ok(out)
     }
 
     fn read_range_into(
@@ -489,5 +514,86 @@ impl Backend for MemBackend {
     fn remove(&self, t: FileType, name: &str) -> Result<()> {
         self.files.lock().remove(&(t, name.to_string()));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_each_type_have_one_shape() {
+        let h64 = "0123456789abcdef".repeat(4);
+        let h32 = "0123456789abcdef".repeat(2);
+        for t in [FileType::Pack, FileType::Index, FileType::Snapshot] {
+            assert!(t.expects(&h64));
+            assert!(!t.expects(&h32));
+            assert!(!t.expects(&h64.to_uppercase()));
+            assert!(!t.expects(&format!("{}ü", &h64[..62])));
+        }
+        for t in [FileType::Key, FileType::Lock] {
+            assert!(t.expects(&h32));
+            assert!(!t.expects(&h64));
+            assert!(!t.expects("x"));
+        }
+        assert!(FileType::Config.expects("config"));
+        // No name makes a path panic.
+        for n in ["", "ü", "xü", "\u{fffd}", "a"] {
+            let _ = FileType::Pack.path(n);
+        }
+    }
+
+    #[test]
+    fn listing_entries_are_sorted_out() {
+        let h64 = "ab".repeat(32);
+        assert_eq!(
+            expected_entry(FileType::Pack, "packs/ab", h64.as_bytes(), true),
+            Some(h64.clone())
+        );
+        // In the wrong directory, not a file, not UTF-8, a temporary file.
+        assert_eq!(
+            expected_entry(FileType::Pack, "packs/d0", h64.as_bytes(), true),
+            None
+        );
+        assert_eq!(
+            expected_entry(FileType::Pack, "packs/ab", h64.as_bytes(), false),
+            None
+        );
+        assert_eq!(
+            expected_entry(FileType::Index, "index", b"\xff\xfe", true),
+            None
+        );
+        assert_eq!(
+            expected_entry(FileType::Index, "index", b".tmp-1-00", true),
+            None
+        );
+        assert_eq!(expected_pack_dir(b"d0", true), Some("d0".into()));
+        for (name, is_dir) in [
+            (&b"d0"[..], false),
+            (b"zz", true),
+            (b"d", true),
+            (b"\xff\xfe", true),
+        ] {
+            assert_eq!(expected_pack_dir(name, is_dir), None);
+        }
+        let warned = super::super::notice::warnings();
+        assert!(
+            warned
+                .iter()
+                .any(|w| w == "ignoring unexpected file index/\\377\\376 in the store"),
+            "{warned:?}"
+        );
+        assert!(!warned.iter().any(|w| w.contains(".tmp-")), "{warned:?}");
+    }
+
+    #[test]
+    fn a_local_store_file_larger_than_any_store_file_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        b.init().unwrap();
+        let f = fs::File::create(dir.path().join("index").join("ab".repeat(32))).unwrap();
+        f.set_len(MAX_STORE_FILE + 1).unwrap();
+        let e = b.read(FileType::Index, &"ab".repeat(32)).unwrap_err();
+        assert_eq!(e.kind(), super::super::ErrorKind::Damaged, "{e}");
     }
 }
