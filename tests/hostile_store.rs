@@ -708,3 +708,30 @@ fn restore_where_every_entry_fails_says_so() {
         o.stderr
     );
 }
+
+/// Names from a snapshot in error messages are escaped as `ls` escapes them.
+#[test]
+fn error_messages_never_carry_terminal_escapes() {
+    let (_t, root) = tempdir();
+    let home = root.join("home");
+    fs::create_dir_all(&home).unwrap();
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join(OsStr::from_bytes(b"\x1b[31mred\nline")), b"x").unwrap();
+    let store = root.join("store");
+    let s = store.to_str().unwrap();
+    finish(kloset(&home, &["at", s, "create", "-plaintext"])).code(0);
+    finish(kloset(&home, &["at", s, "backup", src.to_str().unwrap()])).code(0);
+    let o = finish(kloset(
+        &home,
+        &["at", s, "restore", "-to", "/proc/1", "latest"],
+    ));
+    o.code(3);
+    assert!(!o.stderr.contains('\x1b'), "{:?}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("kloset: not restored: \\033[31mred\\nline: /proc/1/\\033[31mred\\nline: "),
+        "{}",
+        o.stderr
+    );
+}

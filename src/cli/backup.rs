@@ -10,6 +10,7 @@ use clap::Parser;
 use super::progress::Bar;
 use super::{Ctx, bytes, exit};
 use crate::store::backup::{self, BackupOptions, Progress};
+use crate::store::notice::escape;
 
 #[derive(Parser, Debug)]
 pub struct Args {
@@ -120,10 +121,15 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         for (p, e) in &s.errors {
             // Source errors usually name their path already: do not print it twice.
             let p = String::from_utf8_lossy(p);
+            // Names from a source are shown escaped, as `ls` shows them.
             if e.starts_with(&*p) {
-                eprintln!("kloset: not backed up: {e}");
+                eprintln!("kloset: not backed up: {}", escape(e.as_bytes()));
             } else {
-                eprintln!("kloset: not backed up: {p}: {e}");
+                eprintln!(
+                    "kloset: not backed up: {}: {}",
+                    escape(p.as_bytes()),
+                    escape(e.as_bytes())
+                );
             }
         }
         eprintln!(

@@ -33,6 +33,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::sftp;
+use crate::store::notice::escape;
 use crate::store::{self, Backend, ErrorKind, LocalBackend, Store};
 
 /// Exit codes, documented in the README.
@@ -515,7 +516,7 @@ pub fn main() -> i32 {
                     sftp::Error::Url(a, b) => sftp::Error::Url(a.clone(), b.clone()).into(),
                     other => store::Error::Connector(other.to_string(), connector_kind(other)),
                 };
-                eprintln!("kloset: {se}");
+                eprintln!("kloset: {}", escape(se.to_string().as_bytes()));
                 if usage {
                     return exit::USAGE;
                 }
@@ -523,11 +524,13 @@ pub fn main() -> i32 {
             }
             if let Some(ExitWith(code, msg)) = e.downcast_ref::<ExitWith>() {
                 if !msg.is_empty() {
-                    eprintln!("kloset: {msg}");
+                    eprintln!("kloset: {}", escape(msg.as_bytes()));
                 }
                 return *code;
             }
-            eprintln!("kloset: {}", one_line(&e));
+            // Errors may name things from a store or a server: one line, nothing a terminal
+            // would obey.
+            eprintln!("kloset: {}", escape(one_line(&e).as_bytes()));
             exit_code(&e)
         }
     }

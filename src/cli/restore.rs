@@ -77,7 +77,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         } else {
             escape(p)
         };
-        eprintln!("kloset: not restored: {shown}: {e}");
+        eprintln!("kloset: not restored: {shown}: {}", escape(e.as_bytes()));
     }
     let failed = rep
         .errors
