@@ -441,7 +441,7 @@ fn named_connectors_in_use_and_passphrase_sources() {
         "connections=2",
     ]);
     w.run(&["-o", "connections=0", "at", "@remote", "ls"])
-        .fails(1, &["connections"]);
+        .fails(2, &["connections"]);
 }
 
 #[test]

@@ -10,6 +10,7 @@ use clap::Parser;
 use super::progress::Bar;
 use super::{Ctx, bytes, exit};
 use crate::store::backup::{self, BackupOptions, Progress};
+use crate::store::notice::escape;
 
 #[derive(Parser, Debug)]
 pub struct Args {
@@ -88,7 +89,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     if a.json {
         let v = serde_json::json!({
             "id": res.id,
-            "short_id": &res.id[..8],
+            "short_id": res.id.get(..8).unwrap_or(&res.id),
             "source": s.source,
             "files": s.stats.files,
             "dirs": s.stats.dirs,
@@ -101,11 +102,11 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{}", &res.id[..8]);
+        println!("{}", res.id.get(..8).unwrap_or(&res.id));
         if !ctx.quiet {
             eprintln!(
                 "snapshot {} of {}: {} files, {} dirs, {} ({} read, {} new in the store) in {:.1}s",
-                &res.id[..8],
+                res.id.get(..8).unwrap_or(&res.id),
                 s.source,
                 s.stats.files,
                 s.stats.dirs,
@@ -120,16 +121,21 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         for (p, e) in &s.errors {
             // Source errors usually name their path already: do not print it twice.
             let p = String::from_utf8_lossy(p);
+            // Names from a source are shown escaped, as `ls` shows them.
             if e.starts_with(&*p) {
-                eprintln!("kloset: not backed up: {e}");
+                eprintln!("kloset: not backed up: {}", escape(e.as_bytes()));
             } else {
-                eprintln!("kloset: not backed up: {p}: {e}");
+                eprintln!(
+                    "kloset: not backed up: {}: {}",
+                    escape(p.as_bytes()),
+                    escape(e.as_bytes())
+                );
             }
         }
         eprintln!(
             "kloset: {} file(s) could not be read and are missing from snapshot {}",
             s.errors.len(),
-            &res.id[..8]
+            res.id.get(..8).unwrap_or(&res.id)
         );
         return Ok(exit::PARTIAL);
     }

@@ -8,6 +8,7 @@ use clap::Parser;
 use super::progress::Bar;
 use super::{Ctx, exit};
 use crate::store::check::{self, CheckProgress};
+use crate::store::notice::escape;
 
 #[derive(Parser, Debug)]
 pub struct Args {
@@ -49,11 +50,12 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
+        // Messages and paths may hold names from the snapshots: shown escaped, as `ls` does.
         for n in &rep.notes {
-            eprintln!("note: {n}");
+            eprintln!("note: {}", escape(n.as_bytes()));
         }
         for e in &rep.errors {
-            println!("damaged: {e}");
+            println!("damaged: {}", escape(e.as_bytes()));
         }
         for (snap, paths) in &rep.damaged {
             println!(
@@ -61,7 +63,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
                 paths.len()
             );
             for p in paths {
-                println!("  {p}");
+                println!("  {}", escape(p.as_bytes()));
             }
         }
         if !ctx.quiet || !rep.ok() {

@@ -33,6 +33,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::sftp;
+use crate::store::notice::escape;
 use crate::store::{self, Backend, ErrorKind, LocalBackend, Store};
 
 /// Exit codes, documented in the README.
@@ -289,12 +290,20 @@ pub fn backend_for(url: &str, opts: &sftp::Options) -> anyhow::Result<Arc<dyn Ba
         return Ok(Arc::new(sftp::SftpBackend::open(l, opts)?));
     }
     if url.contains("://") {
-        anyhow::bail!(
-            "unsupported store location {url:?}: use a directory path, file://PATH or sftp://host/path"
-        );
+        return Err(ExitWith(
+            exit::USAGE,
+            format!(
+                "unsupported store location {url:?}: use a directory path, file://PATH or sftp://host/path"
+            ),
+        )
+        .into());
     }
     if url.is_empty() {
-        anyhow::bail!("empty store location: give a directory path");
+        return Err(ExitWith(
+            exit::USAGE,
+            "empty store location: give a directory path".into(),
+        )
+        .into());
     }
     Ok(Arc::new(LocalBackend::new(PathBuf::from(url))))
 }
@@ -495,21 +504,33 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            if let Some(se) = e.downcast_ref::<sftp::Error>() {
+            if let Some(se) = e.chain().find_map(|c| c.downcast_ref::<sftp::Error>()) {
+                // A malformed location or `-o` option is a bad command line.
+                let usage = matches!(
+                    se,
+                    sftp::Error::Url(..)
+                        | sftp::Error::UnknownOption(_)
+                        | sftp::Error::BadOption(..)
+                );
                 let se: store::Error = match se {
                     sftp::Error::Url(a, b) => sftp::Error::Url(a.clone(), b.clone()).into(),
                     other => store::Error::Connector(other.to_string(), connector_kind(other)),
                 };
-                eprintln!("kloset: {se}");
+                eprintln!("kloset: {}", escape(se.to_string().as_bytes()));
+                if usage {
+                    return exit::USAGE;
+                }
                 return exit_code(&anyhow::Error::new(se));
             }
             if let Some(ExitWith(code, msg)) = e.downcast_ref::<ExitWith>() {
                 if !msg.is_empty() {
-                    eprintln!("kloset: {msg}");
+                    eprintln!("kloset: {}", escape(msg.as_bytes()));
                 }
                 return *code;
             }
-            eprintln!("kloset: {}", one_line(&e));
+            // Errors may name things from a store or a server: one line, nothing a terminal
+            // would obey.
+            eprintln!("kloset: {}", escape(one_line(&e).as_bytes()));
             exit_code(&e)
         }
     }
@@ -543,6 +564,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Top::Destination(c) => connector::run(config::Kind::Destination, c, cli.quiet),
         Top::Pkg(c) => pkg::run(c),
         Top::At { store, verb } => {
+            // The mount handles its signals itself (they unmount).
+            if !matches!(verb, Verb::Mount(_)) {
+                clean_up_on_signals()?;
+            }
             let ctx = Ctx {
                 store_url: store,
                 quiet: cli.quiet,
@@ -561,6 +586,46 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
     }
+}
+
+/// Longest wait for the clean-up after SIGINT or SIGTERM (removing a lock or a temporary
+/// upload from a server that stopped answering must not keep the process alive).
+const CLEAN_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// On SIGINT or SIGTERM, remove this command's lock and temporary files
+/// ([`store::interrupt::run_all`]) and exit 130 or 143 (128 + the signal), as a shell reports a
+/// process killed by it. The signals are blocked here, before any other thread exists, so
+/// every thread inherits the mask and only the waiting thread receives them (child processes
+/// start with an empty mask: std resets it).
+fn clean_up_on_signals() -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block()
+        .context("blocking SIGINT and SIGTERM for the clean-up thread")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let Ok(sig) = sigs.wait() else { return };
+            eprintln!(
+                "kloset: interrupted by {sig}; removing this command's lock and temporary files"
+            );
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            std::thread::spawn(move || {
+                store::interrupt::run_all();
+                let _ = tx.send(());
+            });
+            if rx.recv_timeout(CLEAN_UP_TIMEOUT).is_err() {
+                eprintln!(
+                    "kloset: the clean-up took longer than {}s; some temporary files may remain",
+                    CLEAN_UP_TIMEOUT.as_secs()
+                );
+            }
+            std::process::exit(128 + sig as i32);
+        })
+        .context("starting the signal thread")?;
+    Ok(())
 }
 
 /// Human-readable size.

@@ -1,5 +1,9 @@
 //! `restore [-to DIR] SNAP[:PATH]`.
+//!
+//! On success one summary line; when entries fail, each is named (escaped as `ls` does) and the
+//! summary says how many of how many were restored (or that nothing was), with exit 3.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -7,6 +11,7 @@ use clap::Parser;
 
 use super::progress::Bar;
 use super::{Ctx, bytes, exit, split_snap};
+use crate::store::notice::escape;
 use crate::store::restore::{self, RestoreOptions, RestoreProgress, ResumeMarker};
 
 #[derive(Parser, Debug)]
@@ -55,33 +60,74 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         &progress,
     )?;
     drop(bar);
-    if rep.errors.is_empty()
-        && let Some(m) = &marker
-    {
-        m.remove();
+    if rep.errors.is_empty() {
+        // Finished: a later restore starts afresh.
+        if let Some(m) = &marker {
+            m.remove();
+        }
+        if !ctx.quiet {
+            eprintln!(
+                "restored {} files, {} dirs, {} other entries ({}) from snapshot {} to {}{}",
+                rep.files - rep.skipped,
+                rep.dirs,
+                rep.others,
+                bytes(rep.bytes),
+                s.short(),
+                dest.describe(),
+                if rep.skipped > 0 {
+                    format!("; {} files were already complete", rep.skipped)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        return Ok(exit::OK);
     }
-    if !ctx.quiet {
+    // Some entries failed: each is named, then a summary that counts them (an entry with
+    // several errors counts once) and never claims more than was restored.
+    for (p, e) in &rep.errors {
+        let shown = if p.is_empty() {
+            ".".to_string()
+        } else {
+            escape(p)
+        };
+        eprintln!("kloset: not restored: {shown}: {}", escape(e.as_bytes()));
+    }
+    let failed = rep
+        .errors
+        .iter()
+        .map(|(p, _)| p.as_slice())
+        .filter(|p| !p.is_empty())
+        .collect::<HashSet<_>>()
+        .len() as u64;
+    let total = rep.entries.max(failed);
+    if failed == total {
         eprintln!(
-            "restored {} files, {} dirs, {} other entries ({}) from snapshot {} to {}{}",
-            rep.files - rep.skipped,
-            rep.dirs,
-            rep.others,
+            "kloset: nothing was restored from snapshot {} to {}: {}",
+            s.short(),
+            dest.describe(),
+            if total == 0 {
+                "the target directory's metadata could not be set".to_string()
+            } else {
+                format!("all {total} entries failed")
+            }
+        );
+    } else {
+        eprintln!(
+            "kloset: restored {} of {total} entries ({}) from snapshot {} to {}; {failed} could not be restored{}",
+            total - failed,
             bytes(rep.bytes),
             s.short(),
             dest.describe(),
             if rep.skipped > 0 {
-                format!("; {} files were already complete", rep.skipped)
+                format!(
+                    "; {} files were already complete (this restore resumed an unfinished one)",
+                    rep.skipped
+                )
             } else {
                 String::new()
             }
         );
     }
-    if !rep.errors.is_empty() {
-        for (p, e) in &rep.errors {
-            eprintln!("kloset: not restored: {}: {e}", String::from_utf8_lossy(p));
-        }
-        eprintln!("kloset: {} entries could not be restored", rep.errors.len());
-        return Ok(exit::PARTIAL);
-    }
-    Ok(exit::OK)
+    Ok(exit::PARTIAL)
 }

@@ -175,7 +175,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     } else if !ctx.quiet {
         for (from, to, r) in &reports {
             for (s, d) in &r.copied {
-                eprintln!("copied snapshot {} as {}", &s[..8], &d[..8]);
+                eprintln!("copied snapshot {} as {}", short(s), short(d));
             }
             eprintln!(
                 "sync {from} -> {to}: {} snapshot(s) copied, {} already there; read {} blobs ({}), wrote {} new blobs ({})",
@@ -199,6 +199,11 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     } else {
         exit::PARTIAL
     })
+}
+
+/// The first 8 characters of a snapshot id (all of it if shorter).
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! each call and throws that away on the next seek (DESIGN.md, "Transport facts").
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +15,9 @@ use ssh2::{OpenFlags, OpenType};
 
 use super::conn::{Conn, Pool, io};
 use super::{Location, Options};
-use crate::store::backend::{Backend, FileType, Listed};
+use crate::store::backend::{
+    Backend, FileType, Listed, MAX_STORE_FILE, expected_entry, expected_pack_dir,
+};
 use crate::store::error::Result;
 
 pub struct SftpBackend {
@@ -62,11 +65,13 @@ impl SftpBackend {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let top = self.dir("packs");
         let started = std::time::Instant::now();
-        let dirs: Vec<PathBuf> = self.pool.run(what, |c| {
+        let dirs: Vec<(PathBuf, String)> = self.pool.run(what, |c| {
             Ok(dir_entries(c, &top)?
                 .into_iter()
-                .filter(|(_, st)| st.is_dir())
-                .map(|(d, _)| d)
+                .filter_map(|(d, st)| {
+                    let sub = expected_pack_dir(d.file_name()?.as_bytes(), st.is_dir())?;
+                    Some((d, format!("packs/{sub}")))
+                })
                 .collect())
         })?;
         let next = AtomicUsize::new(0);
@@ -75,8 +80,10 @@ impl SftpBackend {
         let work = |until: &dyn Fn() -> bool| {
             while until() {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(d) = dirs.get(i) else { break };
-                let r = self.pool.run(what, |c| Ok(files_of(dir_entries(c, d)?)));
+                let Some((d, rel)) = dirs.get(i) else { break };
+                let r = self.pool.run(what, |c| {
+                    Ok(files_of(FileType::Pack, rel, dir_entries(c, d)?))
+                });
                 let failed = r.is_err();
                 lists.lock().push(r);
                 if failed {
@@ -111,13 +118,15 @@ fn dir_entries(c: &Conn, d: &Path) -> std::io::Result<Vec<(PathBuf, ssh2::FileSt
     }
 }
 
-/// The regular files among `entries`, without dot files (uploads in progress).
-fn files_of(entries: Vec<(PathBuf, ssh2::FileStat)>) -> Vec<Listed> {
+/// The files of type `t` among `entries` of the store directory `rel` (`index`,
+/// `packs/d0`): dot files (uploads in progress) are skipped silently, anything not of the
+/// type's shape with a warning ([`expected_entry`]).
+fn files_of(t: FileType, rel: &str, entries: Vec<(PathBuf, ssh2::FileStat)>) -> Vec<Listed> {
     entries
         .into_iter()
         .filter_map(|(p, st)| {
-            let name = p.file_name()?.to_string_lossy().into_owned();
-            (!name.starts_with('.') && st.is_file()).then(|| Listed {
+            let name = expected_entry(t, rel, p.file_name()?.as_bytes(), st.is_file())?;
+            Some(Listed {
                 name,
                 size: st.size.unwrap_or(0),
             })
@@ -168,18 +177,45 @@ pub fn read_range_conn_into(
 
 /// Read a whole remote file with large read calls.
 pub fn read_all_conn(c: &Conn, path: &Path) -> std::io::Result<Vec<u8>> {
+    read_all_conn_max(c, path, u64::MAX)
+}
+
+/// Memory reserved up front for a whole-file read, whatever size the server claims.
+const MAX_PREALLOC: u64 = 64 << 20;
+
+/// [`read_all_conn`], failing once the file has turned out larger than `max` bytes: the size
+/// a server reports only sizes the first allocation (at most [`MAX_PREALLOC`]), and a server
+/// that sends more than it said cannot make kloset hold more than `max`.
+fn read_all_conn_max(c: &Conn, path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     let mut f = c.sftp.open(path).map_err(io)?;
-    let size = f.stat().ok().and_then(|s| s.size).unwrap_or(0) as usize;
-    let mut out = Vec::with_capacity(size);
-    let mut buf = vec![0u8; IO_BUF.min(size.max(MIN_RANGE_READ))];
+    let size = f.stat().ok().and_then(|s| s.size).unwrap_or(0);
+    if size > max {
+        return Err(too_large(path, max));
+    }
+    let mut out = Vec::with_capacity(size.min(MAX_PREALLOC) as usize);
+    let mut buf = vec![0u8; IO_BUF.min((size as usize).max(MIN_RANGE_READ))];
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
             break;
         }
+        if out.len() as u64 + n as u64 > max {
+            return Err(too_large(path, max));
+        }
         out.extend_from_slice(&buf[..n]);
     }
     Ok(out)
+}
+
+fn too_large(path: &Path, max: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!(
+            "{} is larger than {} MiB, more than any store file",
+            path.display(),
+            max >> 20
+        ),
+    )
 }
 
 /// Create the directory `path` and its missing parents (the last with `mode`).
@@ -211,30 +247,47 @@ pub fn mkdir_p(c: &Conn, path: &Path, mode: i32) -> std::io::Result<()> {
 /// Upload `data` to `path` through a temporary name. Store files are never replaced: if the
 /// name exists (OpenSSH's rename refuses it), the same content-addressed upload was done.
 pub fn upload_conn(c: &Conn, path: &Path, data: &[u8], mode: i32) -> std::io::Result<()> {
+    upload_conn_via(c, path, &temp_name(path), data, mode)
+}
+
+/// A fresh temporary name next to `path`: `.tmp-<16 hex>`.
+fn temp_name(path: &Path) -> PathBuf {
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let tmp = dir.join(format!(".tmp-{}", crate::store::crypto::random_hex(8)));
+    dir.join(format!(".tmp-{}", crate::store::crypto::random_hex(8)))
+}
+
+/// [`upload_conn`] through the temporary name `tmp` (created inside
+/// [`crate::store::interrupt::creating`], so an interruption removes it or keeps it from
+/// being created).
+fn upload_conn_via(
+    c: &Conn,
+    path: &Path,
+    tmp: &Path,
+    data: &[u8],
+    mode: i32,
+) -> std::io::Result<()> {
     let res = (|| -> std::io::Result<()> {
-        let mut f = c
-            .sftp
-            .open_mode(
-                &tmp,
+        let mut f = crate::store::interrupt::creating(|| {
+            c.sftp.open_mode(
+                tmp,
                 OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
                 mode,
                 OpenType::File,
             )
-            .map_err(io)?;
+        })
+        .map_err(io)?;
         for chunk in data.chunks(IO_BUF) {
             f.write_all(chunk)?;
         }
         // fsync@openssh.com: the data is on the server's disk before the name appears.
         let _ = f.fsync();
         drop(f);
-        match c.sftp.rename(&tmp, path, None) {
+        match c.sftp.rename(tmp, path, None) {
             Ok(()) => Ok(()),
             Err(e) => {
                 if c.sftp.stat(path).is_ok() {
                     // Same content-addressed name: already uploaded.
-                    let _ = c.sftp.unlink(&tmp);
+                    let _ = c.sftp.unlink(tmp);
                     Ok(())
                 } else {
                     Err(io(e))
@@ -243,7 +296,7 @@ pub fn upload_conn(c: &Conn, path: &Path, data: &[u8], mode: i32) -> std::io::Re
         }
     })();
     if res.is_err() {
-        let _ = c.sftp.unlink(&tmp);
+        let _ = c.sftp.unlink(tmp);
     }
     res
 }
@@ -309,7 +362,7 @@ impl Backend for SftpBackend {
             _ => {
                 let d = self.dir(t.dir());
                 self.pool
-                    .run(&what, |c| Ok(files_of(dir_entries(c, &d)?)))?
+                    .run(&what, |c| Ok(files_of(t, t.dir(), dir_entries(c, &d)?)))?
             }
         };
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -318,7 +371,8 @@ impl Backend for SftpBackend {
 
     fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
         let p = self.path(t, name);
-        self.pool.run(&t.path(name), |c| read_all_conn(c, &p))
+        self.pool
+            .run(&t.path(name), |c| read_all_conn_max(c, &p, MAX_STORE_FILE))
     }
 
     fn read_range_into(
@@ -337,12 +391,30 @@ impl Backend for SftpBackend {
 
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
         let p = self.path(t, name);
+        // Every attempt's temporary name (a retry on a new connection takes a fresh one), for
+        // an interruption to remove (over any free connection).
+        let tmps = Arc::new(parking_lot::Mutex::new(Vec::<PathBuf>::new()));
+        let _job = {
+            let (pool, tmps) = (self.pool.clone(), tmps.clone());
+            crate::store::interrupt::on_interrupt(move || {
+                for tmp in tmps.lock().iter() {
+                    let _ = pool.run("removing a temporary upload", |c| {
+                        match c.sftp.unlink(tmp) {
+                            Ok(()) => Ok(()),
+                            Err(e) => missing_is(e, ()),
+                        }
+                    });
+                }
+            })
+        };
         self.pool.run(&t.path(name), |c| {
-            match upload_conn(c, &p, data, 0o600) {
+            let tmp = temp_name(&p);
+            tmps.lock().push(tmp.clone());
+            match upload_conn_via(c, &p, &tmp, data, 0o600) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // The directory is missing (e.g. a new packs/XX): make it and try again.
                     mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)?;
-                    upload_conn(c, &p, data, 0o600)
+                    upload_conn_via(c, &p, &tmp, data, 0o600)
                 }
                 r => r,
             }

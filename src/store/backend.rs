@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -55,15 +56,95 @@ impl FileType {
         }
     }
 
-    /// Path of a file relative to the store root, e.g. `packs/ab/ab12…`.
+    /// Path of a file relative to the store root, e.g. `packs/ab/ab12…`. Names that are not
+    /// of the expected shape ([`FileType::expects`]) never come out of a listing; one that is
+    /// passed anyway gets a path that cannot exist rather than a panic.
     pub fn path(self, name: &str) -> String {
         match self {
             FileType::Config => "config".to_string(),
-            FileType::Pack => format!("packs/{}/{}", &name[..name.len().min(2)], name),
+            FileType::Pack => format!("packs/{}/{}", name.get(..2).unwrap_or("--"), name),
             _ => format!("{}/{}", self.dir(), name),
         }
     }
+
+    /// Does `name` have the exact shape the writers give files of this type (docs/FORMAT.md
+    /// §2)? Packs, index files and snapshots: 64 lowercase hex digits (a keyed hash of the
+    /// content); key and lock files: 32 (16 random bytes); the config: `config`.
+    pub fn expects(self, name: &str) -> bool {
+        let hex = |len: usize| {
+            name.len() == len
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        match self {
+            FileType::Config => name == "config",
+            FileType::Key | FileType::Lock => hex(32),
+            FileType::Pack | FileType::Index | FileType::Snapshot => hex(64),
+        }
+    }
 }
+
+/// Is `name` (as listed in a store directory) the temporary file of an unfinished write, or
+/// another dot file? Those are skipped silently, as they always were: a write in progress
+/// (`.tmp-…`) is normal.
+pub fn is_hidden(name: &[u8]) -> bool {
+    name.first() == Some(&b'.')
+}
+
+/// Sort out one entry of a store directory being listed: `dir` is its directory relative to
+/// the store root (`index`, `packs/d0`), `name` its raw name, `is_file` whether it is a regular
+/// file. Returns the name if it is a file this directory should hold; anything else (a name
+/// of another shape, a subdirectory, a symlink, a pack in the wrong `packs/xx/`) is reported
+/// once as a warning and skipped. Dot files are skipped silently ([`is_hidden`]).
+pub fn expected_entry(t: FileType, dir: &str, name: &[u8], is_file: bool) -> Option<String> {
+    if is_hidden(name) {
+        return None;
+    }
+    let shown = || format!("{dir}/{}", super::notice::escape(name));
+    let good = std::str::from_utf8(name).ok().filter(|n| {
+        t.expects(n) && (t != FileType::Pack || dir.strip_prefix("packs/") == n.get(..2))
+    });
+    match good {
+        Some(n) if is_file => Some(n.to_string()),
+        Some(_) => {
+            super::notice::warn_once(format!(
+                "ignoring {} in the store: it is not a regular file",
+                shown()
+            ));
+            None
+        }
+        None => {
+            super::notice::warn_once(format!("ignoring unexpected file {} in the store", shown()));
+            None
+        }
+    }
+}
+
+/// Sort out one entry of `packs/`: the name of a `packs/xx/` directory (two lowercase hex
+/// digits) to list, or `None` (reported once, as [`expected_entry`] does).
+pub fn expected_pack_dir(name: &[u8], is_dir: bool) -> Option<String> {
+    if is_hidden(name) {
+        return None;
+    }
+    let good = name.len() == 2
+        && name
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
+    if good && is_dir {
+        return Some(String::from_utf8_lossy(name).into_owned());
+    }
+    super::notice::warn_once(format!(
+        "ignoring unexpected file packs/{} in the store",
+        super::notice::escape(name)
+    ));
+    None
+}
+
+/// No store file is read whole beyond this size (packs are about `pack_size`, 16 MiB, plus
+/// one blob; a record decompresses to at most 1 GiB): a larger file is damage, not a reason
+/// to allocate without bound.
+pub const MAX_STORE_FILE: u64 = 2 << 30;
 
 /// A file listed by [`Backend::list`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,8 +176,9 @@ pub trait Backend: Send + Sync {
     fn root_entries(&self) -> Result<Vec<String>>;
     /// Create the root and the per-type directories (0700).
     fn init(&self) -> Result<()>;
-    /// Names and sizes of all files of a type. The temporary files of unfinished writes are
-    /// not listed.
+    /// Names and sizes of all files of a type. Only names of the shape this type has
+    /// ([`FileType::expects`]) are listed; the temporary files of unfinished writes are skipped
+    /// silently, anything else with a warning ([`expected_entry`]).
     ///
     /// # Errors
     /// I/O errors; a missing type directory is an empty list.
@@ -149,12 +231,21 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         std::process::id(),
         super::crypto::random_hex(8)
     ));
+    // Removed if the process is interrupted before it is renamed into place.
+    let _job = {
+        let tmp = tmp.clone();
+        super::interrupt::on_interrupt(move || {
+            let _ = fs::remove_file(&tmp);
+        })
+    };
     let res = (|| -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut f = super::interrupt::creating(|| {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+        })?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
@@ -214,15 +305,17 @@ impl Backend for LocalBackend {
             return Ok(out);
         }
         let dir = self.root.join(t.dir());
-        let mut dirs = vec![dir.clone()];
+        // (directory, its path relative to the store root)
+        let mut dirs = vec![(dir.clone(), t.dir().to_string())];
         if t == FileType::Pack {
             dirs.clear();
             match fs::read_dir(&dir) {
                 Ok(rd) => {
                     for e in rd {
                         let e = e.at(&dir)?;
-                        if e.file_type().at(e.path())?.is_dir() {
-                            dirs.push(e.path());
+                        let is_dir = e.file_type().at(e.path())?.is_dir();
+                        if let Some(sub) = expected_pack_dir(e.file_name().as_bytes(), is_dir) {
+                            dirs.push((e.path(), format!("packs/{sub}")));
                         }
                     }
                 }
@@ -230,7 +323,7 @@ impl Backend for LocalBackend {
                 Err(e) => return Err(Error::io_path(&dir, e)),
             }
         }
-        for d in dirs {
+        for (d, rel) in dirs {
             let rd = match fs::read_dir(&d) {
                 Ok(rd) => rd,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -238,12 +331,13 @@ impl Backend for LocalBackend {
             };
             for e in rd {
                 let e = e.at(&d)?;
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') {
+                let raw = e.file_name();
+                if is_hidden(raw.as_bytes()) {
                     continue;
                 }
+                // Not followed: a symlink is not a store file.
                 let m = e.metadata().at(e.path())?;
-                if m.is_file() {
+                if let Some(name) = expected_entry(t, &rel, raw.as_bytes(), m.is_file()) {
                     out.push(Listed {
                         name,
                         size: m.len(),
@@ -256,8 +350,28 @@ impl Backend for LocalBackend {
     }
 
     fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
+        use std::io::Read;
         let p = self.file(t, name);
-        fs::read(&p).at(&p)
+        let f = fs::File::open(&p).at(&p)?;
+        let size = f.metadata().at(&p)?.len();
+        let too_large = || {
+            Error::damaged(
+                t.path(name),
+                format!(
+                    "it is larger than {} MiB, more than any store file",
+                    MAX_STORE_FILE >> 20
+                ),
+            )
+        };
+        if size > MAX_STORE_FILE {
+            return Err(too_large());
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        f.take(MAX_STORE_FILE + 1).read_to_end(&mut out).at(&p)?;
+        if out.len() as u64 > MAX_STORE_FILE {
+            return Err(too_large());
+        }
+        Ok(out)
     }
 
     fn read_range_into(
@@ -400,5 +514,86 @@ impl Backend for MemBackend {
     fn remove(&self, t: FileType, name: &str) -> Result<()> {
         self.files.lock().remove(&(t, name.to_string()));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_each_type_have_one_shape() {
+        let h64 = "0123456789abcdef".repeat(4);
+        let h32 = "0123456789abcdef".repeat(2);
+        for t in [FileType::Pack, FileType::Index, FileType::Snapshot] {
+            assert!(t.expects(&h64));
+            assert!(!t.expects(&h32));
+            assert!(!t.expects(&h64.to_uppercase()));
+            assert!(!t.expects(&format!("{}ü", &h64[..62])));
+        }
+        for t in [FileType::Key, FileType::Lock] {
+            assert!(t.expects(&h32));
+            assert!(!t.expects(&h64));
+            assert!(!t.expects("x"));
+        }
+        assert!(FileType::Config.expects("config"));
+        // No name makes a path panic.
+        for n in ["", "ü", "xü", "\u{fffd}", "a"] {
+            let _ = FileType::Pack.path(n);
+        }
+    }
+
+    #[test]
+    fn listing_entries_are_sorted_out() {
+        let h64 = "ab".repeat(32);
+        assert_eq!(
+            expected_entry(FileType::Pack, "packs/ab", h64.as_bytes(), true),
+            Some(h64.clone())
+        );
+        // In the wrong directory, not a file, not UTF-8, a temporary file.
+        assert_eq!(
+            expected_entry(FileType::Pack, "packs/d0", h64.as_bytes(), true),
+            None
+        );
+        assert_eq!(
+            expected_entry(FileType::Pack, "packs/ab", h64.as_bytes(), false),
+            None
+        );
+        assert_eq!(
+            expected_entry(FileType::Index, "index", b"\xff\xfe", true),
+            None
+        );
+        assert_eq!(
+            expected_entry(FileType::Index, "index", b".tmp-1-00", true),
+            None
+        );
+        assert_eq!(expected_pack_dir(b"d0", true), Some("d0".into()));
+        for (name, is_dir) in [
+            (&b"d0"[..], false),
+            (b"zz", true),
+            (b"d", true),
+            (b"\xff\xfe", true),
+        ] {
+            assert_eq!(expected_pack_dir(name, is_dir), None);
+        }
+        let warned = super::super::notice::warnings();
+        assert!(
+            warned
+                .iter()
+                .any(|w| w == "ignoring unexpected file index/\\377\\376 in the store"),
+            "{warned:?}"
+        );
+        assert!(!warned.iter().any(|w| w.contains(".tmp-")), "{warned:?}");
+    }
+
+    #[test]
+    fn a_local_store_file_larger_than_any_store_file_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        b.init().unwrap();
+        let f = fs::File::create(dir.path().join("index").join("ab".repeat(32))).unwrap();
+        f.set_len(MAX_STORE_FILE + 1).unwrap();
+        let e = b.read(FileType::Index, &"ab".repeat(32)).unwrap_err();
+        assert_eq!(e.kind(), super::super::ErrorKind::Damaged, "{e}");
     }
 }

@@ -5,16 +5,22 @@
 //! in `$XDG_CACHE_HOME/kloset/<store id>/` (default `~/.cache/kloset/…`), holds the files as
 //! stored (still encrypted), and lets a second command or a mount fetch only what is new.
 //! Files the store no longer lists are dropped from the cache. Any cache failure (full disk,
-//! permissions) only costs a download: the cache is never needed for correctness.
+//! permissions) only costs a download: the cache is never needed for correctness, and a copy
+//! that fails its checks is dropped and fetched again (`Store::accept`). Every directory kloset
+//! creates for it is mode 0700, like the store's own: the copies are encrypted, but their
+//! names and sizes are the store's business.
 
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::backend::{FileType, write_atomic};
 
 pub struct Cache {
+    /// `<base>/kloset/<store id>`.
     dir: PathBuf,
+    /// Have the directories been made (or made private) yet?
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Cache {
@@ -26,6 +32,7 @@ impl Cache {
             .or_else(|| dirs::home_dir().map(|h| h.join(".cache")))?;
         Some(Cache {
             dir: base.join("kloset").join(store_id),
+            ready: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -33,7 +40,8 @@ impl Cache {
         &self.dir
     }
 
-    fn path(&self, t: FileType, name: &str) -> PathBuf {
+    /// Where the copy of a file is kept.
+    pub fn path(&self, t: FileType, name: &str) -> PathBuf {
         self.dir.join(t.dir()).join(name)
     }
 
@@ -56,11 +64,35 @@ impl Cache {
     pub fn put(&self, t: FileType, name: &str, data: &[u8]) {
         let p = self.path(t, name);
         if let Some(d) = p.parent()
-            && std::fs::create_dir_all(d).is_err()
+            && self.make_dirs(d).is_err()
         {
             return;
         }
         let _ = write_atomic(&p, data, 0o600);
+    }
+
+    /// Create `d` (a type directory of this cache) and its missing parents 0700. The first
+    /// time, `kloset/` and `kloset/<store id>/` are also made 0700 if an older kloset left
+    /// them open.
+    fn make_dirs(&self, d: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::sync::atomic::Ordering;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)?;
+        if !self.ready.swap(true, Ordering::Relaxed) {
+            let ours = [self.dir.parent(), Some(self.dir.as_path()), Some(d)];
+            for dir in ours.into_iter().flatten() {
+                if let Ok(m) = std::fs::symlink_metadata(dir)
+                    && m.is_dir()
+                    && m.permissions().mode() & 0o077 != 0
+                {
+                    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn remove(&self, t: FileType, name: &str) {

@@ -15,6 +15,8 @@ pub mod destination;
 pub mod dirfd;
 pub mod error;
 pub mod format;
+pub mod interrupt;
+pub mod notice;
 pub mod repo;
 pub mod restore;
 pub mod source;

@@ -144,22 +144,14 @@ pub struct Store {
     cache: Option<Cache>,
 }
 
-/// Read an immutable file through the local cache `cache` (remote stores), or straight.
-fn fetch_via(
-    backend: &dyn Backend,
-    cache: Option<&Cache>,
-    t: FileType,
-    name: &str,
-) -> Result<Vec<u8>> {
-    if let Some(c) = cache {
-        if let Some(b) = c.get(t, name) {
-            return Ok(b);
-        }
-        let b = backend.read(t, name)?;
-        c.put(t, name, &b);
-        return Ok(b);
+/// Read an immutable file through the local cache `cache` (remote stores), or straight; says
+/// whether the bytes came from the cache. Nothing is put in the cache here: a copy is kept
+/// only once it has been checked ([`Store::accept`]).
+fn fetch_via(backend: &dyn Backend, cache: Option<&Cache>, t: FileType, name: &str) -> Fetched {
+    if let Some(b) = cache.and_then(|c| c.get(t, name)) {
+        return Ok((b, true));
     }
-    backend.read(t, name)
+    Ok((backend.read(t, name)?, false))
 }
 
 /// The local cache of a remote store's immutable files (none for local stores, or with
@@ -174,8 +166,12 @@ fn cache_for(backend: &dyn Backend, config: &Config) -> Option<Cache> {
 
 /// The index files' bytes and the pack listing, read without the keys (so while they are
 /// derived); [`Store::load_index_from`] authenticates them.
+/// A file's bytes, and whether they came from the local cache.
+type Fetched = Result<(Vec<u8>, bool)>;
+
 struct IndexFiles {
-    index: Vec<(Listed, Result<Vec<u8>>)>,
+    /// Each index file's bytes ([`Fetched`]).
+    index: Vec<(Listed, Fetched)>,
     packs: Vec<Listed>,
 }
 
@@ -520,14 +516,13 @@ impl Store {
         let mut opened = Vec::with_capacity(files.index.len());
         for (f, bytes) in files.index {
             let file = format!("index/{}", f.name);
-            let res = bytes.and_then(|b| {
-                if self.crypto.file_id(&b) != f.name {
-                    if let Some(c) = &self.cache {
-                        c.remove(FileType::Index, &f.name);
+            let res = bytes.and_then(|(b, cached)| {
+                self.accept(FileType::Index, &f.name, b, cached, |b| {
+                    if self.crypto.file_id(b) != f.name {
+                        return Err(Error::damaged(&file, "content does not match its name"));
                     }
-                    return Err(Error::damaged(&file, "content does not match its name"));
-                }
-                open_record::<IndexFile>(&self.crypto, AAD_INDEX, &b, &file)
+                    open_record::<IndexFile>(&self.crypto, AAD_INDEX, b, &file)
+                })
             });
             match res {
                 Ok(i) => opened.push(i),
@@ -568,9 +563,59 @@ impl Store {
         Ok(())
     }
 
-    /// Read an immutable file through the local cache (remote stores), or straight.
-    fn fetch(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
-        fetch_via(self.backend.as_ref(), self.cache.as_ref(), t, name)
+    /// Read an immutable file through the local cache (remote stores), or straight, and
+    /// `check` it ([`Store::accept`]).
+    fn fetch_checked<T>(
+        &self,
+        t: FileType,
+        name: &str,
+        check: impl Fn(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let (b, cached) = fetch_via(self.backend.as_ref(), self.cache.as_ref(), t, name)?;
+        self.accept(t, name, b, cached, check)
+    }
+
+    /// `check` the bytes of a file (authenticate and parse them). A copy from the local cache
+    /// that fails is the cache's fault, not the store's: it is dropped with a warning and the
+    /// file fetched again from the store, whose copy alone decides. A copy from the store that
+    /// passes is kept in the cache.
+    fn accept<T>(
+        &self,
+        t: FileType,
+        name: &str,
+        bytes: Vec<u8>,
+        cached: bool,
+        check: impl Fn(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let bytes = match check(&bytes) {
+            Ok(v) => {
+                if !cached && let Some(c) = &self.cache {
+                    c.put(t, name, &bytes);
+                }
+                return Ok(v);
+            }
+            Err(e) if !cached => return Err(e),
+            Err(_) => {
+                self.cache_damaged(t, name);
+                self.backend.read(t, name)?
+            }
+        };
+        let v = check(&bytes)?;
+        if let Some(c) = &self.cache {
+            c.put(t, name, &bytes);
+        }
+        Ok(v)
+    }
+
+    /// The cached copy of a file failed its checks: drop it, and say so once.
+    fn cache_damaged(&self, t: FileType, name: &str) {
+        if let Some(c) = &self.cache {
+            c.remove(t, name);
+            super::notice::warn_once(format!(
+                "cached copy {} was damaged; fetched it again from the store",
+                c.path(t, name).display()
+            ));
+        }
     }
 
     /// Write an immutable file, keeping a copy in the local cache.
@@ -716,22 +761,31 @@ impl Store {
         };
         let (off, len) = (loc.offset as u64, loc.length as u64);
         if let (Some(c), BlobKind::Tree) = (&self.cache, loc.kind) {
-            // Tree packs are fetched whole once and read locally from then on.
-            let sealed = match c.read_range(FileType::Pack, &pack, off, len) {
-                Some(b) => b,
-                None => {
-                    let all = self.backend.read(FileType::Pack, &pack)?;
-                    c.put(FileType::Pack, &pack, &all);
-                    let end = off + len;
-                    if end > all.len() as u64 {
-                        return Err(Error::damaged(
-                            FileType::Pack.path(&pack),
-                            "pack is shorter than its index says",
-                        ));
+            // Tree packs are fetched whole once and read locally from then on. A cached pack
+            // that is too short or whose blob fails its checks is dropped and fetched again.
+            match c.read_range(FileType::Pack, &pack, off, len) {
+                Some(sealed) => match self.decode_blob_owned(id, sealed, loc.raw_length, &pack) {
+                    Err(e) if e.kind() == super::ErrorKind::Damaged => {
+                        self.cache_damaged(FileType::Pack, &pack)
                     }
-                    all[off as usize..end as usize].to_vec()
-                }
-            };
+                    r => return r,
+                },
+                None if c.has(FileType::Pack, &pack) => self.cache_damaged(FileType::Pack, &pack),
+                None => {}
+            }
+            let all = self.backend.read(FileType::Pack, &pack)?;
+            // Only a pack that matches its name is kept.
+            if self.crypto.file_id(&all) == pack {
+                c.put(FileType::Pack, &pack, &all);
+            }
+            let end = off + len;
+            if end > all.len() as u64 {
+                return Err(Error::damaged(
+                    FileType::Pack.path(&pack),
+                    "pack is shorter than its index says",
+                ));
+            }
+            let sealed = all[off as usize..end as usize].to_vec();
             return self.decode_blob_owned(id, sealed, loc.raw_length, &pack);
         }
         READ_BUF.with(|b| {
@@ -813,14 +867,12 @@ impl Store {
 
     pub fn read_snapshot(&self, name: &str) -> Result<SnapshotEntry> {
         let file = format!("snapshots/{name}");
-        let b = self.fetch(FileType::Snapshot, name)?;
-        if self.crypto.file_id(&b) != name {
-            if let Some(c) = &self.cache {
-                c.remove(FileType::Snapshot, name);
+        let snap = self.fetch_checked(FileType::Snapshot, name, |b| {
+            if self.crypto.file_id(b) != name {
+                return Err(Error::damaged(&file, "content does not match its name"));
             }
-            return Err(Error::damaged(&file, "content does not match its name"));
-        }
-        let snap = open_record(&self.crypto, AAD_SNAPSHOT, &b, &file)?;
+            open_record(&self.crypto, AAD_SNAPSHOT, b, &file)
+        })?;
         Ok(SnapshotEntry {
             id: name.to_string(),
             snap,
@@ -857,7 +909,7 @@ impl Store {
                 spec.into(),
                 matches
                     .iter()
-                    .map(|m| m.name[..12].to_string())
+                    .map(|m| m.name.get(..12).unwrap_or(&m.name).to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
             )),
@@ -920,6 +972,8 @@ pub struct LockGuard {
     name: Arc<std::sync::Mutex<String>>,
     stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Removes the lock file if the process is interrupted.
+    _job: super::interrupt::Job,
 }
 
 fn lock_is_live(rec: &LockRecord) -> bool {
@@ -966,6 +1020,21 @@ impl LockGuard {
             return Err(Error::Locked(who, file));
         }
         let name = super::crypto::random_hex(16);
+        // The lock file (and one being written by a refresh) is removed if the process is
+        // interrupted; registered before it is written, so none is left behind.
+        let current = Arc::new(std::sync::Mutex::new(name.clone()));
+        let fresh_name: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let job = {
+            let (backend, current, fresh_name) =
+                (backend.clone(), current.clone(), fresh_name.clone());
+            super::interrupt::on_interrupt(move || {
+                let fresh = fresh_name.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let cur = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for n in fresh.into_iter().chain([cur]) {
+                    let _ = backend.remove(FileType::Lock, &n);
+                }
+            })
+        };
         let now = super::now_ns();
         let rec = LockRecord {
             exclusive,
@@ -982,8 +1051,9 @@ impl LockGuard {
             return Err(Error::Locked(who, file));
         }
         let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let name = Arc::new(std::sync::Mutex::new(name));
+        let name = current;
         let thread = {
+            let fresh_name = fresh_name.clone();
             let backend = backend.clone();
             let stop = stop.clone();
             let name = name.clone();
@@ -1008,6 +1078,7 @@ impl LockGuard {
                     // backend has to overwrite a file.
                     rec.refreshed_ns = super::now_ns();
                     let fresh = super::crypto::random_hex(16);
+                    *fresh_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(fresh.clone());
                     if backend
                         .write(FileType::Lock, &fresh, &frame(MAGIC_LOCK, &rec))
                         .is_ok()
@@ -1016,6 +1087,7 @@ impl LockGuard {
                         let _ = backend.remove(FileType::Lock, &cur);
                         *cur = fresh;
                     }
+                    *fresh_name.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
             })
         };
@@ -1024,6 +1096,7 @@ impl LockGuard {
             name,
             stop,
             thread: Some(thread),
+            _job: job,
         })
     }
 }

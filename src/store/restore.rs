@@ -47,6 +47,9 @@ pub struct RestoreReport {
     pub skipped: u64,
     /// Paths that could not be restored, with the reason.
     pub errors: Vec<(Vec<u8>, String)>,
+    /// Entries the restore was asked for (hard links included), not counting the directory
+    /// whose contents a whole-directory restore puts into the target.
+    pub entries: u64,
 }
 
 struct Entry {
@@ -165,6 +168,7 @@ pub fn run(
     let t = crate::trace::span("restore: load the trees");
     let mut entries = Vec::new();
     collect(store, &top, top_rel, &mut entries, &mut report)?;
+    report.entries = entries.iter().filter(|e| !e.rel.is_empty()).count() as u64;
     drop(t);
     let t = crate::trace::span("restore: directories, links, special files");
 
