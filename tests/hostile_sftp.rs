@@ -1,11 +1,11 @@
-//! SFTP servers that lie, vanish or fall silent (issue 13, items 2, 6 and 7), against a real
-//! OpenSSH server on loopback. The lying server is OpenSSH's sftp-server behind
-//! tests/common/hostile_sftp.py.
+//! SFTP servers that lie, vanish or fall silent, and SFTP destinations with traps in them
+//! (issue 13, items 2, 3, 6 and 7), against a real OpenSSH server on loopback. The lying
+//! server is OpenSSH's sftp-server behind tests/common/hostile_sftp.py.
 
 mod common;
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -302,4 +302,128 @@ fn bad_timeout_values_are_refused() {
         assert_ne!(r.code, Some(0), "{bad}");
         assert!(r.stderr.contains("timeout"), "{bad}: {}", r.stderr);
     }
+}
+
+/// Connects to the test server as a library user (no HOME needed).
+fn destination(sshd: &Sshd, root: &Path) -> kloset::sftp::SftpDestination {
+    let loc = kloset::sftp::Location::parse(&sshd.url(root)).unwrap();
+    let mut opts = kloset::sftp::Options::default();
+    opts.set("identity", sshd.ssh_file("id_ed25519").to_str().unwrap())
+        .unwrap();
+    opts.set("insecure_ignore_host_key", "true").unwrap();
+    kloset::sftp::SftpDestination::open(loc, &opts).unwrap()
+}
+
+#[test]
+fn the_sftp_destination_never_goes_through_a_symlinked_directory() {
+    use kloset::store::destination::Destination;
+    use kloset::store::tree::{Node, NodeKind};
+    let Some(sshd) = Sshd::start() else {
+        return;
+    };
+    let dst = sshd.remote_dir("dst");
+    fs::create_dir(&dst).unwrap();
+    let outside = sshd.remote_dir("outside");
+    fs::create_dir(&outside).unwrap();
+    outside_file(&outside.join("f"), b"outside\n");
+    let before = identity(&outside.join("f"));
+    // Planted on the server where the restore will put a directory `d`.
+    symlink(&outside, dst.join("d")).unwrap();
+
+    let dest = destination(&sshd, &dst);
+    assert!(!dest.prepare().unwrap());
+    let mut node = Node::new(b"f".to_vec(), NodeKind::File);
+    node.mode = 0o4755;
+    node.size = 4;
+    let mut dir = Node::new(b"sub".to_vec(), NodeKind::Dir);
+    dir.mode = 0o777;
+    let refused = |what: &str, r: kloset::store::Result<()>| {
+        let e = r.expect_err(what).to_string();
+        assert!(
+            e.contains(&format!("{}/d is a symlink", dst.display())),
+            "{what}: {e}"
+        );
+    };
+    refused("write_whole", dest.write_whole(b"d/f", b"new\n", &node));
+    refused("create_file", dest.create_file(b"d/f", 4));
+    refused("write_at", dest.write_at(b"d/f", 0, b"new\n"));
+    refused("set_metadata", dest.set_metadata(b"d/f", &node));
+    refused("symlink", dest.symlink(b"d/l", b"/etc/passwd"));
+    refused("mkdir", dest.mkdir(b"d/sub"));
+    refused(
+        "set_metadata of a directory",
+        dest.set_metadata(b"d/sub", &dir),
+    );
+    refused("remove_file", dest.remove_file(b"d/f"));
+    assert_eq!(identity(&outside.join("f")), before);
+    assert_eq!(listing(&outside), vec!["f".to_string()]);
+
+    // A symlink in place of the file itself: replaced, never followed, metadata not set
+    // through it.
+    fs::remove_file(dst.join("d")).unwrap();
+    fs::create_dir(dst.join("d")).unwrap();
+    symlink(outside.join("f"), dst.join("d/f")).unwrap();
+    refused_metadata(&dest, &node);
+    dest.write_whole(b"d/f", b"new\n", &node).unwrap();
+    assert_eq!(identity(&outside.join("f")), before);
+    let m = fs::symlink_metadata(dst.join("d/f")).unwrap();
+    assert!(m.is_file());
+    assert_eq!(m.mode() & 0o7777, 0o4755);
+    assert_eq!(fs::read(dst.join("d/f")).unwrap(), b"new\n");
+}
+
+fn refused_metadata(dest: &kloset::sftp::SftpDestination, node: &kloset::store::tree::Node) {
+    use kloset::store::destination::Destination;
+    let e = dest.set_metadata(b"d/f", node).expect_err("set_metadata");
+    assert!(e.to_string().contains("is a symlink"), "{e}");
+}
+
+#[test]
+fn an_sftp_restore_replaces_hard_linked_files_instead_of_writing_through_them() {
+    let Some(sshd) = Sshd::start() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fs::create_dir(&data).unwrap();
+    fs::write(data.join("small"), b"new small content\n").unwrap();
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    fs::write(data.join("big"), &big).unwrap();
+    let store = tmp.path().join("store");
+    let store = store.to_str().unwrap();
+    ok(&sshd, &["at", store, "create"]);
+    ok(&sshd, &["at", store, "backup", data.to_str().unwrap()]);
+
+    // The destination already holds both names, as hard links to files elsewhere.
+    let dst = sshd.remote_dir("dst");
+    fs::create_dir(&dst).unwrap();
+    let outside = sshd.remote_dir("outside");
+    fs::create_dir(&outside).unwrap();
+    outside_file(&outside.join("victim-small"), b"victim\n");
+    outside_file(&outside.join("victim-big"), b"victim too\n");
+    fs::hard_link(outside.join("victim-small"), dst.join("small")).unwrap();
+    fs::hard_link(outside.join("victim-big"), dst.join("big")).unwrap();
+    let before = (
+        identity(&outside.join("victim-small")).0,
+        identity(&outside.join("victim-big")).0,
+    );
+
+    ok(
+        &sshd,
+        &["at", store, "restore", "-to", &sshd.url(&dst), "latest"],
+    );
+    for (name, old) in [("victim-small", &before.0), ("victim-big", &before.1)] {
+        let (content, mode, uid, gid, nlink) = identity(&outside.join(name));
+        assert_eq!(&content, old, "{name} was written through the hard link");
+        assert_eq!(
+            (mode & 0o7777, uid, gid, nlink),
+            (0o640, 4321, 4321, 1),
+            "{name}"
+        );
+    }
+    assert_eq!(fs::read(dst.join("small")).unwrap(), b"new small content\n");
+    assert_eq!(fs::read(dst.join("big")).unwrap(), big);
+    assert_eq!(fs::metadata(dst.join("big")).unwrap().nlink(), 1);
 }
