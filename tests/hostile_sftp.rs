@@ -247,12 +247,18 @@ fn a_connection_dropped_for_good_while_files_are_read_saves_no_snapshot_exit_9()
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let src = source_tree(&sshd);
+    // One directory: its listing is done before any file is read, so the failure comes from
+    // reading a file.
+    let src = sshd.remote_dir("flat");
+    fs::create_dir(&src).unwrap();
+    for i in 0..20 {
+        fs::write(src.join(format!("f{i}")), format!("{i}\n")).unwrap();
+    }
     let url = sshd.url(&src);
     let store = store_with_one_snapshot(&sshd, tmp.path(), &url);
     // Changed files are read again; the server goes away at the first one.
     for i in 0..20 {
-        fs::write(src.join(format!("sub{i}/f")), format!("changed {i}\n")).unwrap();
+        fs::write(src.join(format!("f{i}")), format!("changed {i}\n")).unwrap();
     }
     sshd.hostile_mode(&format!("drop-read {}", src.display()));
     let r = kloset(&sshd, &["at", &store, "backup", &url]);
@@ -263,6 +269,7 @@ fn a_connection_dropped_for_good_while_files_are_read_saves_no_snapshot_exit_9()
         "a snapshot id was printed: {}",
         r.stdout
     );
+    assert!(r.stderr.contains("/f"), "not a file read: {}", r.stderr);
     sshd.hostile_mode("");
     assert_eq!(snapshot_count(&sshd, &store), 1, "a snapshot was saved");
 }

@@ -700,8 +700,9 @@ impl Pool {
             }
             let c = match self.checkout() {
                 Ok(c) => c,
-                Err(e @ Error::Connect(..)) => {
-                    last_err = e.to_string();
+                Err(Error::Connect(_, why)) => {
+                    // The server is named once, by the error below.
+                    last_err = why;
                     continue;
                 }
                 Err(e) => return Err(e.into()),

@@ -259,12 +259,17 @@ impl Destination for SftpDestination {
             }
             // Owners, mode and times in one request; where the server refuses the owners (we
             // are not root there), mode and times alone.
-            if c.sftp.setstat(&p, stat_all(node)).is_ok() {
-                // OpenSSH applies the owner last, and chown clears setuid/setgid bits.
-                if node.mode & 0o6000 != 0 {
-                    c.sftp.setstat(&p, stat_mode(node)).map_err(io)?;
+            match c.sftp.setstat(&p, stat_all(node)).map_err(io) {
+                Ok(()) => {
+                    // OpenSSH applies the owner last, and chown clears setuid/setgid bits.
+                    if node.mode & 0o6000 != 0 {
+                        c.sftp.setstat(&p, stat_mode(node)).map_err(io)?;
+                    }
+                    return Ok(());
                 }
-                return Ok(());
+                // A silent server is not asked a second time.
+                Err(e) if super::timed_out(&e) => return Err(e),
+                Err(_) => {}
             }
             c.sftp.setstat(&p, stat_mode_times(node)).map_err(|e| {
                 let e = io(e);

@@ -201,7 +201,10 @@ struct RemoteReader {
 impl RemoteReader {
     fn reopen(&mut self) -> std::io::Result<()> {
         // The pool has retried already: its failure ends the read.
-        let c = self.pool.take().map_err(lost)?;
+        let c = self.pool.take().map_err(|e| {
+            let kind = e.kind();
+            lost(Error::Connector(format!("{}: {e}", self.what), kind))
+        })?;
         match c.sftp.open(&self.path) {
             Ok(mut f) => {
                 if self.pos > 0
