@@ -14,7 +14,7 @@ pub enum Cmd {
         name: String,
         /// A directory path, file:///path or sftp://[user@]host[:port]/path.
         location: String,
-        /// Options: username, port, identity, connections, insecure_ignore_host_key; for
+        /// Options: username, port, identity, connections, timeout, insecure_ignore_host_key; for
         /// stores also passphrase or passphrase_cmd.
         #[arg(value_name = "KEY=VALUE")]
         options: Vec<String>,

@@ -69,7 +69,7 @@ pub struct Cli {
     #[arg(long, short = 'q', global = true)]
     pub quiet: bool,
     /// SFTP option for every location of this command: username, port, identity,
-    /// connections, insecure_ignore_host_key (repeatable).
+    /// connections, timeout, insecure_ignore_host_key (repeatable).
     #[arg(short = 'o', global = true, value_name = "KEY=VALUE")]
     pub options: Vec<String>,
     #[command(subcommand)]

@@ -12,12 +12,13 @@ use std::io::IsTerminal;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use ssh2::{CheckResult, HashType, KnownHostFileKind, MethodType, Session, Sftp};
 
-use super::{Error, Location, Options, io_error, transient};
+use super::{Error, Location, Options, io_error, timed_out, transient};
 
 /// How strictly unknown host keys are treated (OpenSSH's StrictHostKeyChecking).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +47,13 @@ pub struct Target {
     pub connect_timeout: Duration,
     pub keepalive: Option<Duration>,
     pub connections: usize,
+    /// How long any blocking call on an open connection (a request, a close, the SFTP
+    /// shutdown) may wait for the server (`timeout=`, default [`DEFAULT_TIMEOUT`]).
+    pub timeout: Duration,
 }
+
+/// How long a blocking call waits for a silent server unless `timeout=` says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Connections per pool unless `connections=N` says otherwise: enough to overlap round trips
 /// of parallel workers over a real network, few enough to stay under OpenSSH's default
@@ -153,6 +160,7 @@ impl Target {
                 .unwrap_or(Duration::from_secs(30)),
             keepalive: params.as_ref().and_then(|p| p.server_alive_interval),
             connections: opts.connections.unwrap_or(DEFAULT_CONNECTIONS),
+            timeout: opts.timeout.unwrap_or(DEFAULT_TIMEOUT),
         })
     }
 
@@ -179,6 +187,49 @@ impl Target {
 pub struct Conn {
     pub sess: Session,
     pub sftp: Sftp,
+    /// The session's socket (a second handle to it), to cut it when the connection is known
+    /// broken.
+    tcp: Option<TcpStream>,
+    broken: AtomicBool,
+}
+
+impl Conn {
+    /// Mark the connection broken and shut its socket down at once, so whatever libssh2 still
+    /// does with it (closing handles and the channel, the SFTP shutdown when it is dropped)
+    /// fails at once instead of waiting for a server that may never answer.
+    pub fn kill(&self) {
+        if !self.broken.swap(true, Ordering::Relaxed)
+            && let Some(t) = &self.tcp
+        {
+            let _ = t.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Pass an error on, cutting the connection first if the server did not answer in time:
+    /// the caller's open handles are closed as it returns, and on a silent server each close
+    /// would wait the whole timeout again.
+    pub fn fail(&self, e: std::io::Error) -> std::io::Error {
+        if timed_out(&e) {
+            self.kill();
+        }
+        e
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Runs before the fields are dropped: a healthy connection is closed politely (each
+        // step bounded by the session timeout), a broken one never waits.
+        if self.is_broken()
+            && let Some(t) = &self.tcp
+        {
+            let _ = t.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 fn keytype_name(t: ssh2::HostKeyType) -> &'static str {
@@ -479,6 +530,7 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
         )
     })?;
     let _ = tcp.set_nodelay(true);
+    let cut = tcp.try_clone().ok();
     let mut sess = Session::new().map_err(|e| Error::Connect(t.display(), e.to_string()))?;
     sess.set_tcp_stream(tcp);
     sess.set_timeout(t.connect_timeout.as_millis().min(u32::MAX as u128) as u32);
@@ -491,21 +543,34 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
         .map_err(|e| Error::Connect(t.display(), format!("SSH handshake failed: {e}")))?;
     check_host_key(&sess, t)?;
     authenticate(&sess, t)?;
-    if let Some(k) = t.keepalive {
-        sess.set_keepalive(false, k.as_secs().max(1) as u32);
-    } else {
-        sess.set_keepalive(false, 60);
-    }
-    // Individual operations may take long on slow links; a dead server is noticed by the
-    // keepalives and by TCP.
-    sess.set_timeout(300_000);
+    // Every blocking libssh2 call (requests, reads, writes, closing a handle, the SFTP
+    // shutdown when a connection is dropped) fails with LIBSSH2_ERROR_TIMEOUT once the
+    // server has not let it finish for `timeout`. libssh2 checks that time only while the next
+    // keepalive is further away than the timeout (`ssh2_wait_socket`): with keepalives more
+    // frequent, a wait times out at the next keepalive instead, however slow or silent the
+    // server. So keepalives (ServerAliveInterval, default 60 s) go out no more often than
+    // once per timeout plus a second; they keep idle pooled connections through NAT, and
+    // a silent server is noticed by the timeout itself.
+    let keepalive = t.keepalive.unwrap_or(Duration::from_secs(60)).as_secs();
+    let keepalive = keepalive.max(t.timeout.as_secs() + 1).min(u32::MAX as u64) as u32;
+    sess.set_keepalive(false, keepalive);
+    sess.set_timeout(t.timeout.as_millis().min(u32::MAX as u128) as u32);
     let sftp = sess.sftp().map_err(|e| {
-        Error::Connect(
-            t.display(),
-            format!("cannot start the SFTP subsystem (is it enabled on the server?): {e}"),
-        )
+        if e.code() == ssh2::ErrorCode::Session(-9) {
+            Error::Timeout(t.display(), "starting the SFTP subsystem".into(), t.timeout)
+        } else {
+            Error::Connect(
+                t.display(),
+                format!("cannot start the SFTP subsystem (is it enabled on the server?): {e}"),
+            )
+        }
     })?;
-    Ok(Conn { sess, sftp })
+    Ok(Conn {
+        sess,
+        sftp,
+        tcp: cut,
+        broken: AtomicBool::new(false),
+    })
 }
 
 /// Does this connection still answer? ssh2's `Read`/`Write` impls turn libssh2 errors into
@@ -518,6 +583,9 @@ pub fn alive(c: &Conn) -> bool {
 pub struct Pool {
     target: Target,
     idle: Mutex<Vec<Conn>>,
+    /// A connection failed: the server may be stuck, so the idle ones are not closed politely
+    /// when the pool goes (each close could wait the whole timeout).
+    failed: AtomicBool,
     /// Connections in existence (idle or checked out).
     count: Mutex<usize>,
     freed: Condvar,
@@ -532,6 +600,7 @@ impl Pool {
         Arc::new(Pool {
             target,
             idle: Mutex::new(Vec::new()),
+            failed: AtomicBool::new(false),
             count: Mutex::new(0),
             freed: Condvar::new(),
         })
@@ -606,7 +675,10 @@ impl Pool {
         self.freed.notify_one();
     }
 
+    /// Drop a connection that failed: its socket is cut first, so nothing waits on it.
     fn discard(&self, c: Conn) {
+        self.failed.store(true, Ordering::Relaxed);
+        c.kill();
         drop(c);
         *self.count.lock() -= 1;
         self.freed.notify_one();
@@ -628,8 +700,9 @@ impl Pool {
             }
             let c = match self.checkout() {
                 Ok(c) => c,
-                Err(e @ Error::Connect(..)) => {
-                    last_err = e.to_string();
+                Err(Error::Connect(_, why)) => {
+                    // The server is named once, by the error below.
+                    last_err = why;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -639,6 +712,12 @@ impl Pool {
                 Ok(v) => {
                     self.checkin(c);
                     return Ok(v);
+                }
+                // The server said nothing for the whole timeout: waiting that long again on
+                // a new connection would only multiply the wait.
+                Err(e) if timed_out(&e) => {
+                    self.discard(c);
+                    return Err(self.timeout_error(what).into());
                 }
                 Err(e) if transient(&e) || !alive(&c) => {
                     last_err = e.to_string();
@@ -677,11 +756,30 @@ impl Pool {
     }
 
     pub fn give_back(&self, c: Conn) {
-        self.checkin(c)
+        if c.is_broken() {
+            self.discard(c)
+        } else {
+            self.checkin(c)
+        }
+    }
+
+    /// The error for an operation that got no answer within the timeout.
+    pub fn timeout_error(&self, what: &str) -> Error {
+        Error::Timeout(self.target.display(), what.to_string(), self.target.timeout)
     }
 
     pub fn give_up(&self, c: Conn) {
         self.discard(c)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if self.failed.load(Ordering::Relaxed) {
+            for c in self.idle.get_mut().iter() {
+                c.kill();
+            }
+        }
     }
 }
 

@@ -6,17 +6,31 @@
 //! size and mtime is skipped, so an interrupted restore resumes where it stopped. SFTP v3
 //! cannot make hard links (libssh2 lacks OpenSSH's extension) or device nodes: extra hard links
 //! are written as copies, and fifos and devices are reported as not restored.
+//!
+//! The server resolves every path it is given, symlinks included, and anyone with access to
+//! the destination tree may have put some there. So: every directory the restore goes through
+//! below its root is looked at (LSTAT) once, the first time it is used, and a symlink there is
+//! refused (the entry is reported, not written); an existing file, symlink or anything else in
+//! the way of a new entry is removed and the entry created exclusively (`O_EXCL`, which never
+//! follows a symlink), so a hard link to a file elsewhere is replaced, not written through;
+//! metadata is set on the open handle where there is one, and by path only after an LSTAT has
+//! shown that the path is not a symlink (SFTP v3 has no lsetstat, and libssh2 does not expose
+//! OpenSSH's `lsetstat@openssh.com`). What remains is a race with someone swapping a checked
+//! directory for a symlink while the restore runs; the protocol offers no way to close it.
 
+use std::collections::HashSet;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use parking_lot::Mutex;
+
 use ssh2::{FileStat, OpenFlags, OpenType};
 
 use super::backend::{mkdir_p, read_all_conn};
-use super::conn::{Pool, io};
+use super::conn::{Conn, Pool, io};
 use super::{Location, Options};
 use crate::store::destination::Destination;
 use crate::store::error::{Error, Result};
@@ -28,6 +42,9 @@ pub struct SftpDestination {
     /// The root was created by this restore, so nothing is in the way of what it makes:
     /// directories and files are created without a look first (one round trip each fewer).
     fresh: AtomicBool,
+    /// Directories below the root (relative paths) seen to be real directories, not
+    /// symlinks: checked once each, the first time an entry goes through them.
+    dirs: Mutex<HashSet<Vec<u8>>>,
 }
 
 impl SftpDestination {
@@ -37,7 +54,35 @@ impl SftpDestination {
             loc,
             pool,
             fresh: AtomicBool::new(false),
+            dirs: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Check, with one LSTAT per directory not checked before, that every directory between
+    /// the root and `rel` is a real directory and not a symlink.
+    fn check_parents(&self, c: &Conn, rel: &[u8]) -> std::io::Result<()> {
+        for (i, _) in rel.iter().enumerate().filter(|&(_, &b)| b == b'/') {
+            let dir = &rel[..i];
+            if dir.is_empty() || self.dirs.lock().contains(dir) {
+                continue;
+            }
+            let p = self.path(dir);
+            let st = c.sftp.lstat(&p).map_err(io)?;
+            if st.file_type().is_symlink() {
+                return Err(std::io::Error::other(format!(
+                    "{} is a symlink on the server; not going through it (remove it, or restore elsewhere)",
+                    p.display()
+                )));
+            }
+            if !st.is_dir() {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a directory on the server",
+                    p.display()
+                )));
+            }
+            self.dirs.lock().insert(dir.to_vec());
+        }
+        Ok(())
     }
 
     fn fresh(&self) -> bool {
@@ -97,11 +142,17 @@ impl Destination for SftpDestination {
         let p = self.path(path);
         let fresh = self.fresh();
         self.pool.run(&self.what(path), |c| {
+            self.check_parents(c, path)?;
+            // In a root this restore created, nobody else can have swapped what it makes.
             if fresh && c.sftp.mkdir(&p, 0o700).is_ok() {
+                self.dirs.lock().insert(path.to_vec());
                 return Ok(());
             }
             match c.sftp.lstat(&p) {
-                Ok(st) if st.is_dir() => Ok(()),
+                Ok(st) if st.is_dir() && !st.file_type().is_symlink() => {
+                    self.dirs.lock().insert(path.to_vec());
+                    Ok(())
+                }
                 Ok(_) => {
                     c.sftp.unlink(&p).map_err(io)?;
                     c.sftp.mkdir(&p, 0o700).map_err(io)
@@ -114,9 +165,10 @@ impl Destination for SftpDestination {
     fn create_file(&self, path: &[u8], size: u64) -> Result<()> {
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
-            let mut f = create_truncated(c, &p, self.fresh())?;
+            self.check_parents(c, path)?;
+            let mut f = create_new(c, &p, self.fresh())?;
             if size > 0 {
-                f.setstat(stat_size(size)).map_err(io)?;
+                f.setstat(stat_size(size)).map_err(|e| c.fail(io(e)))?;
             }
             Ok(())
         })
@@ -129,13 +181,14 @@ impl Destination for SftpDestination {
         }
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
+            self.check_parents(c, path)?;
             let mut f = c
                 .sftp
                 .open_mode(&p, OpenFlags::WRITE, 0o600, OpenType::File)
                 .map_err(io)?;
-            f.seek(SeekFrom::Start(offset))?;
+            f.seek(SeekFrom::Start(offset)).map_err(|e| c.fail(e))?;
             for chunk in data.chunks(super::backend::IO_BUF) {
-                f.write_all(chunk)?;
+                f.write_all(chunk).map_err(|e| c.fail(e))?;
             }
             Ok(())
         })
@@ -146,14 +199,13 @@ impl Destination for SftpDestination {
         let t = PathBuf::from(std::ffi::OsStr::from_bytes(target));
         let fresh = self.fresh();
         self.pool.run(&self.what(path), |c| {
+            self.check_parents(c, path)?;
             // OpenSSH's server swaps SSH_FXP_SYMLINK's arguments (a long-standing quirk that
             // every client works around): pass the target first.
             if fresh && c.sftp.symlink(&t, &p).is_ok() {
                 return Ok(());
             }
-            if c.sftp.lstat(&p).is_ok() {
-                let _ = c.sftp.unlink(&p);
-            }
+            clear(c, &p)?;
             c.sftp.symlink(&t, &p).map_err(io)
         })
     }
@@ -162,21 +214,19 @@ impl Destination for SftpDestination {
         let src = self.path(existing);
         let dst = self.path(path);
         self.pool.run(&self.what(path), |c| {
+            self.check_parents(c, existing)?;
+            self.check_parents(c, path)?;
+            let st = c.sftp.lstat(&src).map_err(io)?;
+            if !st.is_file() {
+                return Err(std::io::Error::other(format!(
+                    "{} is no longer a regular file; the hard link is not copied",
+                    src.display()
+                )));
+            }
             let data = read_all_conn(c, &src)?;
-            let st = c.sftp.stat(&src).map_err(io)?;
-            let _ = c.sftp.unlink(&dst);
-            let mut f = c
-                .sftp
-                .open_mode(
-                    &dst,
-                    OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
-                    0o600,
-                    OpenType::File,
-                )
-                .map_err(io)?;
-            f.write_all(&data)?;
-            drop(f);
-            c.sftp.setstat(&dst, st).map_err(io)
+            let mut f = create_new(c, &dst, false)?;
+            f.write_all(&data).map_err(|e| c.fail(e))?;
+            f.setstat(st).map_err(|e| c.fail(io(e)))
         })
     }
 
@@ -199,14 +249,27 @@ impl Destination for SftpDestination {
         }
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
+            self.check_parents(c, path)?;
+            // SETSTAT follows a symlink: only set what LSTAT shows is not one.
+            if c.sftp.lstat(&p).map_err(io)?.file_type().is_symlink() {
+                return Err(std::io::Error::other(format!(
+                    "{} is a symlink on the server now; its metadata is not set through it",
+                    p.display()
+                )));
+            }
             // Owners, mode and times in one request; where the server refuses the owners (we
             // are not root there), mode and times alone.
-            if c.sftp.setstat(&p, stat_all(node)).is_ok() {
-                // OpenSSH applies the owner last, and chown clears setuid/setgid bits.
-                if node.mode & 0o6000 != 0 {
-                    c.sftp.setstat(&p, stat_mode(node)).map_err(io)?;
+            match c.sftp.setstat(&p, stat_all(node)).map_err(io) {
+                Ok(()) => {
+                    // OpenSSH applies the owner last, and chown clears setuid/setgid bits.
+                    if node.mode & 0o6000 != 0 {
+                        c.sftp.setstat(&p, stat_mode(node)).map_err(io)?;
+                    }
+                    return Ok(());
                 }
-                return Ok(());
+                // A silent server is not asked a second time.
+                Err(e) if super::timed_out(&e) => return Err(e),
+                Err(_) => {}
             }
             c.sftp.setstat(&p, stat_mode_times(node)).map_err(|e| {
                 let e = io(e);
@@ -221,39 +284,47 @@ impl Destination for SftpDestination {
 
     fn remove_file(&self, path: &[u8]) -> Result<()> {
         let p = self.path(path);
-        self.pool
-            .run(&self.what(path), |c| match c.sftp.unlink(&p) {
+        self.pool.run(&self.what(path), |c| {
+            self.check_parents(c, path)?;
+            match c.sftp.unlink(&p) {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     let e = io(e);
                     if not_found(&e) { Ok(()) } else { Err(e) }
                 }
-            })
+            }
+        })
     }
 
     fn write_whole(&self, path: &[u8], data: &[u8], node: &Node) -> Result<()> {
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
-            let mut f = create_truncated(c, &p, self.fresh())?;
+            self.check_parents(c, path)?;
+            let mut f = create_new(c, &p, self.fresh())?;
             if data.iter().all(|&b| b == 0) {
                 if !data.is_empty() {
-                    f.setstat(stat_size(data.len() as u64)).map_err(io)?;
+                    f.setstat(stat_size(data.len() as u64))
+                        .map_err(|e| c.fail(io(e)))?;
                 }
             } else {
                 for chunk in data.chunks(super::backend::IO_BUF) {
-                    f.write_all(chunk)?;
+                    f.write_all(chunk).map_err(|e| c.fail(e))?;
                 }
             }
             // On the open handle: owners, mode and times in one request, or without the owners
             // where the server refuses them.
-            if f.setstat(stat_all(node)).is_ok() {
-                // OpenSSH applies the owner last, and chown clears setuid/setgid bits.
-                if node.mode & 0o6000 != 0 {
-                    f.setstat(stat_mode(node)).map_err(io)?;
+            match f.setstat(stat_all(node)).map_err(io) {
+                Ok(()) => {
+                    // OpenSSH applies the owner last, and chown clears setuid/setgid bits.
+                    if node.mode & 0o6000 != 0 {
+                        f.setstat(stat_mode(node)).map_err(|e| c.fail(io(e)))?;
+                    }
+                    return Ok(());
                 }
-                return Ok(());
+                Err(e) if super::timed_out(&e) => return Err(c.fail(e)),
+                Err(_) => {}
             }
-            f.setstat(stat_mode_times(node)).map_err(io)
+            f.setstat(stat_mode_times(node)).map_err(|e| c.fail(io(e)))
         })
     }
 }
@@ -306,29 +377,40 @@ fn stat_mode_times(node: &Node) -> FileStat {
     }
 }
 
-/// Open `p` for writing, created or truncated, replacing anything that is not a file. In a
-/// `fresh` root the file is first created exclusively (never through a symlink: OpenSSH
-/// opens with `O_EXCL`), without a look at what is there.
-fn create_truncated(c: &super::conn::Conn, p: &Path, fresh: bool) -> std::io::Result<ssh2::File> {
-    if fresh
-        && let Ok(f) = c.sftp.open_mode(
+/// Remove whatever is at `p` (a file, a symlink, a hard link to anywhere, an empty
+/// directory), never following it.
+fn clear(c: &Conn, p: &Path) -> std::io::Result<()> {
+    match c.sftp.lstat(p) {
+        Ok(st) if st.is_dir() && !st.file_type().is_symlink() => {
+            c.sftp.rmdir(p).map_err(|e| {
+                std::io::Error::other(format!(
+                    "{} is a directory that is not empty, where the snapshot has no directory; remove it first ({e})",
+                    p.display()
+                ))
+            })
+        }
+        Ok(_) => c.sftp.unlink(p).map_err(io),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Create `p` as a new, empty file open for writing (0600 until its metadata is set). It is
+/// always created exclusively (OpenSSH opens with `O_EXCL`, which never follows a symlink):
+/// whatever was there (a file, which may be a hard link to a file elsewhere, a symlink,
+/// anything else) is removed first, never opened and truncated. In a `fresh` root the create
+/// is tried before any look at what is there.
+fn create_new(c: &Conn, p: &Path, fresh: bool) -> std::io::Result<ssh2::File> {
+    let excl = || {
+        c.sftp.open_mode(
             p,
             OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
             0o600,
             OpenType::File,
         )
-    {
+    };
+    if fresh && let Ok(f) = excl() {
         return Ok(f);
     }
-    if c.sftp.lstat(p).is_ok_and(|s| !s.is_file()) {
-        let _ = c.sftp.unlink(p);
-    }
-    c.sftp
-        .open_mode(
-            p,
-            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
-            0o600,
-            OpenType::File,
-        )
-        .map_err(io)
+    clear(c, p)?;
+    excl().map_err(io)
 }

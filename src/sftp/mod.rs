@@ -26,7 +26,7 @@ pub enum Error {
     #[error("bad sftp location {0:?}: {1}; the form is sftp://[user@]host[:port]/absolute/path")]
     Url(String, String),
     #[error(
-        "unknown option {0:?}; known options: username, port, identity, connections, insecure_ignore_host_key"
+        "unknown option {0:?}; known options: username, port, identity, connections, timeout, insecure_ignore_host_key"
     )]
     UnknownOption(String),
     #[error("bad value for option {0}: {1:?}")]
@@ -45,6 +45,11 @@ pub enum Error {
     ChangedHostKey(Box<HostKeyInfo>),
     #[error("authentication to {0} failed: {1}")]
     Auth(String, String),
+    #[error(
+        "{} did not answer for {} ({}); the server or the network is stuck (if it is only slow, raise -o timeout=DURATION)",
+        .0, humantime::format_duration(*.2), .1
+    )]
+    Timeout(String, String, std::time::Duration),
     #[error("{0}: {1}")]
     Remote(String, String),
 }
@@ -54,7 +59,7 @@ impl From<Error> for crate::store::Error {
         use crate::store::ErrorKind;
         let kind = match &e {
             Error::UnknownHostKey(_) | Error::ChangedHostKey(_) => ErrorKind::HostKey,
-            Error::Connect(..) | Error::Auth(..) => ErrorKind::Unreachable,
+            Error::Connect(..) | Error::Auth(..) | Error::Timeout(..) => ErrorKind::Unreachable,
             _ => ErrorKind::Other,
         };
         crate::store::Error::Connector(e.to_string(), kind)
@@ -171,17 +176,33 @@ pub struct Options {
     pub port: Option<u16>,
     pub identity: Vec<std::path::PathBuf>,
     pub connections: Option<usize>,
+    /// How long a blocking transport call may go without an answer (`timeout=`).
+    pub timeout: Option<std::time::Duration>,
     pub insecure_ignore_host_key: bool,
 }
 
 /// The option keys [`Options::set`] accepts.
-pub const OPTION_KEYS: [&str; 5] = [
+pub const OPTION_KEYS: [&str; 6] = [
     "username",
     "port",
     "identity",
     "connections",
+    "timeout",
     "insecure_ignore_host_key",
 ];
+
+/// Longest `timeout=` accepted: a day (libssh2 counts milliseconds in a C long; a longer wait
+/// is no timeout at all).
+pub const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// Parse a `timeout=` value: `30s`, `2m`, `1m30s`, or plain seconds; from 1 s to a day.
+pub fn parse_timeout(value: &str) -> Option<std::time::Duration> {
+    let d = match value.parse::<u64>() {
+        Ok(secs) => std::time::Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(value).ok()?,
+    };
+    (d >= std::time::Duration::from_secs(1) && d <= MAX_TIMEOUT).then_some(d)
+}
 
 impl Options {
     /// Apply one `key=value`.
@@ -200,6 +221,7 @@ impl Options {
                         .ok_or_else(bad)?,
                 )
             }
+            "timeout" => self.timeout = Some(parse_timeout(value).ok_or_else(bad)?),
             "insecure_ignore_host_key" => {
                 self.insecure_ignore_host_key = match value {
                     "true" | "yes" | "1" => true,
@@ -267,6 +289,16 @@ fn transient_code(c: ssh2::ErrorCode) -> bool {
     )
 }
 
+/// Did this call wait the whole session timeout for the server?
+pub(crate) fn timed_out(e: &std::io::Error) -> bool {
+    if let Some(se) = e.get_ref().and_then(|i| i.downcast_ref::<ssh2::Error>())
+        && se.code() == ssh2::ErrorCode::Session(-9)
+    {
+        return true;
+    }
+    e.kind() == std::io::ErrorKind::TimedOut
+}
+
 /// Is this failure worth a reconnect and a retry?
 pub(crate) fn transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
@@ -284,6 +316,7 @@ pub(crate) fn transient(e: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn locations() {
@@ -331,5 +364,22 @@ mod tests {
         assert!(Options::parse(["bogus=1"]).is_err());
         assert!(Options::parse(["port=x"]).is_err());
         assert!(Options::parse(["connections=0"]).is_err());
+        let t = |v: &str| Options::parse([format!("timeout={v}").as_str()]).map(|o| o.timeout);
+        assert_eq!(t("30s").unwrap(), Some(Duration::from_secs(30)));
+        assert_eq!(t("2m").unwrap(), Some(Duration::from_secs(120)));
+        assert_eq!(t("45").unwrap(), Some(Duration::from_secs(45)));
+        assert_eq!(t("1m 30s").unwrap(), Some(Duration::from_secs(90)));
+        for bad in [
+            "0",
+            "0s",
+            "500ms",
+            "x",
+            "",
+            "-3",
+            "2d",
+            "99999999999999999999",
+        ] {
+            assert!(t(bad).is_err(), "timeout={bad}");
+        }
     }
 }

@@ -7,16 +7,20 @@
 //! read at once, each on its own pooled connection, and a read that fails on a dropped
 //! connection reconnects and resumes at the same offset.
 
+use std::ffi::OsStr;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use super::conn::{Conn, Pool, io};
-use super::{Location, Options, transient};
+use super::{Location, Options, timed_out, transient};
 use crate::store::error::{Error, Result};
 use crate::store::source::Source;
-use crate::store::tree::{Node, NodeKind, Time};
+use crate::store::tree::{Node, NodeKind, Time, name_problem};
+
+/// Entries of one directory accepted from a server at most (a hostile one could list forever).
+const MAX_ENTRIES: usize = 4_000_000;
 
 pub struct SftpSource {
     loc: Location,
@@ -86,24 +90,55 @@ impl Source for SftpSource {
             Ok(n)
         })
     }
+    /// The entries as the server sent them, in its order, except the directory's own `.` and
+    /// `..`. A name the walk must not use (see [`name_problem`]: `/`, a second `..`, …) or a
+    /// second entry of one name is passed on as it came, for the backup to skip and report,
+    /// but nothing is done with it here: no symlink target is read through it.
     fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>> {
         let p = crate::store::source::os(path).to_path_buf();
         let what = format!("{}: {}", self.loc.url(), p.display());
         self.pool.run(&what, |c| {
+            let mut dir = c.sftp.opendir(&p).map_err(io)?;
             let mut out = Vec::new();
-            for (child, st) in c.sftp.readdir(&p).map_err(io)? {
-                let name = child
-                    .file_name()
-                    .map(|n| n.as_bytes().to_vec())
-                    .unwrap_or_default();
-                let Some(mut n) = node_from_stat(name, &st) else {
-                    continue;
+            let mut seen = std::collections::HashSet::new();
+            let (mut dot, mut dotdot) = (false, false);
+            let mut listed = 0usize;
+            loop {
+                let (name, st) = match dir.readdir() {
+                    Ok(e) => e,
+                    // LIBSSH2_ERROR_FILE: the end of the listing.
+                    Err(e) if e.code() == ssh2::ErrorCode::Session(-16) => break,
+                    Err(e) => return Err(c.fail(io(e))),
                 };
-                if n.kind == NodeKind::Symlink {
-                    n.target = bytes(&c.sftp.readlink(&child).map_err(io)?);
-                    n.size = n.target.len() as u64;
+                listed += 1;
+                if listed > MAX_ENTRIES {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "the server listed more than {MAX_ENTRIES} entries; directory not backed up"
+                        ),
+                    ));
                 }
-                out.push(n);
+                let name = name.as_os_str().as_bytes().to_vec();
+                match &name[..] {
+                    b"." if !dot => dot = true,
+                    b".." if !dotdot => dotdot = true,
+                    _ => {
+                        let Some(mut n) = node_from_stat(name, &st) else {
+                            continue;
+                        };
+                        let usable = name_problem(&n.name).is_none() && seen.insert(n.name.clone());
+                        if usable && n.kind == NodeKind::Symlink {
+                            n.target = bytes(
+                                &c.sftp
+                                    .readlink(&p.join(OsStr::from_bytes(&n.name)))
+                                    .map_err(|e| c.fail(io(e)))?,
+                            );
+                            n.size = n.target.len() as u64;
+                        }
+                        out.push(n);
+                    }
+                }
             }
             Ok(out)
         })
@@ -136,8 +171,19 @@ impl FillChecked for BufReader<RemoteReader> {
         let what = self.get_ref().what.clone();
         std::io::BufRead::fill_buf(self)
             .map(|_| ())
-            .map_err(|e| Error::io(what, e))
+            .map_err(|e| Error::from_io(what, e))
     }
+}
+
+/// An I/O error that carries a transport failure (the server cannot be reached, or did not
+/// answer within the timeout), so the backup stops instead of recording an unreadable file.
+fn lost(e: impl Into<Error>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotConnected, e.into())
+}
+
+/// Does this I/O error already carry a store error (from the pool)?
+fn carries_store_error(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<Error>())
 }
 
 /// Reads a remote file, resuming at the same offset on a fresh connection after a drop.
@@ -154,15 +200,18 @@ struct RemoteReader {
 
 impl RemoteReader {
     fn reopen(&mut self) -> std::io::Result<()> {
-        let c = self
-            .pool
-            .take()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotConnected, e.to_string()))?;
+        // The pool has retried already: its failure ends the read.
+        let c = self.pool.take().map_err(|e| {
+            let kind = e.kind();
+            lost(Error::Connector(format!("{}: {e}", self.what), kind))
+        })?;
         match c.sftp.open(&self.path) {
             Ok(mut f) => {
                 if self.pos > 0
                     && let Err(e) = f.seek(SeekFrom::Start(self.pos))
                 {
+                    c.kill();
+                    drop(f);
                     self.pool.give_up(c);
                     return Err(e);
                 }
@@ -171,6 +220,10 @@ impl RemoteReader {
             }
             Err(e) => {
                 let e = io(e);
+                if timed_out(&e) {
+                    self.pool.give_up(c);
+                    return Err(lost(self.pool.timeout_error(&self.what)));
+                }
                 if transient(&e) {
                     self.pool.give_up(c);
                 } else {
@@ -178,6 +231,16 @@ impl RemoteReader {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Drop the open file and its connection, cutting the connection first so closing the
+    /// handle does not wait on a server that stopped answering.
+    fn drop_broken(&mut self) {
+        if let Some((c, f)) = self.open.take() {
+            c.kill();
+            drop(f);
+            self.pool.give_up(c);
         }
     }
 }
@@ -193,41 +256,55 @@ impl Read for RemoteReader {
         let buf = &mut buf[..want];
         let mut attempt = 0;
         loop {
-            if self.open.is_none() {
+            let Some((_, f)) = self.open.as_mut() else {
                 match self.reopen() {
                     Ok(()) => {}
+                    Err(e) if carries_store_error(&e) => return Err(e),
                     Err(e) if transient(&e) && attempt < 5 => {
                         attempt += 1;
                         std::thread::sleep(std::time::Duration::from_millis(250 << attempt));
-                        continue;
                     }
+                    Err(e) if transient(&e) => return Err(self.gave_up(e)),
                     Err(e) => return Err(e),
                 }
-            }
-            let (_, f) = self.open.as_mut().expect("opened above");
+                continue;
+            };
             match f.read(buf) {
                 Ok(n) => {
                     self.pos += n as u64;
                     return Ok(n);
                 }
+                Err(e) if timed_out(&e) => {
+                    self.drop_broken();
+                    return Err(lost(self.pool.timeout_error(&self.what)));
+                }
                 Err(e)
-                    if attempt < 5
-                        && (transient(&e)
-                            || self
-                                .open
-                                .as_ref()
-                                .is_some_and(|(c, _)| !super::conn::alive(c))) =>
+                    if transient(&e)
+                        || self
+                            .open
+                            .as_ref()
+                            .is_some_and(|(c, _)| !super::conn::alive(c)) =>
                 {
-                    attempt += 1;
-                    if let Some((c, f)) = self.open.take() {
-                        drop(f);
-                        self.pool.give_up(c);
+                    self.drop_broken();
+                    if attempt >= 5 {
+                        return Err(self.gave_up(e));
                     }
+                    attempt += 1;
                     std::thread::sleep(std::time::Duration::from_millis(250 << attempt));
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl RemoteReader {
+    /// The error after the last retry of a lost connection: a transport failure.
+    fn gave_up(&self, e: std::io::Error) -> std::io::Error {
+        lost(super::Error::Connect(
+            self.pool.target().display(),
+            format!("{}: connection lost and not recovered: {e}", self.what),
+        ))
     }
 }
 

@@ -21,11 +21,11 @@ use parking_lot::Mutex;
 
 use super::crypto::BlobId;
 use super::dirfd::MAX_DEPTH;
-use super::error::{Error, Result};
+use super::error::{Error, ErrorKind, Result};
 use super::format::{BlobKind, ChunkerParams, Snapshot, SnapshotStats};
 use super::repo::{Packer, SnapshotEntry, Store};
 use super::source::Source;
-use super::tree::{Node, NodeKind, Tree, components, join};
+use super::tree::{Node, NodeKind, Tree, components, join, name_problem};
 
 /// What to back up and how.
 #[derive(Default)]
@@ -160,6 +160,26 @@ enum JobError {
 /// A directory's entries, or why they could not be read.
 type Listing = Result<Vec<Node>>;
 
+/// Which entries of a listing, in the source's order, the walk may act on: not those whose
+/// name [`name_problem`] refuses, nor any after the first of a name (a hostile server can
+/// list a directory `d`, then a symlink `d` to anywhere). For each other one, why not.
+fn screen(entries: &[Node]) -> Vec<Option<&'static str>> {
+    let mut seen = std::collections::HashSet::new();
+    entries
+        .iter()
+        .map(|n| {
+            name_problem(&n.name).or_else(|| {
+                (!seen.insert(&n.name[..])).then_some("a second entry with the same name")
+            })
+        })
+        .collect()
+}
+
+/// Does this error mean the source itself is gone (not one unreadable entry)?
+fn source_lost(e: &Error) -> bool {
+    e.kind() == ErrorKind::Unreachable
+}
+
 /// Is `path` (whose last component is `name`) left out by the exclude patterns?
 fn is_excluded(exclude: Option<&globset::GlobSet>, path: &[u8], name: &[u8]) -> bool {
     exclude.is_some_and(|g| {
@@ -273,6 +293,9 @@ impl<'s> Lister<'s> {
             let mut subdirs: Vec<Vec<u8>> = match &r {
                 Ok(entries) => entries
                     .iter()
+                    .zip(screen(entries))
+                    .filter(|(_, why)| why.is_none())
+                    .map(|(n, _)| n)
                     .filter(|n| n.kind == NodeKind::Dir)
                     .map(|n| (join(&path, &n.name), &n.name))
                     .filter(|(full, name)| !is_excluded(self.exclude, full, name))
@@ -309,6 +332,9 @@ struct Walker<'a> {
     prefetch: crossbeam_channel::Sender<(usize, Vec<u8>, u64)>,
     jobs: usize,
     errors: Vec<(Vec<u8>, String)>,
+    /// A failure that ends the backup (the source cannot be reached): set by the walk or by
+    /// a worker; the walk stops at its next directory.
+    fatal: &'a Mutex<Option<Error>>,
     stats: SnapshotStats,
     progress: &'a Progress,
     has_inodes: bool,
@@ -353,9 +379,13 @@ impl Walker<'_> {
 
     fn walk_dir(&mut self, path: &[u8], node: Node, parent: Option<(BlobId, &Tree)>) -> PendingDir {
         let (old_id, parent) = (parent.map(|p| p.0), parent.map(|p| p.1));
-        let listed = match self.lister.take(path) {
-            Some(r) => r,
-            None => self.source.read_dir(path),
+        let listed = if self.fatal.lock().is_some() {
+            Ok(Vec::new())
+        } else {
+            match self.lister.take(path) {
+                Some(r) => r,
+                None => self.source.read_dir(path),
+            }
         };
         let listed = if self.depth >= MAX_DEPTH {
             Err(Error::Other(format!(
@@ -366,25 +396,36 @@ impl Walker<'_> {
         };
         let entries = match listed {
             Ok(e) => e,
+            Err(e) if source_lost(&e) => {
+                self.fatal.lock().get_or_insert(e);
+                Vec::new()
+            }
             Err(e) => {
                 self.errors.push((path.to_vec(), e.to_string()));
                 Vec::new()
             }
         };
-        // Names from a source are held to what a tree may contain: a server that lists `..`,
-        // `a/b` or one name twice (a directory, then a symlink to elsewhere) gets those
-        // entries reported, never stored.
-        let mut checked = Tree {
-            nodes: entries,
-            ..Tree::default()
-        };
-        checked.sanitize();
-        for r in &checked.rejected {
-            self.errors
-                .push((join(path, &r.name), format!("{}: not backed up", r.why)));
-        }
-        // Sorted by name, as trees are.
-        let entries = checked.nodes;
+        // Names from a source are held to what a tree may contain (`name_problem`, first
+        // entry of a name kept): a server that lists `..`, `a/b` or one name twice (a
+        // directory, then a symlink to elsewhere) gets those entries reported, never stored.
+        let verdicts = screen(&entries);
+        let mut entries: Vec<Node> = entries
+            .into_iter()
+            .zip(verdicts)
+            .filter_map(|(n, why)| match why {
+                None => Some(n),
+                Some(why) => {
+                    // Reported against the directory: joined, the name could read as another
+                    // path (`a/b`, `..`).
+                    let name = String::from_utf8_lossy(&n.name).escape_debug().to_string();
+                    let dir = String::from_utf8_lossy(path);
+                    let msg = format!("{dir}: entry \"{name}\" skipped: {why}");
+                    self.errors.push((path.to_vec(), msg));
+                    None
+                }
+            })
+            .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
         // List the subdirectories ahead on the lister's threads, in the order the walk will
         // reach them, so metadata reads (cold caches, remote round trips) overlap.
         for n in entries.iter().filter(|n| n.kind == NodeKind::Dir) {
@@ -581,7 +622,7 @@ fn chunk_file(
         cp,
         seed,
         buf,
-        |e| Error::io(pathname(), e),
+        |e| Error::from_io(pathname(), e),
         handle,
     )?;
     Ok(res)
@@ -765,6 +806,10 @@ fn walk_and_commit(
                     progress.files.fetch_add(1, Ordering::Relaxed);
                     let r = match r {
                         Ok(r) => Some(Ok(r)),
+                        Err(JobError::Source(e)) if source_lost(&e) => {
+                            fatal.lock().get_or_insert(e);
+                            None
+                        }
                         Err(JobError::Source(e)) => Some(Err((job.path, e.to_string()))),
                         Err(JobError::Store(e)) => {
                             fatal.lock().get_or_insert(e);
@@ -799,6 +844,7 @@ fn walk_and_commit(
             prefetch: prefetch_tx,
             jobs: 0,
             errors: Vec::new(),
+            fatal: &fatal,
             stats: SnapshotStats::default(),
             progress,
             has_inodes: source.has_inodes(),

@@ -82,6 +82,17 @@ impl Error {
         }
     }
 
+    /// [`Error::io`], unless the I/O error carries an error of another class (a connector's
+    /// reader reports a lost server this way): then that error, so it keeps its exit code.
+    pub fn from_io(what: impl Into<String>, source: std::io::Error) -> Self {
+        match source.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+            Some(inner) if inner.kind() != ErrorKind::Other => {
+                Error::Connector(inner.to_string(), inner.kind())
+            }
+            _ => Error::io(what, source),
+        }
+    }
+
     pub fn io_path(path: &std::path::Path, source: std::io::Error) -> Self {
         Error::io(path.display().to_string(), source)
     }

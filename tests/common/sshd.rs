@@ -54,11 +54,48 @@ pub struct Sshd {
     host_pubkey: String,
     child: Option<Child>,
     next_dir: AtomicUsize,
+    /// The `Subsystem sftp` command.
+    subsystem: String,
 }
+
+/// OpenSSH's sftp-server, which [`Sshd::start_hostile`] wraps.
+pub const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
+/// The relay that can lie (tests/common/hostile_sftp.py).
+pub const HOSTILE_SFTP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/hostile_sftp.py");
 
 impl Sshd {
     /// Starts a server, or returns `None` when sshd or ssh-keygen is not installed.
     pub fn start() -> Option<Sshd> {
+        Sshd::start_with(false)
+    }
+
+    /// A server whose SFTP subsystem is OpenSSH's sftp-server behind the relay of
+    /// tests/common/hostile_sftp.py, steered with [`Sshd::hostile_mode`]; `None` (with a SKIP
+    /// line) when sshd, python3 or sftp-server is missing.
+    pub fn start_hostile() -> Option<Sshd> {
+        for need in ["/usr/bin/python3", SFTP_SERVER] {
+            if !Path::new(need).is_file() {
+                eprintln!("SKIP: hostile sftp server not available: {need} does not exist");
+                return None;
+            }
+        }
+        Sshd::start_with(true)
+    }
+
+    /// The hostile relay's control directory (see hostile_sftp.py).
+    pub fn hostile_ctl(&self) -> PathBuf {
+        self.dir.path().join("ctl")
+    }
+
+    /// Set what the hostile relay does from its next request on (`""`, `inject DIR TARGET`,
+    /// `drop`, `silent`), forgetting any earlier `drop` or `silent` state.
+    pub fn hostile_mode(&self, mode: &str) {
+        let ctl = self.hostile_ctl();
+        let _ = fs::remove_file(ctl.join("state"));
+        write(&ctl.join("mode"), mode, 0o644);
+    }
+
+    fn start_with(hostile: bool) -> Option<Sshd> {
         if !Path::new(SSHD).is_file() {
             eprintln!("SKIP: sshd not available: {SSHD} does not exist");
             return None;
@@ -80,6 +117,13 @@ impl Sshd {
             (&d.join("id_wrong"), ""),
         ]);
         let host_pubkey = pubkey_line(&d.join("host_ed25519.pub"));
+        let subsystem = if hostile {
+            let ctl = d.join("ctl");
+            fs::create_dir(&ctl).unwrap();
+            format!("/usr/bin/python3 {HOSTILE_SFTP} {}", ctl.display())
+        } else {
+            "internal-sftp".to_string()
+        };
         let authorized = format!(
             "{}\n{}\n",
             pubkey_line(&d.join("id_ed25519.pub")),
@@ -109,6 +153,7 @@ impl Sshd {
             host_pubkey,
             child: None,
             next_dir: AtomicUsize::new(0),
+            subsystem,
         };
         // Another test may take the port between our probe and sshd's bind: pick a new one then.
         let mut started = false;
@@ -290,7 +335,7 @@ impl Sshd {
              StrictModes no\n\
              UsePAM no\n\
              UseDNS no\n\
-             Subsystem sftp internal-sftp\n\
+             Subsystem sftp {subsystem}\n\
              LogLevel ERROR\n\
              MaxStartups 64\n\
              MaxSessions 64\n\
@@ -299,6 +344,7 @@ impl Sshd {
             host = d.join("host_ed25519").display(),
             pid = d.join("sshd.pid").display(),
             auth = d.join("authorized_keys").display(),
+            subsystem = self.subsystem,
         );
         // OpenSSH >= 9.8 penalises (refuses for a while) source addresses whose connections fail
         // or are killed, which killed-connection and wrong-key tests do on purpose. Older sshd
