@@ -16,11 +16,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::craft::Craft;
 use common::sshd::Sshd;
-use kloset::store::crypto::BlobId;
-use kloset::store::format::{BlobKind, Snapshot, SnapshotStats};
-use kloset::store::repo::Packer;
-use kloset::store::tree::{Node, NodeKind, Time, Tree};
 use kloset::store::{Backend, LocalBackend, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kloset");
@@ -370,55 +367,6 @@ fn damaged_cache_files_are_fetched_again() {
 // ---------------------------------------------------------------------------------------------
 // Item 12: ls shows names safely
 
-/// Write `root`'s tree into `store` through the store's own API; returns the snapshot id.
-/// `tree` gives a directory's nodes (their subtrees already written).
-fn write_snapshot(store: &Store, root: BlobId) -> String {
-    let snap = Snapshot {
-        time: Time {
-            sec: 1_700_000_000,
-            nsec: 0,
-        },
-        host: "crafted".into(),
-        user: "root".into(),
-        source: "/".into(),
-        path: b"/".to_vec(),
-        tags: Vec::new(),
-        root,
-        parent: None,
-        stats: SnapshotStats::default(),
-        errors: Vec::new(),
-        duration_ms: 0,
-    };
-    store.write_snapshot(&snap).unwrap()
-}
-
-/// Add a tree blob holding `nodes` (in the order given, unsanitized) to the store.
-fn add_tree(store: &Store, packer: &Packer, nodes: Vec<Node>) -> BlobId {
-    let t = Tree {
-        nodes,
-        rejected: Vec::new(),
-    };
-    let data = t.encode();
-    let id = store.crypto().blob_id(&data);
-    if !packer.claim(&id) {
-        packer.add(BlobKind::Tree, id, &data).unwrap();
-    }
-    id
-}
-
-fn dir_node(name: &[u8], sub: BlobId) -> Node {
-    let mut n = Node::new(name.to_vec(), NodeKind::Dir);
-    n.mode = 0o755;
-    n.subtree = Some(sub);
-    n
-}
-
-fn file_node(name: &[u8]) -> Node {
-    let mut n = Node::new(name.to_vec(), NodeKind::File);
-    n.mode = 0o644;
-    n
-}
-
 /// A plaintext local store at `dir`, opened through the library.
 fn open_store(home: &Path, dir: &Path) -> Store {
     finish(kloset(
@@ -437,22 +385,19 @@ fn ls_escapes_names_and_warns_about_left_out_entries() {
     fs::create_dir_all(&home).unwrap();
     let dir = root.join("store");
     let store = open_store(&home, &dir);
-    let packer = Packer::new(&store);
-    let mut link = Node::new(b"link".to_vec(), NodeKind::Symlink);
-    link.target = b"/x\x1b]0;owned\x07".to_vec();
+    let c = Craft::new(&store);
     let nodes = vec![
-        file_node(b"new\nline"),
-        file_node(b"\x1b[31mred"),
-        file_node(b"\xff\xfe"),
-        file_node(b"back\\slash"),
-        file_node(b".."),
-        file_node(b"twice"),
-        dir_node(b"twice", add_tree(&store, &packer, vec![])),
-        link,
+        c.file(b"new\nline", b"", 0o644),
+        c.file(b"\x1b[31mred", b"", 0o644),
+        c.file(b"\xff\xfe", b"", 0o644),
+        c.file(b"back\\slash", b"", 0o644),
+        c.file(b"..", b"", 0o644),
+        c.file(b"twice", b"", 0o644),
+        c.dir(b"twice", vec![]),
+        c.symlink(b"link", b"/x\x1b]0;owned\x07"),
     ];
-    let top = add_tree(&store, &packer, nodes);
-    packer.finish().unwrap();
-    let id = write_snapshot(&store, top);
+    let id = c.snapshot(nodes).id;
+    drop(c);
     drop(store);
 
     let s = dir.to_str().unwrap();
@@ -525,13 +470,13 @@ fn ls_recursive_of_a_very_deep_tree_is_bounded() {
     fs::create_dir_all(&home).unwrap();
     let dir = root.join("store");
     let store = open_store(&home, &dir);
-    let packer = Packer::new(&store);
-    let mut sub = add_tree(&store, &packer, vec![file_node(b"bottom")]);
-    for _ in 0..5_000 {
-        sub = add_tree(&store, &packer, vec![dir_node(b"d", sub)]);
+    let c = Craft::new(&store);
+    let mut n = c.file(b"bottom", b"", 0o644);
+    for _ in 0..4_999 {
+        n = c.dir(b"d", vec![n]);
     }
-    packer.finish().unwrap();
-    let id = write_snapshot(&store, sub);
+    let id = c.snapshot(vec![n]).id;
+    drop(c);
     drop(store);
     let mut c = Command::new("sh");
     c.env_clear()
