@@ -533,3 +533,55 @@ fn a_file_that_changes_while_it_is_read_is_read_again_or_reported() {
         }
     }
 }
+
+/// A source whose server goes away after the walk, while the directories above the backed-up
+/// one are looked at: no snapshot may be saved (it would carry made-up metadata for them).
+struct GoneAfterWalk {
+    inner: LocalSource,
+}
+
+impl Source for GoneAfterWalk {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn root(&self) -> Vec<u8> {
+        self.inner.root()
+    }
+    fn has_inodes(&self) -> bool {
+        true
+    }
+    fn stat(&self, path: &[u8]) -> Result<Node, Error> {
+        if path.len() < self.inner.root().len() {
+            return Err(Error::Connector(
+                "the server went away".into(),
+                kloset::store::ErrorKind::Unreachable,
+            ));
+        }
+        self.inner.stat(path)
+    }
+    fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>, Error> {
+        self.inner.read_dir(path)
+    }
+    fn open(&self, path: &[u8], size: u64) -> Result<Box<dyn Read + Send>, Error> {
+        self.inner.open(path, size)
+    }
+}
+
+#[test]
+fn a_source_lost_after_the_walk_saves_no_snapshot() {
+    let (sdir, src) = (tempdir(), tempdir());
+    fs::write(src.path().join("f"), b"f").unwrap();
+    let store = store_in(sdir.path());
+    let source = GoneAfterWalk {
+        inner: LocalSource::new(src.path()).unwrap(),
+    };
+    let e = backup::run(
+        &store,
+        &source,
+        &BackupOptions::default(),
+        &Progress::default(),
+    )
+    .expect_err("no snapshot");
+    assert_eq!(e.kind(), kloset::store::ErrorKind::Unreachable, "{e}");
+    assert!(store.snapshots().unwrap().0.is_empty());
+}

@@ -922,9 +922,13 @@ fn walk_and_commit(
             node.subtree = Some(id);
             break;
         }
-        let mut pn = source
-            .stat(&parent_path)
-            .unwrap_or_else(|_| Node::new(comps[i - 1].clone(), NodeKind::Dir));
+        // A directory above the root that cannot be looked at gets default metadata; a source
+        // that is gone ends the backup like anywhere else (no snapshot, exit 9).
+        let mut pn = match source.stat(&parent_path) {
+            Ok(n) => n,
+            Err(e) if source_lost(&e) => return Err(e),
+            Err(_) => Node::new(comps[i - 1].clone(), NodeKind::Dir),
+        };
         pn.name = comps[i - 1].clone();
         pn.kind = NodeKind::Dir;
         pn.subtree = Some(id);
