@@ -586,3 +586,107 @@ fn packs_are_listed_over_several_connections() {
     );
     assert_eq!(got, want);
 }
+
+/// Issue 15, `rm`: on an SFTP store, a keep policy removes the snapshots it does not keep (and
+/// `-dry-run` removes none), named snapshots and filters select, an empty selection is refused
+/// (exit 2); what is left restores exactly and checks clean.
+#[test]
+fn rm_with_a_keep_policy_on_an_sftp_store() {
+    let sshd = sshd_or_skip!();
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path());
+    let url = sshd.url(sshd.remote_dir("store"));
+    ok(&sshd, &["at", &url, "create"]);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        fs::write(src.path().join("round"), format!("{i}\n")).unwrap();
+        let tag = format!("r{i}");
+        ids.push(
+            ok(
+                &sshd,
+                &[
+                    "at",
+                    &url,
+                    "backup",
+                    "-tag",
+                    &tag,
+                    src.path().to_str().unwrap(),
+                ],
+            )
+            .trim()
+            .to_string(),
+        );
+    }
+    let listed = |sshd: &Sshd| -> Vec<String> {
+        ok(sshd, &["at", &url, "ls"])
+            .lines()
+            .map(|l| l[..8].to_string())
+            .collect()
+    };
+    assert_eq!(listed(&sshd), ids);
+
+    fails(&sshd, &["at", &url, "rm"], 2);
+    fails(&sshd, &["at", &url, "rm", "-keep-last", "x"], 2);
+    fails(&sshd, &["at", &url, "rm", "-before", "someday"], 2);
+
+    // Dry run: the plan, nothing removed.
+    let plan = ok(
+        &sshd,
+        &[
+            "at",
+            &url,
+            "rm",
+            "-keep-last",
+            "2",
+            "-keep-tag",
+            "r0",
+            "-dry-run",
+        ],
+    );
+    let rows: Vec<&str> = plan.lines().collect();
+    assert_eq!(rows.len(), 4, "{plan}");
+    let row = |id: &str| rows.iter().find(|r| r.starts_with(id)).copied().unwrap();
+    assert!(
+        row(&ids[0]).contains("keep") && row(&ids[0]).contains("tag r0"),
+        "{plan}"
+    );
+    assert!(row(&ids[1]).contains("remove"), "{plan}");
+    assert!(row(&ids[3]).contains("newest of its group, last"), "{plan}");
+    assert_eq!(listed(&sshd), ids);
+
+    // For real, through the alias `forget`, with JSON.
+    let v: serde_json::Value = serde_json::from_str(&ok(
+        &sshd,
+        &[
+            "at",
+            &url,
+            "forget",
+            "-keep-last",
+            "2",
+            "-keep-tag",
+            "r0",
+            "-json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(v["removed"], 1, "{v}");
+    assert_eq!(
+        listed(&sshd),
+        vec![ids[0].clone(), ids[2].clone(), ids[3].clone()]
+    );
+
+    // A named snapshot; then a filter.
+    ok(&sshd, &["at", &url, "rm", &ids[0]]);
+    ok(&sshd, &["at", &url, "rm", "-tag", "r2"]);
+    assert_eq!(listed(&sshd), vec![ids[3].clone()]);
+
+    // What is left restores exactly and the store checks clean.
+    let dst = tempfile::tempdir().unwrap();
+    let to = dst.path().join("r");
+    ok(
+        &sshd,
+        &["at", &url, "restore", "-to", to.to_str().unwrap(), "latest"],
+    );
+    assert_same_tree(src.path(), &to);
+    ok(&sshd, &["at", &url, "check"]);
+}

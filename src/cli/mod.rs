@@ -22,6 +22,7 @@ pub mod mount;
 pub mod pkg;
 pub mod progress;
 pub mod restore;
+pub mod rm;
 pub mod sync;
 
 use std::collections::HashSet;
@@ -124,6 +125,9 @@ pub enum Verb {
     Sync(sync::Args),
     /// Mount snapshots as a read-only filesystem.
     Mount(mount::Args),
+    /// Remove snapshots: named ones, those a filter selects, or those a keep policy does not keep.
+    #[command(alias = "forget")]
+    Rm(Box<rm::Args>),
 }
 
 /// What every verb gets.
@@ -581,6 +585,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Verb::Restore(a) => restore::run(&ctx, a),
                 Verb::Check(a) => check::run(&ctx, a),
                 Verb::Info(a) => info::run(&ctx, a),
+                Verb::Rm(a) => rm::run(&ctx, *a),
                 Verb::Mount(a) => mount::run(&ctx, a),
                 Verb::Sync(a) => sync::run(&ctx, a),
             }

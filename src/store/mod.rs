@@ -17,6 +17,7 @@ pub mod error;
 pub mod format;
 pub mod interrupt;
 pub mod notice;
+pub mod policy;
 pub mod repo;
 pub mod restore;
 pub mod source;
