@@ -1578,6 +1578,24 @@ fn unreadable_source_file_is_partial_exit_3() {
     want.remove(Path::new("css/secret.css"));
     assert_eq!(files_under(&d), want);
     w.ok(&["check"]);
+
+    // A directory nobody may list but may go through (0711): reported as not readable.
+    let private = w.src.join("private");
+    fs::create_dir(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o711)).unwrap();
+    if !root_user {
+        // Its owner can list it: nothing to see here.
+        return;
+    }
+    let o = run(&["backup", &w.src_s()]);
+    o.code(PARTIAL);
+    assert!(
+        o.stderr
+            .lines()
+            .any(|l| l.contains("/private") && l.contains("ermission denied")),
+        "{}",
+        o.stderr
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

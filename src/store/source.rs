@@ -339,7 +339,17 @@ impl Source for LocalSource {
             .ok_or_else(|| Error::Other(format!("{}: not below the backup's root", p.display())))?;
         let dir = self.tree()?.dir(rel).at(p)?;
         let mut entries: Vec<(u64, Vec<u8>)> = Vec::new();
-        for e in rustix::fs::Dir::read_from(&*dir).map_err(|e| Error::io_path(p, e.into()))? {
+        // Listing needs read permission: a directory kloset may only search has a path handle,
+        // and opening it for reading here gives the plain "permission denied".
+        let listing = rustix::fs::openat(
+            &*dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .and_then(rustix::fs::Dir::new)
+        .map_err(|e| Error::io_path(p, e.into()))?;
+        for e in listing {
             let e = e.map_err(|e| Error::io_path(p, e.into()))?;
             let name = e.file_name().to_bytes();
             if name != b"." && name != b".." {
