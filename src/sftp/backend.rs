@@ -277,7 +277,9 @@ fn upload_conn_via(
         })
         .map_err(io)?;
         for chunk in data.chunks(IO_BUF) {
-            f.write_all(chunk)?;
+            if let Err(e) = f.write_all(chunk) {
+                return Err(disk_full_or(&mut f, tmp, data.len() as u64, e));
+            }
         }
         // fsync@openssh.com: the data is on the server's disk before the name appears.
         let _ = f.fsync();
@@ -299,6 +301,43 @@ fn upload_conn_via(
         let _ = c.sftp.unlink(tmp);
     }
     res
+}
+
+/// A failed write as the error to report: when the server says only "failure"
+/// (SSH_FX_FAILURE, what OpenSSH answers for ENOSPC as for most errors) and its
+/// `statvfs@openssh.com` extension shows less room than the upload needs (or no free inodes),
+/// a "disk full" error of kind `StorageFull`; otherwise `e` unchanged. `tmp` is still open as
+/// `f` (the extension works on open files only).
+fn disk_full_or(f: &mut ssh2::File, tmp: &Path, need: u64, e: std::io::Error) -> std::io::Error {
+    if super::transient(&e) {
+        return e;
+    }
+    let Ok(vfs) = f.statvfs() else {
+        return e;
+    };
+    let block = if vfs.f_frsize > 0 {
+        vfs.f_frsize
+    } else {
+        vfs.f_bsize
+    };
+    let free = vfs.f_bavail.saturating_mul(block);
+    let no_inodes = vfs.f_files > 0 && vfs.f_favail == 0;
+    if free >= need && !no_inodes {
+        return e;
+    }
+    let dir = tmp.parent().unwrap_or(Path::new("/")).display();
+    std::io::Error::new(
+        std::io::ErrorKind::StorageFull,
+        if no_inodes {
+            format!(
+                "the server's disk is full (no free inodes on the filesystem of {dir}); free space on the server, then run the command again"
+            )
+        } else {
+            format!(
+                "the server's disk is full ({free} bytes free on the filesystem of {dir}, {need} needed); free space on the server, then run the command again"
+            )
+        },
+    )
 }
 
 impl Backend for SftpBackend {

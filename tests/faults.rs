@@ -1,0 +1,323 @@
+//! Faults from outside (issue 14): a full disk under an SFTP store, a local store and a local
+//! restore destination. The filesystems are small tmpfs mounts made by the test (root only;
+//! without root, or when `mount` fails, the test says SKIP and returns).
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::sshd::Sshd;
+use common::tree::is_root;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_kloset"))
+}
+
+fn run(sshd: &Sshd, args: &[&str]) -> Output {
+    let out = sshd.cmd(bin()).args(args).output().expect("run kloset");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "kloset panicked: {err}");
+    out
+}
+
+fn ok(sshd: &Sshd, args: &[&str]) -> String {
+    let out = run(sshd, args);
+    assert!(
+        out.status.success(),
+        "kloset {args:?} failed ({:?}): {}\nsshd log: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr),
+        sshd.log()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tmpfs of a given size mounted on a fresh directory, unmounted on drop.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// `None` (after printing SKIP) when not root or when `mount` fails.
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        if !is_root() {
+            eprintln!("SKIP: mounting a tmpfs needs root");
+            return None;
+        }
+        fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs {
+                dir: dir.to_path_buf(),
+            }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIP: cannot mount a tmpfs: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIP: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    /// Give it more room ("free space").
+    fn grow(&self, size: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount {} failed", self.dir.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// Incompressible bytes (xorshift), so the store cannot squeeze them below the tmpfs size.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A tree of `mib` MiB of incompressible data in 2 MiB files, plus a few small files.
+fn big_tree(root: &Path, mib: usize) {
+    fs::create_dir_all(root.join("sub")).unwrap();
+    for i in 0..mib / 2 {
+        fs::write(
+            root.join(format!("f{i:02}.bin")),
+            noise(i as u64 + 1, 2 << 20),
+        )
+        .unwrap();
+    }
+    for i in 0..20 {
+        fs::write(
+            root.join(format!("sub/small{i}")),
+            format!("small file {i}\n"),
+        )
+        .unwrap();
+    }
+}
+
+/// Every `.tmp-*` file under `dir`.
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Same relative paths with the same contents.
+fn assert_same_files(a: &Path, b: &Path) {
+    let list = |root: &Path| {
+        let mut v = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(p);
+                } else {
+                    v.push(p.strip_prefix(root).unwrap().to_path_buf());
+                }
+            }
+        }
+        v.sort();
+        v
+    };
+    let (la, lb) = (list(a), list(b));
+    assert_eq!(
+        la,
+        lb,
+        "different files in {} and {}",
+        a.display(),
+        b.display()
+    );
+    for p in &la {
+        assert!(
+            fs::read(a.join(p)).unwrap() == fs::read(b.join(p)).unwrap(),
+            "{} differs",
+            p.display()
+        );
+    }
+}
+
+/// A backup that fills the store's disk: exit 11, one line that says the disk is full, fast;
+/// no snapshot, no temporary files; after space is freed a re-run completes and `check` passes.
+fn backup_into_full_store(sshd: &Sshd, fs_: &Tmpfs, store: &str, what: &str) {
+    let src = tempfile::tempdir().unwrap();
+    big_tree(src.path(), 24);
+    let src_s = src.path().to_str().unwrap();
+    ok(sshd, &["at", store, "create"]);
+
+    let started = Instant::now();
+    let out = run(sshd, &["-quiet", "at", store, "backup", src_s]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("backup into a full store said: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(11),
+        "backup into a full store: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains(what), "does not say {what:?}: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        temp_files(&fs_.dir),
+        Vec::<PathBuf>::new(),
+        "temporary files left"
+    );
+    assert_eq!(
+        ok(sshd, &["at", store, "ls"]).trim(),
+        "",
+        "a snapshot was saved"
+    );
+    // What the failed backup left is a consistent store.
+    ok(sshd, &["at", store, "check"]);
+
+    fs_.grow("64m");
+    let id = ok(sshd, &["-quiet", "at", store, "backup", src_s]);
+    let id = id.trim();
+    assert!(!id.is_empty());
+    ok(sshd, &["at", store, "check"]);
+    let dst = tempfile::tempdir().unwrap();
+    ok(
+        sshd,
+        &[
+            "-quiet",
+            "at",
+            store,
+            "restore",
+            "-to",
+            dst.path().to_str().unwrap(),
+            id,
+        ],
+    );
+    assert_same_files(src.path(), dst.path());
+}
+
+#[test]
+fn sftp_store_on_a_full_disk() {
+    let Some(sshd) = Sshd::start() else { return };
+    let dir = sshd.remote_dir("full");
+    let Some(tmpfs) = Tmpfs::mount(&dir, "8m") else {
+        return;
+    };
+    let store = sshd.url(dir.join("repo"));
+    backup_into_full_store(&sshd, &tmpfs, &store, "the server's disk is full");
+}
+
+#[test]
+fn local_store_on_a_full_disk() {
+    let Some(sshd) = Sshd::start() else { return };
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("mnt");
+    let Some(tmpfs) = Tmpfs::mount(&dir, "8m") else {
+        return;
+    };
+    let store = dir.join("repo");
+    backup_into_full_store(
+        &sshd,
+        &tmpfs,
+        store.to_str().unwrap(),
+        "the disk of the store",
+    );
+}
+
+#[test]
+fn local_restore_destination_fills_up() {
+    let Some(sshd) = Sshd::start() else { return };
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 24);
+    let store = top.path().join("store");
+    let store_s = store.to_str().unwrap();
+    ok(&sshd, &["at", store_s, "create"]);
+    let id = ok(
+        &sshd,
+        &["-quiet", "at", store_s, "backup", src.to_str().unwrap()],
+    );
+    let id = id.trim().to_string();
+
+    let dir = top.path().join("mnt");
+    let Some(tmpfs) = Tmpfs::mount(&dir, "8m") else {
+        return;
+    };
+    let dst = dir.join("out");
+    let dst_s = dst.to_str().unwrap();
+    let started = Instant::now();
+    let out = run(
+        &sshd,
+        &["-quiet", "at", store_s, "restore", "-to", dst_s, &id],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("restore onto a full disk said: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(11),
+        "restore onto a full disk: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("the restore destination") && err.contains(dst_s) && err.contains("full"),
+        "does not name the full destination: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    tmpfs.grow("64m");
+    let out = run(&sshd, &["at", store_s, "restore", "-to", dst_s, &id]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "re-run: {err}");
+    assert_same_files(&src, &dst);
+}
