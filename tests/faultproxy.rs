@@ -192,6 +192,19 @@ fn rules_per_connection_and_cut_all() {
 }
 
 #[test]
+fn cuts_counted_over_all_connections() {
+    let p = Proxy::start(echo_server());
+    p.cut_at_totals(Dir::Down, vec![1500, 2600]);
+    // 1000 bytes each, counted as they pass: the second connection carries byte 1500 (and
+    // stops there), the fourth byte 2600.
+    let got: Vec<usize> = (0..4)
+        .map(|_| echo(&connect(&p), data(1000)).len())
+        .collect();
+    assert_eq!(got, vec![1000, 500, 1000, 100]);
+    assert_eq!(p.stats().cuts(), 2);
+}
+
+#[test]
 fn seeds_repeat() {
     let a: Vec<u64> = {
         let mut r = Rng::new(42);

@@ -321,3 +321,280 @@ fn local_restore_destination_fills_up() {
     assert_eq!(out.status.code(), Some(0), "re-run: {err}");
     assert_same_files(&src, &dst);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Transport faults through tests/common/faultproxy.rs: connections cut at seeded points.
+
+use common::faultproxy::{Dir, Proxy, Rng};
+
+/// Longest any one command may take under faults before the test calls it a hang.
+const BOUND: Duration = Duration::from_secs(150);
+
+/// A proxy in front of `sshd`, with its `[127.0.0.1]:port` entry in known_hosts.
+fn proxy_for(sshd: &Sshd) -> Proxy {
+    let p = Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], sshd.port())));
+    let kh = sshd.known_hosts_path();
+    let mut text = fs::read_to_string(&kh).unwrap();
+    text.push_str(&format!(
+        "[127.0.0.1]:{} {}\n",
+        p.port(),
+        sshd.host_pubkey_line()
+    ));
+    sshd.write_known_hosts(&text);
+    p
+}
+
+/// `sftp://root@127.0.0.1:<proxy port>/<path>`.
+fn proxy_url(p: &Proxy, path: &Path) -> String {
+    format!("sftp://root@127.0.0.1:{}{}", p.port(), path.display())
+}
+
+/// Run kloset, killing it and failing the test if it runs longer than [`BOUND`].
+fn run_bounded(sshd: &Sshd, args: &[&str]) -> (Option<i32>, String, String) {
+    use std::process::Stdio;
+    let mut child = sshd
+        .cmd(bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kloset");
+    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut so, &mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut se, &mut s);
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if started.elapsed() > BOUND {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kloset {args:?} hung: still running after {BOUND:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (out, err) = (out_t.join().unwrap(), err_t.join().unwrap());
+    assert!(!err.contains("panicked"), "kloset panicked: {err}");
+    (status.code(), out, err)
+}
+
+/// Seeds to run: `KLOSET_FAULT_SEED=N` reruns one schedule; otherwise `n` fixed ones.
+fn seeds(n: u64) -> Vec<u64> {
+    match std::env::var("KLOSET_FAULT_SEED") {
+        Ok(s) => vec![s.parse().expect("KLOSET_FAULT_SEED is a number")],
+        Err(_) => (1..=n).collect(),
+    }
+}
+
+/// One to three cuts at seeded points of the next command's traffic in direction `d` (counted
+/// over all its connections, below `max`), each cutting the connection that carries it. Returns
+/// the schedule as text, for the failure message.
+fn seeded_cuts(p: &Proxy, seed: u64, d: Dir, max: u64) -> String {
+    let mut rng = Rng::new(seed);
+    let mut points: Vec<u64> = (0..rng.range(1, 4))
+        .map(|_| rng.range(4_000, max))
+        .collect();
+    points.sort();
+    p.set_plan(Default::default());
+    p.cut_at_totals(d, points.clone());
+    format!("seed {seed}: cut {d:?} at bytes {points:?} (KLOSET_FAULT_SEED={seed} reruns it):")
+}
+
+/// Exit 0, or exit 9 with one line; anything else fails the test.
+fn survived_or_unreachable(what: &str, code: Option<i32>, err: &str) -> bool {
+    match code {
+        Some(0) => true,
+        Some(9) => {
+            assert_eq!(err.trim().lines().count(), 1, "{what}: not one line: {err}");
+            false
+        }
+        c => panic!("{what}: exit {c:?} (want 0, or 9 with a clear error): {err}"),
+    }
+}
+
+#[test]
+fn backup_over_a_link_cut_at_seeded_points() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 12);
+    let repo = sshd.remote_dir("cuts");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    let store = proxy_url(&proxy, &repo);
+    let (mut survived, mut failed) = (0, 0);
+    for seed in seeds(8) {
+        // Something new to upload each round.
+        fs::write(
+            src.join(format!("round-{seed}")),
+            noise(1000 + seed, 3 << 20),
+        )
+        .unwrap();
+        let sched = seeded_cuts(&proxy, seed, Dir::Up, 3_000_000);
+        let cuts_before = proxy.stats().cuts();
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+        );
+        let cuts = proxy.stats().cuts() - cuts_before;
+        eprintln!(
+            "{sched} {cuts} cut(s) happened; exit {code:?} {}",
+            err.trim()
+        );
+        if survived_or_unreachable(&sched, code, &err) {
+            survived += 1;
+        } else {
+            failed += 1;
+        }
+        // Afterwards, over a clean link: the store checks, and a re-run completes and restores.
+        proxy.set_plan(Default::default());
+        let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
+        assert_eq!(code, Some(0), "{sched} check after the faults: {err}");
+        let (code, id, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+        );
+        assert_eq!(code, Some(0), "{sched} re-run: {err}");
+        let dst = top.path().join(format!("restored-{seed}"));
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &[
+                "-quiet",
+                "at",
+                &store,
+                "restore",
+                "-to",
+                dst.to_str().unwrap(),
+                id.trim(),
+            ],
+        );
+        assert_eq!(code, Some(0), "{sched} restore: {err}");
+        assert_same_files(&src, &dst);
+        fs::remove_dir_all(&dst).unwrap();
+    }
+    eprintln!(
+        "backup under cuts: {survived} survived, {failed} failed with exit 9, {} cuts injected",
+        proxy.stats().cuts()
+    );
+    // The schedules must really cut (a change in traffic could make them miss).
+    assert!(
+        proxy.stats().cuts() * 2 >= seeds(8).len(),
+        "too few cuts landed"
+    );
+}
+
+#[test]
+fn restore_over_a_link_cut_at_seeded_points() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 16);
+    let repo = sshd.remote_dir("cuts");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    let id = ok(
+        &sshd,
+        &[
+            "-quiet",
+            "at",
+            &sshd.url(&repo),
+            "backup",
+            src.to_str().unwrap(),
+        ],
+    );
+    let id = id.trim();
+    let store = proxy_url(&proxy, &repo);
+    let (mut survived, mut failed) = (0, 0);
+    for seed in seeds(8) {
+        let cuts_before = proxy.stats().cuts();
+        let sched = seeded_cuts(&proxy, seed, Dir::Down, 15_000_000);
+        let dst = top.path().join(format!("restored-{seed}"));
+        let dst_s = dst.to_str().unwrap();
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "restore", "-to", dst_s, id],
+        );
+        let cuts = proxy.stats().cuts() - cuts_before;
+        eprintln!(
+            "{sched} {cuts} cut(s) happened; exit {code:?} {}",
+            err.trim()
+        );
+        if survived_or_unreachable(&sched, code, &err) {
+            survived += 1;
+            assert_same_files(&src, &dst);
+        } else {
+            failed += 1;
+        }
+        proxy.set_plan(Default::default());
+        // A re-run over a clean link completes (resuming), and the store still checks.
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "restore", "-to", dst_s, id],
+        );
+        assert_eq!(code, Some(0), "{sched} re-run: {err}");
+        assert_same_files(&src, &dst);
+        let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
+        assert_eq!(code, Some(0), "{sched} check: {err}");
+        fs::remove_dir_all(&dst).unwrap();
+    }
+    eprintln!(
+        "restore under cuts: {survived} survived, {failed} failed with exit 9, {} cuts injected",
+        proxy.stats().cuts()
+    );
+    assert!(
+        proxy.stats().cuts() * 2 >= seeds(8).len(),
+        "too few cuts landed"
+    );
+}
+
+/// Every connection cut and new ones refused: a clear exit 9 within the bound, no hang; when
+/// the link is back, check passes and the backup completes.
+#[test]
+fn backup_when_the_link_goes_down_for_good() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 12);
+    let repo = sshd.remote_dir("down");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    let store = proxy_url(&proxy, &repo);
+    // Slow enough that the cut lands mid-upload.
+    proxy.plan().all.0.bytes_per_sec = Some(4 << 20);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(1500));
+            proxy.plan().refuse = true;
+            proxy.cut_all();
+        });
+        let started = Instant::now();
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+        );
+        eprintln!(
+            "link down: exit {code:?} after {:?}: {}",
+            started.elapsed(),
+            err.trim()
+        );
+        assert_eq!(code, Some(9), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    });
+    proxy.set_plan(Default::default());
+    let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
+    assert_eq!(code, Some(0), "check after the link came back: {err}");
+    let (code, _, err) = run_bounded(
+        &sshd,
+        &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "re-run: {err}");
+}

@@ -91,9 +91,48 @@ pub struct Plan {
     pub per_conn: HashMap<usize, (Rules, Rules)>,
     /// Until then no connection forwards anything (a link gone silent).
     pub stall_until: Option<Instant>,
+    /// Cut points counted over all connections together, per direction (see
+    /// [`Proxy::cut_at_totals`]): when the traffic in that direction passes one, the connection
+    /// that carried that byte is cut right after it. Each point fires once.
+    pub total_cuts: [Vec<u64>; 2],
+    /// Bytes read in each direction since the last [`Proxy::cut_at_totals`].
+    pub total_seen: [u64; 2],
+}
+
+impl Dir {
+    fn ix(self) -> usize {
+        match self {
+            Dir::Up => 0,
+            Dir::Down => 1,
+        }
+    }
 }
 
 impl Plan {
+    /// The first total cut point in direction `d` within the next `len` bytes: how many of
+    /// them to forward before the cut. Counts the bytes (up to the cut) as seen.
+    fn take_total_cut(&mut self, d: Dir, len: usize) -> Option<usize> {
+        let i = d.ix();
+        let start = self.total_seen[i];
+        let end = start + len as u64;
+        let hit = self.total_cuts[i]
+            .iter()
+            .copied()
+            .filter(|&p| p > start && p <= end)
+            .min();
+        match hit {
+            Some(p) => {
+                self.total_cuts[i].retain(|&q| q != p);
+                self.total_seen[i] = p;
+                Some((p - start) as usize)
+            }
+            None => {
+                self.total_seen[i] = end;
+                None
+            }
+        }
+    }
+
     pub fn rules(&self, conn: usize, d: Dir) -> &Rules {
         let (up, down) = self.per_conn.get(&conn).unwrap_or(&self.all);
         match d {
@@ -192,6 +231,8 @@ struct Shared {
     stats: Stats,
     live: Mutex<Vec<Arc<Live>>>,
     stop: AtomicBool,
+    /// The number the next accepted connection gets.
+    next: AtomicUsize,
 }
 
 impl Shared {
@@ -216,10 +257,10 @@ impl Proxy {
             stats: Stats::default(),
             live: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            next: AtomicUsize::new(0),
         });
         let sh = shared.clone();
         thread::spawn(move || {
-            let mut n = 0usize;
             for client in listener.incoming() {
                 if sh.stop.load(Ordering::SeqCst) {
                     break;
@@ -230,8 +271,7 @@ impl Proxy {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 }
-                let k = n;
-                n += 1;
+                let k = sh.next.fetch_add(1, Ordering::SeqCst);
                 let sh = sh.clone();
                 thread::spawn(move || serve(client, upstream, k, sh));
             }
@@ -259,6 +299,21 @@ impl Proxy {
 
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// The number ([`Plan::per_conn`]) the next connection will get: schedules for the next
+    /// command count from it.
+    pub fn next_conn(&self) -> usize {
+        self.shared.next.load(Ordering::SeqCst)
+    }
+
+    /// Cut whichever connection carries byte number `p` (counted from now, over all
+    /// connections) in direction `d`, for each `p` of `points`: a schedule that lands whatever
+    /// connection the client happens to use for what.
+    pub fn cut_at_totals(&self, d: Dir, points: Vec<u64>) {
+        let mut plan = self.shared.plan();
+        plan.total_seen[d.ix()] = 0;
+        plan.total_cuts[d.ix()] = points;
     }
 
     /// Connections open now.
@@ -404,7 +459,21 @@ fn pump(
                 _ => break,
             }
         }
-        let rules = sh.plan().rules(n, d).clone();
+        let (rules, total_cut) = {
+            let mut plan = sh.plan();
+            let cut = plan.take_total_cut(d, chunk.len());
+            (plan.rules(n, d).clone(), cut)
+        };
+        if let Some(first) = total_cut {
+            if first > 0 {
+                let _ = tx.send(Msg::Data(
+                    Instant::now() + rules.latency,
+                    chunk[..first].to_vec(),
+                ));
+            }
+            let _ = tx.send(Msg::Cut);
+            break 'read;
+        }
         let due = || Instant::now() + rules.latency;
         if let Some((at, t)) = rules.stall_after
             && !stalled
