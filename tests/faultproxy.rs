@@ -205,6 +205,24 @@ fn cuts_counted_over_all_connections() {
 }
 
 #[test]
+fn stalls_counted_over_all_connections() {
+    let p = Proxy::start(echo_server());
+    p.stall_at_totals(Dir::Down, vec![(1500, Duration::from_millis(800))]);
+    let t = Instant::now();
+    assert_eq!(echo(&connect(&p), data(1000)).len(), 1000);
+    assert!(t.elapsed() < Duration::from_millis(600));
+    // The second connection carries byte 1500: it waits, then everything arrives.
+    let t = Instant::now();
+    assert!(echo(&connect(&p), data(1000)) == data(1000));
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!((p.stats().stalls(), p.stats().cuts()), (1, 0));
+}
+
+#[test]
 fn seeds_repeat() {
     let a: Vec<u64> = {
         let mut r = Rng::new(42);

@@ -598,3 +598,70 @@ fn backup_when_the_link_goes_down_for_good() {
     );
     assert_eq!(code, Some(0), "re-run: {err}");
 }
+
+/// One or two stalls of 1 to 4 s (the link forwards nothing, closes nothing) at seeded points
+/// of the next command's traffic in direction `d`, below `max` bytes.
+fn seeded_stalls(p: &Proxy, seed: u64, d: Dir, max: u64) -> String {
+    let mut rng = Rng::new(seed ^ 0x57a1);
+    let points: Vec<(u64, Duration)> = (0..rng.range(1, 3))
+        .map(|_| {
+            (
+                rng.range(4_000, max),
+                Duration::from_millis(rng.range(1000, 4000)),
+            )
+        })
+        .collect();
+    p.set_plan(Default::default());
+    p.stall_at_totals(d, points.clone());
+    format!("seed {seed}: stall {d:?} at {points:?} (KLOSET_FAULT_SEED={seed} reruns it):")
+}
+
+/// A link that goes silent for a few seconds, well below any timeout, is waited out: backup
+/// and restore complete, exactly.
+#[test]
+fn backup_and_restore_wait_out_short_stalls() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 8);
+    let repo = sshd.remote_dir("stalls");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    let store = proxy_url(&proxy, &repo);
+    for seed in seeds(3) {
+        fs::write(
+            src.join(format!("round-{seed}")),
+            noise(2000 + seed, 2 << 20),
+        )
+        .unwrap();
+        let sched = seeded_stalls(&proxy, seed, Dir::Up, 2_000_000);
+        let (code, id, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+        );
+        eprintln!("backup {sched} exit {code:?} {}", err.trim());
+        assert_eq!(code, Some(0), "backup {sched} {err}");
+        let sched = seeded_stalls(&proxy, seed, Dir::Down, 9_000_000);
+        let dst = top.path().join(format!("restored-{seed}"));
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &[
+                "-quiet",
+                "at",
+                &store,
+                "restore",
+                "-to",
+                dst.to_str().unwrap(),
+                id.trim(),
+            ],
+        );
+        eprintln!("restore {sched} exit {code:?} {}", err.trim());
+        assert_eq!(code, Some(0), "restore {sched} {err}");
+        assert_same_files(&src, &dst);
+        fs::remove_dir_all(&dst).unwrap();
+    }
+    assert!(proxy.stats().stalls() >= 3, "too few stalls landed");
+    proxy.set_plan(Default::default());
+    let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
+    assert_eq!(code, Some(0), "check: {err}");
+}

@@ -95,8 +95,18 @@ pub struct Plan {
     /// [`Proxy::cut_at_totals`]): when the traffic in that direction passes one, the connection
     /// that carried that byte is cut right after it. Each point fires once.
     pub total_cuts: [Vec<u64>; 2],
+    /// Stall points counted the same way (see [`Proxy::stall_at_totals`]): the connection that
+    /// carries that byte forwards nothing more for the duration, then goes on.
+    pub total_stalls: [Vec<(u64, Duration)>; 2],
     /// Bytes read in each direction since the last [`Proxy::cut_at_totals`].
     pub total_seen: [u64; 2],
+}
+
+/// What happens at a total point.
+#[derive(Clone, Copy, Debug)]
+enum Event {
+    Cut,
+    Stall(Duration),
 }
 
 impl Dir {
@@ -109,28 +119,39 @@ impl Dir {
 }
 
 impl Plan {
-    /// The first total cut point in direction `d` within the next `len` bytes: how many of
-    /// them to forward before the cut. Counts the bytes (up to the cut) as seen.
-    fn take_total_cut(&mut self, d: Dir, len: usize) -> Option<usize> {
+    /// The first total cut or stall point in direction `d` within the next `len` bytes: how
+    /// many of them to forward before it, and what it is. Counts the bytes (up to the point)
+    /// as seen.
+    fn take_total_event(&mut self, d: Dir, len: usize) -> Option<(usize, Event)> {
         let i = d.ix();
         let start = self.total_seen[i];
         let end = start + len as u64;
-        let hit = self.total_cuts[i]
+        let within = |p: u64| p > start && p <= end;
+        let cut = self.total_cuts[i]
             .iter()
             .copied()
-            .filter(|&p| p > start && p <= end)
+            .filter(|&p| within(p))
             .min();
-        match hit {
-            Some(p) => {
-                self.total_cuts[i].retain(|&q| q != p);
-                self.total_seen[i] = p;
-                Some((p - start) as usize)
-            }
-            None => {
+        let stall = self.total_stalls[i]
+            .iter()
+            .copied()
+            .filter(|&(p, _)| within(p))
+            .min_by_key(|&(p, _)| p);
+        let (p, ev) = match (cut, stall) {
+            (Some(c), Some((s, t))) if s < c => (s, Event::Stall(t)),
+            (Some(c), _) => (c, Event::Cut),
+            (None, Some((s, t))) => (s, Event::Stall(t)),
+            (None, None) => {
                 self.total_seen[i] = end;
-                None
+                return None;
             }
+        };
+        match ev {
+            Event::Cut => self.total_cuts[i].retain(|&q| q != p),
+            Event::Stall(_) => self.total_stalls[i].retain(|&(q, _)| q != p),
         }
+        self.total_seen[i] = p;
+        Some(((p - start) as usize, ev))
     }
 
     pub fn rules(&self, conn: usize, d: Dir) -> &Rules {
@@ -316,6 +337,15 @@ impl Proxy {
         plan.total_cuts[d.ix()] = points;
     }
 
+    /// Stall whichever connection carries byte number `p` (counted from now, over all
+    /// connections, like [`Proxy::cut_at_totals`], whose count it shares) in direction `d`
+    /// for `t`, for each `(p, t)` of `points`: a link that goes silent for a while.
+    pub fn stall_at_totals(&self, d: Dir, points: Vec<(u64, Duration)>) {
+        let mut plan = self.shared.plan();
+        plan.total_seen[d.ix()] = 0;
+        plan.total_stalls[d.ix()] = points;
+    }
+
     /// Connections open now.
     pub fn live(&self) -> usize {
         self.shared.live.lock().unwrap().len()
@@ -459,20 +489,29 @@ fn pump(
                 _ => break,
             }
         }
-        let (rules, total_cut) = {
-            let mut plan = sh.plan();
-            let cut = plan.take_total_cut(d, chunk.len());
-            (plan.rules(n, d).clone(), cut)
-        };
-        if let Some(first) = total_cut {
+        let rules = sh.plan().rules(n, d).clone();
+        // Points counted over all connections: forward up to each, then cut or stall there.
+        loop {
+            let ev = sh.plan().take_total_event(d, chunk.len());
+            let Some((first, ev)) = ev else { break };
             if first > 0 {
                 let _ = tx.send(Msg::Data(
                     Instant::now() + rules.latency,
                     chunk[..first].to_vec(),
                 ));
             }
-            let _ = tx.send(Msg::Cut);
-            break 'read;
+            passed += first as u64;
+            chunk = &chunk[first..];
+            match ev {
+                Event::Cut => {
+                    let _ = tx.send(Msg::Cut);
+                    break 'read;
+                }
+                Event::Stall(t) => {
+                    sh.stats.stalls.fetch_add(1, Ordering::Relaxed);
+                    nap(t, live);
+                }
+            }
         }
         let due = || Instant::now() + rules.latency;
         if let Some((at, t)) = rules.stall_after
