@@ -43,19 +43,18 @@ struct Tmpfs {
 impl Tmpfs {
     /// `None` (after printing SKIP) when not root or when `mount` fails.
     fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        Tmpfs::mount_with(dir, &format!("size={size}"))
+    }
+
+    /// [`Tmpfs::mount`] with mount options `opts` (`size=8m,nr_inodes=12`).
+    fn mount_with(dir: &Path, opts: &str) -> Option<Tmpfs> {
         if !is_root() {
             eprintln!("SKIP: mounting a tmpfs needs root");
             return None;
         }
         fs::create_dir_all(dir).unwrap();
         let out = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
+            .args(["-t", "tmpfs", "-o", &format!("{opts},mode=0700"), "tmpfs"])
             .arg(dir)
             .output();
         match out {
@@ -78,8 +77,12 @@ impl Tmpfs {
 
     /// Give it more room ("free space").
     fn grow(&self, size: &str) {
+        self.remount(&format!("size={size}"));
+    }
+
+    fn remount(&self, opts: &str) {
         let st = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
+            .args(["-o", &format!("remount,{opts}")])
             .arg(&self.dir)
             .status()
             .unwrap();
@@ -664,4 +667,70 @@ fn backup_and_restore_wait_out_short_stalls() {
     proxy.set_plan(Default::default());
     let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
     assert_eq!(code, Some(0), "check: {err}");
+}
+
+/// Out of inodes rather than bytes: the server's disk is full all the same.
+#[test]
+fn sftp_store_out_of_inodes() {
+    let Some(sshd) = Sshd::start() else { return };
+    let dir = sshd.remote_dir("inodes");
+    // The store takes 8 inodes; a backup's lock, first pack directory and pack take 3 more.
+    let Some(tmpfs) = Tmpfs::mount_with(&dir, "size=256m,nr_inodes=12") else {
+        return;
+    };
+    let store = sshd.url(dir.join("repo"));
+    let src = tempfile::tempdir().unwrap();
+    big_tree(src.path(), 40);
+    let src_s = src.path().to_str().unwrap();
+    ok(&sshd, &["at", &store, "create"]);
+    let out = run(&sshd, &["-quiet", "at", &store, "backup", src_s]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("backup into a store out of inodes said: {err}");
+    assert_eq!(out.status.code(), Some(11), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains("the server's disk is full"), "{err}");
+    assert_eq!(temp_files(&tmpfs.dir), Vec::<PathBuf>::new());
+    tmpfs.remount("nr_inodes=1000");
+    ok(&sshd, &["-quiet", "at", &store, "backup", src_s]);
+    ok(&sshd, &["at", &store, "check"]);
+}
+
+/// A restore destination out of inodes: the same as out of bytes.
+#[test]
+fn local_restore_destination_out_of_inodes() {
+    let Some(sshd) = Sshd::start() else { return };
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 2);
+    let store = top.path().join("store");
+    let store_s = store.to_str().unwrap();
+    ok(&sshd, &["at", store_s, "create"]);
+    let id = ok(
+        &sshd,
+        &["-quiet", "at", store_s, "backup", src.to_str().unwrap()],
+    );
+    let dir = top.path().join("mnt");
+    let Some(tmpfs) = Tmpfs::mount_with(&dir, "size=64m,nr_inodes=10") else {
+        return;
+    };
+    let dst = dir.join("out");
+    let dst_s = dst.to_str().unwrap();
+    let out = run(
+        &sshd,
+        &["-quiet", "at", store_s, "restore", "-to", dst_s, id.trim()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("restore out of inodes said: {err}");
+    assert_eq!(out.status.code(), Some(11), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("the restore destination") && err.contains(dst_s),
+        "{err}"
+    );
+    tmpfs.remount("nr_inodes=1000");
+    ok(
+        &sshd,
+        &["-quiet", "at", store_s, "restore", "-to", dst_s, id.trim()],
+    );
+    assert_same_files(&src, &dst);
 }

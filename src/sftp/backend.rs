@@ -48,6 +48,22 @@ impl SftpBackend {
         Path::new(&self.loc.path).join(t.path(name))
     }
 
+    /// [`disk_full_or`] for a failure before the upload had a file open (creating the
+    /// temporary file or a `packs/XX` directory, out of inodes or blocks): the store's `config`
+    /// is opened for the `statvfs@openssh.com` query instead.
+    fn disk_full_or_probe(&self, c: &Conn, need: u64, e: std::io::Error) -> std::io::Error {
+        if super::transient(&e) || e.kind() == std::io::ErrorKind::StorageFull {
+            return e;
+        }
+        let Ok(mut f) = c.sftp.open(self.path(FileType::Config, "config")) else {
+            return e;
+        };
+        match room(&mut f) {
+            Some(r) => disk_full(r, Path::new(&self.loc.path), need).unwrap_or(e),
+            None => e,
+        }
+    }
+
     fn dir(&self, sub: &str) -> PathBuf {
         if sub.is_empty() {
             PathBuf::from(&self.loc.path)
@@ -309,24 +325,38 @@ fn upload_conn_via(
 /// a "disk full" error of kind `StorageFull`; otherwise `e` unchanged. `tmp` is still open as
 /// `f` (the extension works on open files only).
 fn disk_full_or(f: &mut ssh2::File, tmp: &Path, need: u64, e: std::io::Error) -> std::io::Error {
-    if super::transient(&e) {
+    if super::transient(&e) || e.kind() == std::io::ErrorKind::StorageFull {
         return e;
     }
-    let Ok(vfs) = f.statvfs() else {
-        return e;
-    };
+    match room(f) {
+        Some(r) => disk_full(r, tmp.parent().unwrap_or(Path::new("/")), need).unwrap_or(e),
+        None => e,
+    }
+}
+
+/// Free bytes and whether no inode is free, on the filesystem of the open file `f`, by the
+/// `statvfs@openssh.com` extension; `None` if the server does not answer it.
+fn room(f: &mut ssh2::File) -> Option<(u64, bool)> {
+    let vfs = f.statvfs().ok()?;
     let block = if vfs.f_frsize > 0 {
         vfs.f_frsize
     } else {
         vfs.f_bsize
     };
-    let free = vfs.f_bavail.saturating_mul(block);
-    let no_inodes = vfs.f_files > 0 && vfs.f_favail == 0;
+    Some((
+        vfs.f_bavail.saturating_mul(block),
+        vfs.f_files > 0 && vfs.f_favail == 0,
+    ))
+}
+
+/// The "server's disk is full" error, if the filesystem of `dir` ([`room`]: free bytes, no
+/// free inode) has less than `need` bytes or no inodes free.
+fn disk_full((free, no_inodes): (u64, bool), dir: &Path, need: u64) -> Option<std::io::Error> {
     if free >= need && !no_inodes {
-        return e;
+        return None;
     }
-    let dir = tmp.parent().unwrap_or(Path::new("/")).display();
-    std::io::Error::new(
+    let dir = dir.display();
+    Some(std::io::Error::new(
         std::io::ErrorKind::StorageFull,
         if no_inodes {
             format!(
@@ -337,7 +367,7 @@ fn disk_full_or(f: &mut ssh2::File, tmp: &Path, need: u64, e: std::io::Error) ->
                 "the server's disk is full ({free} bytes free on the filesystem of {dir}, {need} needed); free space on the server, then run the command again"
             )
         },
-    )
+    ))
 }
 
 impl Backend for SftpBackend {
@@ -452,11 +482,12 @@ impl Backend for SftpBackend {
             match upload_conn_via(c, &p, &tmp, data, 0o600) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // The directory is missing (e.g. a new packs/XX): make it and try again.
-                    mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)?;
-                    upload_conn_via(c, &p, &tmp, data, 0o600)
+                    mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)
+                        .and_then(|()| upload_conn_via(c, &p, &tmp, data, 0o600))
                 }
                 r => r,
             }
+            .map_err(|e| self.disk_full_or_probe(c, data.len() as u64, e))
         })
     }
 
