@@ -334,9 +334,10 @@ fn disk_full_or(f: &mut ssh2::File, tmp: &Path, need: u64, e: std::io::Error) ->
     }
 }
 
-/// Free bytes and whether no inode is free, on the filesystem of the open file `f`, by the
-/// `statvfs@openssh.com` extension; `None` if the server does not answer it.
-fn room(f: &mut ssh2::File) -> Option<(u64, bool)> {
+/// Free bytes and free inodes (`None` for a filesystem without an inode count) on the
+/// filesystem of the open file `f`, by the `statvfs@openssh.com` extension; `None` if the
+/// server does not answer it.
+fn room(f: &mut ssh2::File) -> Option<(u64, Option<u64>)> {
     let vfs = f.statvfs().ok()?;
     let block = if vfs.f_frsize > 0 {
         vfs.f_frsize
@@ -345,28 +346,35 @@ fn room(f: &mut ssh2::File) -> Option<(u64, bool)> {
     };
     Some((
         vfs.f_bavail.saturating_mul(block),
-        vfs.f_files > 0 && vfs.f_favail == 0,
+        (vfs.f_files > 0).then_some(vfs.f_favail),
     ))
 }
 
-/// The "server's disk is full" error, if the filesystem of `dir` ([`room`]: free bytes, no
-/// free inode) has less than `need` bytes or no inodes free.
-fn disk_full((free, no_inodes): (u64, bool), dir: &Path, need: u64) -> Option<std::io::Error> {
-    if free >= need && !no_inodes {
+/// Room that other uploads of this command may have freed (removing their temporary files
+/// after the same failure) between a failure and the `statvfs` query: a few packs' worth of
+/// bytes, a few inodes. A server that fails a write with less room than the upload needs plus
+/// this is taken as full.
+const FREED_BYTES: u64 = 128 << 20;
+const FREED_INODES: u64 = 64;
+
+/// The "server's disk is full" error, if the filesystem of `dir` ([`room`]: free bytes, free
+/// inodes) has less than `need` bytes or no inodes free, give or take what other uploads of
+/// this command freed meanwhile ([`FREED_BYTES`], [`FREED_INODES`]).
+fn disk_full((free, inodes): (u64, Option<u64>), dir: &Path, need: u64) -> Option<std::io::Error> {
+    let no_inodes = inodes.is_some_and(|n| n < FREED_INODES);
+    if free >= need.saturating_add(FREED_BYTES) && !no_inodes {
         return None;
     }
     let dir = dir.display();
+    let what = match inodes {
+        Some(n) if no_inodes => format!("{n} inodes free"),
+        _ => format!("{free} bytes free"),
+    };
     Some(std::io::Error::new(
         std::io::ErrorKind::StorageFull,
-        if no_inodes {
-            format!(
-                "the server's disk is full (no free inodes on the filesystem of {dir}); free space on the server, then run the command again"
-            )
-        } else {
-            format!(
-                "the server's disk is full ({free} bytes free on the filesystem of {dir}, {need} needed); free space on the server, then run the command again"
-            )
-        },
+        format!(
+            "the server's disk is full (a write of {need} bytes failed with {what} on the filesystem of {dir}); free space on the server, then run the command again"
+        ),
     ))
 }
 
