@@ -1,6 +1,14 @@
-//! Faults from outside (issue 14): a full disk under an SFTP store, a local store and a local
-//! restore destination. The filesystems are small tmpfs mounts made by the test (root only;
-//! without root, or when `mount` fails, the test says SKIP and returns).
+//! Faults from outside (issue 14).
+//!
+//! - A full disk (bytes or inodes) under an SFTP store, a local store and a local restore
+//!   destination: exit 11, one line naming the full disk, no snapshot, no temporary files;
+//!   after space is freed a re-run completes (a restore resumes) and `check` passes. The
+//!   filesystems are small tmpfs mounts made by the test (root only; without root, or when
+//!   `mount` fails, the test says SKIP and returns).
+//! - Transport faults through tests/common/faultproxy.rs: connections cut, and links stalled,
+//!   at seeded points of a backup's or a restore's traffic, and a link that goes down for
+//!   good. Each command completes, or fails with exit 9 and one line, within [`BOUND`]; then
+//!   `check` passes and a re-run completes. `KLOSET_FAULT_SEED=N` reruns one schedule.
 
 mod common;
 
