@@ -56,6 +56,8 @@ pub mod exit {
     pub const UNREACHABLE: i32 = 9;
     /// The SSH server's host key is unknown or has changed.
     pub const HOST_KEY: i32 = 10;
+    /// A disk is full: the store's, the SFTP server's, or a restore destination's.
+    pub const NO_SPACE: i32 = 11;
 }
 
 #[derive(Parser, Debug)]
@@ -440,8 +442,14 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 ErrorKind::NoSuchEntry => exit::NOT_FOUND,
                 ErrorKind::Unreachable => exit::UNREACHABLE,
                 ErrorKind::HostKey => exit::HOST_KEY,
+                ErrorKind::NoSpace => exit::NO_SPACE,
                 ErrorKind::Other => exit::ERROR,
             };
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::StorageFull
+        {
+            return exit::NO_SPACE;
         }
         if let Some(code) = cause.downcast_ref::<ExitWith>() {
             return code.0;

@@ -48,6 +48,22 @@ impl SftpBackend {
         Path::new(&self.loc.path).join(t.path(name))
     }
 
+    /// [`disk_full_or`] for a failure before the upload had a file open (creating the
+    /// temporary file or a `packs/XX` directory, out of inodes or blocks): the store's `config`
+    /// is opened for the `statvfs@openssh.com` query instead.
+    fn disk_full_or_probe(&self, c: &Conn, need: u64, e: std::io::Error) -> std::io::Error {
+        if super::transient(&e) || e.kind() == std::io::ErrorKind::StorageFull {
+            return e;
+        }
+        let Ok(mut f) = c.sftp.open(self.path(FileType::Config, "config")) else {
+            return e;
+        };
+        match room(&mut f) {
+            Some(r) => disk_full(r, Path::new(&self.loc.path), need).unwrap_or(e),
+            None => e,
+        }
+    }
+
     fn dir(&self, sub: &str) -> PathBuf {
         if sub.is_empty() {
             PathBuf::from(&self.loc.path)
@@ -277,7 +293,9 @@ fn upload_conn_via(
         })
         .map_err(io)?;
         for chunk in data.chunks(IO_BUF) {
-            f.write_all(chunk)?;
+            if let Err(e) = f.write_all(chunk) {
+                return Err(disk_full_or(&mut f, tmp, data.len() as u64, e));
+            }
         }
         // fsync@openssh.com: the data is on the server's disk before the name appears.
         let _ = f.fsync();
@@ -299,6 +317,65 @@ fn upload_conn_via(
         let _ = c.sftp.unlink(tmp);
     }
     res
+}
+
+/// A failed write as the error to report: when the server says only "failure"
+/// (SSH_FX_FAILURE, what OpenSSH answers for ENOSPC as for most errors) and its
+/// `statvfs@openssh.com` extension shows less room than the upload needs (or no free inodes),
+/// a "disk full" error of kind `StorageFull`; otherwise `e` unchanged. `tmp` is still open as
+/// `f` (the extension works on open files only).
+fn disk_full_or(f: &mut ssh2::File, tmp: &Path, need: u64, e: std::io::Error) -> std::io::Error {
+    if super::transient(&e) || e.kind() == std::io::ErrorKind::StorageFull {
+        return e;
+    }
+    match room(f) {
+        Some(r) => disk_full(r, tmp.parent().unwrap_or(Path::new("/")), need).unwrap_or(e),
+        None => e,
+    }
+}
+
+/// Free bytes and free inodes (`None` for a filesystem without an inode count) on the
+/// filesystem of the open file `f`, by the `statvfs@openssh.com` extension; `None` if the
+/// server does not answer it.
+fn room(f: &mut ssh2::File) -> Option<(u64, Option<u64>)> {
+    let vfs = f.statvfs().ok()?;
+    let block = if vfs.f_frsize > 0 {
+        vfs.f_frsize
+    } else {
+        vfs.f_bsize
+    };
+    Some((
+        vfs.f_bavail.saturating_mul(block),
+        (vfs.f_files > 0).then_some(vfs.f_favail),
+    ))
+}
+
+/// Room that other uploads of this command may have freed (removing their temporary files
+/// after the same failure) between a failure and the `statvfs` query: a few packs' worth of
+/// bytes, a few inodes. A server that fails a write with less room than the upload needs plus
+/// this is taken as full.
+const FREED_BYTES: u64 = 128 << 20;
+const FREED_INODES: u64 = 64;
+
+/// The "server's disk is full" error, if the filesystem of `dir` ([`room`]: free bytes, free
+/// inodes) has less than `need` bytes or no inodes free, give or take what other uploads of
+/// this command freed meanwhile ([`FREED_BYTES`], [`FREED_INODES`]).
+fn disk_full((free, inodes): (u64, Option<u64>), dir: &Path, need: u64) -> Option<std::io::Error> {
+    let no_inodes = inodes.is_some_and(|n| n < FREED_INODES);
+    if free >= need.saturating_add(FREED_BYTES) && !no_inodes {
+        return None;
+    }
+    let dir = dir.display();
+    let what = match inodes {
+        Some(n) if no_inodes => format!("{n} inodes free"),
+        _ => format!("{free} bytes free"),
+    };
+    Some(std::io::Error::new(
+        std::io::ErrorKind::StorageFull,
+        format!(
+            "the server's disk is full (a write of {need} bytes failed with {what} on the filesystem of {dir}); free space on the server, then run the command again"
+        ),
+    ))
 }
 
 impl Backend for SftpBackend {
@@ -413,11 +490,12 @@ impl Backend for SftpBackend {
             match upload_conn_via(c, &p, &tmp, data, 0o600) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // The directory is missing (e.g. a new packs/XX): make it and try again.
-                    mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)?;
-                    upload_conn_via(c, &p, &tmp, data, 0o600)
+                    mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)
+                        .and_then(|()| upload_conn_via(c, &p, &tmp, data, 0o600))
                 }
                 r => r,
             }
+            .map_err(|e| self.disk_full_or_probe(c, data.len() as u64, e))
         })
     }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 
-use super::error::{Error, IoContext, Result};
+use super::error::{Error, ErrorKind, IoContext, Result};
 
 /// The kinds of files in a store, each kept under its own directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -391,18 +391,31 @@ impl Backend for LocalBackend {
 
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
         let p = self.file(t, name);
-        if t == FileType::Pack {
-            let d = p.parent().expect("pack path has a parent");
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(d)
-                .at(d)?;
-        }
-        if p.exists() {
-            return Ok(());
-        }
-        write_atomic(&p, data, 0o600)
+        let res = (|| {
+            if t == FileType::Pack {
+                let d = p.parent().expect("pack path has a parent");
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(d)
+                    .at(d)?;
+            }
+            if p.exists() {
+                return Ok(());
+            }
+            write_atomic(&p, data, 0o600)
+        })();
+        res.map_err(|e| {
+            if e.kind() == ErrorKind::NoSpace {
+                Error::NoSpace(format!(
+                    "{}: the disk of the store {} is full (no space left on device); free space there, then run the command again",
+                    t.path(name),
+                    self.root.display(),
+                ))
+            } else {
+                e
+            }
+        })
     }
 
     fn remove(&self, t: FileType, name: &str) -> Result<()> {

@@ -989,7 +989,14 @@ impl TreeBuilder<'_, '_> {
     /// Turn a walked item into its final node; `None` if it could not be read.
     fn finish_item(&mut self, item: Item) -> Result<Option<Node>> {
         match item {
-            Item::Done(n) => Ok(Some(n)),
+            Item::Done(n) => {
+                // An unchanged file's chunks, reused from the previous snapshot: their packs
+                // must be indexed by the time this snapshot is committed.
+                for id in &n.content {
+                    self.packer.reuse(id);
+                }
+                Ok(Some(n))
+            }
             Item::File(mut n, job) => {
                 let r = self.results.get_mut(job).and_then(|r| r.take());
                 match r {
@@ -1044,8 +1051,13 @@ impl TreeBuilder<'_, '_> {
                     }
                 }
                 node.subtree = Some(match reuse {
-                    // Equal to the parent snapshot's tree, which was just read from the store.
-                    Some(id) => id,
+                    // Equal to the parent snapshot's tree, which was just read from the store
+                    // (and must be indexed when this snapshot is committed, like its entries,
+                    // each reused above).
+                    Some(id) => {
+                        self.packer.reuse(&id);
+                        id
+                    }
                     None => {
                         t.sort();
                         self.write_tree(&t)?

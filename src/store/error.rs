@@ -27,6 +27,8 @@ pub enum ErrorKind {
     Unreachable,
     /// The server's host key is unknown or has changed.
     HostKey,
+    /// A disk is full: the store's (local, or the SFTP server's) or a restore destination's.
+    NoSpace,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,9 @@ pub enum Error {
     MissingBlob(String),
     #[error("unsupported store format version {0} (this kloset reads version {1}); upgrade kloset")]
     Version(u32, u32),
+    /// A disk filled up; the message names which one and says what to do.
+    #[error("{0}")]
+    NoSpace(String),
     /// An error from a connector (e.g. SFTP), already worded, with its class.
     #[error("{0}")]
     Connector(String, ErrorKind),
@@ -114,6 +119,10 @@ impl Error {
             | Error::NotADirectory(..)
             | Error::NotAFile(..) => ErrorKind::NoSuchEntry,
             Error::Connector(_, k) => *k,
+            Error::NoSpace(_) => ErrorKind::NoSpace,
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                ErrorKind::NoSpace
+            }
             Error::Io { .. }
             | Error::NotEmpty(_)
             | Error::AlreadyExists(_)

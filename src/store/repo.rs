@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use lru::LruCache;
@@ -140,6 +140,12 @@ pub struct Store {
     index: RwLock<Index>,
     trees: Mutex<LruCache<BlobId, Arc<Tree>>>,
     index_report: Mutex<IndexLoadReport>,
+    /// Packs no index file lists, as read from their headers when the index was loaded (an
+    /// interrupted backup's, or another writer's not indexed yet), by name. A writer that
+    /// reuses a blob of one lists the pack in its own index ([`Packer::claim`]).
+    recovered: Mutex<HashMap<String, IndexPack>>,
+    /// `recovered` is not empty (checked without a lock on every reused blob).
+    has_recovered: AtomicBool,
     /// Local copies of index files, snapshots and tree packs (remote stores only).
     cache: Option<Cache>,
 }
@@ -393,6 +399,8 @@ impl Store {
             index: RwLock::new(Index::default()),
             trees: Mutex::new(LruCache::new(NonZeroUsize::new(4096).expect("non-zero"))),
             index_report: Mutex::new(IndexLoadReport::default()),
+            recovered: Mutex::new(HashMap::new()),
+            has_recovered: AtomicBool::new(false),
         }
     }
 
@@ -542,17 +550,20 @@ impl Store {
         }
         drop(opened);
         let packs = files.packs;
+        let mut recovered = HashMap::new();
         for p in packs {
             if idx.has_pack(&p.name) {
                 continue;
             }
             match self.read_pack_header(&p.name, p.size) {
                 Ok(h) => {
-                    idx.add_pack(&IndexPack {
+                    let ip = IndexPack {
                         pack: p.name.clone(),
                         kind: h.kind,
                         entries: h.entries,
-                    });
+                    };
+                    idx.add_pack(&ip);
+                    recovered.insert(p.name.clone(), ip);
                     report.recovered_packs.push(p.name);
                 }
                 Err(e) => report.damaged_pack_headers.push((p.name, e.to_string())),
@@ -560,6 +571,9 @@ impl Store {
         }
         *self.index.write() = idx;
         *self.index_report.lock() = report;
+        self.has_recovered
+            .store(!recovered.is_empty(), Ordering::Release);
+        *self.recovered.lock() = recovered;
         Ok(())
     }
 
@@ -1126,6 +1140,8 @@ pub struct Packer<'a> {
     /// Ids added in this session (the index only knows uploaded packs).
     seen: Mutex<HashSet<BlobId>>,
     pending_index: Mutex<Vec<IndexPack>>,
+    /// Packs no index listed that this session reuses blobs of, and so lists in its index.
+    adopted: Mutex<HashSet<String>>,
     pub new_blobs: AtomicU64,
     pub new_bytes: AtomicU64,
 }
@@ -1151,6 +1167,7 @@ impl<'a> Packer<'a> {
             bufs: [Mutex::default(), Mutex::default()],
             seen: Mutex::new(HashSet::new()),
             pending_index: Mutex::new(Vec::new()),
+            adopted: Mutex::new(HashSet::new()),
             new_blobs: AtomicU64::new(0),
             new_bytes: AtomicU64::new(0),
         }
@@ -1158,11 +1175,37 @@ impl<'a> Packer<'a> {
 
     /// Does the store already have (or is this session adding) this blob? Marks it as being
     /// added if not, so exactly one caller gets `false` per new blob.
+    ///
+    /// A blob the store has only in a pack no index file lists (another writer's, uploaded but
+    /// not indexed yet, or one killed before its index) is reused too, and that pack is listed
+    /// in this session's index ([`Packer::reuse`]): a snapshot is committed only once every
+    /// blob it references is in an indexed pack (DESIGN.md, "Safety model").
     pub fn claim(&self, id: &BlobId) -> bool {
-        if self.store.index.read().contains(id) {
+        if self.reuse(id) {
             return true;
         }
         !self.seen.lock().insert(*id)
+    }
+
+    /// This session references the stored blob `id` (an unchanged file's chunk taken from the
+    /// previous snapshot, or a blob [`Packer::claim`] found): if its pack is one no index file
+    /// lists, list it in this session's index. Whether the store has the blob.
+    pub fn reuse(&self, id: &BlobId) -> bool {
+        let idx = self.store.index.read();
+        let Some(loc) = idx.get(id) else {
+            return false;
+        };
+        if self.store.has_recovered.load(Ordering::Acquire) {
+            let pack = idx.pack_name(loc.pack);
+            if !self.adopted.lock().contains(pack) {
+                let ip = self.store.recovered.lock().get(pack).cloned();
+                if let Some(ip) = ip {
+                    self.adopted.lock().insert(ip.pack.clone());
+                    self.pending_index.lock().push(ip);
+                }
+            }
+        }
+        true
     }
 
     /// Add a blob whose id the caller has claimed.

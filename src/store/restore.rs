@@ -6,7 +6,9 @@
 //! each one to every file position that needs it. A file's metadata is set when its last chunk
 //! lands; hard links are made once their first path is complete; directories get their
 //! metadata last, deepest first. A damaged blob fails only the files that contain it: the
-//! restore carries on and reports them.
+//! restore carries on and reports them. A full destination disk is different: it stops the
+//! restore at once ([`no_space`]), removes the files it left unfinished, and keeps the resume
+//! marker, so the same command resumes once space is freed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,7 +17,7 @@ use parking_lot::Mutex;
 
 use super::crypto::BlobId;
 use super::destination::Destination;
-use super::error::{Error, Result};
+use super::error::{Error, ErrorKind, Result};
 use super::repo::{SnapshotEntry, Store};
 use super::tree::{Node, NodeKind, join};
 
@@ -236,6 +238,10 @@ pub fn run(
             if e.rel.is_empty() {
                 return Err(err);
             }
+            if err.kind() == ErrorKind::NoSpace {
+                let _ = dest.remove_file(&e.rel);
+                return Err(no_space(dest, &err));
+            }
             report.errors.push((e.rel.clone(), err.to_string()));
         }
     }
@@ -368,7 +374,7 @@ pub fn run(
                             if e.node.content.len() == 1 {
                                 let w = plain.as_ref().map_err(|e| e.to_string()).and_then(|p| {
                                     dest.write_whole(&e.rel, p, &e.node)
-                                        .map_err(|e| e.to_string())
+                                        .map_err(|err| full_or_string(&fatal, err))
                                 });
                                 match w {
                                     Ok(()) => {
@@ -383,7 +389,8 @@ pub fn run(
                                 continue;
                             }
                             let w = plain.as_ref().map_err(|e| e.to_string()).and_then(|p| {
-                                dest.write_at(&e.rel, foff, p).map_err(|e| e.to_string())
+                                dest.write_at(&e.rel, foff, p)
+                                    .map_err(|err| full_or_string(&fatal, err))
                             });
                             if let Err(msg) = w {
                                 failed[i].store(true, Ordering::Relaxed);
@@ -405,7 +412,18 @@ pub fn run(
         }
     });
     if let Some(e) = fatal.into_inner() {
-        return Err(e);
+        // Stopped (a full disk): the files begun but not finished go, which frees their space
+        // and leaves none with wrong content under its real name; a re-run resumes.
+        for &i in &files {
+            if failed[i].load(Ordering::Relaxed) || remaining[i].load(Ordering::Relaxed) > 0 {
+                let _ = dest.remove_file(&entries[i].rel);
+            }
+        }
+        return Err(match e {
+            Error::NoSpace(_) => e,
+            e if e.kind() == ErrorKind::NoSpace => no_space(dest, &e),
+            e => e,
+        });
     }
     report.errors.extend(errors.into_inner());
     // A file whose data could not be restored is removed rather than left full of zeros
@@ -444,6 +462,25 @@ pub fn run(
     }
     report.bytes = progress.bytes.load(Ordering::Relaxed);
     Ok(report)
+}
+
+/// The error that stops a restore whose destination filled up: it names the destination and
+/// says what to do.
+fn no_space(dest: &dyn Destination, e: &Error) -> Error {
+    Error::NoSpace(format!(
+        "the restore destination {} is full ({e}); free space there, then run the same restore again: it resumes where it stopped",
+        dest.describe()
+    ))
+}
+
+/// A write error as the message recorded for its file; a full disk is also recorded as the
+/// restore's fatal error, which stops the workers.
+fn full_or_string(fatal: &Mutex<Option<Error>>, err: Error) -> String {
+    let msg = err.to_string();
+    if err.kind() == ErrorKind::NoSpace {
+        fatal.lock().get_or_insert(err);
+    }
+    msg
 }
 
 fn finish_file(

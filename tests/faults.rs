@@ -1,0 +1,744 @@
+//! Faults from outside (issue 14).
+//!
+//! - A full disk (bytes or inodes) under an SFTP store, a local store and a local restore
+//!   destination: exit 11, one line naming the full disk, no snapshot, no temporary files;
+//!   after space is freed a re-run completes (a restore resumes) and `check` passes. The
+//!   filesystems are small tmpfs mounts made by the test (root only; without root, or when
+//!   `mount` fails, the test says SKIP and returns).
+//! - Transport faults through tests/common/faultproxy.rs: connections cut, and links stalled,
+//!   at seeded points of a backup's or a restore's traffic, and a link that goes down for
+//!   good. Each command completes, or fails with exit 9 and one line, within [`BOUND`]; then
+//!   `check` passes and a re-run completes. `KLOSET_FAULT_SEED=N` reruns one schedule.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::sshd::Sshd;
+use common::tree::is_root;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_kloset"))
+}
+
+fn run(sshd: &Sshd, args: &[&str]) -> Output {
+    let out = sshd.cmd(bin()).args(args).output().expect("run kloset");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "kloset panicked: {err}");
+    out
+}
+
+fn ok(sshd: &Sshd, args: &[&str]) -> String {
+    let out = run(sshd, args);
+    assert!(
+        out.status.success(),
+        "kloset {args:?} failed ({:?}): {}\nsshd log: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr),
+        sshd.log()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tmpfs of a given size mounted on a fresh directory, unmounted on drop.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// `None` (after printing SKIP) when not root or when `mount` fails.
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        Tmpfs::mount_with(dir, &format!("size={size}"))
+    }
+
+    /// [`Tmpfs::mount`] with mount options `opts` (`size=8m,nr_inodes=12`).
+    fn mount_with(dir: &Path, opts: &str) -> Option<Tmpfs> {
+        if !is_root() {
+            eprintln!("SKIP: mounting a tmpfs needs root");
+            return None;
+        }
+        fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("{opts},mode=0700"), "tmpfs"])
+            .arg(dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs {
+                dir: dir.to_path_buf(),
+            }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIP: cannot mount a tmpfs: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIP: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    /// Give it more room ("free space").
+    fn grow(&self, size: &str) {
+        self.remount(&format!("size={size}"));
+    }
+
+    fn remount(&self, opts: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount {} failed", self.dir.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// Incompressible bytes (xorshift), so the store cannot squeeze them below the tmpfs size.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A tree of `mib` MiB of incompressible data in 2 MiB files, plus a few small files.
+fn big_tree(root: &Path, mib: usize) {
+    fs::create_dir_all(root.join("sub")).unwrap();
+    for i in 0..mib / 2 {
+        fs::write(
+            root.join(format!("f{i:02}.bin")),
+            noise(i as u64 + 1, 2 << 20),
+        )
+        .unwrap();
+    }
+    for i in 0..20 {
+        fs::write(
+            root.join(format!("sub/small{i}")),
+            format!("small file {i}\n"),
+        )
+        .unwrap();
+    }
+}
+
+/// Every `.tmp-*` file under `dir`.
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Same relative paths with the same contents.
+fn assert_same_files(a: &Path, b: &Path) {
+    let list = |root: &Path| {
+        let mut v = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(p);
+                } else {
+                    v.push(p.strip_prefix(root).unwrap().to_path_buf());
+                }
+            }
+        }
+        v.sort();
+        v
+    };
+    let (la, lb) = (list(a), list(b));
+    assert_eq!(
+        la,
+        lb,
+        "different files in {} and {}",
+        a.display(),
+        b.display()
+    );
+    for p in &la {
+        assert!(
+            fs::read(a.join(p)).unwrap() == fs::read(b.join(p)).unwrap(),
+            "{} differs",
+            p.display()
+        );
+    }
+}
+
+/// A backup that fills the store's disk: exit 11, one line that says the disk is full, fast;
+/// no snapshot, no temporary files; after space is freed a re-run completes and `check` passes.
+fn backup_into_full_store(sshd: &Sshd, fs_: &Tmpfs, store: &str, what: &str) {
+    let src = tempfile::tempdir().unwrap();
+    big_tree(src.path(), 24);
+    let src_s = src.path().to_str().unwrap();
+    ok(sshd, &["at", store, "create"]);
+
+    let started = Instant::now();
+    let out = run(sshd, &["-quiet", "at", store, "backup", src_s]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("backup into a full store said: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(11),
+        "backup into a full store: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains(what), "does not say {what:?}: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        temp_files(&fs_.dir),
+        Vec::<PathBuf>::new(),
+        "temporary files left"
+    );
+    assert_eq!(
+        ok(sshd, &["at", store, "ls"]).trim(),
+        "",
+        "a snapshot was saved"
+    );
+    // What the failed backup left is a consistent store.
+    ok(sshd, &["at", store, "check"]);
+
+    fs_.grow("64m");
+    let id = ok(sshd, &["-quiet", "at", store, "backup", src_s]);
+    let id = id.trim();
+    assert!(!id.is_empty());
+    ok(sshd, &["at", store, "check"]);
+    let dst = tempfile::tempdir().unwrap();
+    ok(
+        sshd,
+        &[
+            "-quiet",
+            "at",
+            store,
+            "restore",
+            "-to",
+            dst.path().to_str().unwrap(),
+            id,
+        ],
+    );
+    assert_same_files(src.path(), dst.path());
+}
+
+#[test]
+fn sftp_store_on_a_full_disk() {
+    let Some(sshd) = Sshd::start() else { return };
+    let dir = sshd.remote_dir("full");
+    let Some(tmpfs) = Tmpfs::mount(&dir, "8m") else {
+        return;
+    };
+    let store = sshd.url(dir.join("repo"));
+    backup_into_full_store(&sshd, &tmpfs, &store, "the server's disk is full");
+}
+
+#[test]
+fn local_store_on_a_full_disk() {
+    let Some(sshd) = Sshd::start() else { return };
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("mnt");
+    let Some(tmpfs) = Tmpfs::mount(&dir, "8m") else {
+        return;
+    };
+    let store = dir.join("repo");
+    backup_into_full_store(
+        &sshd,
+        &tmpfs,
+        store.to_str().unwrap(),
+        "the disk of the store",
+    );
+}
+
+#[test]
+fn local_restore_destination_fills_up() {
+    let Some(sshd) = Sshd::start() else { return };
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 24);
+    let store = top.path().join("store");
+    let store_s = store.to_str().unwrap();
+    ok(&sshd, &["at", store_s, "create"]);
+    let id = ok(
+        &sshd,
+        &["-quiet", "at", store_s, "backup", src.to_str().unwrap()],
+    );
+    let id = id.trim().to_string();
+
+    let dir = top.path().join("mnt");
+    let Some(tmpfs) = Tmpfs::mount(&dir, "8m") else {
+        return;
+    };
+    let dst = dir.join("out");
+    let dst_s = dst.to_str().unwrap();
+    let started = Instant::now();
+    let out = run(
+        &sshd,
+        &["-quiet", "at", store_s, "restore", "-to", dst_s, &id],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("restore onto a full disk said: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(11),
+        "restore onto a full disk: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("the restore destination") && err.contains(dst_s) && err.contains("full"),
+        "does not name the full destination: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    tmpfs.grow("64m");
+    let out = run(&sshd, &["at", store_s, "restore", "-to", dst_s, &id]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "re-run: {err}");
+    assert_same_files(&src, &dst);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transport faults through tests/common/faultproxy.rs: connections cut at seeded points.
+
+use common::faultproxy::{Dir, Proxy, Rng};
+
+/// Longest any one command may take under faults before the test calls it a hang.
+const BOUND: Duration = Duration::from_secs(150);
+
+/// A proxy in front of `sshd`, with its `[127.0.0.1]:port` entry in known_hosts.
+fn proxy_for(sshd: &Sshd) -> Proxy {
+    let p = Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], sshd.port())));
+    let kh = sshd.known_hosts_path();
+    let mut text = fs::read_to_string(&kh).unwrap();
+    text.push_str(&format!(
+        "[127.0.0.1]:{} {}\n",
+        p.port(),
+        sshd.host_pubkey_line()
+    ));
+    sshd.write_known_hosts(&text);
+    p
+}
+
+/// `sftp://root@127.0.0.1:<proxy port>/<path>`.
+fn proxy_url(p: &Proxy, path: &Path) -> String {
+    format!("sftp://root@127.0.0.1:{}{}", p.port(), path.display())
+}
+
+/// Run kloset, killing it and failing the test if it runs longer than [`BOUND`].
+fn run_bounded(sshd: &Sshd, args: &[&str]) -> (Option<i32>, String, String) {
+    use std::process::Stdio;
+    let mut child = sshd
+        .cmd(bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kloset");
+    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut so, &mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut se, &mut s);
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if started.elapsed() > BOUND {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kloset {args:?} hung: still running after {BOUND:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (out, err) = (out_t.join().unwrap(), err_t.join().unwrap());
+    assert!(!err.contains("panicked"), "kloset panicked: {err}");
+    (status.code(), out, err)
+}
+
+/// Seeds to run: `KLOSET_FAULT_SEED=N` reruns one schedule; otherwise `n` fixed ones.
+fn seeds(n: u64) -> Vec<u64> {
+    match std::env::var("KLOSET_FAULT_SEED") {
+        Ok(s) => vec![s.parse().expect("KLOSET_FAULT_SEED is a number")],
+        Err(_) => (1..=n).collect(),
+    }
+}
+
+/// One to three cuts at seeded points of the next command's traffic in direction `d` (counted
+/// over all its connections, below `max`), each cutting the connection that carries it. Returns
+/// the schedule as text, for the failure message.
+fn seeded_cuts(p: &Proxy, seed: u64, d: Dir, max: u64) -> String {
+    let mut rng = Rng::new(seed);
+    let mut points: Vec<u64> = (0..rng.range(1, 4))
+        .map(|_| rng.range(4_000, max))
+        .collect();
+    points.sort();
+    p.set_plan(Default::default());
+    p.cut_at_totals(d, points.clone());
+    format!("seed {seed}: cut {d:?} at bytes {points:?} (KLOSET_FAULT_SEED={seed} reruns it):")
+}
+
+/// Exit 0, or exit 9 with one line; anything else fails the test.
+fn survived_or_unreachable(what: &str, code: Option<i32>, err: &str) -> bool {
+    match code {
+        Some(0) => true,
+        Some(9) => {
+            assert_eq!(err.trim().lines().count(), 1, "{what}: not one line: {err}");
+            false
+        }
+        c => panic!("{what}: exit {c:?} (want 0, or 9 with a clear error): {err}"),
+    }
+}
+
+#[test]
+fn backup_over_a_link_cut_at_seeded_points() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 12);
+    let repo = sshd.remote_dir("cuts");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    let store = proxy_url(&proxy, &repo);
+    let (mut survived, mut failed) = (0, 0);
+    for seed in seeds(8) {
+        // Something new to upload each round.
+        fs::write(
+            src.join(format!("round-{seed}")),
+            noise(1000 + seed, 3 << 20),
+        )
+        .unwrap();
+        let sched = seeded_cuts(&proxy, seed, Dir::Up, 3_000_000);
+        let cuts_before = proxy.stats().cuts();
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+        );
+        let cuts = proxy.stats().cuts() - cuts_before;
+        eprintln!(
+            "{sched} {cuts} cut(s) happened; exit {code:?} {}",
+            err.trim()
+        );
+        if survived_or_unreachable(&sched, code, &err) {
+            survived += 1;
+        } else {
+            failed += 1;
+        }
+        // Afterwards, over a clean link: the store checks, and a re-run completes and restores.
+        proxy.set_plan(Default::default());
+        let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
+        assert_eq!(code, Some(0), "{sched} check after the faults: {err}");
+        let (code, id, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+        );
+        assert_eq!(code, Some(0), "{sched} re-run: {err}");
+        let dst = top.path().join(format!("restored-{seed}"));
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &[
+                "-quiet",
+                "at",
+                &store,
+                "restore",
+                "-to",
+                dst.to_str().unwrap(),
+                id.trim(),
+            ],
+        );
+        assert_eq!(code, Some(0), "{sched} restore: {err}");
+        assert_same_files(&src, &dst);
+        fs::remove_dir_all(&dst).unwrap();
+    }
+    eprintln!(
+        "backup under cuts: {survived} survived, {failed} failed with exit 9, {} cuts injected",
+        proxy.stats().cuts()
+    );
+    // The schedules must really cut (a change in traffic could make them miss).
+    assert!(
+        proxy.stats().cuts() * 2 >= seeds(8).len(),
+        "too few cuts landed"
+    );
+}
+
+#[test]
+fn restore_over_a_link_cut_at_seeded_points() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 16);
+    let repo = sshd.remote_dir("cuts");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    let id = ok(
+        &sshd,
+        &[
+            "-quiet",
+            "at",
+            &sshd.url(&repo),
+            "backup",
+            src.to_str().unwrap(),
+        ],
+    );
+    let id = id.trim();
+    let store = proxy_url(&proxy, &repo);
+    let (mut survived, mut failed) = (0, 0);
+    for seed in seeds(8) {
+        let cuts_before = proxy.stats().cuts();
+        let sched = seeded_cuts(&proxy, seed, Dir::Down, 15_000_000);
+        let dst = top.path().join(format!("restored-{seed}"));
+        let dst_s = dst.to_str().unwrap();
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "restore", "-to", dst_s, id],
+        );
+        let cuts = proxy.stats().cuts() - cuts_before;
+        eprintln!(
+            "{sched} {cuts} cut(s) happened; exit {code:?} {}",
+            err.trim()
+        );
+        if survived_or_unreachable(&sched, code, &err) {
+            survived += 1;
+            assert_same_files(&src, &dst);
+        } else {
+            failed += 1;
+        }
+        proxy.set_plan(Default::default());
+        // A re-run over a clean link completes (resuming), and the store still checks.
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "restore", "-to", dst_s, id],
+        );
+        assert_eq!(code, Some(0), "{sched} re-run: {err}");
+        assert_same_files(&src, &dst);
+        let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
+        assert_eq!(code, Some(0), "{sched} check: {err}");
+        fs::remove_dir_all(&dst).unwrap();
+    }
+    eprintln!(
+        "restore under cuts: {survived} survived, {failed} failed with exit 9, {} cuts injected",
+        proxy.stats().cuts()
+    );
+    assert!(
+        proxy.stats().cuts() * 2 >= seeds(8).len(),
+        "too few cuts landed"
+    );
+}
+
+/// Every connection cut and new ones refused: a clear exit 9 within the bound, no hang; when
+/// the link is back, check passes and the backup completes.
+#[test]
+fn backup_when_the_link_goes_down_for_good() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 12);
+    let repo = sshd.remote_dir("down");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    let store = proxy_url(&proxy, &repo);
+    // Slow enough that the cut lands mid-upload.
+    proxy.plan().all.0.bytes_per_sec = Some(4 << 20);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(1500));
+            proxy.plan().refuse = true;
+            proxy.cut_all();
+        });
+        let started = Instant::now();
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+        );
+        eprintln!(
+            "link down: exit {code:?} after {:?}: {}",
+            started.elapsed(),
+            err.trim()
+        );
+        assert_eq!(code, Some(9), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    });
+    proxy.set_plan(Default::default());
+    let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
+    assert_eq!(code, Some(0), "check after the link came back: {err}");
+    let (code, _, err) = run_bounded(
+        &sshd,
+        &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "re-run: {err}");
+}
+
+/// One or two stalls of 1 to 4 s (the link forwards nothing, closes nothing) at seeded points
+/// of the next command's traffic in direction `d`, below `max` bytes.
+fn seeded_stalls(p: &Proxy, seed: u64, d: Dir, max: u64) -> String {
+    let mut rng = Rng::new(seed ^ 0x57a1);
+    let points: Vec<(u64, Duration)> = (0..rng.range(1, 3))
+        .map(|_| {
+            (
+                rng.range(4_000, max),
+                Duration::from_millis(rng.range(1000, 4000)),
+            )
+        })
+        .collect();
+    p.set_plan(Default::default());
+    p.stall_at_totals(d, points.clone());
+    format!("seed {seed}: stall {d:?} at {points:?} (KLOSET_FAULT_SEED={seed} reruns it):")
+}
+
+/// A link that goes silent for a few seconds, well below any timeout, is waited out: backup
+/// and restore complete, exactly.
+#[test]
+fn backup_and_restore_wait_out_short_stalls() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 8);
+    let repo = sshd.remote_dir("stalls");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    let store = proxy_url(&proxy, &repo);
+    for seed in seeds(3) {
+        fs::write(
+            src.join(format!("round-{seed}")),
+            noise(2000 + seed, 2 << 20),
+        )
+        .unwrap();
+        let sched = seeded_stalls(&proxy, seed, Dir::Up, 2_000_000);
+        let (code, id, err) = run_bounded(
+            &sshd,
+            &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+        );
+        eprintln!("backup {sched} exit {code:?} {}", err.trim());
+        assert_eq!(code, Some(0), "backup {sched} {err}");
+        let sched = seeded_stalls(&proxy, seed, Dir::Down, 9_000_000);
+        let dst = top.path().join(format!("restored-{seed}"));
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &[
+                "-quiet",
+                "at",
+                &store,
+                "restore",
+                "-to",
+                dst.to_str().unwrap(),
+                id.trim(),
+            ],
+        );
+        eprintln!("restore {sched} exit {code:?} {}", err.trim());
+        assert_eq!(code, Some(0), "restore {sched} {err}");
+        assert_same_files(&src, &dst);
+        fs::remove_dir_all(&dst).unwrap();
+    }
+    assert!(proxy.stats().stalls() >= 3, "too few stalls landed");
+    proxy.set_plan(Default::default());
+    let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
+    assert_eq!(code, Some(0), "check: {err}");
+}
+
+/// Out of inodes rather than bytes: the server's disk is full all the same.
+#[test]
+fn sftp_store_out_of_inodes() {
+    let Some(sshd) = Sshd::start() else { return };
+    let dir = sshd.remote_dir("inodes");
+    // The store takes 8 inodes; a backup's lock, first pack directory and pack take 3 more.
+    let Some(tmpfs) = Tmpfs::mount_with(&dir, "size=256m,nr_inodes=12") else {
+        return;
+    };
+    let store = sshd.url(dir.join("repo"));
+    let src = tempfile::tempdir().unwrap();
+    big_tree(src.path(), 40);
+    let src_s = src.path().to_str().unwrap();
+    ok(&sshd, &["at", &store, "create"]);
+    let out = run(&sshd, &["-quiet", "at", &store, "backup", src_s]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("backup into a store out of inodes said: {err}");
+    assert_eq!(out.status.code(), Some(11), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains("the server's disk is full"), "{err}");
+    assert_eq!(temp_files(&tmpfs.dir), Vec::<PathBuf>::new());
+    tmpfs.remount("nr_inodes=1000");
+    ok(&sshd, &["-quiet", "at", &store, "backup", src_s]);
+    ok(&sshd, &["at", &store, "check"]);
+}
+
+/// A restore destination out of inodes: the same as out of bytes.
+#[test]
+fn local_restore_destination_out_of_inodes() {
+    let Some(sshd) = Sshd::start() else { return };
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 2);
+    let store = top.path().join("store");
+    let store_s = store.to_str().unwrap();
+    ok(&sshd, &["at", store_s, "create"]);
+    let id = ok(
+        &sshd,
+        &["-quiet", "at", store_s, "backup", src.to_str().unwrap()],
+    );
+    let dir = top.path().join("mnt");
+    let Some(tmpfs) = Tmpfs::mount_with(&dir, "size=64m,nr_inodes=10") else {
+        return;
+    };
+    let dst = dir.join("out");
+    let dst_s = dst.to_str().unwrap();
+    let out = run(
+        &sshd,
+        &["-quiet", "at", store_s, "restore", "-to", dst_s, id.trim()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("restore out of inodes said: {err}");
+    assert_eq!(out.status.code(), Some(11), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("the restore destination") && err.contains(dst_s),
+        "{err}"
+    );
+    tmpfs.remount("nr_inodes=1000");
+    ok(
+        &sshd,
+        &["-quiet", "at", store_s, "restore", "-to", dst_s, id.trim()],
+    );
+    assert_same_files(&src, &dst);
+}
