@@ -297,9 +297,18 @@ fn upload_conn_via(
                 return Err(disk_full_or(&mut f, tmp, data.len() as u64, e));
             }
         }
-        // fsync@openssh.com: the data is on the server's disk before the name appears.
-        let _ = f.fsync();
-        drop(f);
+        // fsync@openssh.com: the data is on the server's disk before the name appears. A server
+        // without the extension answers "unsupported" (SSH_FX_OP_UNSUPPORTED), which is no
+        // reason to fail; any other error (a full disk or quota noticed at flush time) is: the
+        // name must never appear on a file that is not whole.
+        match f.fsync() {
+            Ok(()) => {}
+            Err(e) if e.code() == ssh2::ErrorCode::SFTP(8) => {}
+            Err(e) => return Err(disk_full_or(&mut f, tmp, data.len() as u64, io(e))),
+        }
+        // Closed explicitly, so that an error the server reports only at close (NFS, quotas)
+        // is seen too; dropping the handle would ignore it.
+        f.close().map_err(io)?;
         match c.sftp.rename(tmp, path, None) {
             Ok(()) => Ok(()),
             Err(e) => {
