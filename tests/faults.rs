@@ -742,3 +742,68 @@ fn local_restore_destination_out_of_inodes() {
     );
     assert_same_files(&src, &dst);
 }
+
+/// A link that goes silent for good (nothing forwarded, nothing closed) in the middle of a
+/// restore: with `-o timeout=3s` the restore ends within seconds, exit 9 and one line, instead of
+/// waiting (a restore once waited about 8 minutes); with the link back, the same restore
+/// resumes and completes exactly.
+#[test]
+fn restore_when_the_link_goes_silent() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 12);
+    let repo = sshd.remote_dir("silent");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    ok(
+        &sshd,
+        &[
+            "-quiet",
+            "at",
+            &sshd.url(&repo),
+            "backup",
+            src.to_str().unwrap(),
+        ],
+    );
+    let store = proxy_url(&proxy, &repo);
+    let dst = top.path().join("dst");
+    let dst_s = dst.to_str().unwrap();
+    // Slow enough that the silence falls mid-restore.
+    proxy.plan().all.1.bytes_per_sec = Some(4 << 20);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(1500));
+            proxy.plan().stall_until = Some(Instant::now() + Duration::from_secs(3600));
+        });
+        let started = Instant::now();
+        let (code, _, err) = run_bounded(
+            &sshd,
+            &[
+                "-quiet",
+                "-o",
+                "timeout=3s",
+                "at",
+                &store,
+                "restore",
+                "-to",
+                dst_s,
+                "latest",
+            ],
+        );
+        let took = started.elapsed();
+        eprintln!("silent link: exit {code:?} after {took:?}: {}", err.trim());
+        assert_eq!(code, Some(9), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+        assert!(took < Duration::from_secs(45), "took {took:?}");
+    });
+    proxy.set_plan(Default::default());
+    let (code, _, err) = run_bounded(
+        &sshd,
+        &["-quiet", "at", &store, "restore", "-to", dst_s, "latest"],
+    );
+    assert_eq!(code, Some(0), "re-run: {err}");
+    assert_same_files(&src, &dst);
+    let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
+    assert_eq!(code, Some(0), "check: {err}");
+}

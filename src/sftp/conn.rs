@@ -533,7 +533,15 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
     let cut = tcp.try_clone().ok();
     let mut sess = Session::new().map_err(|e| Error::Connect(t.display(), e.to_string()))?;
     sess.set_tcp_stream(tcp);
-    sess.set_timeout(t.connect_timeout.as_millis().min(u32::MAX as u128) as u32);
+    // The handshake and login wait at most the connection timeout, and never longer than the
+    // silence allowed to any call (`-o timeout=`): a server that accepts the TCP connection and
+    // then says nothing is a silent server like any other.
+    sess.set_timeout(
+        t.connect_timeout
+            .min(t.timeout)
+            .as_millis()
+            .min(u32::MAX as u128) as u32,
+    );
     // chacha20-poly1305 costs libssh2 less CPU per byte than AES-GCM here (DESIGN.md).
     let ciphers = "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
     let _ = sess.method_pref(MethodType::CryptCs, ciphers);

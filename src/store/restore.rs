@@ -7,7 +7,7 @@
 //! lands; hard links are made once their first path is complete; directories get their
 //! metadata last, deepest first. A damaged blob fails only the files that contain it: the
 //! restore carries on and reports them. A full destination disk is different: it stops the
-//! restore at once ([`no_space`]), removes the files it left unfinished, and keeps the resume
+//! restore at once (`no_space`), removes the files it left unfinished, and keeps the resume
 //! marker, so the same command resumes once space is freed.
 
 use std::collections::HashMap;
@@ -324,7 +324,7 @@ pub fn run(
                             length,
                         )
                     };
-                    let mut data = store
+                    let data = store
                         .backend()
                         .read_range_into(
                             super::backend::FileType::Pack,
@@ -334,6 +334,16 @@ pub fn run(
                             &mut range_buf,
                         )
                         .map(|()| &mut range_buf[..]);
+                    // The store's server gone (silent past the timeout, or refusing us): no
+                    // use reading blob after blob from it; the restore stops, and a re-run
+                    // resumes it.
+                    let mut data = match data {
+                        Err(e) if e.kind() == ErrorKind::Unreachable => {
+                            fatal.lock().get_or_insert(e);
+                            break;
+                        }
+                        d => d,
+                    };
                     for (id, off, len, raw) in &r.blobs {
                         // A range that cannot be read whole (a truncated pack, a read error)
                         // is read again blob by blob, so only the blobs really lost fail
@@ -473,11 +483,11 @@ fn no_space(dest: &dyn Destination, e: &Error) -> Error {
     ))
 }
 
-/// A write error as the message recorded for its file; a full disk is also recorded as the
-/// restore's fatal error, which stops the workers.
+/// A write error as the message recorded for its file; a full disk, or a destination server
+/// gone, is also recorded as the restore's fatal error, which stops the workers.
 fn full_or_string(fatal: &Mutex<Option<Error>>, err: Error) -> String {
     let msg = err.to_string();
-    if err.kind() == ErrorKind::NoSpace {
+    if matches!(err.kind(), ErrorKind::NoSpace | ErrorKind::Unreachable) {
         fatal.lock().get_or_insert(err);
     }
     msg

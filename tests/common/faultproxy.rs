@@ -368,6 +368,19 @@ impl Drop for Proxy {
     }
 }
 
+/// Wait while the plan says every link is silent (`Plan::stall_until`), or until `live` is cut.
+fn silent_until_over(sh: &Shared, live: &Live) {
+    loop {
+        let until = sh.plan().stall_until;
+        match until {
+            Some(t) if t > Instant::now() && !live.is_cut() => {
+                nap((t - Instant::now()).min(Duration::from_millis(50)), live)
+            }
+            _ => break,
+        }
+    }
+}
+
 fn serve(client: TcpStream, upstream: SocketAddr, n: usize, sh: Arc<Shared>) {
     let Ok(server) = TcpStream::connect_timeout(&upstream, Duration::from_secs(10)) else {
         let _ = client.shutdown(Shutdown::Both);
@@ -444,6 +457,9 @@ fn pump(
                         if due > now {
                             nap(due - now, &live);
                         }
+                        // A silent link holds what is already queued too, not only what is
+                        // read from now on.
+                        silent_until_over(&sh, &live);
                         if live.is_cut() || to.write_all(&buf).is_err() {
                             break;
                         }
@@ -480,15 +496,7 @@ fn pump(
         };
         let mut chunk = &buf[..k];
         // A silent link: hold everything until the stall ends.
-        loop {
-            let until = sh.plan().stall_until;
-            match until {
-                Some(t) if t > Instant::now() && !live.is_cut() => {
-                    nap((t - Instant::now()).min(Duration::from_millis(50)), live)
-                }
-                _ => break,
-            }
-        }
+        silent_until_over(sh, live);
         let rules = sh.plan().rules(n, d).clone();
         // Points counted over all connections: forward up to each, then cut or stall there.
         loop {
