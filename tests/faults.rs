@@ -807,3 +807,131 @@ fn restore_when_the_link_goes_silent() {
     let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
     assert_eq!(code, Some(0), "check: {err}");
 }
+
+/// Is something mounted at `p` (per /proc/self/mountinfo)?
+fn mounted_at(p: &Path) -> bool {
+    let want = p.to_str().unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+/// Read `p` on a thread, giving up (and failing the test) after `bound`: a read that hangs must
+/// not hang the test.
+fn read_bounded(p: &Path, bound: Duration) -> (std::io::Result<Vec<u8>>, Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = p.to_path_buf();
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::read(&path));
+    });
+    match rx.recv_timeout(bound) {
+        Ok(r) => (r, started.elapsed()),
+        Err(_) => panic!(
+            "reading {} through the mount hung for {bound:?}",
+            p.display()
+        ),
+    }
+}
+
+/// A mount whose server goes silent answers readers with EIO within the bound (`-o
+/// timeout=3s`) instead of hanging them, and serves again once the server answers again.
+#[test]
+fn a_mount_answers_eio_while_its_server_is_silent_and_serves_again() {
+    if !Path::new("/dev/fuse").exists() || Command::new("fusermount3").arg("-V").output().is_err() {
+        eprintln!("SKIP: no /dev/fuse or fusermount3: cannot mount");
+        return;
+    }
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 8);
+    let repo = sshd.remote_dir("mounted");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    ok(
+        &sshd,
+        &[
+            "-quiet",
+            "at",
+            &sshd.url(&repo),
+            "backup",
+            src.to_str().unwrap(),
+        ],
+    );
+    let store = proxy_url(&proxy, &repo);
+    let mnt = top.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let snap_path = format!("latest:{}", src.display());
+    let mut child = sshd
+        .cmd(bin())
+        .args([
+            "-quiet",
+            "-o",
+            "timeout=3s",
+            "at",
+            &store,
+            "mount",
+            &snap_path,
+        ])
+        .arg(&mnt)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the mount");
+    struct Unmount<'a>(&'a Path, &'a mut std::process::Child);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("fusermount3").arg("-u").arg(self.0).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.1.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.1.kill();
+            let _ = self.1.wait();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mounted_at(&mnt) {
+        assert!(Instant::now() < deadline, "the mount did not appear");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let guard = Unmount(&mnt, &mut child);
+    // Listing needs only trees (cached locally); no file content is read before the silence.
+    let names: Vec<_> = fs::read_dir(&mnt)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(names.iter().any(|n| n == "f01.bin"), "{names:?}");
+
+    proxy.plan().stall_until = Some(Instant::now() + Duration::from_secs(3600));
+    let (r, took) = read_bounded(&mnt.join("f01.bin"), Duration::from_secs(90));
+    eprintln!(
+        "read while silent: {:?} after {took:?}",
+        r.as_ref().map(|v| v.len())
+    );
+    let e = r.expect_err("a read from a silent server fails");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // A few timeouts at most: the read's own, and a reconnect that meets the same silence
+    // (6 s measured; 51 s while a silent handshake was retried six times).
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+
+    // The server answers again: the same file reads whole and right.
+    proxy.set_plan(Default::default());
+    let (r, took) = read_bounded(&mnt.join("f01.bin"), Duration::from_secs(90));
+    eprintln!(
+        "read after: {:?} after {took:?}",
+        r.as_ref().map(|v| v.len())
+    );
+    assert_eq!(
+        r.expect("served again"),
+        fs::read(src.join("f01.bin")).unwrap()
+    );
+    drop(guard);
+    assert!(!mounted_at(&mnt));
+}

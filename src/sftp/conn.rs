@@ -547,8 +547,19 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
     let _ = sess.method_pref(MethodType::CryptCs, ciphers);
     let _ = sess.method_pref(MethodType::CryptSc, ciphers);
     let _ = sess.method_pref(MethodType::HostKey, &hostkey_prefs(&t.known_hosts));
-    sess.handshake()
-        .map_err(|e| Error::Connect(t.display(), format!("SSH handshake failed: {e}")))?;
+    sess.handshake().map_err(|e| {
+        if e.code() == ssh2::ErrorCode::Session(-9) {
+            // Accepted the connection, then said nothing: a silent server, not one to retry
+            // at once (each attempt would wait as long again).
+            Error::Timeout(
+                t.display(),
+                "the SSH handshake".into(),
+                t.connect_timeout.min(t.timeout),
+            )
+        } else {
+            Error::Connect(t.display(), format!("SSH handshake failed: {e}"))
+        }
+    })?;
     check_host_key(&sess, t)?;
     authenticate(&sess, t)?;
     // Every blocking libssh2 call (requests, reads, writes, closing a handle, the SFTP
