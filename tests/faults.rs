@@ -935,3 +935,66 @@ fn a_mount_answers_eio_while_its_server_is_silent_and_serves_again() {
     drop(guard);
     assert!(!mounted_at(&mnt));
 }
+
+/// `check` and `sync` over a link that goes silent for good: each ends with exit 9 and one line
+/// within the bound (a transport failure is neither damage nor a partial copy), and with the
+/// link back both complete.
+#[test]
+fn check_and_sync_when_the_link_goes_silent() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 12);
+    let repo = sshd.remote_dir("checked");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    ok(
+        &sshd,
+        &[
+            "-quiet",
+            "at",
+            &sshd.url(&repo),
+            "backup",
+            src.to_str().unwrap(),
+        ],
+    );
+    let store = proxy_url(&proxy, &repo);
+    let other = top.path().join("other");
+    let other_s = other.to_str().unwrap();
+    ok(&sshd, &["at", other_s, "create"]);
+    for verb in [&["check"][..], &["sync", "to", other_s][..]] {
+        proxy.set_plan(Default::default());
+        proxy.plan().all.1.bytes_per_sec = Some(4 << 20);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(1500));
+                proxy.plan().stall_until = Some(Instant::now() + Duration::from_secs(3600));
+            });
+            let mut args = vec!["-quiet", "-o", "timeout=3s", "at", &store];
+            args.extend_from_slice(verb);
+            let started = Instant::now();
+            let (code, _, err) = run_bounded(&sshd, &args);
+            let took = started.elapsed();
+            eprintln!(
+                "{verb:?} over a silent link: exit {code:?} after {took:?}: {}",
+                err.trim()
+            );
+            assert_eq!(code, Some(9), "{verb:?}: {err}");
+            assert_eq!(
+                err.trim().lines().count(),
+                1,
+                "{verb:?}: not one line: {err}"
+            );
+            assert!(took < Duration::from_secs(45), "{verb:?} took {took:?}");
+        });
+    }
+    proxy.set_plan(Default::default());
+    for verb in [&["check"][..], &["sync", "to", other_s][..]] {
+        let mut args = vec!["-quiet", "at", &store];
+        args.extend_from_slice(verb);
+        let (code, _, err) = run_bounded(&sshd, &args);
+        assert_eq!(code, Some(0), "{verb:?} with the link back: {err}");
+    }
+    let (code, _, err) = run_bounded(&sshd, &["at", other_s, "check"]);
+    assert_eq!(code, Some(0), "the copy checks: {err}");
+}

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use super::backend::FileType;
 use super::crypto::BlobId;
 use super::dirfd::MAX_DEPTH;
-use super::error::Result;
+use super::error::{Error, ErrorKind, Result};
 use super::format::{LockRecord, MAGIC_LOCK, parse_key_file, unframe};
 use super::repo::{SnapshotEntry, Store};
 use super::tree::{NodeKind, join};
@@ -122,6 +122,7 @@ pub fn run(
                         needed.extend(n.content.iter().copied());
                     }
                 }
+                Err(e) if e.kind() == ErrorKind::Unreachable => return Err(e),
                 Err(e) => {
                     bad_trees.insert(t, e.to_string());
                 }
@@ -174,8 +175,11 @@ pub fn run(
         .total_packs
         .store(packs.len() as u64, Ordering::Relaxed);
 
-    let bad_m = Mutex::new(bad);
-    let errors = Mutex::new(Vec::new());
+    let found = Found {
+        bad: Mutex::new(bad),
+        errors: Mutex::new(Vec::new()),
+        lost: Mutex::new(None),
+    };
     let next = AtomicUsize::new(0);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     std::thread::scope(|s| {
@@ -186,14 +190,20 @@ pub fn run(
                     let Some((name, ids)) = packs.get(k) else {
                         break;
                     };
-                    check_pack(store, name, ids, &listed, fast, &bad_m, &errors);
+                    if found.lost.lock().is_some() {
+                        break;
+                    }
+                    check_pack(store, name, ids, &listed, fast, &found);
                     progress.packs.fetch_add(1, Ordering::Relaxed);
                 }
             });
         }
     });
-    let bad = bad_m.into_inner();
-    let mut errs = errors.into_inner();
+    if let Some(e) = found.lost.into_inner() {
+        return Err(e);
+    }
+    let bad = found.bad.into_inner();
+    let mut errs = found.errors.into_inner();
     errs.sort();
     rep.errors.extend(errs);
 
@@ -214,15 +224,27 @@ pub fn run(
     Ok(rep)
 }
 
+/// What the pack checks find, shared by the checking threads.
+struct Found {
+    /// Blobs that cannot be used, and why.
+    bad: Mutex<HashMap<BlobId, String>>,
+    /// Damaged or missing store files, one line each.
+    errors: Mutex<Vec<String>>,
+    /// A transport failure (the server silent past the timeout, or unreachable): it ends the
+    /// check with that error. It is not damage, and reporting it as such would send the user
+    /// looking for a broken store.
+    lost: Mutex<Option<Error>>,
+}
+
 fn check_pack(
     store: &Store,
     name: &str,
     ids: &[BlobId],
     listed: &HashMap<String, u64>,
     fast: bool,
-    bad: &Mutex<HashMap<BlobId, String>>,
-    errors: &Mutex<Vec<String>>,
+    found: &Found,
 ) {
+    let (bad, errors, lost) = (&found.bad, &found.errors, &found.lost);
     let file = FileType::Pack.path(name);
     let idx = store.index();
     let locs: Vec<_> = ids
@@ -254,6 +276,11 @@ fn check_pack(
     }
     let data = match store.backend().read(FileType::Pack, name) {
         Ok(d) => d,
+        // The server is gone: that says nothing about the pack (see `lost`).
+        Err(e) if e.kind() == ErrorKind::Unreachable => {
+            lost.lock().get_or_insert(e);
+            return;
+        }
         Err(e) => {
             errors.lock().push(format!("{file}: cannot be read: {e}"));
             mark_all("cannot be read");

@@ -534,6 +534,9 @@ impl Store {
             });
             match res {
                 Ok(i) => opened.push(i),
+                // Not read because the server is gone: no verdict on the file, and no index
+                // without it.
+                Err(e) if e.kind() == super::error::ErrorKind::Unreachable => return Err(e),
                 Err(e) => report.damaged_index_files.push((file, e.to_string())),
             }
         }
@@ -566,6 +569,7 @@ impl Store {
                     recovered.insert(p.name.clone(), ip);
                     report.recovered_packs.push(p.name);
                 }
+                Err(e) if e.kind() == super::error::ErrorKind::Unreachable => return Err(e),
                 Err(e) => report.damaged_pack_headers.push((p.name, e.to_string())),
             }
         }
