@@ -743,21 +743,21 @@ fn local_restore_destination_out_of_inodes() {
     assert_same_files(&src, &dst);
 }
 
-/// A link that goes silent for good (nothing forwarded, nothing closed) in the middle of a
-/// restore: with `-o timeout=3s` the restore ends within seconds, exit 9 and one line, instead of
-/// waiting (a restore once waited about 8 minutes); with the link back, the same restore
-/// resumes and completes exactly.
-#[test]
-fn restore_when_the_link_goes_silent() {
-    let Some(sshd) = Sshd::start() else { return };
-    let proxy = proxy_for(&sshd);
+/// A store on `sshd` holding one backup of a fresh tree of `mib` MiB, reached through a new
+/// fault proxy: (proxy, temporary directory, the tree, the store's URL through the proxy).
+fn backed_up_behind_a_proxy(
+    sshd: &Sshd,
+    name: &str,
+    mib: usize,
+) -> (Proxy, tempfile::TempDir, PathBuf, String) {
+    let proxy = proxy_for(sshd);
     let top = tempfile::tempdir().unwrap();
     let src = top.path().join("src");
-    big_tree(&src, 12);
-    let repo = sshd.remote_dir("silent");
-    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    big_tree(&src, mib);
+    let repo = sshd.remote_dir(name);
+    ok(sshd, &["at", &sshd.url(&repo), "create"]);
     ok(
-        &sshd,
+        sshd,
         &[
             "-quiet",
             "at",
@@ -767,6 +767,17 @@ fn restore_when_the_link_goes_silent() {
         ],
     );
     let store = proxy_url(&proxy, &repo);
+    (proxy, top, src, store)
+}
+
+/// A link that goes silent for good (nothing forwarded, nothing closed) in the middle of a
+/// restore: with `-o timeout=3s` the restore ends within seconds, exit 9 and one line, instead of
+/// waiting (a restore once waited about 8 minutes); with the link back, the same restore
+/// resumes and completes exactly.
+#[test]
+fn restore_when_the_link_goes_silent() {
+    let Some(sshd) = Sshd::start() else { return };
+    let (proxy, top, src, store) = backed_up_behind_a_proxy(&sshd, "silent", 12);
     let dst = top.path().join("dst");
     let dst_s = dst.to_str().unwrap();
     // Slow enough that the silence falls mid-restore.
@@ -844,23 +855,7 @@ fn a_mount_answers_eio_while_its_server_is_silent_and_serves_again() {
         return;
     }
     let Some(sshd) = Sshd::start() else { return };
-    let proxy = proxy_for(&sshd);
-    let top = tempfile::tempdir().unwrap();
-    let src = top.path().join("src");
-    big_tree(&src, 8);
-    let repo = sshd.remote_dir("mounted");
-    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
-    ok(
-        &sshd,
-        &[
-            "-quiet",
-            "at",
-            &sshd.url(&repo),
-            "backup",
-            src.to_str().unwrap(),
-        ],
-    );
-    let store = proxy_url(&proxy, &repo);
+    let (proxy, top, src, store) = backed_up_behind_a_proxy(&sshd, "mounted", 8);
     let mnt = top.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let snap_path = format!("latest:{}", src.display());
@@ -942,23 +937,7 @@ fn a_mount_answers_eio_while_its_server_is_silent_and_serves_again() {
 #[test]
 fn check_and_sync_when_the_link_goes_silent() {
     let Some(sshd) = Sshd::start() else { return };
-    let proxy = proxy_for(&sshd);
-    let top = tempfile::tempdir().unwrap();
-    let src = top.path().join("src");
-    big_tree(&src, 12);
-    let repo = sshd.remote_dir("checked");
-    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
-    ok(
-        &sshd,
-        &[
-            "-quiet",
-            "at",
-            &sshd.url(&repo),
-            "backup",
-            src.to_str().unwrap(),
-        ],
-    );
-    let store = proxy_url(&proxy, &repo);
+    let (proxy, top, _src, store) = backed_up_behind_a_proxy(&sshd, "checked", 12);
     let other = top.path().join("other");
     let other_s = other.to_str().unwrap();
     ok(&sshd, &["at", other_s, "create"]);
