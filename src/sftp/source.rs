@@ -17,7 +17,7 @@ use super::conn::{Conn, Pool, io};
 use super::{Location, Options, timed_out, transient};
 use crate::store::error::{Error, Result};
 use crate::store::source::Source;
-use crate::store::tree::{Node, NodeKind, Time, name_problem};
+use crate::store::tree::{Node, NodeKind, Time, screen};
 
 /// Entries of one directory accepted from a server at most (a hostile one could list forever).
 const MAX_ENTRIES: usize = 4_000_000;
@@ -91,7 +91,7 @@ impl Source for SftpSource {
         })
     }
     /// The entries as the server sent them, in its order, except the directory's own `.` and
-    /// `..`. A name the walk must not use (see [`name_problem`]: `/`, a second `..`, …) or a
+    /// `..`. A name the walk must not use (see [`screen`]: `/`, a second `..`, …) or a
     /// second entry of one name is passed on as it came, for the backup to skip and report,
     /// but nothing is done with it here: no symlink target is read through it.
     fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>> {
@@ -100,7 +100,6 @@ impl Source for SftpSource {
         self.pool.run(&what, |c| {
             let mut dir = c.sftp.opendir(&p).map_err(io)?;
             let mut out = Vec::new();
-            let mut seen = std::collections::HashSet::new();
             let (mut dot, mut dotdot) = (false, false);
             let mut listed = 0usize;
             loop {
@@ -123,21 +122,19 @@ impl Source for SftpSource {
                 match &name[..] {
                     b"." if !dot => dot = true,
                     b".." if !dotdot => dotdot = true,
-                    _ => {
-                        let Some(mut n) = node_from_stat(name, &st) else {
-                            continue;
-                        };
-                        let usable = name_problem(&n.name).is_none() && seen.insert(n.name.clone());
-                        if usable && n.kind == NodeKind::Symlink {
-                            n.target = bytes(
-                                &c.sftp
-                                    .readlink(&p.join(OsStr::from_bytes(&n.name)))
-                                    .map_err(|e| c.fail(io(e)))?,
-                            );
-                            n.size = n.target.len() as u64;
-                        }
-                        out.push(n);
-                    }
+                    _ => out.extend(node_from_stat(name, &st)),
+                }
+            }
+            // Symlink targets are read only through names the walk will use.
+            let verdicts = screen(out.iter().map(|n| &n.name[..]));
+            for (n, why) in out.iter_mut().zip(verdicts) {
+                if why.is_none() && n.kind == NodeKind::Symlink {
+                    n.target = bytes(
+                        &c.sftp
+                            .readlink(&p.join(OsStr::from_bytes(&n.name)))
+                            .map_err(|e| c.fail(io(e)))?,
+                    );
+                    n.size = n.target.len() as u64;
                 }
             }
             Ok(out)

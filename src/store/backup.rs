@@ -25,7 +25,7 @@ use super::error::{Error, ErrorKind, Result};
 use super::format::{BlobKind, ChunkerParams, Snapshot, SnapshotStats};
 use super::repo::{Packer, SnapshotEntry, Store};
 use super::source::Source;
-use super::tree::{Node, NodeKind, Tree, components, join, name_problem};
+use super::tree::{Node, NodeKind, Tree, components, join};
 
 /// What to back up and how.
 #[derive(Default)]
@@ -160,19 +160,9 @@ enum JobError {
 /// A directory's entries, or why they could not be read.
 type Listing = Result<Vec<Node>>;
 
-/// Which entries of a listing, in the source's order, the walk may act on: not those whose
-/// name [`name_problem`] refuses, nor any after the first of a name (a hostile server can
-/// list a directory `d`, then a symlink `d` to anywhere). For each other one, why not.
+/// Which entries of a listing, in the source's order, the walk may act on (`tree::screen`).
 fn screen(entries: &[Node]) -> Vec<Option<&'static str>> {
-    let mut seen = std::collections::HashSet::new();
-    entries
-        .iter()
-        .map(|n| {
-            name_problem(&n.name).or_else(|| {
-                (!seen.insert(&n.name[..])).then_some("a second entry with the same name")
-            })
-        })
-        .collect()
+    super::tree::screen(entries.iter().map(|n| &n.name[..]))
 }
 
 /// Does this error mean the source itself is gone (not one unreadable entry)?

@@ -199,6 +199,21 @@ pub fn name_problem(name: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// For each name of a listing or a tree, in the order given: why an entry of that name must not
+/// be acted on ([`name_problem`], or a second entry of a name already accepted: a directory
+/// `d`, then a symlink `d` to anywhere), or `None`. The first entry of a name is the one kept.
+/// Used by [`Tree::sanitize`] and by the backup's walk of a source's listings.
+pub fn screen<'a>(names: impl IntoIterator<Item = &'a [u8]>) -> Vec<Option<&'static str>> {
+    let mut seen = std::collections::HashSet::new();
+    names
+        .into_iter()
+        .map(|n| {
+            name_problem(n)
+                .or_else(|| (!seen.insert(n)).then_some("a second entry with the same name"))
+        })
+        .collect()
+}
+
 /// An entry left out of a tree by [`Tree::sanitize`]: its raw name and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
@@ -237,19 +252,16 @@ impl Tree {
         if sorted && self.nodes.iter().all(|n| name_problem(&n.name).is_none()) {
             return false;
         }
-        // A stable sort keeps the first of equal names first.
-        self.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let verdicts = screen(self.nodes.iter().map(|n| &n.name[..]));
         let mut kept: Vec<Node> = Vec::with_capacity(self.nodes.len());
-        for n in std::mem::take(&mut self.nodes) {
-            let why = name_problem(&n.name).or_else(|| {
-                (kept.last().map(|k| &k.name) == Some(&n.name))
-                    .then_some("a second entry with the same name")
-            });
+        for (n, why) in std::mem::take(&mut self.nodes).into_iter().zip(verdicts) {
             match why {
                 Some(why) => self.rejected.push(Rejected { name: n.name, why }),
                 None => kept.push(n),
             }
         }
+        // A stable sort: equal names cannot remain, but the order is the tree's.
+        kept.sort_by(|a, b| a.name.cmp(&b.name));
         self.nodes = kept;
         !self.rejected.is_empty()
     }
