@@ -24,14 +24,20 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// The cache of the store with this id, if a cache directory can be found.
-    pub fn for_store(store_id: &str) -> Option<Cache> {
+    /// kloset's cache directory, `$XDG_CACHE_HOME/kloset` (default `~/.cache/kloset`), if a
+    /// home or cache directory can be found.
+    pub fn base() -> Option<PathBuf> {
         let base = std::env::var_os("XDG_CACHE_HOME")
             .map(PathBuf::from)
             .filter(|p| p.is_absolute())
             .or_else(|| dirs::home_dir().map(|h| h.join(".cache")))?;
+        Some(base.join("kloset"))
+    }
+
+    /// The cache of the store with this id, if a cache directory can be found.
+    pub fn for_store(store_id: &str) -> Option<Cache> {
         Some(Cache {
-            dir: base.join("kloset").join(store_id),
+            dir: Cache::base()?.join(store_id),
             ready: std::sync::atomic::AtomicBool::new(false),
         })
     }

@@ -90,19 +90,14 @@ impl ResumeMarker {
     /// The marker of restoring `path` of snapshot `snap_id` into the destination described
     /// as `dest`; `None` without a home or cache directory (restores then never resume).
     pub fn new(dest: &str, snap_id: &str, path: Option<&[u8]>) -> Option<ResumeMarker> {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(std::path::PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .or_else(|| dirs::home_dir().map(|h| h.join(".cache")))?;
+        let base = super::cache::Cache::base()?;
         let mut h = blake3::Hasher::new();
         for part in [dest.as_bytes(), snap_id.as_bytes(), path.unwrap_or(b"\0")] {
             h.update(&(part.len() as u64).to_le_bytes());
             h.update(part);
         }
         Some(ResumeMarker {
-            path: base
-                .join("kloset/restores")
-                .join(h.finalize().to_hex().as_str()),
+            path: base.join("restores").join(h.finalize().to_hex().as_str()),
         })
     }
 
