@@ -1,4 +1,4 @@
-//! An open store: config, keys, the in-memory index, blob reads and writes, snapshots, locks.
+//! An open store: config, keys, the loaded index, blob reads and seals, snapshots.
 //!
 //! [`Store`] is what every pipeline (backup, restore, check, mount, sync) works against. It
 //! reads blobs through the index (`blob id → pack, offset, length`) with ranged reads, and
@@ -6,11 +6,10 @@
 //! for data and one for trees, uploads each when full, and writes an index file for every few
 //! dozen packs, so an interrupted backup leaves packs that a re-run finds and reuses.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
@@ -23,75 +22,9 @@ use super::error::{Error, Result};
 use super::format::{self, *};
 use super::tree::{Node, NodeKind, Tree, components};
 
-/// Where a blob is.
-#[derive(Debug, Clone, Copy)]
-pub struct Loc {
-    pub pack: u32,
-    pub kind: BlobKind,
-    pub offset: u32,
-    pub length: u32,
-    pub raw_length: u32,
-}
-
-/// All known blobs.
-///
-/// Blob ids are keyed hashes, so the map hashes them with foldhash rather than SipHash:
-/// loading a 50k-blob index file took 16 ms in the map, most of it hashing and regrowing.
-#[derive(Default)]
-pub struct Index {
-    packs: Vec<String>,
-    pack_ids: HashMap<String, u32>,
-    blobs: HashMap<BlobId, Loc, foldhash::fast::RandomState>,
-}
-
-impl Index {
-    /// Make room for `n` more blobs.
-    pub fn reserve(&mut self, n: usize) {
-        self.blobs.reserve(n);
-    }
-    pub fn add_pack(&mut self, p: &IndexPack) {
-        let n = match self.pack_ids.get(&p.pack) {
-            Some(&n) => n,
-            None => {
-                let n = self.packs.len() as u32;
-                self.packs.push(p.pack.clone());
-                self.pack_ids.insert(p.pack.clone(), n);
-                n
-            }
-        };
-        for e in &p.entries {
-            self.blobs.entry(e.id).or_insert(Loc {
-                pack: n,
-                kind: p.kind,
-                offset: e.offset,
-                length: e.length,
-                raw_length: e.raw_length,
-            });
-        }
-    }
-    pub fn get(&self, id: &BlobId) -> Option<Loc> {
-        self.blobs.get(id).copied()
-    }
-    pub fn contains(&self, id: &BlobId) -> bool {
-        self.blobs.contains_key(id)
-    }
-    pub fn pack_name(&self, n: u32) -> &str {
-        &self.packs[n as usize]
-    }
-    pub fn has_pack(&self, name: &str) -> bool {
-        self.pack_ids.contains_key(name)
-    }
-    pub fn pack_count(&self) -> usize {
-        self.packs.len()
-    }
-    pub fn blob_count(&self) -> usize {
-        self.blobs.len()
-    }
-    /// Every blob with its location.
-    pub fn iter(&self) -> impl Iterator<Item = (&BlobId, &Loc)> {
-        self.blobs.iter()
-    }
-}
+pub use super::index::{Index, Loc};
+pub use super::lock::LockGuard;
+pub use super::packer::Packer;
 
 /// Options of `create`.
 #[derive(Debug, Clone)]
@@ -134,18 +67,18 @@ pub struct IndexLoadReport {
 }
 
 pub struct Store {
-    backend: Arc<dyn Backend>,
-    config: Config,
-    crypto: Crypto,
-    index: RwLock<Index>,
+    pub(super) backend: Arc<dyn Backend>,
+    pub(super) config: Config,
+    pub(super) crypto: Crypto,
+    pub(super) index: RwLock<Index>,
     trees: Mutex<LruCache<BlobId, Arc<Tree>>>,
     index_report: Mutex<IndexLoadReport>,
     /// Packs no index file lists, as read from their headers when the index was loaded (an
     /// interrupted backup's, or another writer's not indexed yet), by name. A writer that
     /// reuses a blob of one lists the pack in its own index ([`Packer::claim`]).
-    recovered: Mutex<HashMap<String, IndexPack>>,
+    pub(super) recovered: Mutex<HashMap<String, IndexPack>>,
     /// `recovered` is not empty (checked without a lock on every reused blob).
-    has_recovered: AtomicBool,
+    pub(super) has_recovered: AtomicBool,
     /// Local copies of index files, snapshots and tree packs (remote stores only).
     cache: Option<Cache>,
 }
@@ -234,10 +167,6 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
     /// Where [`worth_compressing`] compresses its sample.
     static SAMPLE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Where [`Packer::add`] seals a blob before copying it into the pack: one buffer per
-    /// thread, reused, instead of four fresh ones per blob (compressed, payload, ciphertext,
-    /// sealed), which for megabyte chunks meant mmap, page faults and munmap every time.
-    static SEAL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Where [`Store::read_blob`] reads a blob's ciphertext: a fresh megabyte buffer per blob
     /// was a new mapping each time, a page fault per 4 KiB.
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -637,7 +566,7 @@ impl Store {
     }
 
     /// Write an immutable file, keeping a copy in the local cache.
-    fn store_file(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+    pub(super) fn store_file(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
         self.backend.write(t, name, data)?;
         if let Some(c) = &self.cache {
             c.put(t, name, data);
@@ -976,349 +905,6 @@ impl Store {
     /// Take a lock; it is refreshed in the background and released on drop.
     pub fn lock(&self, exclusive: bool, command: &str) -> Result<LockGuard> {
         LockGuard::take(self.backend.clone(), exclusive, command)
-    }
-}
-
-/// How often a held lock is rewritten, and after how long without refresh it is stale.
-const LOCK_REFRESH: Duration = Duration::from_secs(300);
-const LOCK_STALE: Duration = Duration::from_secs(1800);
-
-/// A held store lock.
-pub struct LockGuard {
-    backend: Arc<dyn Backend>,
-    /// The current lock file's name (each refresh writes a new file, then removes the old).
-    name: Arc<std::sync::Mutex<String>>,
-    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// Removes the lock file if the process is interrupted.
-    _job: super::interrupt::Job,
-}
-
-fn lock_is_live(rec: &LockRecord) -> bool {
-    let age_ns = super::now_ns().saturating_sub(rec.refreshed_ns);
-    if age_ns > LOCK_STALE.as_nanos() as i64 {
-        return false;
-    }
-    if rec.host == super::hostname() && rec.pid != std::process::id() {
-        // A lock from a process of this host that no longer exists is stale.
-        return std::path::Path::new(&format!("/proc/{}", rec.pid)).exists();
-    }
-    true
-}
-
-impl LockGuard {
-    fn take(backend: Arc<dyn Backend>, exclusive: bool, command: &str) -> Result<LockGuard> {
-        let conflicts = |mine: Option<&str>| -> Result<Option<(String, String)>> {
-            for f in backend.list(FileType::Lock)? {
-                if Some(f.name.as_str()) == mine {
-                    continue;
-                }
-                let Ok(b) = backend.read(FileType::Lock, &f.name) else {
-                    continue;
-                };
-                let Ok(rec) = unframe::<LockRecord>(MAGIC_LOCK, &b, &f.name) else {
-                    continue;
-                };
-                if lock_is_live(&rec) && (exclusive || rec.exclusive) {
-                    return Ok(Some((
-                        format!(
-                            "{} (pid {} on {}, {})",
-                            rec.command,
-                            rec.pid,
-                            rec.host,
-                            if rec.exclusive { "exclusive" } else { "shared" }
-                        ),
-                        FileType::Lock.path(&f.name),
-                    )));
-                }
-            }
-            Ok(None)
-        };
-        if let Some((who, file)) = conflicts(None)? {
-            return Err(Error::Locked(who, file));
-        }
-        let name = super::crypto::random_hex(16);
-        // The lock file (and one being written by a refresh) is removed if the process is
-        // interrupted; registered before it is written, so none is left behind.
-        let current = Arc::new(std::sync::Mutex::new(name.clone()));
-        let fresh_name: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-        let job = {
-            let (backend, current, fresh_name) =
-                (backend.clone(), current.clone(), fresh_name.clone());
-            super::interrupt::on_interrupt(move || {
-                let fresh = fresh_name.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let cur = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                for n in fresh.into_iter().chain([cur]) {
-                    let _ = backend.remove(FileType::Lock, &n);
-                }
-            })
-        };
-        let now = super::now_ns();
-        let rec = LockRecord {
-            exclusive,
-            host: super::hostname(),
-            user: super::username(),
-            pid: std::process::id(),
-            created_ns: now,
-            refreshed_ns: now,
-            command: command.to_string(),
-        };
-        backend.write(FileType::Lock, &name, &frame(MAGIC_LOCK, &rec))?;
-        if let Some((who, file)) = conflicts(Some(&name))? {
-            let _ = backend.remove(FileType::Lock, &name);
-            return Err(Error::Locked(who, file));
-        }
-        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let name = current;
-        let thread = {
-            let fresh_name = fresh_name.clone();
-            let backend = backend.clone();
-            let stop = stop.clone();
-            let name = name.clone();
-            std::thread::spawn(move || {
-                let mut rec = rec;
-                let (m, cv) = &*stop;
-                let mut stopped = m.lock().unwrap_or_else(|e| e.into_inner());
-                loop {
-                    // The flag is checked before waiting: a guard dropped before this thread
-                    // first ran must not leave it (and the dropping thread) waiting a period.
-                    if *stopped {
-                        return;
-                    }
-                    let (g, _) = cv
-                        .wait_timeout(stopped, LOCK_REFRESH)
-                        .unwrap_or_else(|e| e.into_inner());
-                    stopped = g;
-                    if *stopped {
-                        return;
-                    }
-                    // A new file, then the old one removed: the lock is never absent, and no
-                    // backend has to overwrite a file.
-                    rec.refreshed_ns = super::now_ns();
-                    let fresh = super::crypto::random_hex(16);
-                    *fresh_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(fresh.clone());
-                    if backend
-                        .write(FileType::Lock, &fresh, &frame(MAGIC_LOCK, &rec))
-                        .is_ok()
-                    {
-                        let mut cur = name.lock().unwrap_or_else(|e| e.into_inner());
-                        let _ = backend.remove(FileType::Lock, &cur);
-                        *cur = fresh;
-                    }
-                    *fresh_name.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                }
-            })
-        };
-        Ok(LockGuard {
-            backend,
-            name,
-            stop,
-            thread: Some(thread),
-            _job: job,
-        })
-    }
-}
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        {
-            let (m, cv) = &*self.stop;
-            *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
-            cv.notify_all();
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let name = self.name.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = self.backend.remove(FileType::Lock, &name);
-    }
-}
-
-/// Writes new blobs into packs and index files.
-///
-/// Data and tree blobs go to separate packs. Any thread may add blobs; the thread whose blob
-/// fills a pack uploads it, outside the lock, so uploads of several packs overlap.
-pub struct Packer<'a> {
-    store: &'a Store,
-    bufs: [Mutex<PackBuf>; 2],
-    /// Ids added in this session (the index only knows uploaded packs).
-    seen: Mutex<HashSet<BlobId>>,
-    pending_index: Mutex<Vec<IndexPack>>,
-    /// Packs no index listed that this session reuses blobs of, and so lists in its index.
-    adopted: Mutex<HashSet<String>>,
-    pub new_blobs: AtomicU64,
-    pub new_bytes: AtomicU64,
-}
-
-#[derive(Default)]
-struct PackBuf {
-    data: Vec<u8>,
-    entries: Vec<PackEntry>,
-}
-
-/// A thread's sealing buffer is kept up to this size (most chunks are smaller; the largest
-/// are 8 MiB and would keep that much per thread for good).
-const MAX_KEPT_SEAL_BUF: usize = 4 << 20;
-
-/// Packs per index file written during a backup: an interrupted backup loses at most this
-/// many packs' worth of index (and the packs stay recoverable from their headers).
-const PACKS_PER_INDEX: usize = 32;
-
-impl<'a> Packer<'a> {
-    pub fn new(store: &'a Store) -> Self {
-        Packer {
-            store,
-            bufs: [Mutex::default(), Mutex::default()],
-            seen: Mutex::new(HashSet::new()),
-            pending_index: Mutex::new(Vec::new()),
-            adopted: Mutex::new(HashSet::new()),
-            new_blobs: AtomicU64::new(0),
-            new_bytes: AtomicU64::new(0),
-        }
-    }
-
-    /// Does the store already have (or is this session adding) this blob? Marks it as being
-    /// added if not, so exactly one caller gets `false` per new blob.
-    ///
-    /// A blob the store has only in a pack no index file lists (another writer's, uploaded but
-    /// not indexed yet, or one killed before its index) is reused too, and that pack is listed
-    /// in this session's index ([`Packer::reuse`]): a snapshot is committed only once every
-    /// blob it references is in an indexed pack (DESIGN.md, "Safety model").
-    pub fn claim(&self, id: &BlobId) -> bool {
-        if self.reuse(id) {
-            return true;
-        }
-        !self.seen.lock().insert(*id)
-    }
-
-    /// This session references the stored blob `id` (an unchanged file's chunk taken from the
-    /// previous snapshot, or a blob [`Packer::claim`] found): if its pack is one no index file
-    /// lists, list it in this session's index. Whether the store has the blob.
-    pub fn reuse(&self, id: &BlobId) -> bool {
-        let idx = self.store.index.read();
-        let Some(loc) = idx.get(id) else {
-            return false;
-        };
-        if self.store.has_recovered.load(Ordering::Acquire) {
-            let pack = idx.pack_name(loc.pack);
-            if !self.adopted.lock().contains(pack) {
-                let ip = self.store.recovered.lock().get(pack).cloned();
-                if let Some(ip) = ip {
-                    self.adopted.lock().insert(ip.pack.clone());
-                    self.pending_index.lock().push(ip);
-                }
-            }
-        }
-        true
-    }
-
-    /// Add a blob whose id the caller has claimed.
-    pub fn add(&self, kind: BlobKind, id: BlobId, data: &[u8]) -> Result<()> {
-        SEAL_BUF.with(|b| {
-            let mut sealed = b.borrow_mut();
-            self.store.seal_blob_into(&id, data, &mut sealed);
-            let r = self.add_sealed(kind, id, data.len() as u32, &sealed);
-            if sealed.capacity() > MAX_KEPT_SEAL_BUF {
-                *sealed = Vec::new();
-            }
-            r
-        })
-    }
-
-    /// Add an already sealed blob.
-    pub fn add_sealed(
-        &self,
-        kind: BlobKind,
-        id: BlobId,
-        raw_len: u32,
-        sealed: &[u8],
-    ) -> Result<()> {
-        self.new_blobs.fetch_add(1, Ordering::Relaxed);
-        self.new_bytes
-            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
-        let full = {
-            let mut b = self.bufs[kind as usize].lock();
-            if b.data.capacity() == 0 {
-                // One allocation per pack: growing by doubling would leave a 32 MiB buffer
-                // behind for 16 MiB of data.
-                b.data
-                    .reserve_exact(self.store.config.pack_size as usize + (1 << 20));
-            }
-            let offset = b.data.len() as u32;
-            b.data.extend_from_slice(sealed);
-            b.entries.push(PackEntry {
-                id,
-                offset,
-                length: sealed.len() as u32,
-                raw_length: raw_len,
-            });
-            if b.data.len() >= self.store.config.pack_size as usize {
-                Some(std::mem::take(&mut *b))
-            } else {
-                None
-            }
-        };
-        match full {
-            Some(b) => self.upload(kind, b),
-            None => Ok(()),
-        }
-    }
-
-    fn upload(&self, kind: BlobKind, mut b: PackBuf) -> Result<()> {
-        if b.entries.is_empty() {
-            return Ok(());
-        }
-        let header = PackHeader {
-            kind,
-            entries: b.entries.clone(),
-        };
-        let h = seal_record(&self.store.crypto, AAD_PACK_HEADER, &header);
-        b.data.extend_from_slice(&h);
-        b.data.extend_from_slice(&(h.len() as u32).to_le_bytes());
-        let name = self.store.crypto.file_id(&b.data);
-        if kind == BlobKind::Tree {
-            self.store.store_file(FileType::Pack, &name, &b.data)?;
-        } else {
-            self.store.backend.write(FileType::Pack, &name, &b.data)?;
-        }
-        let ip = IndexPack {
-            pack: name,
-            kind,
-            entries: b.entries,
-        };
-        self.store.index.write().add_pack(&ip);
-        let batch = {
-            let mut p = self.pending_index.lock();
-            p.push(ip);
-            if p.len() >= PACKS_PER_INDEX {
-                Some(std::mem::take(&mut *p))
-            } else {
-                None
-            }
-        };
-        if let Some(batch) = batch {
-            self.write_index(batch)?;
-        }
-        Ok(())
-    }
-
-    fn write_index(&self, packs: Vec<IndexPack>) -> Result<()> {
-        if packs.is_empty() {
-            return Ok(());
-        }
-        let f = seal_record(&self.store.crypto, AAD_INDEX, &IndexFile { packs });
-        let name = self.store.crypto.file_id(&f);
-        self.store.store_file(FileType::Index, &name, &f)
-    }
-
-    /// Upload the partly filled packs and the remaining index entries.
-    pub fn finish(&self) -> Result<()> {
-        for kind in [BlobKind::Data, BlobKind::Tree] {
-            let b = std::mem::take(&mut *self.bufs[kind as usize].lock());
-            self.upload(kind, b)?;
-        }
-        let rest = std::mem::take(&mut *self.pending_index.lock());
-        self.write_index(rest)
     }
 }
 

@@ -1,0 +1,207 @@
+//! The packer: new blobs into pack files, and pack files into index files.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::backend::FileType;
+use super::crypto::BlobId;
+use super::error::Result;
+use super::format::*;
+use super::repo::Store;
+
+thread_local! {
+    /// Where [`Packer::add`] seals a blob before copying it into the pack: one buffer per
+    /// thread, reused, instead of four fresh ones per blob (compressed, payload, ciphertext,
+    /// sealed), which for megabyte chunks meant mmap, page faults and munmap every time.
+    static SEAL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Writes new blobs into packs and index files.
+///
+/// Data and tree blobs go to separate packs. Any thread may add blobs; the thread whose blob
+/// fills a pack uploads it, outside the lock, so uploads of several packs overlap.
+pub struct Packer<'a> {
+    store: &'a Store,
+    bufs: [Mutex<PackBuf>; 2],
+    /// Ids added in this session (the index only knows uploaded packs).
+    seen: Mutex<HashSet<BlobId>>,
+    pending_index: Mutex<Vec<IndexPack>>,
+    /// Packs no index listed that this session reuses blobs of, and so lists in its index.
+    adopted: Mutex<HashSet<String>>,
+    pub new_blobs: AtomicU64,
+    pub new_bytes: AtomicU64,
+}
+
+#[derive(Default)]
+struct PackBuf {
+    data: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+/// A thread's sealing buffer is kept up to this size (most chunks are smaller; the largest
+/// are 8 MiB and would keep that much per thread for good).
+const MAX_KEPT_SEAL_BUF: usize = 4 << 20;
+
+/// Packs per index file written during a backup: an interrupted backup loses at most this
+/// many packs' worth of index (and the packs stay recoverable from their headers).
+const PACKS_PER_INDEX: usize = 32;
+
+impl<'a> Packer<'a> {
+    pub fn new(store: &'a Store) -> Self {
+        Packer {
+            store,
+            bufs: [Mutex::default(), Mutex::default()],
+            seen: Mutex::new(HashSet::new()),
+            pending_index: Mutex::new(Vec::new()),
+            adopted: Mutex::new(HashSet::new()),
+            new_blobs: AtomicU64::new(0),
+            new_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Does the store already have (or is this session adding) this blob? Marks it as being
+    /// added if not, so exactly one caller gets `false` per new blob.
+    ///
+    /// A blob the store has only in a pack no index file lists (another writer's, uploaded but
+    /// not indexed yet, or one killed before its index) is reused too, and that pack is listed
+    /// in this session's index ([`Packer::reuse`]): a snapshot is committed only once every
+    /// blob it references is in an indexed pack (DESIGN.md, "Safety model").
+    pub fn claim(&self, id: &BlobId) -> bool {
+        if self.reuse(id) {
+            return true;
+        }
+        !self.seen.lock().insert(*id)
+    }
+
+    /// This session references the stored blob `id` (an unchanged file's chunk taken from the
+    /// previous snapshot, or a blob [`Packer::claim`] found): if its pack is one no index file
+    /// lists, list it in this session's index. Whether the store has the blob.
+    pub fn reuse(&self, id: &BlobId) -> bool {
+        let idx = self.store.index.read();
+        let Some(loc) = idx.get(id) else {
+            return false;
+        };
+        if self.store.has_recovered.load(Ordering::Acquire) {
+            let pack = idx.pack_name(loc.pack);
+            if !self.adopted.lock().contains(pack) {
+                let ip = self.store.recovered.lock().get(pack).cloned();
+                if let Some(ip) = ip {
+                    self.adopted.lock().insert(ip.pack.clone());
+                    self.pending_index.lock().push(ip);
+                }
+            }
+        }
+        true
+    }
+
+    /// Add a blob whose id the caller has claimed.
+    pub fn add(&self, kind: BlobKind, id: BlobId, data: &[u8]) -> Result<()> {
+        SEAL_BUF.with(|b| {
+            let mut sealed = b.borrow_mut();
+            self.store.seal_blob_into(&id, data, &mut sealed);
+            let r = self.add_sealed(kind, id, data.len() as u32, &sealed);
+            if sealed.capacity() > MAX_KEPT_SEAL_BUF {
+                *sealed = Vec::new();
+            }
+            r
+        })
+    }
+
+    /// Add an already sealed blob.
+    pub fn add_sealed(
+        &self,
+        kind: BlobKind,
+        id: BlobId,
+        raw_len: u32,
+        sealed: &[u8],
+    ) -> Result<()> {
+        self.new_blobs.fetch_add(1, Ordering::Relaxed);
+        self.new_bytes
+            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+        let full = {
+            let mut b = self.bufs[kind as usize].lock();
+            if b.data.capacity() == 0 {
+                // One allocation per pack: growing by doubling would leave a 32 MiB buffer
+                // behind for 16 MiB of data.
+                b.data
+                    .reserve_exact(self.store.config.pack_size as usize + (1 << 20));
+            }
+            let offset = b.data.len() as u32;
+            b.data.extend_from_slice(sealed);
+            b.entries.push(PackEntry {
+                id,
+                offset,
+                length: sealed.len() as u32,
+                raw_length: raw_len,
+            });
+            if b.data.len() >= self.store.config.pack_size as usize {
+                Some(std::mem::take(&mut *b))
+            } else {
+                None
+            }
+        };
+        match full {
+            Some(b) => self.upload(kind, b),
+            None => Ok(()),
+        }
+    }
+
+    fn upload(&self, kind: BlobKind, mut b: PackBuf) -> Result<()> {
+        if b.entries.is_empty() {
+            return Ok(());
+        }
+        let header = PackHeader {
+            kind,
+            entries: b.entries.clone(),
+        };
+        let h = seal_record(&self.store.crypto, AAD_PACK_HEADER, &header);
+        b.data.extend_from_slice(&h);
+        b.data.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        let name = self.store.crypto.file_id(&b.data);
+        if kind == BlobKind::Tree {
+            self.store.store_file(FileType::Pack, &name, &b.data)?;
+        } else {
+            self.store.backend.write(FileType::Pack, &name, &b.data)?;
+        }
+        let ip = IndexPack {
+            pack: name,
+            kind,
+            entries: b.entries,
+        };
+        self.store.index.write().add_pack(&ip);
+        let batch = {
+            let mut p = self.pending_index.lock();
+            p.push(ip);
+            if p.len() >= PACKS_PER_INDEX {
+                Some(std::mem::take(&mut *p))
+            } else {
+                None
+            }
+        };
+        if let Some(batch) = batch {
+            self.write_index(batch)?;
+        }
+        Ok(())
+    }
+
+    fn write_index(&self, packs: Vec<IndexPack>) -> Result<()> {
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let f = seal_record(&self.store.crypto, AAD_INDEX, &IndexFile { packs });
+        let name = self.store.crypto.file_id(&f);
+        self.store.store_file(FileType::Index, &name, &f)
+    }
+
+    /// Upload the partly filled packs and the remaining index entries.
+    pub fn finish(&self) -> Result<()> {
+        for kind in [BlobKind::Data, BlobKind::Tree] {
+            let b = std::mem::take(&mut *self.bufs[kind as usize].lock());
+            self.upload(kind, b)?;
+        }
+        let rest = std::mem::take(&mut *self.pending_index.lock());
+        self.write_index(rest)
+    }
+}
