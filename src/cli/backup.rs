@@ -72,6 +72,8 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
             let _t = crate::trace::span("lock");
             store.lock(false, "backup")?
         };
+        // Packs condemned between opening the store and taking the lock are not reused.
+        store.refresh_condemned()?;
         let bar = {
             let p = progress.clone();
             Bar::bytes(ctx.progress(), "backup", move || {

@@ -107,6 +107,17 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         );
     }
     let store = Arc::new(ctx.open()?);
+    // A lease for as long as the mount serves: maintenance does not delete packs condemned
+    // after it began (the index in memory may point at them).
+    // A store this user cannot write to is still mounted, without one.
+    let _lease = match store.lock(false, "mount") {
+        Ok(l) => Some(l),
+        Err(e @ crate::store::Error::Locked(..)) => return Err(e.into()),
+        Err(e) => {
+            eprintln!("kloset: warning: mounting without a lease on the store ({e}): a maintenance run elsewhere may delete packs this mount reads");
+            None
+        }
+    };
     let root = match snap {
         None => None,
         Some(spec) => {

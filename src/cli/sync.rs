@@ -91,6 +91,9 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     let other = ctx.open_other(&other_spec)?;
     let _l1 = this.lock(false, "sync")?;
     let _l2 = other.lock(false, "sync")?;
+    // Packs condemned between opening the stores and taking the locks are not reused.
+    this.refresh_condemned()?;
+    other.refresh_condemned()?;
     let named = !specs.is_empty();
     // (sending store, receiving store, selection) for each direction.
     let mut legs: Vec<(&Store, &Store, Option<Vec<SnapshotEntry>>)> = Vec::new();

@@ -32,16 +32,19 @@ pub enum FileType {
     Snapshot,
     /// `locks/<name>`.
     Lock,
+    /// `condemned/<name>`: packs maintenance condemned, deleted by a later run (format 2).
+    Condemned,
 }
 
 impl FileType {
-    pub const ALL: [FileType; 6] = [
+    pub const ALL: [FileType; 7] = [
         FileType::Config,
         FileType::Key,
         FileType::Pack,
         FileType::Index,
         FileType::Snapshot,
         FileType::Lock,
+        FileType::Condemned,
     ];
 
     /// Directory of this file type inside the store.
@@ -53,6 +56,7 @@ impl FileType {
             FileType::Index => "index",
             FileType::Snapshot => "snapshots",
             FileType::Lock => "locks",
+            FileType::Condemned => "condemned",
         }
     }
 
@@ -80,7 +84,9 @@ impl FileType {
         match self {
             FileType::Config => name == "config",
             FileType::Key | FileType::Lock => hex(32),
-            FileType::Pack | FileType::Index | FileType::Snapshot => hex(64),
+            FileType::Pack | FileType::Index | FileType::Snapshot | FileType::Condemned => {
+                hex(64)
+            }
         }
     }
 }

@@ -468,7 +468,12 @@ impl Walker<'_> {
                 self.progress
                     .total_bytes
                     .fetch_add(n.size, Ordering::Relaxed);
-                if let Some(o) = old.filter(|o| unchanged(&n, o, self.has_inodes)) {
+                // Reused only if the store still has every chunk outside condemned packs (a
+                // maintenance may have condemned them, or a pack may be gone): else read again.
+                if let Some(o) = old.filter(|o| {
+                    unchanged(&n, o, self.has_inodes)
+                        && o.content.iter().all(|id| self.store.reusable(id))
+                }) {
                     n.content = o.content.clone();
                     // And the parent's block count: ext4 reports `st_blocks` 0 for a moment
                     // while writeback allocates a freshly written file's blocks (reproduced:
@@ -733,6 +738,10 @@ pub fn run_listed(
     })
 }
 
+/// Times a backup is walked again because maintenance condemned or deleted packs it depended
+/// on while it ran, before it gives up.
+const MAX_WALKS: usize = 3;
+
 fn walk_and_commit(
     store: &Store,
     source: &dyn Source,
@@ -740,6 +749,46 @@ fn walk_and_commit(
     progress: &Progress,
     lister: &Lister,
 ) -> Result<BackupResult> {
+    let started = Instant::now();
+    let mut walks = 0;
+    loop {
+        walks += 1;
+        let (mut snapshot, deps) = walk_and_build(store, source, opts, progress, lister)?;
+        // Maintenance elsewhere may have condemned (or, if this process was suspended past
+        // its lock, deleted) packs this snapshot reuses: then their blobs are stored again,
+        // by walking once more with the index as it now is.
+        let bad = store.verify_dependencies(&deps)?;
+        if bad.is_empty() {
+            snapshot.duration_ms = started.elapsed().as_millis() as u64;
+            let _t = crate::trace::span("write the snapshot");
+            let id = store.write_snapshot(&snapshot)?;
+            return Ok(BackupResult { id, snapshot });
+        }
+        if walks >= MAX_WALKS {
+            return Err(Error::Other(format!(
+                "maintenance condemned packs this backup depends on ({} of them, {}) {walks} times while it ran: no snapshot was saved; run the backup again",
+                bad.len(),
+                bad[0]
+            )));
+        }
+        super::notice::warn_once(format!(
+            "{} pack(s) this backup reuses were condemned or deleted by maintenance while it ran (first: {}); storing their blobs again",
+            bad.len(),
+            bad[0]
+        ));
+        store.load_index()?;
+    }
+}
+
+/// Walk the source, store what is new, and make the snapshot record (not written yet); with
+/// the packs it depends on.
+fn walk_and_build(
+    store: &Store,
+    source: &dyn Source,
+    opts: &BackupOptions,
+    progress: &Progress,
+    lister: &Lister,
+) -> Result<(Snapshot, Vec<String>)> {
     let started = Instant::now();
     let root_path = source.root();
     let describe = source.describe();
@@ -953,9 +1002,7 @@ fn walk_and_commit(
         duration_ms: started.elapsed().as_millis() as u64,
     };
     drop(t_trees);
-    let _t = crate::trace::span("write the snapshot");
-    let id = store.write_snapshot(&snapshot)?;
-    Ok(BackupResult { id, snapshot })
+    Ok((snapshot, packer.dependencies()))
 }
 
 struct TreeBuilder<'a, 'b> {
@@ -1044,11 +1091,8 @@ impl TreeBuilder<'_, '_> {
                     // Equal to the parent snapshot's tree, which was just read from the store
                     // (and must be indexed when this snapshot is committed, like its entries,
                     // each reused above).
-                    Some(id) => {
-                        self.packer.reuse(&id);
-                        id
-                    }
-                    None => {
+                    Some(id) if self.packer.reuse(&id) => id,
+                    _ => {
                         t.sort();
                         self.write_tree(&t)?
                     }

@@ -13,8 +13,12 @@ use super::crypto::{BlobId, Crypto, KeyFile, MasterKeys};
 use super::error::{Error, Result};
 use super::tree::Time;
 
-/// The store format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The store format version this build writes. Version 2 added maintenance: the `condemned/`
+/// files ([`CondemnedFile`]) and the maintenance lock; a store of version 1 is read and
+/// written as before (docs/FORMAT.md §14).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 
 pub const MAGIC_CONFIG: &[u8; 8] = b"KLOSETCF";
 pub const MAGIC_KEY: &[u8; 8] = b"KLOSETKY";
@@ -44,7 +48,7 @@ pub fn unframe<T: DeserializeOwned>(magic: &[u8; 8], data: &[u8], file: &str) ->
         return Err(Error::damaged(file, "checksum mismatch"));
     }
     let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
+    if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(Error::Version(version, FORMAT_VERSION));
     }
     postcard::from_bytes(&body[12..])
@@ -160,6 +164,23 @@ pub struct IndexPack {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IndexFile {
     pub packs: Vec<IndexPack>,
+}
+
+/// A pack that maintenance condemned: no snapshot needed it when it was condemned, at
+/// `since_ns` (maintenance's clock). It stays readable until a later maintenance deletes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CondemnedPack {
+    pub since_ns: i64,
+    /// The pack's entries, as an index file would list them: the old index files that named
+    /// the pack are removed once it is condemned.
+    pub index: IndexPack,
+}
+
+/// A `condemned/` file: packs condemned by one maintenance run (and those of earlier runs
+/// still waiting, with their own times).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct CondemnedFile {
+    pub packs: Vec<CondemnedPack>,
 }
 
 /// A snapshot file.
@@ -304,6 +325,7 @@ pub fn open_record<T: DeserializeOwned>(
 pub const AAD_INDEX: &[u8] = b"kloset index v1";
 pub const AAD_SNAPSHOT: &[u8] = b"kloset snapshot v1";
 pub const AAD_PACK_HEADER: &[u8] = b"kloset pack header v1";
+pub const AAD_CONDEMNED: &[u8] = b"kloset condemned v1";
 
 /// Parse a key file.
 pub fn parse_key_file(data: &[u8], name: &str) -> Result<KeyFile> {

@@ -2,34 +2,107 @@
 //!
 //! Every command that reads or writes a store holds one while it runs ([`LockGuard`]); it is
 //! refreshed in the background by writing a new file before removing the old one, and is
-//! stale when not refreshed for a while or when its process is gone. Maintenance reads them to
-//! know which processes may still depend on data it condemned (docs/FORMAT.md §12).
+//! stale when not refreshed for a while or when its process is gone. Maintenance reads them
+//! ([`live_leases`]) to know which processes may still depend on packs it condemned, and two
+//! maintenance runs exclude each other through them (docs/FORMAT.md §12). A process that was
+//! suspended past its lease's timeout knows it ([`LockGuard::lapsed`]), so a backup checks
+//! what it reused before committing.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::backend::{Backend, FileType};
 use super::error::{Error, Result};
 use super::format::{LockRecord, MAGIC_LOCK, frame, unframe};
 
-/// How often a held lock is rewritten, and after how long without refresh it is stale.
-const LOCK_REFRESH: Duration = Duration::from_secs(300);
-const LOCK_STALE: Duration = Duration::from_secs(1800);
+/// The command name of maintenance's lock: two such locks exclude each other, and exclude
+/// nothing else.
+pub const MAINTENANCE: &str = "maintenance";
+
+/// After how long without refresh a lock is stale (30 min; `KLOSET_LEASE_TIMEOUT=SECONDS`
+/// changes it, for tests and for stores whose hosts agree on another value). A held lock is
+/// refreshed six times per timeout.
+pub fn lease_timeout() -> Duration {
+    std::env::var("KLOSET_LEASE_TIMEOUT")
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.5)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(1800))
+}
+
+fn refresh_every() -> Duration {
+    lease_timeout() / 6
+}
 
 /// A held store lock.
 pub struct LockGuard {
-    backend: Arc<dyn Backend>,
-    /// The current lock file's name (each refresh writes a new file, then removes the old).
-    name: Arc<std::sync::Mutex<String>>,
-    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    lease: Arc<Lease>,
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Removes the lock file if the process is interrupted.
     _job: super::interrupt::Job,
 }
 
+/// What a held lock's refreshes share with its guard.
+pub(super) struct Lease {
+    backend: Arc<dyn Backend>,
+    rec: Mutex<LockRecord>,
+    /// The current lock file's name (each refresh writes a new file, then removes the old).
+    name: Mutex<String>,
+    /// A file being written by a refresh (removed too if the process is interrupted).
+    fresh: Mutex<Option<String>>,
+    /// `refreshed_ns` of the last lock file written.
+    last_ns: AtomicI64,
+    /// A refresh came later than half the timeout: others may have taken the lock as stale.
+    lapsed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Lease {
+    /// Has the lock gone unrefreshed for more than half its timeout (the process was
+    /// suspended, or the store unreachable)? Remembered once seen.
+    pub(super) fn check_lapsed(&self) -> bool {
+        let gap = super::now_ns().saturating_sub(self.last_ns.load(Ordering::Acquire));
+        if gap > (lease_timeout() / 2).as_nanos() as i64 {
+            self.lapsed.store(true, Ordering::Release);
+        }
+        self.lapsed.load(Ordering::Acquire)
+    }
+
+    /// Write a new lock file, then remove the old one: the lock is never absent, and no
+    /// backend has to overwrite a file.
+    pub(super) fn refresh(&self) -> Result<()> {
+        self.check_lapsed();
+        let now = super::now_ns();
+        let bytes = {
+            let mut rec = lock(&self.rec);
+            rec.refreshed_ns = now;
+            frame(MAGIC_LOCK, &*rec)
+        };
+        let fresh = super::crypto::random_hex(16);
+        *lock(&self.fresh) = Some(fresh.clone());
+        let r = self.backend.write(FileType::Lock, &fresh, &bytes);
+        if r.is_ok() {
+            self.last_ns.store(now, Ordering::Release);
+            let mut cur = lock(&self.name);
+            let _ = self.backend.remove(FileType::Lock, &cur);
+            *cur = fresh;
+        }
+        *lock(&self.fresh) = None;
+        r
+    }
+}
+
+/// Is a lock record live (refreshed within the timeout, and not left by a dead process of
+/// this host)?
 fn lock_is_live(rec: &LockRecord) -> bool {
     let age_ns = super::now_ns().saturating_sub(rec.refreshed_ns);
-    if age_ns > LOCK_STALE.as_nanos() as i64 {
+    if age_ns > lease_timeout().as_nanos() as i64 {
         return false;
     }
     if rec.host == super::hostname() && rec.pid != std::process::id() {
@@ -39,6 +112,32 @@ fn lock_is_live(rec: &LockRecord) -> bool {
     true
 }
 
+/// Does a live lock `rec` stand in the way of a wanted lock?
+fn conflicts_with(rec: &LockRecord, exclusive: bool, command: &str) -> bool {
+    exclusive || rec.exclusive || (command == MAINTENANCE && rec.command == MAINTENANCE)
+}
+
+/// The live locks of a store but `mine` (a lock file name), with their file names. Lock files
+/// that cannot be read or parsed are ignored.
+pub fn live_leases(backend: &dyn Backend, mine: Option<&str>) -> Result<Vec<(String, LockRecord)>> {
+    let mut out = Vec::new();
+    for f in backend.list(FileType::Lock)? {
+        if Some(f.name.as_str()) == mine {
+            continue;
+        }
+        let Ok(b) = backend.read(FileType::Lock, &f.name) else {
+            continue;
+        };
+        let Ok(rec) = unframe::<LockRecord>(MAGIC_LOCK, &b, &f.name) else {
+            continue;
+        };
+        if lock_is_live(&rec) {
+            out.push((f.name, rec));
+        }
+    }
+    Ok(out)
+}
+
 impl LockGuard {
     pub(super) fn take(
         backend: Arc<dyn Backend>,
@@ -46,17 +145,8 @@ impl LockGuard {
         command: &str,
     ) -> Result<LockGuard> {
         let conflicts = |mine: Option<&str>| -> Result<Option<(String, String)>> {
-            for f in backend.list(FileType::Lock)? {
-                if Some(f.name.as_str()) == mine {
-                    continue;
-                }
-                let Ok(b) = backend.read(FileType::Lock, &f.name) else {
-                    continue;
-                };
-                let Ok(rec) = unframe::<LockRecord>(MAGIC_LOCK, &b, &f.name) else {
-                    continue;
-                };
-                if lock_is_live(&rec) && (exclusive || rec.exclusive) {
+            for (name, rec) in live_leases(backend.as_ref(), mine)? {
+                if conflicts_with(&rec, exclusive, command) {
                     return Ok(Some((
                         format!(
                             "{} (pid {} on {}, {})",
@@ -65,7 +155,7 @@ impl LockGuard {
                             rec.host,
                             if rec.exclusive { "exclusive" } else { "shared" }
                         ),
-                        FileType::Lock.path(&f.name),
+                        FileType::Lock.path(&name),
                     )));
                 }
             }
@@ -75,21 +165,6 @@ impl LockGuard {
             return Err(Error::Locked(who, file));
         }
         let name = super::crypto::random_hex(16);
-        // The lock file (and one being written by a refresh) is removed if the process is
-        // interrupted; registered before it is written, so none is left behind.
-        let current = Arc::new(std::sync::Mutex::new(name.clone()));
-        let fresh_name: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-        let job = {
-            let (backend, current, fresh_name) =
-                (backend.clone(), current.clone(), fresh_name.clone());
-            super::interrupt::on_interrupt(move || {
-                let fresh = fresh_name.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let cur = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                for n in fresh.into_iter().chain([cur]) {
-                    let _ = backend.remove(FileType::Lock, &n);
-                }
-            })
-        };
         let now = super::now_ns();
         let rec = LockRecord {
             exclusive,
@@ -100,22 +175,39 @@ impl LockGuard {
             refreshed_ns: now,
             command: command.to_string(),
         };
-        backend.write(FileType::Lock, &name, &frame(MAGIC_LOCK, &rec))?;
+        let bytes = frame(MAGIC_LOCK, &rec);
+        let lease = Arc::new(Lease {
+            backend: backend.clone(),
+            rec: Mutex::new(rec),
+            name: Mutex::new(name.clone()),
+            fresh: Mutex::new(None),
+            last_ns: AtomicI64::new(now),
+            lapsed: AtomicBool::new(false),
+        });
+        // The lock file (and one being written by a refresh) is removed if the process is
+        // interrupted; registered before it is written, so none is left behind.
+        let job = {
+            let lease = lease.clone();
+            super::interrupt::on_interrupt(move || {
+                let fresh = lock(&lease.fresh).clone();
+                let cur = lock(&lease.name).clone();
+                for n in fresh.into_iter().chain([cur]) {
+                    let _ = lease.backend.remove(FileType::Lock, &n);
+                }
+            })
+        };
+        backend.write(FileType::Lock, &name, &bytes)?;
         if let Some((who, file)) = conflicts(Some(&name))? {
             let _ = backend.remove(FileType::Lock, &name);
             return Err(Error::Locked(who, file));
         }
-        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let name = current;
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let thread = {
-            let fresh_name = fresh_name.clone();
-            let backend = backend.clone();
+            let lease = lease.clone();
             let stop = stop.clone();
-            let name = name.clone();
             std::thread::spawn(move || {
-                let mut rec = rec;
                 let (m, cv) = &*stop;
-                let mut stopped = m.lock().unwrap_or_else(|e| e.into_inner());
+                let mut stopped = lock(m);
                 loop {
                     // The flag is checked before waiting: a guard dropped before this thread
                     // first ran must not leave it (and the dropping thread) waiting a period.
@@ -123,36 +215,49 @@ impl LockGuard {
                         return;
                     }
                     let (g, _) = cv
-                        .wait_timeout(stopped, LOCK_REFRESH)
+                        .wait_timeout(stopped, refresh_every())
                         .unwrap_or_else(|e| e.into_inner());
                     stopped = g;
                     if *stopped {
                         return;
                     }
-                    // A new file, then the old one removed: the lock is never absent, and no
-                    // backend has to overwrite a file.
-                    rec.refreshed_ns = super::now_ns();
-                    let fresh = super::crypto::random_hex(16);
-                    *fresh_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(fresh.clone());
-                    if backend
-                        .write(FileType::Lock, &fresh, &frame(MAGIC_LOCK, &rec))
-                        .is_ok()
-                    {
-                        let mut cur = name.lock().unwrap_or_else(|e| e.into_inner());
-                        let _ = backend.remove(FileType::Lock, &cur);
-                        *cur = fresh;
-                    }
-                    *fresh_name.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    let _ = lease.refresh();
                 }
             })
         };
         Ok(LockGuard {
-            backend,
-            name,
+            lease,
             stop,
             thread: Some(thread),
             _job: job,
         })
+    }
+
+    /// What the store keeps of this lock, to check it before a commit.
+    pub(super) fn lease(&self) -> Arc<Lease> {
+        self.lease.clone()
+    }
+
+    /// The name of this lock's current file.
+    pub fn file_name(&self) -> String {
+        lock(&self.lease.name).clone()
+    }
+
+    /// When this lock was taken (ns since the epoch, this host's clock).
+    pub fn created_ns(&self) -> i64 {
+        lock(&self.lease.rec).created_ns
+    }
+
+    /// Did this lock go unrefreshed for more than half its timeout since it was taken (the
+    /// process was suspended, or the store out of reach), so that maintenance elsewhere may
+    /// have taken it as stale?
+    pub fn lapsed(&self) -> bool {
+        self.lease.check_lapsed()
+    }
+
+    /// Refresh the lock now (it keeps its start time).
+    pub fn renew(&self) -> Result<()> {
+        self.lease.refresh()
     }
 }
 
@@ -160,13 +265,13 @@ impl Drop for LockGuard {
     fn drop(&mut self) {
         {
             let (m, cv) = &*self.stop;
-            *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            *lock(m) = true;
             cv.notify_all();
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let name = self.name.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = self.backend.remove(FileType::Lock, &name);
+        let name = lock(&self.lease.name).clone();
+        let _ = self.lease.backend.remove(FileType::Lock, &name);
     }
 }

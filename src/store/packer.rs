@@ -30,6 +30,11 @@ pub struct Packer<'a> {
     pending_index: Mutex<Vec<IndexPack>>,
     /// Packs no index listed that this session reuses blobs of, and so lists in its index.
     adopted: Mutex<HashSet<String>>,
+    /// The packs (by number in the store's index when this packer was made) holding blobs
+    /// this session reused: one bit each.
+    reused_packs: Vec<AtomicU64>,
+    /// The packs this session wrote.
+    written: Mutex<Vec<String>>,
     pub new_blobs: AtomicU64,
     pub new_bytes: AtomicU64,
 }
@@ -56,6 +61,10 @@ impl<'a> Packer<'a> {
             seen: Mutex::new(HashSet::new()),
             pending_index: Mutex::new(Vec::new()),
             adopted: Mutex::new(HashSet::new()),
+            reused_packs: (0..store.index().pack_count().div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            written: Mutex::new(Vec::new()),
             new_blobs: AtomicU64::new(0),
             new_bytes: AtomicU64::new(0),
         }
@@ -83,6 +92,17 @@ impl<'a> Packer<'a> {
         let Some(loc) = idx.get(id) else {
             return false;
         };
+        // A blob only a condemned pack holds may be deleted by a later maintenance: this
+        // session stores it again (and the next maintenance sees it referenced).
+        if idx.is_condemned(loc.pack) {
+            return false;
+        }
+        if let Some(w) = self.reused_packs.get(loc.pack as usize / 64) {
+            let bit = 1u64 << (loc.pack % 64);
+            if w.load(Ordering::Relaxed) & bit == 0 {
+                w.fetch_or(bit, Ordering::Relaxed);
+            }
+        }
         if self.store.has_recovered.load(Ordering::Acquire) {
             let pack = idx.pack_name(loc.pack);
             if !self.adopted.lock().contains(pack) {
@@ -165,6 +185,7 @@ impl<'a> Packer<'a> {
         } else {
             self.store.backend.write(FileType::Pack, &name, &b.data)?;
         }
+        self.written.lock().push(name.clone());
         let ip = IndexPack {
             pack: name,
             kind,
@@ -193,6 +214,26 @@ impl<'a> Packer<'a> {
         let f = seal_record(&self.store.crypto, AAD_INDEX, &IndexFile { packs });
         let name = self.store.crypto.file_id(&f);
         self.store.store_file(FileType::Index, &name, &f)
+    }
+
+    /// The packs a snapshot made by this session depends on: those it reused blobs of and
+    /// those it wrote. Checked before the snapshot is committed
+    /// ([`Store::verify_dependencies`](super::repo::Store::verify_dependencies)).
+    pub fn dependencies(&self) -> Vec<String> {
+        let idx = self.store.index();
+        let mut out: Vec<String> = self.written.lock().clone();
+        for (i, w) in self.reused_packs.iter().enumerate() {
+            let mut bits = w.load(Ordering::Relaxed);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let n = (i * 64 + b) as u32;
+                if (n as usize) < idx.pack_count() {
+                    out.push(idx.pack_name(n).to_string());
+                }
+            }
+        }
+        out
     }
 
     /// Upload the partly filled packs and the remaining index entries.

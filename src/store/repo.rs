@@ -6,7 +6,7 @@
 //! for data and one for trees, uploads each when full, and writes an index file for every few
 //! dozen packs, so an interrupted backup leaves packs that a re-run finds and reuses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,6 +81,10 @@ pub struct Store {
     pub(super) has_recovered: AtomicBool,
     /// Local copies of index files, snapshots and tree packs (remote stores only).
     cache: Option<Cache>,
+    /// The `condemned/` files read when the index was last loaded, by name.
+    marks: Mutex<Vec<String>>,
+    /// The lock this process holds on the store, if any ([`Store::lock`]).
+    lease: Mutex<Option<Arc<super::lock::Lease>>>,
 }
 
 /// Read an immutable file through the local cache `cache` (remote stores), or straight; says
@@ -111,6 +115,8 @@ type Fetched = Result<(Vec<u8>, bool)>;
 struct IndexFiles {
     /// Each index file's bytes ([`Fetched`]).
     index: Vec<(Listed, Fetched)>,
+    /// Each `condemned/` file's bytes.
+    condemned: Vec<(Listed, Fetched)>,
     packs: Vec<Listed>,
 }
 
@@ -124,18 +130,40 @@ impl IndexFiles {
                 &listed.iter().map(|f| f.name.clone()).collect(),
             );
         }
-        let index = listed
-            .into_iter()
-            .map(|f| {
-                let b = fetch_via(backend, cache, FileType::Index, &f.name);
-                (f, b)
-            })
-            .collect();
+        let fetch_all = |t: FileType, listed: Vec<Listed>| -> Vec<(Listed, Fetched)> {
+            listed
+                .into_iter()
+                .map(|f| {
+                    let b = fetch_via(backend, cache, t, &f.name);
+                    (f, b)
+                })
+                .collect()
+        };
+        let index = fetch_all(FileType::Index, listed);
+        let marks = backend.list(FileType::Condemned)?;
+        if let Some(c) = cache {
+            c.retain(
+                FileType::Condemned,
+                &marks.iter().map(|f| f.name.clone()).collect(),
+            );
+        }
+        let condemned = fetch_all(FileType::Condemned, marks);
         let packs = {
             let _t = crate::trace::span("list packs");
             backend.list(FileType::Pack)?
         };
-        Ok(IndexFiles { index, packs })
+        if let Some(c) = cache {
+            // Packs deleted by maintenance leave the local cache.
+            c.retain(
+                FileType::Pack,
+                &packs.iter().map(|f| f.name.clone()).collect(),
+            );
+        }
+        Ok(IndexFiles {
+            index,
+            condemned,
+            packs,
+        })
     }
 }
 
@@ -235,6 +263,15 @@ fn compress_into(data: &[u8], level: i32, out: &mut Vec<u8>, room: usize) -> boo
 /// How the passphrase is obtained: called at most once, only for encrypted stores.
 pub type PassphraseFn<'a> = &'a dyn Fn(bool) -> Result<Vec<u8>>;
 
+/// Open a `condemned/` file (checked against its name).
+pub(super) fn open_condemned(crypto: &Crypto, b: &[u8], name: &str) -> Result<CondemnedFile> {
+    let file = FileType::Condemned.path(name);
+    if crypto.file_id(b) != name {
+        return Err(Error::damaged(&file, "content does not match its name"));
+    }
+    open_record(crypto, AAD_CONDEMNED, b, &file)
+}
+
 fn read_config(backend: &dyn Backend) -> Result<Config> {
     match backend.read(FileType::Config, "config") {
         Ok(b) => unframe(MAGIC_CONFIG, &b, "config"),
@@ -330,6 +367,8 @@ impl Store {
             index_report: Mutex::new(IndexLoadReport::default()),
             recovered: Mutex::new(HashMap::new()),
             has_recovered: AtomicBool::new(false),
+            marks: Mutex::new(Vec::new()),
+            lease: Mutex::new(None),
         }
     }
 
@@ -450,6 +489,32 @@ impl Store {
         let _t = crate::trace::span("load index");
         let mut idx = Index::default();
         let mut report = IndexLoadReport::default();
+        let mut marks = Vec::with_capacity(files.condemned.len());
+        let mut mark_names = Vec::with_capacity(files.condemned.len());
+        for (f, bytes) in files.condemned {
+            let file = FileType::Condemned.path(&f.name);
+            let res = bytes.and_then(|(b, cached)| {
+                self.accept(FileType::Condemned, &f.name, b, cached, |b| {
+                    open_condemned(&self.crypto, b, &f.name)
+                })
+            });
+            match res {
+                Ok(m) => {
+                    mark_names.push(f.name);
+                    marks.push(m);
+                }
+                Err(e) if e.kind() == super::error::ErrorKind::Unreachable => return Err(e),
+                Err(e) => report.damaged_index_files.push((file, e.to_string())),
+            }
+        }
+        // A pack a `condemned/` file names is condemned, whatever index file still lists it
+        // (maintenance removes those after writing the mark): its blobs are added after all
+        // others, so a copy elsewhere is the one read.
+        let condemned: HashSet<&str> = marks
+            .iter()
+            .flat_map(|m| &m.packs)
+            .map(|p| p.index.pack.as_str())
+            .collect();
         let mut opened = Vec::with_capacity(files.index.len());
         for (f, bytes) in files.index {
             let file = format!("index/{}", f.name);
@@ -478,9 +543,17 @@ impl Store {
                 .sum(),
         );
         for i in &opened {
-            i.packs.iter().for_each(|p| idx.add_pack(p));
+            i.packs
+                .iter()
+                .filter(|p| !condemned.contains(p.pack.as_str()))
+                .for_each(|p| idx.add_pack(p));
         }
         drop(opened);
+        for m in &marks {
+            m.packs.iter().for_each(|p| idx.add_condemned(&p.index));
+        }
+        drop(condemned);
+        drop(marks);
         let packs = files.packs;
         let mut recovered = HashMap::new();
         for p in packs {
@@ -507,7 +580,70 @@ impl Store {
         self.has_recovered
             .store(!recovered.is_empty(), Ordering::Release);
         *self.recovered.lock() = recovered;
+        *self.marks.lock() = mark_names;
         Ok(())
+    }
+
+    /// Load the index again if a maintenance run condemned packs since it was loaded. Called
+    /// once a writer holds its lock: from then on, maintenance deletes nothing this writer
+    /// could reuse without that being visible here.
+    pub fn refresh_condemned(&self) -> Result<()> {
+        let listed: Vec<String> = self
+            .backend
+            .list(FileType::Condemned)?
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
+        let mut known = self.marks.lock().clone();
+        known.sort();
+        let mut now = listed;
+        now.sort();
+        if now != known {
+            self.load_index()?;
+        }
+        Ok(())
+    }
+
+    /// Before a snapshot is committed: are the packs it depends on (`deps`,
+    /// [`Packer::dependencies`]) still there and not condemned? Maintenance deletes a pack only
+    /// when it was condemned before every live lock was taken, so this only looks when a
+    /// maintenance ran meanwhile (the `condemned/` files changed) or when this process's lock
+    /// lapsed (it was suspended past the lock timeout, and maintenance may have taken it for
+    /// dead); the lock is renewed first. The packs that fail, by name.
+    pub fn verify_dependencies(&self, deps: &[String]) -> Result<Vec<String>> {
+        let lease = self.lease.lock().clone();
+        let lapsed = lease.as_ref().is_some_and(|l| l.check_lapsed());
+        if let Some(l) = lease.filter(|_| lapsed) {
+            l.refresh()?;
+        }
+        let listed = self.backend.list(FileType::Condemned)?;
+        let known: HashSet<String> = self.marks.lock().iter().cloned().collect();
+        let mut condemned = HashSet::new();
+        let mut changed = listed.len() != known.len();
+        for f in listed.iter().filter(|f| !known.contains(&f.name)) {
+            changed = true;
+            let m = self.fetch_checked(FileType::Condemned, &f.name, |b| {
+                open_condemned(&self.crypto, b, &f.name)
+            })?;
+            condemned.extend(m.packs.into_iter().map(|p| p.index.pack));
+        }
+        let mut bad: Vec<String> = deps
+            .iter()
+            .filter(|d| condemned.contains(*d))
+            .cloned()
+            .collect();
+        if lapsed || changed {
+            let present: HashSet<String> = self
+                .backend
+                .list(FileType::Pack)?
+                .into_iter()
+                .map(|f| f.name)
+                .collect();
+            bad.extend(deps.iter().filter(|d| !present.contains(*d)).cloned());
+        }
+        bad.sort();
+        bad.dedup();
+        Ok(bad)
     }
 
     /// Read an immutable file through the local cache (remote stores), or straight, and
@@ -892,6 +1028,12 @@ impl Store {
         Ok(node)
     }
 
+    /// Is blob `id` in the store, in a pack a writer may reuse (not condemned)?
+    pub fn reusable(&self, id: &BlobId) -> bool {
+        let idx = self.index.read();
+        idx.get(id).is_some_and(|l| !idx.is_condemned(l.pack))
+    }
+
     /// Total size of the store's files by type.
     pub fn sizes(&self) -> Result<Vec<(FileType, usize, u64)>> {
         let mut out = Vec::new();
@@ -904,7 +1046,9 @@ impl Store {
 
     /// Take a lock; it is refreshed in the background and released on drop.
     pub fn lock(&self, exclusive: bool, command: &str) -> Result<LockGuard> {
-        LockGuard::take(self.backend.clone(), exclusive, command)
+        let g = LockGuard::take(self.backend.clone(), exclusive, command)?;
+        *self.lease.lock() = Some(g.lease());
+        Ok(g)
     }
 }
 
