@@ -18,6 +18,7 @@ pub mod connector;
 pub mod create;
 pub mod info;
 pub mod ls;
+pub mod maintenance;
 pub mod mount;
 pub mod pkg;
 pub mod progress;
@@ -130,6 +131,10 @@ pub enum Verb {
     /// Remove snapshots: named ones, those a filter selects, or those a keep policy does not keep.
     #[command(alias = "forget")]
     Rm(Box<rm::Args>),
+    /// Give back the space of data no snapshot references (two phases: condemn, then delete in
+    /// a later run); safe while other hosts back up.
+    #[command(alias = "prune")]
+    Maintenance(maintenance::Args),
 }
 
 /// What every verb gets.
@@ -594,6 +599,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Verb::Check(a) => check::run(&ctx, a),
                 Verb::Info(a) => info::run(&ctx, a),
                 Verb::Rm(a) => rm::run(&ctx, *a),
+                Verb::Maintenance(a) => maintenance::run(&ctx, a),
                 Verb::Mount(a) => mount::run(&ctx, a),
                 Verb::Sync(a) => sync::run(&ctx, a),
             }

@@ -114,7 +114,9 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         Ok(l) => Some(l),
         Err(e @ crate::store::Error::Locked(..)) => return Err(e.into()),
         Err(e) => {
-            eprintln!("kloset: warning: mounting without a lease on the store ({e}): a maintenance run elsewhere may delete packs this mount reads");
+            eprintln!(
+                "kloset: warning: mounting without a lease on the store ({e}): a maintenance run elsewhere may delete packs this mount reads"
+            );
             None
         }
     };

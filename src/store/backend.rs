@@ -84,9 +84,7 @@ impl FileType {
         match self {
             FileType::Config => name == "config",
             FileType::Key | FileType::Lock => hex(32),
-            FileType::Pack | FileType::Index | FileType::Snapshot | FileType::Condemned => {
-                hex(64)
-            }
+            FileType::Pack | FileType::Index | FileType::Snapshot | FileType::Condemned => hex(64),
         }
     }
 }

@@ -757,6 +757,7 @@ fn walk_and_commit(
         // Maintenance elsewhere may have condemned (or, if this process was suspended past
         // its lock, deleted) packs this snapshot reuses: then their blobs are stored again,
         // by walking once more with the index as it now is.
+        super::debug_point("backup-before-commit");
         let bad = store.verify_dependencies(&deps)?;
         if bad.is_empty() {
             snapshot.duration_ms = started.elapsed().as_millis() as u64;

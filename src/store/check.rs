@@ -155,6 +155,14 @@ pub fn run(
         if all {
             // A full check of the store reads every pack, needed or not.
             for (id, loc) in idx.iter() {
+                // A condemned pack that is gone was deleted by maintenance: not damage unless
+                // a snapshot needs it (then it is among the needed ones above).
+                if idx.is_condemned(loc.pack)
+                    && !needed.contains(id)
+                    && !listed.contains_key(idx.pack_name(loc.pack))
+                {
+                    continue;
+                }
                 let v = per_pack.entry(loc.pack).or_default();
                 if !needed.contains(id) && !fast {
                     v.push(*id);
@@ -164,6 +172,14 @@ pub fn run(
     }
     let mut packs: Vec<(String, Vec<BlobId>)> = {
         let idx = store.index();
+        let condemned = (0..idx.pack_count() as u32)
+            .filter(|&p| idx.is_condemned(p))
+            .count();
+        if condemned > 0 {
+            rep.notes.push(format!(
+                "{condemned} pack(s) are condemned by maintenance (unused; a later maintenance run deletes them)"
+            ));
+        }
         per_pack
             .into_iter()
             .map(|(p, ids)| (idx.pack_name(p).to_string(), ids))

@@ -18,6 +18,7 @@ pub mod format;
 pub mod index;
 pub mod interrupt;
 pub mod lock;
+pub mod maintenance;
 pub mod notice;
 pub mod packer;
 pub mod policy;
@@ -52,4 +53,19 @@ pub fn hostname() -> String {
 /// The name of the user running kloset.
 pub fn username() -> String {
     source::user_name(nix::unistd::geteuid().as_raw())
+}
+
+/// A named point in a command where tests stop or kill the process: with
+/// `KLOSET_DEBUG_STOP_AT=NAME` it stops itself (SIGSTOP) there, with `KLOSET_DEBUG_KILL_AT=NAME`
+/// it is killed (SIGKILL). The crash and suspension tests of maintenance and backup use them to
+/// reach each step of the write order exactly; unset, this costs one environment lookup.
+pub fn debug_point(name: &str) {
+    use nix::sys::signal::{Signal, raise};
+    let hit = |var: &str| std::env::var(var).is_ok_and(|v| v.split(',').any(|p| p == name));
+    if hit("KLOSET_DEBUG_KILL_AT") {
+        let _ = raise(Signal::SIGKILL);
+    }
+    if hit("KLOSET_DEBUG_STOP_AT") {
+        let _ = raise(Signal::SIGSTOP);
+    }
 }

@@ -216,6 +216,11 @@ impl<'a> Packer<'a> {
         self.store.store_file(FileType::Index, &name, &f)
     }
 
+    /// The packs this session wrote, by name.
+    pub fn written(&self) -> Vec<String> {
+        self.written.lock().clone()
+    }
+
     /// The packs a snapshot made by this session depends on: those it reused blobs of and
     /// those it wrote. Checked before the snapshot is committed
     /// ([`Store::verify_dependencies`](super::repo::Store::verify_dependencies)).

@@ -1028,6 +1028,53 @@ impl Store {
         Ok(node)
     }
 
+    /// Replace the in-memory index (maintenance loads its own, of tree packs only).
+    pub(super) fn set_index(&self, idx: Index) {
+        *self.index.write() = idx;
+        self.has_recovered.store(false, Ordering::Release);
+        self.recovered.lock().clear();
+    }
+
+    /// Read and open an index file (through the local cache).
+    pub(super) fn read_index_file(&self, name: &str) -> Result<IndexFile> {
+        let file = FileType::Index.path(name);
+        self.fetch_checked(FileType::Index, name, |b| {
+            if self.crypto.file_id(b) != name {
+                return Err(Error::damaged(&file, "content does not match its name"));
+            }
+            open_record::<IndexFile>(&self.crypto, AAD_INDEX, b, &file)
+        })
+    }
+
+    /// Read and open a `condemned/` file (through the local cache).
+    pub(super) fn read_condemned_file(&self, name: &str) -> Result<CondemnedFile> {
+        self.fetch_checked(FileType::Condemned, name, |b| {
+            open_condemned(&self.crypto, b, name)
+        })
+    }
+
+    /// Write a sealed record as an immutable file named by its hash; its name and size.
+    pub(super) fn write_record<T: serde::Serialize>(
+        &self,
+        t: FileType,
+        aad: &[u8],
+        rec: &T,
+    ) -> Result<(String, u64)> {
+        let b = seal_record(&self.crypto, aad, rec);
+        let name = self.crypto.file_id(&b);
+        self.store_file(t, &name, &b)?;
+        Ok((name, b.len() as u64))
+    }
+
+    /// Remove a file from the store and from the local cache.
+    pub(super) fn remove_file(&self, t: FileType, name: &str) -> Result<()> {
+        self.backend.remove(t, name)?;
+        if let Some(c) = &self.cache {
+            c.remove(t, name);
+        }
+        Ok(())
+    }
+
     /// Is blob `id` in the store, in a pack a writer may reuse (not condemned)?
     pub fn reusable(&self, id: &BlobId) -> bool {
         let idx = self.index.read();
