@@ -136,8 +136,11 @@ impl PackInfo {
     fn size(&self) -> u64 {
         self.size.unwrap_or(0)
     }
+    /// Bytes of blobs in it that nothing needs (its header is not counted: a pack of used
+    /// blobs alone has none).
     fn unused_bytes(&self) -> u64 {
-        self.size().saturating_sub(self.used_bytes)
+        let blobs: u64 = self.entries.iter().map(|e| e.length as u64).sum();
+        blobs.saturating_sub(self.used_bytes)
     }
     fn index_pack(&self) -> IndexPack {
         IndexPack {
@@ -563,7 +566,7 @@ pub fn run(store: &Store, lock: &LockGuard, opts: &Options) -> Result<Report> {
             .iter()
             .filter(|p| {
                 p.action == Action::Wait
-                    || condemned_now(p)
+                    || (condemned_now(p) && (with_deleted || !opts.now))
                     || (with_deleted && p.action == Action::Delete)
             })
             .map(|p| CondemnedPack {

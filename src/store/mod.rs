@@ -56,7 +56,7 @@ pub fn username() -> String {
 }
 
 /// A named point in a command where tests stop or kill the process: with
-/// `KLOSET_DEBUG_STOP_AT=NAME` it stops itself (SIGSTOP) there, with `KLOSET_DEBUG_KILL_AT=NAME`
+/// `KLOSET_DEBUG_STOP_AT=NAME` it stops itself (SIGSTOP) there the first time, with `KLOSET_DEBUG_KILL_AT=NAME`
 /// it is killed (SIGKILL). The crash and suspension tests of maintenance and backup use them to
 /// reach each step of the write order exactly; unset, this costs one environment lookup.
 pub fn debug_point(name: &str) {
@@ -65,7 +65,14 @@ pub fn debug_point(name: &str) {
     if hit("KLOSET_DEBUG_KILL_AT") {
         let _ = raise(Signal::SIGKILL);
     }
+    // Stopped once per point: a step run again (a backup's second walk) goes on.
+    static STOPPED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     if hit("KLOSET_DEBUG_STOP_AT") {
-        let _ = raise(Signal::SIGSTOP);
+        let mut seen = STOPPED.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.iter().any(|s| s == name) {
+            seen.push(name.to_string());
+            drop(seen);
+            let _ = raise(Signal::SIGSTOP);
+        }
     }
 }

@@ -1,0 +1,563 @@
+//! `rm` + `maintenance` on SFTP stores, through the real binary and a real OpenSSH server
+//! (issue 15): the store shrinks close to a fresh one holding only the kept snapshots and every
+//! kept snapshot restores exactly; a backup running meanwhile, one suspended past its lease, and
+//! a mount all keep their data; maintenance killed at each step of its write order leaves a
+//! store that checks clean and a re-run completes; two runs exclude each other.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::sshd::Sshd;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_kloset"))
+}
+
+fn fixture() -> Option<Sshd> {
+    let s = Sshd::start();
+    if s.is_none() {
+        eprintln!("SKIPPED: no usable sshd on this machine");
+    }
+    s
+}
+
+fn run(sshd: &Sshd, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut c = sshd.cmd(bin());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.args(args).output().expect("run kloset");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "kloset panicked: {err}");
+    out
+}
+
+fn ok(sshd: &Sshd, env: &[(&str, &str)], args: &[&str]) -> String {
+    let out = run(sshd, env, args);
+    assert!(
+        out.status.success(),
+        "kloset {args:?} failed ({:?}): {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The source as of `round`: 30 files of 64 KiB that never change, 10 files of 256 KiB of
+/// which two are rewritten each round, and a small text file per round (about 6% new data
+/// each time).
+fn write_state(dir: &Path, round: u64) -> BTreeMap<PathBuf, Vec<u8>> {
+    fs::create_dir_all(dir.join("fixed")).unwrap();
+    fs::create_dir_all(dir.join("moving")).unwrap();
+    let mut m = BTreeMap::new();
+    for i in 0..30u64 {
+        m.insert(
+            PathBuf::from(format!("fixed/f{i:02}")),
+            noise(i + 1, 64 << 10),
+        );
+    }
+    for i in 0..10u64 {
+        // Rewritten in the last round that touched it (round r touches 2r and 2r + 1, mod 10).
+        let version = (0..=round)
+            .rev()
+            .find(|r| (r * 2) % 10 == i || (r * 2 + 1) % 10 == i)
+            .unwrap_or(0);
+        m.insert(
+            PathBuf::from(format!("moving/m{i}")),
+            noise(1000 + i * 100 + version, 256 << 10),
+        );
+    }
+    m.insert(
+        PathBuf::from(format!("notes/round{round}.txt")),
+        format!("round {round}\n").into_bytes(),
+    );
+    let _ = fs::remove_dir_all(dir.join("notes"));
+    fs::create_dir_all(dir.join("notes")).unwrap();
+    for (p, d) in &m {
+        let full = dir.join(p);
+        if fs::read(&full).ok().as_deref() != Some(d) {
+            fs::write(full, d).unwrap();
+        }
+    }
+    m
+}
+
+fn read_tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    fs::read(&p).unwrap(),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Total bytes of the files under `dir`.
+fn du(dir: &Path) -> u64 {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let md = e.metadata().unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                n += md.len();
+            }
+        }
+    }
+    n
+}
+
+/// A backup of `src`; its snapshot id.
+fn backup(sshd: &Sshd, env: &[(&str, &str)], store: &str, src: &Path) -> String {
+    ok(
+        sshd,
+        env,
+        &["-q", "at", store, "backup", src.to_str().unwrap()],
+    )
+    .trim()
+    .to_string()
+}
+
+/// Restore `id` and compare with `want`.
+fn assert_restores(
+    sshd: &Sshd,
+    store: &str,
+    id: &str,
+    src: &Path,
+    want: &BTreeMap<PathBuf, Vec<u8>>,
+) {
+    let out = tempfile::tempdir().unwrap();
+    ok(
+        sshd,
+        &[],
+        &[
+            "-q",
+            "at",
+            store,
+            "restore",
+            "-to",
+            out.path().to_str().unwrap(),
+            id,
+        ],
+    );
+    let _ = src;
+    let got = read_tree(out.path());
+    assert!(got == *want, "snapshot {id} does not restore exactly");
+}
+
+fn check_clean(sshd: &Sshd, store: &str) -> String {
+    let out = run(sshd, &[], &["at", store, "check"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "check failed: {text}");
+    text
+}
+
+fn maintenance_json(
+    sshd: &Sshd,
+    env: &[(&str, &str)],
+    store: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let mut a = vec!["at", store, "maintenance", "-json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&ok(sshd, env, &a)).expect("maintenance -json")
+}
+
+/// A store with `rounds` backups of a changing source; the snapshots' ids and contents.
+struct Setup {
+    store: String,
+    store_dir: PathBuf,
+    src: tempfile::TempDir,
+    snaps: Vec<(String, BTreeMap<PathBuf, Vec<u8>>)>,
+}
+
+fn setup(sshd: &Sshd, name: &str, rounds: u64) -> Setup {
+    let store_dir = sshd.remote_dir(name);
+    let store = sshd.url(&store_dir);
+    ok(sshd, &[], &["-q", "at", &store, "create"]);
+    let src = tempfile::tempdir().unwrap();
+    let mut snaps = Vec::new();
+    for r in 0..rounds {
+        let m = write_state(src.path(), r);
+        let id = backup(sshd, &[], &store, src.path());
+        snaps.push((id, m));
+    }
+    Setup {
+        store,
+        store_dir,
+        src,
+        snaps,
+    }
+}
+
+#[test]
+fn rm_and_maintenance_shrink_an_sftp_store_close_to_a_fresh_one() {
+    let Some(sshd) = fixture() else { return };
+    let s = setup(&sshd, "shrink", 6);
+    let before = du(&s.store_dir.join("packs"));
+    ok(&sshd, &[], &["-q", "at", &s.store, "rm", "-keep-last", "2"]);
+    // Condemn and repack, then delete.
+    let first = maintenance_json(&sshd, &[], &s.store, &["-grace", "0", "-max-unused", "0"]);
+    assert!(first["condemned"].as_u64().unwrap() + first["repacked"].as_u64().unwrap() > 0);
+    assert_eq!(
+        first["deleted"], 0,
+        "nothing is deleted in the run that condemns"
+    );
+    check_clean(&sshd, &s.store);
+    let second = maintenance_json(&sshd, &[], &s.store, &["-grace", "0", "-max-unused", "0"]);
+    assert!(second["deleted"].as_u64().unwrap() > 0, "{second}");
+    assert_eq!(second["waiting"], 0);
+    let text = check_clean(&sshd, &s.store);
+    assert!(!text.contains("condemned"), "{text}");
+    for (id, m) in &s.snaps[4..] {
+        assert_restores(&sshd, &s.store, id, s.src.path(), m);
+    }
+    // A fresh store holding only the kept snapshots.
+    let fresh_dir = sshd.remote_dir("fresh");
+    let fresh = sshd.url(&fresh_dir);
+    ok(&sshd, &[], &["-q", "at", &fresh, "create"]);
+    ok(&sshd, &[], &["-q", "at", &s.store, "sync", "to", &fresh]);
+    let (after, fresh_size) = (
+        du(&s.store_dir.join("packs")) + du(&s.store_dir.join("index")),
+        du(&fresh_dir.join("packs")) + du(&fresh_dir.join("index")),
+    );
+    eprintln!(
+        "packs before {before} B; after rm + maintenance {after} B; fresh store of the kept snapshots {fresh_size} B"
+    );
+    assert!(after < before);
+    assert!(
+        after as f64 <= fresh_size as f64 * 1.10,
+        "maintained store {after} B is more than 10% above a fresh one ({fresh_size} B)"
+    );
+    // Nothing more to do.
+    let third = maintenance_json(&sshd, &[], &s.store, &["-grace", "0", "-max-unused", "0"]);
+    assert_eq!(third["deleted"], 0);
+    assert_eq!(third["condemned"], 0);
+}
+
+#[test]
+fn a_backup_running_while_maintenance_condemns_and_deletes_keeps_its_data() {
+    let Some(sshd) = fixture() else { return };
+    let s = setup(&sshd, "concurrent", 3);
+    ok(&sshd, &[], &["-q", "at", &s.store, "rm", "-keep-last", "1"]);
+    let store = s.store.clone();
+    let src = tempfile::tempdir().unwrap();
+    let made = std::thread::scope(|sc| {
+        let writer = sc.spawn(|| {
+            let mut made = Vec::new();
+            for r in 3..7 {
+                // Old states come back: the writer reuses blobs maintenance may be condemning.
+                let m = write_state(src.path(), r % 4);
+                made.push((backup(&sshd, &[], &store, src.path()), m));
+            }
+            made
+        });
+        let mut runs = 0;
+        while !writer.is_finished() || runs < 2 {
+            maintenance_json(&sshd, &[], &store, &["-grace", "0", "-max-unused", "0"]);
+            ok(&sshd, &[], &["-q", "at", &store, "rm", "-keep-last", "2"]);
+            runs += 1;
+        }
+        writer.join().unwrap()
+    });
+    check_clean(&sshd, &s.store);
+    let (list, _) = (ok(&sshd, &[], &["at", &s.store, "ls"]), ());
+    for (id, m) in &made {
+        if list.contains(&id[..8]) {
+            assert_restores(&sshd, &s.store, id, src.path(), m);
+        }
+    }
+    // And once the writer is gone, the rest goes too.
+    maintenance_json(&sshd, &[], &s.store, &["-grace", "0"]);
+    maintenance_json(&sshd, &[], &s.store, &["-grace", "0"]);
+    check_clean(&sshd, &s.store);
+    for (id, m) in made.iter().rev().take(2) {
+        assert_restores(&sshd, &s.store, id, src.path(), m);
+    }
+}
+
+/// The process state letter from /proc (`T` when stopped).
+fn state(pid: u32) -> Option<char> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.trim().chars().next()
+}
+
+fn wait_stopped(child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while state(child.id()) != Some('T') {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("process ended ({st}) before reaching its stop point");
+        }
+        assert!(Instant::now() < deadline, "process never stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+#[test]
+fn a_backup_suspended_past_its_lease_never_commits_missing_data() {
+    let Some(sshd) = fixture() else { return };
+    let lease = [("KLOSET_LEASE_TIMEOUT", "2")];
+    let s = setup(&sshd, "suspended", 1);
+    // The data is in the store, but no snapshot needs it any more.
+    ok(&sshd, &[], &["-q", "at", &s.store, "rm", &s.snaps[0].0]);
+    let mut b = sshd.cmd(bin());
+    b.env("KLOSET_LEASE_TIMEOUT", "2")
+        .env("KLOSET_DEBUG_STOP_AT", "backup-before-commit")
+        .args([
+            "-q",
+            "at",
+            &s.store,
+            "backup",
+            s.src.path().to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut b = b.spawn().unwrap();
+    wait_stopped(&mut b);
+    // Stopped with every blob deduplicated against the old packs; its lease lapses.
+    std::thread::sleep(Duration::from_secs(3));
+    let one = maintenance_json(&sshd, &lease, &s.store, &["-grace", "0"]);
+    assert!(one["condemned"].as_u64().unwrap() > 0, "{one}");
+    let two = maintenance_json(&sshd, &lease, &s.store, &["-grace", "0"]);
+    assert!(two["deleted"].as_u64().unwrap() > 0, "{two}");
+    signal(&b, nix::sys::signal::Signal::SIGCONT);
+    let out = b.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "backup failed: {err}");
+    assert!(err.contains("condemned or deleted by maintenance"), "{err}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    check_clean(&sshd, &s.store);
+    assert_restores(&sshd, &s.store, &id, s.src.path(), &s.snaps[0].1);
+}
+
+#[test]
+fn two_maintenance_runs_exclude_each_other_and_now_waits_for_leases() {
+    let Some(sshd) = fixture() else { return };
+    let s = setup(&sshd, "exclusive", 2);
+    let mut first = sshd.cmd(bin());
+    first
+        .env("KLOSET_DEBUG_STOP_AT", "maintenance-locked")
+        .args(["-q", "at", &s.store, "maintenance", "-grace", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut first = first.spawn().unwrap();
+    wait_stopped(&mut first);
+    let out = run(&sshd, &[], &["at", &s.store, "maintenance"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("maintenance (pid"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // -now is refused while another process holds a lease (here, that maintenance).
+    let out = run(&sshd, &[], &["at", &s.store, "maintenance", "-now"]);
+    assert_eq!(out.status.code(), Some(7));
+    // Backups go on meanwhile.
+    write_state(s.src.path(), 9);
+    backup(&sshd, &[], &s.store, s.src.path());
+    signal(&first, nix::sys::signal::Signal::SIGCONT);
+    let st = first.wait().unwrap();
+    assert!(st.success());
+    // A backup that holds its lease makes -now refuse too.
+    let mut b = sshd.cmd(bin());
+    b.env("KLOSET_DEBUG_STOP_AT", "backup-before-commit")
+        .args([
+            "-q",
+            "at",
+            &s.store,
+            "backup",
+            s.src.path().to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut b = b.spawn().unwrap();
+    wait_stopped(&mut b);
+    let out = run(&sshd, &[], &["at", &s.store, "maintenance", "-now"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("backup (pid"), "{err}");
+    signal(&b, nix::sys::signal::Signal::SIGCONT);
+    assert!(b.wait().unwrap().success());
+    // Alone, -now condemns and deletes in one run.
+    ok(&sshd, &[], &["-q", "at", &s.store, "rm", "-keep-last", "1"]);
+    let r = maintenance_json(&sshd, &[], &s.store, &["-now", "-max-unused", "0"]);
+    assert!(r["deleted"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["waiting"], 0);
+    check_clean(&sshd, &s.store);
+    assert!(
+        fs::read_dir(s.store_dir.join("condemned"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+/// Copy a store directory (the server's files are local).
+fn copy_dir(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn maintenance_killed_at_every_step_leaves_a_store_that_checks_clean() {
+    let Some(sshd) = fixture() else { return };
+    let s = setup(&sshd, "killed", 4);
+    ok(&sshd, &[], &["-q", "at", &s.store, "rm", "-keep-last", "2"]);
+    // A first run condemns; the killed runs below delete, repack and condemn.
+    maintenance_json(&sshd, &[], &s.store, &["-grace", "0"]);
+    let points = [
+        "maintenance-locked",
+        "maintenance-repacked",
+        "maintenance-indexed",
+        "maintenance-marked",
+        "maintenance-unindexed",
+        "maintenance-deleting",
+        "maintenance-deleted",
+    ];
+    let mut killed = 0;
+    for (n, point) in points.iter().enumerate() {
+        for now in [false, true] {
+            let dir = sshd.remote_dir(&format!("killed-{n}-{now}"));
+            copy_dir(&s.store_dir, &dir);
+            let url = sshd.url(&dir);
+            let mut args = vec![
+                "-q",
+                "at",
+                &url,
+                "maintenance",
+                "-grace",
+                "0",
+                "-max-unused",
+                "0",
+            ];
+            if now {
+                args.push("-now");
+            }
+            let out = run(&sshd, &[("KLOSET_DEBUG_KILL_AT", point)], &args);
+            use std::os::unix::process::ExitStatusExt;
+            if out.status.signal() == Some(9) {
+                killed += 1;
+            } else {
+                assert!(
+                    out.status.success(),
+                    "{point}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let text = check_clean(&sshd, &url);
+            assert!(!text.contains("not in any index"), "{point}: {text}");
+            // The re-run completes; then nothing is left to do.
+            maintenance_json(&sshd, &[], &url, &["-grace", "0", "-max-unused", "0"]);
+            let last = maintenance_json(&sshd, &[], &url, &["-grace", "0", "-max-unused", "0"]);
+            assert_eq!(last["condemned"], 0, "{point}: {last}");
+            assert_eq!(last["waiting"], 0, "{point}: {last}");
+            check_clean(&sshd, &url);
+            let (id, m) = &s.snaps[3];
+            assert_restores(&sshd, &url, id, s.src.path(), m);
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+    eprintln!(
+        "{killed} of {} runs killed at their point",
+        points.len() * 2
+    );
+    assert!(killed >= points.len(), "the kill points were not reached");
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = p.to_str().unwrap();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(p))
+}
+
+#[test]
+fn a_mount_stays_readable_while_maintenance_repacks_and_deletes() {
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIPPED: /dev/fuse is absent");
+        return;
+    }
+    let Some(sshd) = fixture() else { return };
+    let s = setup(&sshd, "mounted", 3);
+    let (id, want) = s.snaps[2].clone();
+    let point = tempfile::tempdir().unwrap();
+    let mut m = sshd.cmd(bin());
+    m.args(["at", &s.store, "mount", &id[..8]])
+        .arg(point.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = m.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(point.path()) {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("mount exited early: {st}");
+        }
+        assert!(Instant::now() < deadline, "mount did not appear");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    struct Unmount<'a>(&'a Path, Child);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = self.1.kill();
+            let _ = self.1.wait();
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let guard = Unmount(point.path(), child);
+    // Everything the mounted snapshot needs is moved to new packs, and the old packs
+    // condemned, then (as far as the mount's lease allows) deleted.
+    ok(&sshd, &[], &["-q", "at", &s.store, "rm", "-keep-last", "1"]);
+    maintenance_json(&sshd, &[], &s.store, &["-grace", "0", "-max-unused", "0"]);
+    let r = maintenance_json(&sshd, &[], &s.store, &["-grace", "0", "-max-unused", "0"]);
+    assert!(r["live_leases"].to_string().contains("mount"), "{r}");
+    let got = read_tree(point.path());
+    assert!(
+        got == want,
+        "the mount no longer reads its snapshot exactly"
+    );
+    drop(guard);
+    // With the mount gone, the rest is deleted.
+    let r = maintenance_json(&sshd, &[], &s.store, &["-grace", "0"]);
+    assert_eq!(r["waiting"], 0, "{r}");
+    check_clean(&sshd, &s.store);
+    assert_restores(&sshd, &s.store, &id, s.src.path(), &want);
+}
