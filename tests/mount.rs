@@ -453,7 +453,7 @@ fn mount_sftp_store() {
     if !fuse_available() {
         return;
     }
-    let Some(sshd) = common::sshd::Sshd::start() else {
+    let Some(mut sshd) = common::sshd::Sshd::start() else {
         return;
     };
     let t = tempfile::tempdir().unwrap();

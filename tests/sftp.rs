@@ -1,6 +1,8 @@
-//! SFTP connectors against a real OpenSSH server on loopback (tests/common/sshd.rs): a store
-//! on the server, a remote source, a remote destination, authentication, host keys, and
-//! dropped connections.
+//! SFTP connectors against real servers on loopback (tests/common/sshd.rs): a store on the
+//! server, a remote source, a remote destination, authentication, host keys, and dropped
+//! connections, each test against every server kloset is tested with (`on_every_server!`):
+//! OpenSSH, asyncssh's SFTP server without OpenSSH's extensions, and an OpenSSH account
+//! confined to `internal-sftp` in a chroot.
 
 mod common;
 
@@ -11,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::sshd::Sshd;
+use common::sshd::{Flavor, Sshd};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_kloset"))
@@ -124,18 +126,43 @@ fn snapshot_json(sshd: &Sshd, store: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(sshd, &a)).expect("backup -json output")
 }
 
-macro_rules! sshd_or_skip {
-    () => {
-        match Sshd::start() {
-            Some(s) => s,
-            None => return,
+/// Each test below runs against every server of [`Flavor::SERVERS`]: `openssh::NAME`,
+/// `asyncssh::NAME` and `chroot::NAME` (a server that cannot run here is skipped with a
+/// `SKIP:` line saying why).
+macro_rules! on_every_server {
+    ($($test:ident),* $(,)?) => {
+        on_every_server!(@one openssh, OpenSsh, $($test),*);
+        on_every_server!(@one asyncssh, AsyncSsh, $($test),*);
+        on_every_server!(@one chroot, Chroot, $($test),*);
+    };
+    (@one $module:ident, $flavor:ident, $($test:ident),*) => {
+        mod $module {
+            $(
+                #[test]
+                fn $test() {
+                    if let Some(sshd) = super::Sshd::start_flavor(super::Flavor::$flavor) {
+                        super::$test(sshd);
+                    }
+                }
+            )*
         }
     };
 }
 
-#[test]
-fn store_on_server_round_trip_with_url_and_alias() {
-    let sshd = sshd_or_skip!();
+on_every_server!(
+    store_on_server_round_trip_with_url_and_alias,
+    remote_source_and_destination,
+    unknown_changed_and_ignored_host_keys,
+    authentication_agent_identity_and_wrong_key,
+    unreachable_server_fails_cleanly,
+    connections_killed_mid_backup_and_restore,
+    a_warmed_pool_opens_its_connections_in_the_background,
+    chacha20_poly1305_with_libcrypto_talks_to_openssh,
+    packs_are_listed_over_several_connections,
+    rm_with_a_keep_policy_on_an_sftp_store,
+);
+
+fn store_on_server_round_trip_with_url_and_alias(sshd: Sshd) {
     let src = tempfile::tempdir().unwrap();
     sample_tree(src.path());
     let remote = sshd.remote_dir("store");
@@ -191,9 +218,7 @@ fn store_on_server_round_trip_with_url_and_alias() {
     assert_eq!(fs::read(other.join("precious")).unwrap(), b"keep");
 }
 
-#[test]
-fn remote_source_and_destination() {
-    let sshd = sshd_or_skip!();
+fn remote_source_and_destination(sshd: Sshd) {
     let store = tempfile::tempdir().unwrap();
     let store = store.path().join("s");
     let store = store.to_str().unwrap();
@@ -202,6 +227,7 @@ fn remote_source_and_destination() {
     let data = sshd.remote_dir("data");
     fs::create_dir(&data).unwrap();
     sample_tree(&data);
+    sshd.give(&data);
     let src_url = sshd.url(&data);
     let first = snapshot_json(&sshd, store, &[&src_url]);
     assert_eq!(first["files"], 6);
@@ -242,7 +268,7 @@ fn remote_source_and_destination() {
 
     // A single file onto the server.
     let dst2 = sshd.remote_dir("restore-one");
-    let p = format!("{id}:{}/www/css", data.display());
+    let p = format!("{id}:{}/www/css", sshd.server_path(&data).display());
     ok(
         &sshd,
         &["at", store, "restore", "-to", &sshd.url(&dst2), &p],
@@ -253,9 +279,7 @@ fn remote_source_and_destination() {
     );
 }
 
-#[test]
-fn unknown_changed_and_ignored_host_keys() {
-    let sshd = sshd_or_skip!();
+fn unknown_changed_and_ignored_host_keys(sshd: Sshd) {
     let remote = sshd.remote_dir("store");
     let url = sshd.url(&remote);
 
@@ -292,9 +316,7 @@ fn unknown_changed_and_ignored_host_keys() {
     ok(&sshd, &["at", &url, "ls"]);
 }
 
-#[test]
-fn authentication_agent_identity_and_wrong_key() {
-    let sshd = sshd_or_skip!();
+fn authentication_agent_identity_and_wrong_key(sshd: Sshd) {
     let remote = sshd.remote_dir("store");
     let url = sshd.url(&remote);
     ok(&sshd, &["at", &url, "create"]);
@@ -351,9 +373,7 @@ fn authentication_agent_identity_and_wrong_key() {
     );
 }
 
-#[test]
-fn unreachable_server_fails_cleanly() {
-    let mut sshd = sshd_or_skip!();
+fn unreachable_server_fails_cleanly(mut sshd: Sshd) {
     let remote = sshd.remote_dir("store");
     let url = sshd.url(&remote);
     ok(&sshd, &["at", &url, "create"]);
@@ -364,9 +384,7 @@ fn unreachable_server_fails_cleanly() {
 
 /// A backup and a restore survive connections killed in the middle; the store stays clean and
 /// a re-run reuses what was uploaded.
-#[test]
-fn connections_killed_mid_backup_and_restore() {
-    let sshd = sshd_or_skip!();
+fn connections_killed_mid_backup_and_restore(mut sshd: Sshd) {
     let src = tempfile::tempdir().unwrap();
     // About 80 MiB in 20 files: several packs, long enough to be interrupted.
     let mut x = 0x9e3779b97f4a7c15u64;
@@ -477,9 +495,7 @@ fn location(
     (loc, opts)
 }
 
-#[test]
-fn a_warmed_pool_opens_its_connections_in_the_background() {
-    let sshd = sshd_or_skip!();
+fn a_warmed_pool_opens_its_connections_in_the_background(sshd: Sshd) {
     let (loc, opts) = location(&sshd, &sshd.remote_dir("pool"), 3);
     let pool = kloset::sftp::conn::Pool::open(&loc, &opts).unwrap();
     assert_eq!(pool.connections(), (1, 1));
@@ -504,11 +520,10 @@ fn a_warmed_pool_opens_its_connections_in_the_background() {
 /// the real OpenSSH server negotiates it, and writes and reads of every packet size come back
 /// byte for byte (a wrong key stream or tag is a broken connection, not silent damage, but
 /// both directions and the length field are checked here).
-#[test]
-fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
-    let sshd = sshd_or_skip!();
+fn chacha20_poly1305_with_libcrypto_talks_to_openssh(sshd: Sshd) {
     let dir = sshd.remote_dir("cipher");
     fs::create_dir_all(&dir).unwrap();
+    sshd.give(&dir);
     let (loc, opts) = location(&sshd, &dir, 1);
     let pool = kloset::sftp::conn::Pool::open(&loc, &opts).unwrap();
     let c = pool.take().unwrap();
@@ -527,7 +542,7 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
         .collect();
     // Writes of many sizes, so packets of many lengths cross the wire in both directions.
     let path = dir.join("blob");
-    let mut f = c.sftp.create(&path).unwrap();
+    let mut f = c.sftp.create(&sshd.server_path(&path)).unwrap();
     let mut off = 0;
     for (i, step) in [1usize, 7, 4096, 32_768, 100_000, 1 << 20]
         .iter()
@@ -544,7 +559,11 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
     drop(f);
     assert_eq!(fs::read(&path).unwrap(), data, "written through SFTP");
     let mut back = Vec::new();
-    std::io::Read::read_to_end(&mut c.sftp.open(&path).unwrap(), &mut back).unwrap();
+    std::io::Read::read_to_end(
+        &mut c.sftp.open(sshd.server_path(&path)).unwrap(),
+        &mut back,
+    )
+    .unwrap();
     assert_eq!(back, data, "read back through SFTP");
     pool.give_back(c);
 }
@@ -552,10 +571,8 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
 /// Listing packs, with all 256 `packs/xx/` directories (enough that listing takes longer than
 /// the 50 ms after which it fans out over the pool's connections, 3 here): every pack is
 /// listed once with its size; upload temporaries (dot files) and subdirectories are not.
-#[test]
-fn packs_are_listed_over_several_connections() {
+fn packs_are_listed_over_several_connections(sshd: Sshd) {
     use kloset::store::backend::{Backend, FileType};
-    let sshd = sshd_or_skip!();
     let dir = sshd.remote_dir("list");
     let mut want = Vec::new();
     for i in 0..300u32 {
@@ -590,9 +607,7 @@ fn packs_are_listed_over_several_connections() {
 /// Issue 15, `rm`: on an SFTP store, a keep policy removes the snapshots it does not keep (and
 /// `-dry-run` removes none), named snapshots and filters select, an empty selection is refused
 /// (exit 2); what is left restores exactly and checks clean.
-#[test]
-fn rm_with_a_keep_policy_on_an_sftp_store() {
-    let sshd = sshd_or_skip!();
+fn rm_with_a_keep_policy_on_an_sftp_store(sshd: Sshd) {
     let src = tempfile::tempdir().unwrap();
     sample_tree(src.path());
     let url = sshd.url(sshd.remote_dir("store"));
