@@ -160,6 +160,7 @@ on_every_server!(
     chacha20_poly1305_with_libcrypto_talks_to_openssh,
     packs_are_listed_over_several_connections,
     rm_with_a_keep_policy_on_an_sftp_store,
+    symlink_order_is_asked_not_assumed,
 );
 
 fn store_on_server_round_trip_with_url_and_alias(sshd: Sshd) {
@@ -704,4 +705,30 @@ fn rm_with_a_keep_policy_on_an_sftp_store(sshd: Sshd) {
     );
     assert_same_tree(src.path(), &to);
     ok(&sshd, &["at", &url, "check"]);
+}
+
+/// Servers read SSH_FXP_SYMLINK's two paths in different orders (OpenSSH: target first; the
+/// SFTP drafts and asyncssh: link first); the probe tells them apart and leaves nothing behind.
+/// Before it, kloset always sent OpenSSH's order, and a restore to asyncssh made each symlink at
+/// the path its target names, relative to the server's working directory.
+fn symlink_order_is_asked_not_assumed(sshd: Sshd) {
+    use kloset::sftp::destination::SymlinkOrder;
+    let dir = sshd.remote_dir("probe");
+    fs::create_dir(&dir).unwrap();
+    sshd.give(&dir);
+    let (loc, opts) = location(&sshd, &dir, 1);
+    let pool = kloset::sftp::conn::Pool::open(&loc, &opts).unwrap();
+    let c = pool.take().unwrap();
+    let order = SymlinkOrder::probe(&c, &sshd.server_path(&dir)).unwrap();
+    let want = match sshd.flavor() {
+        Flavor::AsyncSsh => SymlinkOrder::LinkFirst,
+        _ => SymlinkOrder::TargetFirst,
+    };
+    assert_eq!(order, want);
+    assert_eq!(
+        fs::read_dir(&dir).unwrap().count(),
+        0,
+        "the probe left something"
+    );
+    pool.give_back(c);
 }
