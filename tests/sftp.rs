@@ -161,6 +161,8 @@ on_every_server!(
     packs_are_listed_over_several_connections,
     rm_with_a_keep_policy_on_an_sftp_store,
     symlink_order_is_asked_not_assumed,
+    a_taken_name_is_not_an_upload_done,
+    racing_creates_make_one_store,
 );
 
 fn store_on_server_round_trip_with_url_and_alias(sshd: Sshd) {
@@ -731,4 +733,99 @@ fn symlink_order_is_asked_not_assumed(sshd: Sshd) {
         "the probe left something"
     );
     pool.give_back(c);
+}
+
+/// An upload whose name is taken counts as done only if the file there is that upload: same
+/// size under a content-addressed name, same bytes under any other (`config`, keys, locks).
+/// Before, any file there was taken as "already uploaded": a second config write reported
+/// success and left the first in place.
+fn a_taken_name_is_not_an_upload_done(sshd: Sshd) {
+    use kloset::store::backend::{Backend, FileType};
+    let dir = sshd.remote_dir("taken");
+    let (loc, opts) = location(&sshd, &dir, 1);
+    let b = kloset::sftp::SftpBackend::open(loc, &opts).unwrap();
+    b.init().unwrap();
+    b.write(FileType::Config, "config", b"first").unwrap();
+    let e = b
+        .write(FileType::Config, "config", b"other")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("already on the server, with other content"),
+        "{e}"
+    );
+    assert_eq!(fs::read(dir.join("config")).unwrap(), b"first");
+    // The same bytes again: a retry whose first rename went through.
+    b.write(FileType::Config, "config", b"first").unwrap();
+    let key = "0123456789abcdef0123456789abcdef";
+    b.write(FileType::Key, key, b"key one").unwrap();
+    assert!(b.write(FileType::Key, key, b"key two").is_err());
+    assert_eq!(fs::read(dir.join("keys").join(key)).unwrap(), b"key one");
+    // A content-addressed name: the same size is the same upload; another size is not.
+    let pack = format!("ab{}", "0".repeat(62));
+    b.write(FileType::Pack, &pack, b"0123").unwrap();
+    b.write(FileType::Pack, &pack, b"0123").unwrap();
+    let e = b
+        .write(FileType::Pack, &pack, b"012345")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("with 4 bytes where this write has 6"), "{e}");
+    // No temporary file stays behind.
+    for d in [dir.clone(), dir.join("keys"), dir.join("packs/ab")] {
+        for e in fs::read_dir(&d).unwrap() {
+            let name = e.unwrap().file_name();
+            assert!(
+                !name.to_string_lossy().starts_with('.'),
+                "{name:?} left in {d:?}"
+            );
+        }
+    }
+}
+
+/// Two `create`s of one store at once: one makes it, the other fails in one line, and the store
+/// opens with the winner's passphrase. Before, both reported success (the loser's config
+/// rename was refused and taken as "already uploaded"), and the loser's passphrase then failed.
+fn racing_creates_make_one_store(sshd: Sshd) {
+    for round in 0..6 {
+        let url = sshd.url(sshd.remote_dir("race"));
+        let spawn = |pass: &str| {
+            sshd.cmd(bin())
+                .env("KLOSET_PASSPHRASE", pass)
+                .args(["at", &url, "create"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn("pass-a"), spawn("pass-b"));
+        let outs = [
+            ("pass-a", a.wait_with_output().unwrap()),
+            ("pass-b", b.wait_with_output().unwrap()),
+        ];
+        let won: Vec<&str> = outs
+            .iter()
+            .filter(|(_, o)| o.status.success())
+            .map(|(p, _)| *p)
+            .collect();
+        let errs: Vec<String> = outs
+            .iter()
+            .map(|(_, o)| String::from_utf8_lossy(&o.stderr).into_owned())
+            .collect();
+        assert_eq!(won.len(), 1, "round {round}: winners {won:?}: {errs:?}");
+        for (_, o) in outs.iter().filter(|(_, o)| !o.status.success()) {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(err.trim().lines().count(), 1, "round {round}: {err}");
+        }
+        let out = sshd
+            .cmd(bin())
+            .env("KLOSET_PASSPHRASE", won[0])
+            .args(["at", &url, "ls"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "round {round}: the winner's store does not open: {} ({errs:?})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
