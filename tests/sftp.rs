@@ -163,6 +163,7 @@ on_every_server!(
     symlink_order_is_asked_not_assumed,
     a_taken_name_is_not_an_upload_done,
     racing_creates_make_one_store,
+    sync_to_and_from_the_server,
 );
 
 fn store_on_server_round_trip_with_url_and_alias(sshd: Sshd) {
@@ -828,4 +829,67 @@ fn racing_creates_make_one_store(sshd: Sshd) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `sync` between a local store and one on the server, both ways: each copy (a new snapshot
+/// id in the other store) restores exactly, `check` passes on both, a second run copies
+/// nothing.
+fn sync_to_and_from_the_server(sshd: Sshd) {
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path());
+    let local = tempfile::tempdir().unwrap();
+    let local = local.path().join("s");
+    let local = local.to_str().unwrap();
+    let remote = sshd.url(sshd.remote_dir("synced"));
+    ok(&sshd, &["at", local, "create"]);
+    ok(&sshd, &["at", &remote, "create"]);
+    ok(
+        &sshd,
+        &["at", local, "backup", src.path().to_str().unwrap()],
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&sshd, &["at", local, "sync", "-json", "to", &remote])).unwrap();
+    assert_eq!(v["copied"], 1, "{v}");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&sshd, &["at", local, "sync", "-json", "to", &remote])).unwrap();
+    assert_eq!(v["copied"], 0, "{v}");
+    ok(&sshd, &["at", &remote, "check"]);
+    let dst = tempfile::tempdir().unwrap();
+    let to = dst.path().join("r");
+    ok(
+        &sshd,
+        &[
+            "at",
+            &remote,
+            "restore",
+            "-to",
+            to.to_str().unwrap(),
+            "latest",
+        ],
+    );
+    assert_same_tree(src.path(), &to);
+
+    // A snapshot made on the server's store comes back.
+    fs::write(src.path().join("www/index.html"), b"<h1>second</h1>\n").unwrap();
+    ok(
+        &sshd,
+        &["at", &remote, "backup", src.path().to_str().unwrap()],
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&sshd, &["at", local, "sync", "-json", "from", &remote])).unwrap();
+    assert_eq!(v["copied"], 1, "{v}");
+    ok(&sshd, &["at", local, "check"]);
+    let to = dst.path().join("r2");
+    ok(
+        &sshd,
+        &[
+            "at",
+            local,
+            "restore",
+            "-to",
+            to.to_str().unwrap(),
+            "latest",
+        ],
+    );
+    assert_same_tree(src.path(), &to);
 }

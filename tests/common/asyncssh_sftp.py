@@ -74,7 +74,7 @@ async def main(host_key, authorized_keys, port):
             authorized_client_keys=authorized_keys,
             sftp_factory=MinimalSFTPServer,
             allow_scp=False,
-            reuse_address=False,
+            reuse_address=True,  # rebinds after a restart despite TIME_WAIT connections
         )
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
