@@ -893,3 +893,21 @@ fn sync_to_and_from_the_server(sshd: Sshd) {
     );
     assert_same_tree(src.path(), &to);
 }
+
+/// kloset commits every store file by a rename that must not replace an existing file; on a
+/// server whose plain rename does (here asyncssh's, changed to), `create` says so in one line
+/// and makes no store, instead of a store where two writers could overwrite each other's files
+/// (before, it made one).
+#[test]
+fn create_refuses_a_server_whose_rename_replaces() {
+    let Some(sshd) = Sshd::start_flavor(Flavor::AsyncSshRenameReplaces) else {
+        return;
+    };
+    let remote = sshd.remote_dir("replacing");
+    let err = fails(&sshd, &["at", &sshd.url(&remote), "create"], 1);
+    assert!(err.contains("rename replaces an existing file"), "{err}");
+    let left: Vec<_> = fs::read_dir(&remote)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the store directory: {left:?}");
+}

@@ -358,6 +358,48 @@ fn upload_conn_via(
     res
 }
 
+/// Does the server's plain SFTP rename refuse to replace an existing file, as every store
+/// write needs ([`upload_conn`]: an upload is renamed into place and must never replace a
+/// file of another writer)? Asked once, when a store is created: two files
+/// `.kloset-rename-probe-<hex>.{a,b}` in `dir`, a rename of the first onto the second, both
+/// removed. A server whose rename replaces (the SFTPv3 draft says it must not; some servers
+/// call rename(2) anyway) is refused with an error of kind `Unsupported` saying so.
+fn rename_keeps_targets(c: &Conn, dir: &Path) -> std::io::Result<()> {
+    let stem = format!(
+        ".kloset-rename-probe-{}",
+        crate::store::crypto::random_hex(8)
+    );
+    let (a, b) = (dir.join(format!("{stem}.a")), dir.join(format!("{stem}.b")));
+    let probe = || -> std::io::Result<bool> {
+        for (p, data) in [(&a, b"a"), (&b, b"b")] {
+            let mut f = crate::store::interrupt::creating(|| {
+                c.sftp.open_mode(
+                    p,
+                    OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+                    0o600,
+                    OpenType::File,
+                )
+            })
+            .map_err(io)?;
+            f.write_all(data)?;
+            f.close().map_err(io)?;
+        }
+        let renamed = c.sftp.rename(&a, &b, None).is_ok();
+        Ok(renamed || read_all_conn_max(c, &b, 1)? != b"b")
+    };
+    let replaced = probe();
+    for p in [&a, &b] {
+        let _ = c.sftp.unlink(p);
+    }
+    if replaced? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this SFTP server's rename replaces an existing file; kloset commits every store file by a rename that must not (so that nothing in a store is ever overwritten), so it makes no store here: use a server whose plain SFTP rename refuses an existing name (OpenSSH's does)",
+        ));
+    }
+    Ok(())
+}
+
 /// The rename of an upload to `path` failed and a file of `size` bytes is there: `Ok` if that
 /// file is this upload ([`Named`]), else an `AlreadyExists` error naming it. Before, any file
 /// there counted as "already uploaded", so a `create` that lost a race with another reported
@@ -489,6 +531,7 @@ impl Backend for SftpBackend {
         let root = self.dir("");
         self.pool.run(&self.loc.url(), |c| {
             mkdir_p(c, &root, 0o700)?;
+            rename_keeps_targets(c, &root)?;
             for t in FileType::ALL {
                 if t != FileType::Config {
                     mkdir_p(c, &root.join(t.dir()), 0o700)?;

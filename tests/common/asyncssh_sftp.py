@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """A second, independent SFTP server for the tests: asyncssh's, on 127.0.0.1.
 
-Usage: asyncssh_sftp.py HOST_KEY AUTHORIZED_KEYS PORT
+Usage: asyncssh_sftp.py HOST_KEY AUTHORIZED_KEYS PORT [rename-replaces]
 
 It serves the machine's own filesystem (absolute paths, like OpenSSH's sftp-server) to any
 user name that authenticates with a key in AUTHORIZED_KEYS, SFTP only (no shell, no exec).
@@ -16,12 +16,16 @@ what a minimal SFTPv3 server offers:
 - SSH_FXP_SYMLINK takes its arguments in the order of the SFTP drafts (link path first),
   not OpenSSH's swapped order, for any client but OpenSSH's and paramiko's.
 
+With `rename-replaces`, plain SSH_FXP_RENAME replaces an existing target instead (rename(2),
+as some servers do against the SFTPv3 draft), for the test that kloset refuses such a server.
+
 A bind failure prints "Address already in use" and exits 1, as sshd does, so the fixture
 (tests/common/sshd.rs) picks another port.
 """
 
 import asyncio
 import errno
+import os
 import sys
 import warnings
 
@@ -53,6 +57,13 @@ class MinimalSFTPServer(sftp.SFTPServer):
     link = posix_rename = statvfs = fstatvfs = fsync = _unsupported
 
 
+class ReplacingSFTPServer(MinimalSFTPServer):
+    """The same, with a plain rename that replaces an existing target."""
+
+    def rename(self, oldpath, newpath):
+        os.replace(self.map_path(oldpath), self.map_path(newpath))
+
+
 class KeyOnly(asyncssh.SSHServer):
     def begin_auth(self, username):
         return True
@@ -64,7 +75,7 @@ class KeyOnly(asyncssh.SSHServer):
         return False
 
 
-async def main(host_key, authorized_keys, port):
+async def main(host_key, authorized_keys, port, sftp_factory):
     try:
         await asyncssh.listen(
             "127.0.0.1",
@@ -72,7 +83,7 @@ async def main(host_key, authorized_keys, port):
             server_factory=KeyOnly,
             server_host_keys=[host_key],
             authorized_client_keys=authorized_keys,
-            sftp_factory=MinimalSFTPServer,
+            sftp_factory=sftp_factory,
             allow_scp=False,
             reuse_address=True,  # rebinds after a restart despite TIME_WAIT connections
         )
@@ -85,6 +96,7 @@ async def main(host_key, authorized_keys, port):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        sys.exit("usage: asyncssh_sftp.py HOST_KEY AUTHORIZED_KEYS PORT")
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    if len(sys.argv) not in (4, 5) or sys.argv[4:] not in ([], ["rename-replaces"]):
+        sys.exit("usage: asyncssh_sftp.py HOST_KEY AUTHORIZED_KEYS PORT [rename-replaces]")
+    factory = ReplacingSFTPServer if sys.argv[4:] else MinimalSFTPServer
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), factory))

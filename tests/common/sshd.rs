@@ -64,6 +64,9 @@ pub enum Flavor {
     /// OpenSSH, as the unprivileged [`CHROOT_USER`] under `ForceCommand internal-sftp` and
     /// `ChrootDirectory` (no shell, no exec, no chown, only its own files).
     Chroot,
+    /// [`Flavor::AsyncSsh`] with a plain rename that replaces an existing target (as some
+    /// servers do), which kloset must refuse to make a store on.
+    AsyncSshRenameReplaces,
 }
 
 impl Flavor {
@@ -118,7 +121,7 @@ impl Sshd {
     pub fn start_flavor(flavor: Flavor) -> Option<Sshd> {
         match flavor {
             Flavor::Hostile => Sshd::start_hostile(),
-            Flavor::AsyncSsh => {
+            Flavor::AsyncSsh | Flavor::AsyncSshRenameReplaces => {
                 let ok = Command::new(PYTHON3)
                     .args(["-c", "import asyncssh"])
                     .stdin(Stdio::null())
@@ -153,6 +156,13 @@ impl Sshd {
 
     pub fn flavor(&self) -> Flavor {
         self.flavor
+    }
+
+    fn is_asyncssh(&self) -> bool {
+        matches!(
+            self.flavor,
+            Flavor::AsyncSsh | Flavor::AsyncSshRenameReplaces
+        )
     }
 
     /// The user name kloset logs in as (`root`, or [`CHROOT_USER`]).
@@ -273,7 +283,7 @@ impl Sshd {
         let mut started = false;
         for _ in 0..PORT_ATTEMPTS {
             sshd.port = free_port();
-            if flavor != Flavor::AsyncSsh {
+            if !sshd.is_asyncssh() {
                 sshd.write_sshd_config();
             }
             if sshd.spawn() {
@@ -422,7 +432,7 @@ impl Sshd {
     /// asyncssh's server serves every connection in its one process: there, the whole server
     /// is killed and started again on the same port (a short refusal to connect besides).
     pub fn kill_connections(&mut self) {
-        if self.flavor == Flavor::AsyncSsh {
+        if self.is_asyncssh() {
             self.restart();
         } else if let Some(pid) = self.pid() {
             kill_tree(pid);
@@ -562,13 +572,16 @@ impl Sshd {
             .append(true)
             .open(self.dir.path().join("sshd.log"))
             .unwrap();
-        let mut cmd = if self.flavor == Flavor::AsyncSsh {
+        let mut cmd = if self.is_asyncssh() {
             let d = self.dir.path();
             let mut c = Command::new(PYTHON3);
             c.arg(ASYNCSSH_SFTP)
                 .arg(d.join("host_ed25519"))
                 .arg(d.join("authorized_keys"))
                 .arg(self.port.to_string());
+            if self.flavor == Flavor::AsyncSshRenameReplaces {
+                c.arg("rename-replaces");
+            }
             c
         } else {
             let mut c = Command::new(SSHD);
