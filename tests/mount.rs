@@ -448,12 +448,33 @@ fn damaged_pack_gives_eio_for_that_file_only() {
     assert!(m.stop().success());
 }
 
-#[test]
-fn mount_sftp_store() {
+/// [`mount_sftp_store`] on each server the SFTP suite runs against (tests/sftp.rs).
+mod sftp_servers {
+    use super::common::sshd::Flavor;
+
+    #[test]
+    fn openssh() {
+        super::mount_sftp_store(Flavor::OpenSsh);
+    }
+
+    #[test]
+    fn asyncssh() {
+        super::mount_sftp_store(Flavor::AsyncSsh);
+    }
+
+    #[test]
+    fn chroot() {
+        super::mount_sftp_store(Flavor::Chroot);
+    }
+}
+
+/// A store on the server mounted: every file reads back exactly, and a read after the
+/// server's connections were killed is retried on a new one.
+fn mount_sftp_store(flavor: common::sshd::Flavor) {
     if !fuse_available() {
         return;
     }
-    let Some(sshd) = common::sshd::Sshd::start() else {
+    let Some(mut sshd) = common::sshd::Sshd::start_flavor(flavor) else {
         return;
     };
     let t = tempfile::tempdir().unwrap();

@@ -1,6 +1,8 @@
-//! SFTP connectors against a real OpenSSH server on loopback (tests/common/sshd.rs): a store
-//! on the server, a remote source, a remote destination, authentication, host keys, and
-//! dropped connections.
+//! SFTP connectors against real servers on loopback (tests/common/sshd.rs): a store on the
+//! server, a remote source, a remote destination, authentication, host keys, and dropped
+//! connections, each test against every server kloset is tested with (`on_every_server!`):
+//! OpenSSH, asyncssh's SFTP server without OpenSSH's extensions, and an OpenSSH account
+//! confined to `internal-sftp` in a chroot.
 
 mod common;
 
@@ -11,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::sshd::Sshd;
+use common::sshd::{Flavor, Sshd};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_kloset"))
@@ -124,18 +126,47 @@ fn snapshot_json(sshd: &Sshd, store: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(sshd, &a)).expect("backup -json output")
 }
 
-macro_rules! sshd_or_skip {
-    () => {
-        match Sshd::start() {
-            Some(s) => s,
-            None => return,
+/// Each test below runs against every server of [`Flavor::SERVERS`]: `openssh::NAME`,
+/// `asyncssh::NAME` and `chroot::NAME` (a server that cannot run here is skipped with a
+/// `SKIP:` line saying why).
+macro_rules! on_every_server {
+    ($($test:ident),* $(,)?) => {
+        on_every_server!(@one openssh, OpenSsh, $($test),*);
+        on_every_server!(@one asyncssh, AsyncSsh, $($test),*);
+        on_every_server!(@one chroot, Chroot, $($test),*);
+    };
+    (@one $module:ident, $flavor:ident, $($test:ident),*) => {
+        mod $module {
+            $(
+                #[test]
+                fn $test() {
+                    if let Some(sshd) = super::Sshd::start_flavor(super::Flavor::$flavor) {
+                        super::$test(sshd);
+                    }
+                }
+            )*
         }
     };
 }
 
-#[test]
-fn store_on_server_round_trip_with_url_and_alias() {
-    let sshd = sshd_or_skip!();
+on_every_server!(
+    store_on_server_round_trip_with_url_and_alias,
+    remote_source_and_destination,
+    unknown_changed_and_ignored_host_keys,
+    authentication_agent_identity_and_wrong_key,
+    unreachable_server_fails_cleanly,
+    connections_killed_mid_backup_and_restore,
+    a_warmed_pool_opens_its_connections_in_the_background,
+    chacha20_poly1305_with_libcrypto_talks_to_openssh,
+    packs_are_listed_over_several_connections,
+    rm_with_a_keep_policy_on_an_sftp_store,
+    symlink_order_is_asked_not_assumed,
+    a_taken_name_is_not_an_upload_done,
+    racing_creates_make_one_store,
+    sync_to_and_from_the_server,
+);
+
+fn store_on_server_round_trip_with_url_and_alias(sshd: Sshd) {
     let src = tempfile::tempdir().unwrap();
     sample_tree(src.path());
     let remote = sshd.remote_dir("store");
@@ -191,9 +222,7 @@ fn store_on_server_round_trip_with_url_and_alias() {
     assert_eq!(fs::read(other.join("precious")).unwrap(), b"keep");
 }
 
-#[test]
-fn remote_source_and_destination() {
-    let sshd = sshd_or_skip!();
+fn remote_source_and_destination(sshd: Sshd) {
     let store = tempfile::tempdir().unwrap();
     let store = store.path().join("s");
     let store = store.to_str().unwrap();
@@ -202,6 +231,7 @@ fn remote_source_and_destination() {
     let data = sshd.remote_dir("data");
     fs::create_dir(&data).unwrap();
     sample_tree(&data);
+    sshd.give(&data);
     let src_url = sshd.url(&data);
     let first = snapshot_json(&sshd, store, &[&src_url]);
     assert_eq!(first["files"], 6);
@@ -242,7 +272,7 @@ fn remote_source_and_destination() {
 
     // A single file onto the server.
     let dst2 = sshd.remote_dir("restore-one");
-    let p = format!("{id}:{}/www/css", data.display());
+    let p = format!("{id}:{}/www/css", sshd.server_path(&data).display());
     ok(
         &sshd,
         &["at", store, "restore", "-to", &sshd.url(&dst2), &p],
@@ -253,9 +283,7 @@ fn remote_source_and_destination() {
     );
 }
 
-#[test]
-fn unknown_changed_and_ignored_host_keys() {
-    let sshd = sshd_or_skip!();
+fn unknown_changed_and_ignored_host_keys(sshd: Sshd) {
     let remote = sshd.remote_dir("store");
     let url = sshd.url(&remote);
 
@@ -292,9 +320,7 @@ fn unknown_changed_and_ignored_host_keys() {
     ok(&sshd, &["at", &url, "ls"]);
 }
 
-#[test]
-fn authentication_agent_identity_and_wrong_key() {
-    let sshd = sshd_or_skip!();
+fn authentication_agent_identity_and_wrong_key(sshd: Sshd) {
     let remote = sshd.remote_dir("store");
     let url = sshd.url(&remote);
     ok(&sshd, &["at", &url, "create"]);
@@ -351,9 +377,7 @@ fn authentication_agent_identity_and_wrong_key() {
     );
 }
 
-#[test]
-fn unreachable_server_fails_cleanly() {
-    let mut sshd = sshd_or_skip!();
+fn unreachable_server_fails_cleanly(mut sshd: Sshd) {
     let remote = sshd.remote_dir("store");
     let url = sshd.url(&remote);
     ok(&sshd, &["at", &url, "create"]);
@@ -364,9 +388,7 @@ fn unreachable_server_fails_cleanly() {
 
 /// A backup and a restore survive connections killed in the middle; the store stays clean and
 /// a re-run reuses what was uploaded.
-#[test]
-fn connections_killed_mid_backup_and_restore() {
-    let sshd = sshd_or_skip!();
+fn connections_killed_mid_backup_and_restore(mut sshd: Sshd) {
     let src = tempfile::tempdir().unwrap();
     // About 80 MiB in 20 files: several packs, long enough to be interrupted.
     let mut x = 0x9e3779b97f4a7c15u64;
@@ -477,9 +499,7 @@ fn location(
     (loc, opts)
 }
 
-#[test]
-fn a_warmed_pool_opens_its_connections_in_the_background() {
-    let sshd = sshd_or_skip!();
+fn a_warmed_pool_opens_its_connections_in_the_background(sshd: Sshd) {
     let (loc, opts) = location(&sshd, &sshd.remote_dir("pool"), 3);
     let pool = kloset::sftp::conn::Pool::open(&loc, &opts).unwrap();
     assert_eq!(pool.connections(), (1, 1));
@@ -504,11 +524,10 @@ fn a_warmed_pool_opens_its_connections_in_the_background() {
 /// the real OpenSSH server negotiates it, and writes and reads of every packet size come back
 /// byte for byte (a wrong key stream or tag is a broken connection, not silent damage, but
 /// both directions and the length field are checked here).
-#[test]
-fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
-    let sshd = sshd_or_skip!();
+fn chacha20_poly1305_with_libcrypto_talks_to_openssh(sshd: Sshd) {
     let dir = sshd.remote_dir("cipher");
     fs::create_dir_all(&dir).unwrap();
+    sshd.give(&dir);
     let (loc, opts) = location(&sshd, &dir, 1);
     let pool = kloset::sftp::conn::Pool::open(&loc, &opts).unwrap();
     let c = pool.take().unwrap();
@@ -527,7 +546,7 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
         .collect();
     // Writes of many sizes, so packets of many lengths cross the wire in both directions.
     let path = dir.join("blob");
-    let mut f = c.sftp.create(&path).unwrap();
+    let mut f = c.sftp.create(&sshd.server_path(&path)).unwrap();
     let mut off = 0;
     for (i, step) in [1usize, 7, 4096, 32_768, 100_000, 1 << 20]
         .iter()
@@ -544,7 +563,11 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
     drop(f);
     assert_eq!(fs::read(&path).unwrap(), data, "written through SFTP");
     let mut back = Vec::new();
-    std::io::Read::read_to_end(&mut c.sftp.open(&path).unwrap(), &mut back).unwrap();
+    std::io::Read::read_to_end(
+        &mut c.sftp.open(sshd.server_path(&path)).unwrap(),
+        &mut back,
+    )
+    .unwrap();
     assert_eq!(back, data, "read back through SFTP");
     pool.give_back(c);
 }
@@ -552,10 +575,8 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh() {
 /// Listing packs, with all 256 `packs/xx/` directories (enough that listing takes longer than
 /// the 50 ms after which it fans out over the pool's connections, 3 here): every pack is
 /// listed once with its size; upload temporaries (dot files) and subdirectories are not.
-#[test]
-fn packs_are_listed_over_several_connections() {
+fn packs_are_listed_over_several_connections(sshd: Sshd) {
     use kloset::store::backend::{Backend, FileType};
-    let sshd = sshd_or_skip!();
     let dir = sshd.remote_dir("list");
     let mut want = Vec::new();
     for i in 0..300u32 {
@@ -590,9 +611,7 @@ fn packs_are_listed_over_several_connections() {
 /// Issue 15, `rm`: on an SFTP store, a keep policy removes the snapshots it does not keep (and
 /// `-dry-run` removes none), named snapshots and filters select, an empty selection is refused
 /// (exit 2); what is left restores exactly and checks clean.
-#[test]
-fn rm_with_a_keep_policy_on_an_sftp_store() {
-    let sshd = sshd_or_skip!();
+fn rm_with_a_keep_policy_on_an_sftp_store(sshd: Sshd) {
     let src = tempfile::tempdir().unwrap();
     sample_tree(src.path());
     let url = sshd.url(sshd.remote_dir("store"));
@@ -689,4 +708,206 @@ fn rm_with_a_keep_policy_on_an_sftp_store() {
     );
     assert_same_tree(src.path(), &to);
     ok(&sshd, &["at", &url, "check"]);
+}
+
+/// Servers read SSH_FXP_SYMLINK's two paths in different orders (OpenSSH: target first; the
+/// SFTP drafts and asyncssh: link first); the probe tells them apart and leaves nothing behind.
+/// Before it, kloset always sent OpenSSH's order, and a restore to asyncssh made each symlink at
+/// the path its target names, relative to the server's working directory.
+fn symlink_order_is_asked_not_assumed(sshd: Sshd) {
+    use kloset::sftp::destination::SymlinkOrder;
+    let dir = sshd.remote_dir("probe");
+    fs::create_dir(&dir).unwrap();
+    sshd.give(&dir);
+    let (loc, opts) = location(&sshd, &dir, 1);
+    let pool = kloset::sftp::conn::Pool::open(&loc, &opts).unwrap();
+    let c = pool.take().unwrap();
+    let order = SymlinkOrder::probe(&c, &sshd.server_path(&dir)).unwrap();
+    let want = match sshd.flavor() {
+        Flavor::AsyncSsh => SymlinkOrder::LinkFirst,
+        _ => SymlinkOrder::TargetFirst,
+    };
+    assert_eq!(order, want);
+    assert_eq!(
+        fs::read_dir(&dir).unwrap().count(),
+        0,
+        "the probe left something"
+    );
+    pool.give_back(c);
+}
+
+/// An upload whose name is taken counts as done only if the file there is that upload: same
+/// size under a content-addressed name, same bytes under any other (`config`, keys, locks).
+/// Before, any file there was taken as "already uploaded": a second config write reported
+/// success and left the first in place.
+fn a_taken_name_is_not_an_upload_done(sshd: Sshd) {
+    use kloset::store::backend::{Backend, FileType};
+    let dir = sshd.remote_dir("taken");
+    let (loc, opts) = location(&sshd, &dir, 1);
+    let b = kloset::sftp::SftpBackend::open(loc, &opts).unwrap();
+    b.init().unwrap();
+    b.write(FileType::Config, "config", b"first").unwrap();
+    let e = b
+        .write(FileType::Config, "config", b"other")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("already on the server, with other content"),
+        "{e}"
+    );
+    assert_eq!(fs::read(dir.join("config")).unwrap(), b"first");
+    // The same bytes again: a retry whose first rename went through.
+    b.write(FileType::Config, "config", b"first").unwrap();
+    let key = "0123456789abcdef0123456789abcdef";
+    b.write(FileType::Key, key, b"key one").unwrap();
+    assert!(b.write(FileType::Key, key, b"key two").is_err());
+    assert_eq!(fs::read(dir.join("keys").join(key)).unwrap(), b"key one");
+    // A content-addressed name: the same size is the same upload; another size is not.
+    let pack = format!("ab{}", "0".repeat(62));
+    b.write(FileType::Pack, &pack, b"0123").unwrap();
+    b.write(FileType::Pack, &pack, b"0123").unwrap();
+    let e = b
+        .write(FileType::Pack, &pack, b"012345")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("with 4 bytes where this write has 6"), "{e}");
+    // No temporary file stays behind.
+    for d in [dir.clone(), dir.join("keys"), dir.join("packs/ab")] {
+        for e in fs::read_dir(&d).unwrap() {
+            let name = e.unwrap().file_name();
+            assert!(
+                !name.to_string_lossy().starts_with('.'),
+                "{name:?} left in {d:?}"
+            );
+        }
+    }
+}
+
+/// Two `create`s of one store at once: one makes it, the other fails in one line, and the store
+/// opens with the winner's passphrase. Before, both reported success (the loser's config
+/// rename was refused and taken as "already uploaded"), and the loser's passphrase then failed.
+fn racing_creates_make_one_store(sshd: Sshd) {
+    for round in 0..6 {
+        let url = sshd.url(sshd.remote_dir("race"));
+        let spawn = |pass: &str| {
+            sshd.cmd(bin())
+                .env("KLOSET_PASSPHRASE", pass)
+                .args(["at", &url, "create"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn("pass-a"), spawn("pass-b"));
+        let outs = [
+            ("pass-a", a.wait_with_output().unwrap()),
+            ("pass-b", b.wait_with_output().unwrap()),
+        ];
+        let won: Vec<&str> = outs
+            .iter()
+            .filter(|(_, o)| o.status.success())
+            .map(|(p, _)| *p)
+            .collect();
+        let errs: Vec<String> = outs
+            .iter()
+            .map(|(_, o)| String::from_utf8_lossy(&o.stderr).into_owned())
+            .collect();
+        assert_eq!(won.len(), 1, "round {round}: winners {won:?}: {errs:?}");
+        for (_, o) in outs.iter().filter(|(_, o)| !o.status.success()) {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(err.trim().lines().count(), 1, "round {round}: {err}");
+        }
+        let out = sshd
+            .cmd(bin())
+            .env("KLOSET_PASSPHRASE", won[0])
+            .args(["at", &url, "ls"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "round {round}: the winner's store does not open: {} ({errs:?})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// `sync` between a local store and one on the server, both ways: each copy (a new snapshot
+/// id in the other store) restores exactly, `check` passes on both, a second run copies
+/// nothing.
+fn sync_to_and_from_the_server(sshd: Sshd) {
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path());
+    let local = tempfile::tempdir().unwrap();
+    let local = local.path().join("s");
+    let local = local.to_str().unwrap();
+    let remote = sshd.url(sshd.remote_dir("synced"));
+    ok(&sshd, &["at", local, "create"]);
+    ok(&sshd, &["at", &remote, "create"]);
+    ok(
+        &sshd,
+        &["at", local, "backup", src.path().to_str().unwrap()],
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&sshd, &["at", local, "sync", "-json", "to", &remote])).unwrap();
+    assert_eq!(v["copied"], 1, "{v}");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&sshd, &["at", local, "sync", "-json", "to", &remote])).unwrap();
+    assert_eq!(v["copied"], 0, "{v}");
+    ok(&sshd, &["at", &remote, "check"]);
+    let dst = tempfile::tempdir().unwrap();
+    let to = dst.path().join("r");
+    ok(
+        &sshd,
+        &[
+            "at",
+            &remote,
+            "restore",
+            "-to",
+            to.to_str().unwrap(),
+            "latest",
+        ],
+    );
+    assert_same_tree(src.path(), &to);
+
+    // A snapshot made on the server's store comes back.
+    fs::write(src.path().join("www/index.html"), b"<h1>second</h1>\n").unwrap();
+    ok(
+        &sshd,
+        &["at", &remote, "backup", src.path().to_str().unwrap()],
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&sshd, &["at", local, "sync", "-json", "from", &remote])).unwrap();
+    assert_eq!(v["copied"], 1, "{v}");
+    ok(&sshd, &["at", local, "check"]);
+    let to = dst.path().join("r2");
+    ok(
+        &sshd,
+        &[
+            "at",
+            local,
+            "restore",
+            "-to",
+            to.to_str().unwrap(),
+            "latest",
+        ],
+    );
+    assert_same_tree(src.path(), &to);
+}
+
+/// kloset commits every store file by a rename that must not replace an existing file; on a
+/// server whose plain rename does (here asyncssh's, changed to), `create` says so in one line
+/// and makes no store, instead of a store where two writers could overwrite each other's files
+/// (before, it made one).
+#[test]
+fn create_refuses_a_server_whose_rename_replaces() {
+    let Some(sshd) = Sshd::start_flavor(Flavor::AsyncSshRenameReplaces) else {
+        return;
+    };
+    let remote = sshd.remote_dir("replacing");
+    let err = fails(&sshd, &["at", &sshd.url(&remote), "create"], 1);
+    assert!(err.contains("rename replaces an existing file"), "{err}");
+    let left: Vec<_> = fs::read_dir(&remote)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the store directory: {left:?}");
 }

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::sshd::{ALIAS, Agent, Sshd};
+use common::sshd::{ALIAS, Agent, Flavor, Sshd};
 
 /// `sftp` in batch mode against the `sftp-prod` alias. OpenSSH expands `~` from the passwd
 /// database, not $HOME, so the config, known_hosts and identity are passed explicitly.
@@ -200,4 +200,89 @@ fn logins_work_after_killed_connections_and_restart() {
     );
     sshd.restart();
     assert_ok(&run(sftp(&sshd, "id_ed25519", None), "ls /\n"), &sshd);
+}
+
+/// One `sftp -b` command against `sshd`: (succeeded, stdout + stderr).
+fn sftp_one(sshd: &Sshd, command: &str) -> (bool, String) {
+    let out = run(sftp(sshd, "id_ed25519", None), &format!("{command}\n"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The asyncssh server has none of OpenSSH's extensions and a rename that refuses an existing
+/// target; OpenSSH, asked the same by its own client, has them (its client renames with
+/// posix-rename@openssh.com, which replaces the target).
+#[test]
+fn asyncssh_server_lacks_what_openssh_has() {
+    for flavor in [Flavor::OpenSsh, Flavor::AsyncSsh] {
+        let Some(sshd) = Sshd::start_flavor(flavor) else {
+            continue;
+        };
+        let dir = sshd.remote_dir("ext");
+        fs::create_dir(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        fs::write(&a, b"a").unwrap();
+        fs::write(&b, b"b").unwrap();
+        let openssh = flavor == Flavor::OpenSsh;
+
+        let (ok, text) = sftp_one(&sshd, &format!("df {}", dir.display()));
+        assert_eq!(ok, openssh, "{flavor:?}: df (statvfs@openssh.com): {text}");
+        let (ok, text) = sftp_one(
+            &sshd,
+            &format!("ln {} {}", a.display(), dir.join("h").display()),
+        );
+        assert_eq!(ok, openssh, "{flavor:?}: ln (hardlink@openssh.com): {text}");
+        let (ok, text) = sftp_one(&sshd, &format!("rename {} {}", a.display(), b.display()));
+        assert_eq!(ok, openssh, "{flavor:?}: rename over a file: {text}");
+        let want: &[u8] = if openssh { b"a" } else { b"b" };
+        assert_eq!(
+            fs::read(&b).unwrap(),
+            want,
+            "{flavor:?}: the target after rename"
+        );
+        if !openssh {
+            assert!(text.contains("Failure"), "{text}");
+            let (ok, text) = sftp_one(
+                &sshd,
+                &format!("rename {} {}", a.display(), dir.join("c").display()),
+            );
+            assert!(ok, "rename to a free name: {text}");
+            assert_eq!(fs::read(dir.join("c")).unwrap(), b"a");
+        }
+    }
+}
+
+/// The chroot account sees only its chroot, cannot write its root, and owns what it writes.
+#[test]
+fn chroot_account_is_confined() {
+    let Some(sshd) = Sshd::start_flavor(Flavor::Chroot) else {
+        return;
+    };
+    assert_eq!(sshd.user(), common::sshd::CHROOT_USER);
+    let (ok, text) = sftp_one(&sshd, "ls /");
+    assert!(ok, "{text}\n{}", sshd.log());
+    assert!(text.contains("/data") && !text.contains("/etc"), "{text}");
+    let local = sshd.home().join("x.txt");
+    fs::write(&local, b"x").unwrap();
+    let (ok, text) = sftp_one(&sshd, &format!("put {} /x.txt", local.display()));
+    assert!(!ok, "wrote into the chroot's root: {text}");
+    let dir = sshd.remote_dir("put");
+    fs::create_dir(&dir).unwrap();
+    sshd.give(&dir);
+    let there = sshd.server_path(&dir);
+    assert!(there.starts_with("/data"), "{}", there.display());
+    let (ok, text) = sftp_one(
+        &sshd,
+        &format!("put {} {}/x.txt", local.display(), there.display()),
+    );
+    assert!(ok, "{text}");
+    let m = fs::metadata(dir.join("x.txt")).unwrap();
+    let user = nix::unistd::User::from_name(common::sshd::CHROOT_USER)
+        .unwrap()
+        .unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&m), user.uid.as_raw());
 }

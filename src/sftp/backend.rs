@@ -1,8 +1,10 @@
 //! The storage connector over SFTP: a store's files in a directory on an SSH server.
 //!
-//! Uploads go to a temporary name in the target directory and are renamed into place
-//! (OpenSSH refuses to rename over an existing file, which for content-addressed names means
-//! the upload was already done). Reads use buffers of at least 1 MiB; ranged reads size each
+//! Uploads go to a temporary name in the target directory and are renamed into place with
+//! the plain SFTP rename, which refuses to replace an existing file (OpenSSH's, asyncssh's);
+//! no extension is needed (`posix-rename@openssh.com`, which would replace, is never used).
+//! A name already taken means the upload was already done only when the file there is the
+//! same: same size for content-addressed names, same bytes for the others ([`Named`]). Reads use buffers of at least 1 MiB; ranged reads size each
 //! `read()` to at most a quarter of what remains, because libssh2 reads ahead about four times
 //! each call and throws that away on the next seek (DESIGN.md, "Transport facts").
 
@@ -260,10 +262,39 @@ pub fn mkdir_p(c: &Conn, path: &Path, mode: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How a file already at an upload's name is told apart from the upload itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Named {
+    /// The name is a keyed hash of the content (packs, index files, snapshots): a file of the
+    /// same size under it is the same upload, done before.
+    ByContent,
+    /// The name says nothing of the content (`config`; key and lock files, whose names are
+    /// random): only the same bytes are the same upload (a retry whose first rename went
+    /// through before the connection was lost).
+    Chosen,
+}
+
+impl Named {
+    fn of(t: FileType) -> Named {
+        match t {
+            FileType::Pack | FileType::Index | FileType::Snapshot => Named::ByContent,
+            FileType::Config | FileType::Key | FileType::Lock => Named::Chosen,
+        }
+    }
+}
+
 /// Upload `data` to `path` through a temporary name. Store files are never replaced: if the
-/// name exists (OpenSSH's rename refuses it), the same content-addressed upload was done.
-pub fn upload_conn(c: &Conn, path: &Path, data: &[u8], mode: i32) -> std::io::Result<()> {
-    upload_conn_via(c, path, &temp_name(path), data, mode)
+/// name exists (the plain SFTP rename refuses to replace a file, on OpenSSH as on asyncssh),
+/// the upload counts as done only if that file is this upload ([`Named`]); otherwise it fails
+/// with kind `AlreadyExists`, the file there untouched.
+pub fn upload_conn(
+    c: &Conn,
+    path: &Path,
+    data: &[u8],
+    mode: i32,
+    named: Named,
+) -> std::io::Result<()> {
+    upload_conn_via(c, path, &temp_name(path), data, mode, named)
 }
 
 /// A fresh temporary name next to `path`: `.tmp-<16 hex>`.
@@ -281,6 +312,7 @@ fn upload_conn_via(
     tmp: &Path,
     data: &[u8],
     mode: i32,
+    named: Named,
 ) -> std::io::Result<()> {
     let res = (|| -> std::io::Result<()> {
         let mut f = crate::store::interrupt::creating(|| {
@@ -311,21 +343,97 @@ fn upload_conn_via(
         f.close().map_err(io)?;
         match c.sftp.rename(tmp, path, None) {
             Ok(()) => Ok(()),
-            Err(e) => {
-                if c.sftp.stat(path).is_ok() {
-                    // Same content-addressed name: already uploaded.
+            Err(e) => match c.sftp.stat(path) {
+                Ok(st) => {
                     let _ = c.sftp.unlink(tmp);
-                    Ok(())
-                } else {
-                    Err(io(e))
+                    already_there(c, path, st.size, data, named)
                 }
-            }
+                Err(_) => Err(io(e)),
+            },
         }
     })();
     if res.is_err() {
         let _ = c.sftp.unlink(tmp);
     }
     res
+}
+
+/// Does the server's plain SFTP rename refuse to replace an existing file, as every store
+/// write needs ([`upload_conn`]: an upload is renamed into place and must never replace a
+/// file of another writer)? Asked once, when a store is created: two files
+/// `.kloset-rename-probe-<hex>.{a,b}` in `dir`, a rename of the first onto the second, both
+/// removed. A server whose rename replaces (the SFTPv3 draft says it must not; some servers
+/// call rename(2) anyway) is refused with an error of kind `Unsupported` saying so.
+fn rename_keeps_targets(c: &Conn, dir: &Path) -> std::io::Result<()> {
+    let stem = format!(
+        ".kloset-rename-probe-{}",
+        crate::store::crypto::random_hex(8)
+    );
+    let (a, b) = (dir.join(format!("{stem}.a")), dir.join(format!("{stem}.b")));
+    let probe = || -> std::io::Result<bool> {
+        for (p, data) in [(&a, b"a"), (&b, b"b")] {
+            let mut f = crate::store::interrupt::creating(|| {
+                c.sftp.open_mode(
+                    p,
+                    OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+                    0o600,
+                    OpenType::File,
+                )
+            })
+            .map_err(io)?;
+            f.write_all(data)?;
+            f.close().map_err(io)?;
+        }
+        let renamed = c.sftp.rename(&a, &b, None).is_ok();
+        Ok(renamed || read_all_conn_max(c, &b, 1)? != b"b")
+    };
+    let replaced = probe();
+    for p in [&a, &b] {
+        let _ = c.sftp.unlink(p);
+    }
+    if replaced? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this SFTP server's rename replaces an existing file; kloset commits every store file by a rename that must not (so that nothing in a store is ever overwritten), so it makes no store here: use a server whose plain SFTP rename refuses an existing name (OpenSSH's does)",
+        ));
+    }
+    Ok(())
+}
+
+/// The rename of an upload to `path` failed and a file of `size` bytes is there: `Ok` if that
+/// file is this upload ([`Named`]), else an `AlreadyExists` error naming it. Before, any file
+/// there counted as "already uploaded", so a `create` that lost a race with another reported
+/// success for a config (and keys) that were not its own.
+fn already_there(
+    c: &Conn,
+    path: &Path,
+    size: Option<u64>,
+    data: &[u8],
+    named: Named,
+) -> std::io::Result<()> {
+    let len = data.len() as u64;
+    let refused = |what: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} is already on the server, {what}: another command wrote it meanwhile, or it is damaged; it was not replaced",
+                path.display()
+            ),
+        )
+    };
+    if size.is_some_and(|n| n != len) {
+        return Err(refused(format!(
+            "with {} bytes where this write has {len}",
+            size.unwrap_or(0)
+        )));
+    }
+    if named == Named::Chosen {
+        let there = read_all_conn_max(c, path, len)?;
+        if there != data {
+            return Err(refused("with other content".to_string()));
+        }
+    }
+    Ok(())
 }
 
 /// A failed write as the error to report: when the server says only "failure"
@@ -423,6 +531,7 @@ impl Backend for SftpBackend {
         let root = self.dir("");
         self.pool.run(&self.loc.url(), |c| {
             mkdir_p(c, &root, 0o700)?;
+            rename_keeps_targets(c, &root)?;
             for t in FileType::ALL {
                 if t != FileType::Config {
                     mkdir_p(c, &root.join(t.dir()), 0o700)?;
@@ -496,11 +605,12 @@ impl Backend for SftpBackend {
         self.pool.run(&t.path(name), |c| {
             let tmp = temp_name(&p);
             tmps.lock().push(tmp.clone());
-            match upload_conn_via(c, &p, &tmp, data, 0o600) {
+            let named = Named::of(t);
+            match upload_conn_via(c, &p, &tmp, data, 0o600, named) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // The directory is missing (e.g. a new packs/XX): make it and try again.
                     mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)
-                        .and_then(|()| upload_conn_via(c, &p, &tmp, data, 0o600))
+                        .and_then(|()| upload_conn_via(c, &p, &tmp, data, 0o600, named))
                 }
                 r => r,
             }

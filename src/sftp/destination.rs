@@ -7,6 +7,14 @@
 //! cannot make hard links (libssh2 lacks OpenSSH's extension) or device nodes: extra hard links
 //! are written as copies, and fifos and devices are reported as not restored.
 //!
+//! Servers disagree on the order of SSH_FXP_SYMLINK's two paths: OpenSSH's (and paramiko's,
+//! and most others') takes the link's target first, the SFTP drafts (and asyncssh's, for any
+//! client but OpenSSH's and paramiko's) the new link's path first. Sent in the wrong order, a
+//! symlink would be made at the path named by the target (relative to the server's working
+//! directory: anywhere) pointing back into the restore. So the order is not assumed: the first
+//! symlink of a restore asks the server which it is ([`SymlinkOrder::probe`]), inside a
+//! private directory where either reading creates nothing elsewhere.
+//!
 //! The server resolves every path it is given, symlinks included, and anyone with access to
 //! the destination tree may have put some there. So: every directory the restore goes through
 //! below its root is looked at (LSTAT) once, the first time it is used, and a symlink there is
@@ -45,6 +53,62 @@ pub struct SftpDestination {
     /// Directories below the root (relative paths) seen to be real directories, not
     /// symlinks: checked once each, the first time an entry goes through them.
     dirs: Mutex<HashSet<Vec<u8>>>,
+    /// How this server reads SSH_FXP_SYMLINK, once the first symlink has asked.
+    symlink_order: Mutex<Option<SymlinkOrder>>,
+}
+
+/// Which of SSH_FXP_SYMLINK's two paths a server takes as the new link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SymlinkOrder {
+    /// OpenSSH's order: the target first, then the new link's path.
+    TargetFirst,
+    /// The SFTP drafts' order: the new link's path first, then its target.
+    LinkFirst,
+}
+
+impl SymlinkOrder {
+    /// Ask the server: in a new private directory `.kloset-symlink-probe-<hex>` under `dir`,
+    /// one SSH_FXP_SYMLINK naming two absolute paths of that directory, then LSTAT both to see
+    /// which became the link. Either way nothing is created outside the probe directory, which
+    /// is removed again.
+    ///
+    /// # Errors
+    /// The probe directory cannot be made (the restore could not write there either), or the
+    /// server made no link, or both.
+    pub fn probe(c: &Conn, dir: &Path) -> std::io::Result<SymlinkOrder> {
+        let probe = dir.join(format!(
+            ".kloset-symlink-probe-{}",
+            crate::store::crypto::random_hex(8)
+        ));
+        c.sftp.mkdir(&probe, 0o700).map_err(io)?;
+        let (first, second) = (probe.join("first"), probe.join("second"));
+        // ssh2's `symlink(path, target)` sends `path` first, then `target`.
+        let made = c.sftp.symlink(&first, &second).map_err(io);
+        let is_link = |p: &Path| c.sftp.lstat(p).is_ok_and(|st| st.file_type().is_symlink());
+        let found = (is_link(&second), is_link(&first));
+        for p in [&first, &second] {
+            let _ = c.sftp.unlink(p);
+        }
+        let _ = c.sftp.rmdir(&probe);
+        made?;
+        match found {
+            (true, false) => Ok(SymlinkOrder::TargetFirst),
+            (false, true) => Ok(SymlinkOrder::LinkFirst),
+            _ => Err(std::io::Error::other(format!(
+                "the server's SYMLINK made {} links in {} for one request; not making symlinks on it",
+                if found.0 { "two" } else { "no" },
+                probe.display()
+            ))),
+        }
+    }
+
+    /// Make the symlink `link` → `target` on a server that reads SSH_FXP_SYMLINK this way.
+    fn symlink(self, c: &Conn, target: &Path, link: &Path) -> Result<(), ssh2::Error> {
+        match self {
+            SymlinkOrder::TargetFirst => c.sftp.symlink(target, link),
+            SymlinkOrder::LinkFirst => c.sftp.symlink(link, target),
+        }
+    }
 }
 
 impl SftpDestination {
@@ -55,7 +119,20 @@ impl SftpDestination {
             pool,
             fresh: AtomicBool::new(false),
             dirs: Mutex::new(HashSet::new()),
+            symlink_order: Mutex::new(None),
         })
+    }
+
+    /// How this server reads SSH_FXP_SYMLINK: probed in the destination's root the first
+    /// time (other threads wait for that answer), remembered after.
+    fn symlink_order(&self, c: &Conn) -> std::io::Result<SymlinkOrder> {
+        let mut known = self.symlink_order.lock();
+        if let Some(order) = *known {
+            return Ok(order);
+        }
+        let order = SymlinkOrder::probe(c, &self.path(b""))?;
+        *known = Some(order);
+        Ok(order)
     }
 
     /// Check, with one LSTAT per directory not checked before, that every directory between
@@ -200,13 +277,12 @@ impl Destination for SftpDestination {
         let fresh = self.fresh();
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
-            // OpenSSH's server swaps SSH_FXP_SYMLINK's arguments (a long-standing quirk that
-            // every client works around): pass the target first.
-            if fresh && c.sftp.symlink(&t, &p).is_ok() {
+            let order = self.symlink_order(c)?;
+            if fresh && order.symlink(c, &t, &p).is_ok() {
                 return Ok(());
             }
             clear(c, &p)?;
-            c.sftp.symlink(&t, &p).map_err(io)
+            order.symlink(c, &t, &p).map_err(io)
         })
     }
 

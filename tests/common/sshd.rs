@@ -16,6 +16,13 @@
 //!
 //! OpenSSH's own clients (`ssh`, `sftp`) look up `~` in the passwd database, not `$HOME`: when
 //! driving them, pass `-F`, `-o UserKnownHostsFile=` and `-o IdentityFile=` explicitly.
+//!
+//! Besides plain OpenSSH ([`Flavor::OpenSsh`]) the same fixture starts the other servers the
+//! suite runs against (`Sshd::start_flavor`): asyncssh's SFTP server cut down to bare SFTPv3
+//! (tests/common/asyncssh_sftp.py, [`Flavor::AsyncSsh`]) and an OpenSSH account restricted to
+//! `ForceCommand internal-sftp` in a `ChrootDirectory` ([`Flavor::Chroot`]). Tests write
+//! through [`Sshd::remote_dir`] paths as ever; [`Sshd::url`] turns them into what the server
+//! sees, and [`Sshd::give`] hands what a test made there to the server's user.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
@@ -44,7 +51,45 @@ pub const ALIAS: &str = "sftp-prod";
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const PORT_ATTEMPTS: usize = 5;
 
+/// Which SFTP server a fixture runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// OpenSSH's sshd with internal-sftp, logged in as root.
+    OpenSsh,
+    /// OpenSSH's sftp-server behind the lying relay of tests/common/hostile_sftp.py.
+    Hostile,
+    /// asyncssh's SFTP server (tests/common/asyncssh_sftp.py): no OpenSSH extensions, a plain
+    /// rename that refuses an existing target, SFTP-draft SYMLINK argument order.
+    AsyncSsh,
+    /// OpenSSH, as the unprivileged [`CHROOT_USER`] under `ForceCommand internal-sftp` and
+    /// `ChrootDirectory` (no shell, no exec, no chown, only its own files).
+    Chroot,
+    /// [`Flavor::AsyncSsh`] with a plain rename that replaces an existing target (as some
+    /// servers do), which kloset must refuse to make a store on.
+    AsyncSshRenameReplaces,
+}
+
+impl Flavor {
+    /// Every server the parametric suite runs against.
+    pub const SERVERS: [Flavor; 3] = [Flavor::OpenSsh, Flavor::AsyncSsh, Flavor::Chroot];
+}
+
+/// The account [`Flavor::Chroot`] logs in as (created by the fixture when missing).
+pub const CHROOT_USER: &str = "kloset-sftp";
+/// asyncssh's server (tests/common/asyncssh_sftp.py).
+pub const ASYNCSSH_SFTP: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/asyncssh_sftp.py");
+/// Debian's python3, where scripts/deps installs python3-asyncssh (a python3 earlier on PATH,
+/// e.g. pyenv's, does not see Debian's packages).
+pub const PYTHON3: &str = "/usr/bin/python3";
+
 pub struct Sshd {
+    flavor: Flavor,
+    /// The user name kloset logs in as.
+    user: String,
+    /// [`Flavor::Chroot`]: the chroot directory (what the server shows as `/`), and the uid and
+    /// gid of [`CHROOT_USER`].
+    chroot: Option<(PathBuf, u32, u32)>,
     /// Host key, user keys, authorized_keys, sshd_config, pid file and sshd's log.
     dir: TempDir,
     home: TempDir,
@@ -66,7 +111,34 @@ pub const HOSTILE_SFTP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/commo
 impl Sshd {
     /// Starts a server, or returns `None` when sshd or ssh-keygen is not installed.
     pub fn start() -> Option<Sshd> {
-        Sshd::start_with(false)
+        Sshd::start_flavor(Flavor::OpenSsh)
+    }
+
+    /// A server of `flavor`, or `None` (with a `SKIP:` line saying why) when it truly cannot
+    /// run here: sshd or ssh-keygen missing, for [`Flavor::AsyncSsh`] python3's asyncssh
+    /// module missing (scripts/deps installs python3-asyncssh), for [`Flavor::Chroot`] not
+    /// root or no `useradd`.
+    pub fn start_flavor(flavor: Flavor) -> Option<Sshd> {
+        match flavor {
+            Flavor::Hostile => Sshd::start_hostile(),
+            Flavor::AsyncSsh | Flavor::AsyncSshRenameReplaces => {
+                let ok = Command::new(PYTHON3)
+                    .args(["-c", "import asyncssh"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    eprintln!(
+                        "SKIP: asyncssh sftp server not available: {PYTHON3} cannot import asyncssh (scripts/deps installs python3-asyncssh)"
+                    );
+                    return None;
+                }
+                Sshd::start_with(flavor)
+            }
+            Flavor::OpenSsh | Flavor::Chroot => Sshd::start_with(flavor),
+        }
     }
 
     /// A server whose SFTP subsystem is OpenSSH's sftp-server behind the relay of
@@ -79,7 +151,31 @@ impl Sshd {
                 return None;
             }
         }
-        Sshd::start_with(true)
+        Sshd::start_with(Flavor::Hostile)
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+
+    fn is_asyncssh(&self) -> bool {
+        matches!(
+            self.flavor,
+            Flavor::AsyncSsh | Flavor::AsyncSshRenameReplaces
+        )
+    }
+
+    /// The user name kloset logs in as (`root`, or [`CHROOT_USER`]).
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Makes everything under `path` (a [`Sshd::remote_dir`] path) the server user's, as files
+    /// that user had written would be: a no-op but for [`Flavor::Chroot`].
+    pub fn give(&self, path: &Path) {
+        if let Some((_, uid, gid)) = self.chroot {
+            chown_tree(path, uid, gid);
+        }
     }
 
     /// The hostile relay's control directory (see hostile_sftp.py).
@@ -95,7 +191,7 @@ impl Sshd {
         write(&ctl.join("mode"), mode, 0o644);
     }
 
-    fn start_with(hostile: bool) -> Option<Sshd> {
+    fn start_with(flavor: Flavor) -> Option<Sshd> {
         if !Path::new(SSHD).is_file() {
             eprintln!("SKIP: sshd not available: {SSHD} does not exist");
             return None;
@@ -108,7 +204,23 @@ impl Sshd {
 
         let dir = tempdir("sshd");
         let home = tempdir("home");
-        let remote = tempdir("remote");
+        let (remote, chroot) = if flavor == Flavor::Chroot {
+            let (uid, gid) = chroot_user()?;
+            // sshd wants every component of the chroot root-owned and not group or world
+            // writable: not under /tmp (1777).
+            let remote = tempfile::Builder::new()
+                .prefix("kloset-chroot-")
+                .tempdir_in("/run")
+                .expect("create a chroot directory in /run");
+            fs::set_permissions(remote.path(), fs::Permissions::from_mode(0o755)).unwrap();
+            let data = remote.path().join("data");
+            fs::create_dir(&data).unwrap();
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid)).unwrap();
+            let root = remote.path().to_path_buf();
+            (remote, Some((root, uid, gid)))
+        } else {
+            (tempdir("remote"), None)
+        };
         let d = dir.path();
         keygen(&[
             (&d.join("host_ed25519"), ""),
@@ -117,7 +229,7 @@ impl Sshd {
             (&d.join("id_wrong"), ""),
         ]);
         let host_pubkey = pubkey_line(&d.join("host_ed25519.pub"));
-        let subsystem = if hostile {
+        let subsystem = if flavor == Flavor::Hostile {
             let ctl = d.join("ctl");
             fs::create_dir(&ctl).unwrap();
             format!("/usr/bin/python3 {HOSTILE_SFTP} {}", ctl.display())
@@ -130,6 +242,10 @@ impl Sshd {
             pubkey_line(&d.join("id_encrypted.pub"))
         );
         write(&d.join("authorized_keys"), &authorized, 0o600);
+        if let Some((root, ..)) = &chroot {
+            // sshd reads it as the user: the fixture's own directory is root's alone.
+            write(&root.join("authorized_keys"), &authorized, 0o644);
+        }
 
         let ssh = home.path().join(".ssh");
         fs::create_dir(&ssh).unwrap();
@@ -146,6 +262,14 @@ impl Sshd {
         }
 
         let mut sshd = Sshd {
+            flavor,
+            user: if chroot.is_some() {
+                CHROOT_USER
+            } else {
+                "root"
+            }
+            .to_string(),
+            chroot,
             dir,
             home,
             remote,
@@ -159,7 +283,9 @@ impl Sshd {
         let mut started = false;
         for _ in 0..PORT_ATTEMPTS {
             sshd.port = free_port();
-            sshd.write_sshd_config();
+            if !sshd.is_asyncssh() {
+                sshd.write_sshd_config();
+            }
             if sshd.spawn() {
                 started = true;
                 break;
@@ -196,19 +322,39 @@ impl Sshd {
         self.ssh_file("config")
     }
 
-    /// `sftp://root@127.0.0.1:PORT/<path>`. The URL path is the absolute path on the server
-    /// (a leading `/` of `path` is not doubled).
+    /// `sftp://USER@127.0.0.1:PORT/<path>`. The URL path is the absolute path on the server
+    /// (a leading `/` of `path` is not doubled); a [`Sshd::remote_dir`] path of a
+    /// [`Flavor::Chroot`] server is given as the server shows it, inside the chroot.
     pub fn url(&self, path: impl AsRef<Path>) -> String {
         format!(
-            "sftp://root@127.0.0.1:{}/{}",
+            "sftp://{}@127.0.0.1:{}/{}",
+            self.user,
             self.port,
-            url_path(path.as_ref())
+            url_path(&self.server_path(path.as_ref()))
         )
     }
 
     /// `sftp://sftp-prod/<path>`, resolved through the temporary `~/.ssh/config`.
     pub fn alias_url(&self, path: impl AsRef<Path>) -> String {
-        format!("sftp://{ALIAS}/{}", url_path(path.as_ref()))
+        format!(
+            "sftp://{ALIAS}/{}",
+            url_path(&self.server_path(path.as_ref()))
+        )
+    }
+
+    /// `path` (on this machine) as the server shows it: the same but inside a chroot.
+    pub fn server_path(&self, path: &Path) -> PathBuf {
+        match &self.chroot {
+            Some((root, ..)) => match path.strip_prefix(root) {
+                Ok(rel) => Path::new("/").join(rel),
+                Err(_) => panic!(
+                    "{} is outside the chroot {} of this server",
+                    path.display(),
+                    root.display()
+                ),
+            },
+            None => path.to_path_buf(),
+        }
     }
 
     /// A fresh, unique, absolute path on the server (= this machine) for one test's data:
@@ -216,7 +362,11 @@ impl Sshd {
     /// the code under test (or the test, with `fs::create_dir`) creates it.
     pub fn remote_dir(&self, name: &str) -> PathBuf {
         let n = self.next_dir.fetch_add(1, Ordering::Relaxed);
-        self.remote.path().join(format!("{name}-{n}"))
+        let parent = match &self.chroot {
+            Some((root, ..)) => root.join("data"),
+            None => self.remote.path().to_path_buf(),
+        };
+        parent.join(format!("{name}-{n}"))
     }
 
     /// The host's public key as `ssh-ed25519 AAAA…` (no comment).
@@ -278,8 +428,13 @@ impl Sshd {
 
     /// Kills every live connection (sshd's per-connection processes, their session children and
     /// internal-sftp with them) and waits until they are gone. The listener keeps accepting.
-    pub fn kill_connections(&self) {
-        if let Some(pid) = self.pid() {
+    ///
+    /// asyncssh's server serves every connection in its one process: there, the whole server
+    /// is killed and started again on the same port (a short refusal to connect besides).
+    pub fn kill_connections(&mut self) {
+        if self.is_asyncssh() {
+            self.restart();
+        } else if let Some(pid) = self.pid() {
             kill_tree(pid);
         }
     }
@@ -349,12 +504,28 @@ impl Sshd {
         // OpenSSH >= 9.8 penalises (refuses for a while) source addresses whose connections fail
         // or are killed, which killed-connection and wrong-key tests do on purpose. Older sshd
         // rejects the option, so it is kept only if `sshd -t` accepts it.
-        let with_penalties = format!("{base}PerSourcePenalties no\n");
+        // The restricted account of a chroot server: SFTP only, inside its chroot. A Match
+        // block ends the file (everything after one belongs to it).
+        let restricted = match &self.chroot {
+            Some((root, ..)) => format!(
+                "Match User {CHROOT_USER}\n\
+                 \x20   ChrootDirectory {root}\n\
+                 \x20   ForceCommand internal-sftp\n\
+                 \x20   AuthorizedKeysFile {root}/authorized_keys\n\
+                 \x20   AllowTcpForwarding no\n\
+                 \x20   X11Forwarding no\n\
+                 \x20   PermitTTY no\n",
+                root = root.display()
+            ),
+            None => String::new(),
+        };
+        let with_penalties = format!("{base}PerSourcePenalties no\n{restricted}");
         write(&self.config_path(), &with_penalties, 0o600);
         let check = self.config_check();
         if check.status.success() {
             return;
         }
+        let base = format!("{base}{restricted}");
         write(&self.config_path(), &base, 0o600);
         let check = self.config_check();
         assert!(
@@ -385,8 +556,9 @@ impl Sshd {
         write(
             &self.ssh_config_path(),
             &format!(
-                "Host {ALIAS}\n    HostName 127.0.0.1\n    Port {port}\n    User root\n    \
-                 IdentityFile ~/.ssh/id_ed25519\n\nHost *\n    ConnectTimeout 10\n"
+                "Host {ALIAS}\n    HostName 127.0.0.1\n    Port {port}\n    User {user}\n    \
+                 IdentityFile ~/.ssh/id_ed25519\n\nHost *\n    ConnectTimeout 10\n",
+                user = self.user
             ),
             0o600,
         );
@@ -400,16 +572,28 @@ impl Sshd {
             .append(true)
             .open(self.dir.path().join("sshd.log"))
             .unwrap();
-        let mut child = Command::new(SSHD)
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(self.config_path())
+        let mut cmd = if self.is_asyncssh() {
+            let d = self.dir.path();
+            let mut c = Command::new(PYTHON3);
+            c.arg(ASYNCSSH_SFTP)
+                .arg(d.join("host_ed25519"))
+                .arg(d.join("authorized_keys"))
+                .arg(self.port.to_string());
+            if self.flavor == Flavor::AsyncSshRenameReplaces {
+                c.arg("rename-replaces");
+            }
+            c
+        } else {
+            let mut c = Command::new(SSHD);
+            c.arg("-D").arg("-e").arg("-f").arg(self.config_path());
+            c
+        };
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {SSHD}: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", self.flavor));
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -419,8 +603,8 @@ impl Sshd {
                     return false;
                 }
                 panic!(
-                    "sshd exited during startup ({status}) on port {}:\n{log}",
-                    self.port
+                    "{:?} server exited during startup ({status}) on port {}:\n{log}",
+                    self.flavor, self.port
                 );
             }
             if listens(child.id(), self.port)
@@ -523,6 +707,63 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// uid and gid of [`CHROOT_USER`], created (no password, no shell, home `/`) if missing;
+/// `None` with a SKIP line when that is impossible here.
+fn chroot_user() -> Option<(u32, u32)> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: chroot sftp account not available: the tests do not run as root");
+        return None;
+    }
+    let lookup = || {
+        nix::unistd::User::from_name(CHROOT_USER)
+            .ok()
+            .flatten()
+            .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+    };
+    if let Some(ids) = lookup() {
+        return Some(ids);
+    }
+    // `*` (not useradd's default `!`): sshd without PAM refuses accounts locked with `!`.
+    let out = Command::new("useradd")
+        .args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--password",
+            "*",
+            CHROOT_USER,
+        ])
+        .stdin(Stdio::null())
+        .output();
+    // Another test binary may have created it meanwhile: look again either way.
+    match (lookup(), out) {
+        (Some(ids), _) => Some(ids),
+        (None, Ok(out)) => panic!(
+            "useradd {CHROOT_USER} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        (None, Err(e)) => {
+            eprintln!("SKIP: chroot sftp account not available: cannot run useradd: {e}");
+            None
+        }
+    }
+}
+
+/// `lchown -R`.
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        for e in fs::read_dir(path).unwrap() {
+            chown_tree(&e.unwrap().path(), uid, gid);
+        }
     }
 }
 
