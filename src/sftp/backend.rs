@@ -277,7 +277,9 @@ pub enum Named {
 impl Named {
     fn of(t: FileType) -> Named {
         match t {
-            FileType::Pack | FileType::Index | FileType::Snapshot => Named::ByContent,
+            FileType::Pack | FileType::Index | FileType::Snapshot | FileType::Condemned => {
+                Named::ByContent
+            }
             FileType::Config | FileType::Key | FileType::Lock => Named::Chosen,
         }
     }
