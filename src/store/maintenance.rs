@@ -253,6 +253,13 @@ pub fn run(store: &Store, lock: &LockGuard, opts: &Options) -> Result<Report> {
             packs[i].listed_in.push(fi);
         }
     }
+    // Pack names come from authenticated files, but are still only used if of a pack's shape.
+    if let Some(p) = packs.iter().find(|p| !FileType::Pack.expects(&p.name)) {
+        return Err(refuse(format!(
+            "a pack named {:?} in an index or condemned/ file",
+            p.name
+        )));
+    }
     for f in &pack_listing {
         if by_name.contains_key(&f.name) {
             continue;
@@ -276,9 +283,8 @@ pub fn run(store: &Store, lock: &LockGuard, opts: &Options) -> Result<Report> {
         .find(|p| p.size.is_none() && p.condemned_since.is_none())
     {
         return Err(refuse(format!(
-            "packs/{}/{} (listed in the index, but missing)",
-            &p.name[..2],
-            p.name
+            "{} (listed in the index, but missing)",
+            FileType::Pack.path(&p.name)
         )));
     }
     r.packs = packs.iter().filter(|p| p.size.is_some()).count();
@@ -494,28 +500,48 @@ pub fn run(store: &Store, lock: &LockGuard, opts: &Options) -> Result<Report> {
         if p.action != Action::Repack {
             continue;
         }
-        let data = store.backend().read(FileType::Pack, &p.name)?;
-        r.bytes_read += data.len() as u64;
-        if store.crypto().file_id(&data) != p.name {
-            return Err(refuse(format!(
-                "packs/{}/{} (content does not match its name)",
-                &p.name[..2],
-                p.name
-            )));
-        }
-        for e in &p.entries {
-            if referenced.get(&key(&e.id)) != Some(&(i as u32)) {
-                continue;
+        // Only the used blobs are read: runs of them, joined across gaps under 256 KiB.
+        let mut used: Vec<&PackEntry> = p
+            .entries
+            .iter()
+            .filter(|e| referenced.get(&key(&e.id)) == Some(&(i as u32)))
+            .collect();
+        used.sort_by_key(|e| e.offset);
+        let end = |e: &PackEntry| e.offset as u64 + e.length as u64;
+        let mut k = 0;
+        while k < used.len() {
+            let start = used[k].offset as u64;
+            let mut j = k + 1;
+            while j < used.len() && (used[j].offset as u64) < end(used[j - 1]) + (256 << 10) {
+                j += 1;
             }
-            let (a, b) = (e.offset as usize, e.offset as usize + e.length as usize);
-            let sealed = data.get(a..b).ok_or_else(|| {
-                refuse(format!(
-                    "packs/{}/{} (an entry lies outside the pack)",
-                    &p.name[..2],
-                    p.name
-                ))
-            })?;
-            packer.add_sealed(p.kind, e.id, e.raw_length, sealed)?;
+            let stop = used[k..j].iter().map(|e| end(e)).max().unwrap_or(start);
+            if stop > p.size() {
+                return Err(refuse(format!(
+                    "{} (an entry lies outside the pack)",
+                    FileType::Pack.path(&p.name)
+                )));
+            }
+            let data = store
+                .backend()
+                .read_range(FileType::Pack, &p.name, start, stop - start)?;
+            r.bytes_read += data.len() as u64;
+            for e in &used[k..j] {
+                let a = (e.offset as u64 - start) as usize;
+                let sealed = data.get(a..a + e.length as usize).ok_or_else(|| {
+                    refuse(format!(
+                        "{} (an entry lies outside the pack)",
+                        FileType::Pack.path(&p.name)
+                    ))
+                })?;
+                // Copied as stored, once it is known to open to its id: damage is not copied
+                // into a pack that looks new.
+                store
+                    .decode_blob(&e.id, sealed, e.raw_length, &p.name)
+                    .map_err(|err| refuse(format!("{} ({err})", FileType::Pack.path(&p.name))))?;
+                packer.add_sealed(p.kind, e.id, e.raw_length, sealed)?;
+            }
+            k = j;
         }
     }
     packer.finish()?;

@@ -204,6 +204,14 @@ fn run_here(
         // Packs and index before the snapshot: an interrupted sync leaves no snapshot that
         // points at blobs the destination does not have.
         c.packer.finish()?;
+        // As a backup does: maintenance may have condemned or deleted what this copy reuses.
+        let bad = dst.verify_dependencies(&c.packer.dependencies())?;
+        if let Some(first) = bad.first() {
+            return Err(Error::Other(format!(
+                "maintenance condemned or deleted {} pack(s) of the destination this copy reuses while it ran (first: {first}); the snapshot was not copied: run sync again",
+                bad.len()
+            )));
+        }
         let id = dst.write_snapshot(&snap)?;
         report.copied.push((s.id.clone(), id.clone()));
         progress.snapshots.fetch_add(1, Ordering::Relaxed);
@@ -255,7 +263,9 @@ impl Copier<'_> {
         if depth > MAX_DEPTH {
             return Ok(false);
         }
-        if !self.dst.index().contains(&d) {
+        // Only what a writer may reuse: a blob only a condemned pack holds may go.
+        // (and recorded as a pack this copy depends on, checked before it commits).
+        if !self.packer.reuse(&d) {
             return Ok(false);
         }
         let (st, dt) = (self.src.load_tree(&s)?, self.dst.load_tree(&d)?);
@@ -282,11 +292,8 @@ impl Copier<'_> {
             }
             learned.extend(a.content.iter().copied().zip(b.content.iter().copied()));
         }
-        {
-            let idx = self.dst.index();
-            if learned.iter().any(|(_, y)| !idx.contains(y)) {
-                return Ok(false);
-            }
+        if learned.iter().any(|(_, y)| !self.packer.reuse(y)) {
+            return Ok(false);
         }
         let mut data = self.data.lock();
         if learned
