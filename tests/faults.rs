@@ -5,6 +5,13 @@
 //!   after space is freed a re-run completes (a restore resumes) and `check` passes. The
 //!   filesystems are small tmpfs mounts made by the test (root only; without root, or when
 //!   `mount` fails, the test says SKIP and returns).
+//! - A restore onto an SFTP destination whose disk fills up: exit 11, one line saying the
+//!   destination server's disk is full, nothing half-written left; the re-run completes.
+//! - Quotas: an SFTP server that refuses writes with "failure" while its disk has room (what
+//!   OpenSSH answers for EDQUOT; tests/common/hostile_sftp.py's `refuse-write`), under a store
+//!   and under a restore destination, and EDQUOT from the system calls of a local store and a
+//!   local destination (injected with strace: this kernel has no quota support to set a real
+//!   quota up): exit 11, one line that says quota; the re-runs complete.
 //! - Transport faults through tests/common/faultproxy.rs: connections cut, and links stalled,
 //!   at seeded points of a backup's or a restore's traffic, of a `sync` to an SFTP store, a
 //!   `check`, a restore onto an SFTP destination, a backup of an SFTP source and reads through
@@ -1346,4 +1353,256 @@ fn mount_reads_over_a_link_cut_at_seeded_points_and_down_for_good() {
     );
     drop(m);
     assert!(!mounted_at(&top.path().join("mnt")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A restore onto an SFTP destination that fills up; quotas (EDQUOT).
+
+/// Every file under `part` is whole: the same as under `whole` (nothing half-written is left
+/// under a real name). Returns how many there are.
+fn assert_whole_files(whole: &Path, part: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![part.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let rel = p.strip_prefix(part).unwrap();
+            let want = fs::read(whole.join(rel))
+                .unwrap_or_else(|_| panic!("{} is not in the snapshot", rel.display()));
+            assert!(
+                fs::read(&p).unwrap() == want,
+                "{} was left half-written",
+                rel.display()
+            );
+            n += 1;
+        }
+    }
+    n
+}
+
+/// A local store holding one backup of a fresh tree of `mib` MiB: (temporary directory, the
+/// tree, the store's path, the snapshot id).
+fn local_store_with_a_backup(
+    sshd: &Sshd,
+    mib: usize,
+) -> (tempfile::TempDir, PathBuf, String, String) {
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, mib);
+    let store = top.path().join("store").to_str().unwrap().to_string();
+    ok(sshd, &["at", &store, "create"]);
+    let id = ok(
+        sshd,
+        &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+    );
+    (top, src, store, id.trim().to_string())
+}
+
+/// `restore -to sftp://…` onto a server whose disk fills up: exit 11 and one line saying the
+/// destination server's disk is full, fast; no file left half-written; once space is freed
+/// the same restore resumes and completes exactly.
+#[test]
+fn sftp_restore_destination_fills_up() {
+    let Some(sshd) = Sshd::start() else { return };
+    let (_top, src, store, id) = local_store_with_a_backup(&sshd, 24);
+    let dir = sshd.remote_dir("dest-full");
+    let Some(tmpfs) = Tmpfs::mount(&dir, "8m") else {
+        return;
+    };
+    let dst = dir.join("out");
+    let url = sshd.url(&dst);
+    let started = Instant::now();
+    let (code, _, err) = run_bounded(
+        &sshd,
+        &["-quiet", "at", &store, "restore", "-to", &url, &id],
+    );
+    let took = started.elapsed();
+    eprintln!("restore onto a full SFTP disk: exit {code:?} after {took:?}: {err}");
+    assert_eq!(code, Some(11), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("the restore destination")
+            && err.contains(&url)
+            && err.contains("the destination server's disk is full"),
+        "does not say the destination server's disk is full: {err}"
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    let whole = assert_whole_files(&src, &dst);
+    eprintln!("{whole} whole files were left, none half-written");
+
+    tmpfs.grow("64m");
+    let (code, _, err) = run_bounded(
+        &sshd,
+        &["-quiet", "at", &store, "restore", "-to", &url, &id],
+    );
+    assert_eq!(code, Some(0), "re-run: {err}");
+    assert_same_files(&src, &dst);
+}
+
+/// An SFTP server that refuses writes with "failure" while its disk has room (what OpenSSH
+/// answers for EDQUOT): a backup into a store there exits 11 with one line saying the server
+/// refused the write, quota most likely; no temporary file or snapshot is left; once the
+/// server takes writes again the backup completes and `check` passes.
+#[test]
+fn sftp_store_refusing_writes_says_quota() {
+    let Some(sshd) = Sshd::start_hostile() else {
+        return;
+    };
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 4);
+    let repo = sshd.remote_dir("quota");
+    let store = sshd.url(&repo);
+    sshd.hostile_mode("");
+    ok(&sshd, &["at", &store, "create"]);
+    sshd.hostile_mode("refuse-write");
+    let (code, _, err) = run_bounded(
+        &sshd,
+        &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+    );
+    eprintln!("backup into a store over quota: exit {code:?}: {err}");
+    assert_eq!(code, Some(11), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("the server refused the write") && err.contains("disk quota exceeded"),
+        "{err}"
+    );
+    assert_eq!(
+        temp_files(&repo),
+        Vec::<PathBuf>::new(),
+        "temporary files left"
+    );
+    sshd.hostile_mode("");
+    assert_eq!(
+        ok(&sshd, &["at", &store, "ls"]).trim(),
+        "",
+        "a snapshot was saved"
+    );
+    ok(
+        &sshd,
+        &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+    );
+    ok(&sshd, &["at", &store, "check"]);
+}
+
+/// The same server as a restore destination: exit 11, one line naming the destination and
+/// the likely quota; nothing half-written; the re-run completes exactly.
+#[test]
+fn sftp_restore_destination_refusing_writes_says_quota() {
+    let Some(sshd) = Sshd::start_hostile() else {
+        return;
+    };
+    sshd.hostile_mode("");
+    let (_top, src, store, id) = local_store_with_a_backup(&sshd, 4);
+    let dst = sshd.remote_dir("quota-dest");
+    let url = sshd.url(&dst);
+    sshd.hostile_mode("refuse-write");
+    let (code, _, err) = run_bounded(
+        &sshd,
+        &["-quiet", "at", &store, "restore", "-to", &url, &id],
+    );
+    eprintln!("restore onto a destination over quota: exit {code:?}: {err}");
+    assert_eq!(code, Some(11), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("the restore destination")
+            && err.contains(&url)
+            && err.contains("the destination server refused the write")
+            && err.contains("disk quota exceeded"),
+        "{err}"
+    );
+    assert_whole_files(&src, &dst);
+    sshd.hostile_mode("");
+    let (code, _, err) = run_bounded(
+        &sshd,
+        &["-quiet", "at", &store, "restore", "-to", &url, &id],
+    );
+    assert_eq!(code, Some(0), "re-run: {err}");
+    assert_same_files(&src, &dst);
+}
+
+/// `kloset ARGS` under strace, with every `syscall` failing with EDQUOT (a real errno from
+/// the system call, as a filesystem with quotas returns it; this kernel has no quota support
+/// to set a real one up): `None` (with a SKIP line) without strace.
+fn run_with_edquot(sshd: &Sshd, syscall: &str, args: &[&str]) -> Option<(Option<i32>, String)> {
+    let Some(strace) = ["/usr/bin/strace", "/bin/strace"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        eprintln!("SKIP: strace is not installed: no EDQUOT injection");
+        return None;
+    };
+    let out = sshd
+        .cmd(Path::new(strace))
+        .args(["-f", "-qq", "-o", "/dev/null", "-e"])
+        .arg(format!("trace={syscall}"))
+        .arg("-e")
+        .arg(format!("inject={syscall}:error=EDQUOT"))
+        .arg(bin())
+        .args(args)
+        .output()
+        .expect("run strace");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "kloset panicked: {err}");
+    Some((out.status.code(), err))
+}
+
+/// EDQUOT on a local store (at fsync, as quotas on NFS often report it) and on a local restore
+/// destination: exit 11, one line that says quota; the re-runs complete.
+#[test]
+fn local_store_and_restore_destination_over_quota() {
+    let Some(sshd) = Sshd::start() else { return };
+    let (top, src, store, id) = local_store_with_a_backup(&sshd, 4);
+    fs::write(src.join("new"), noise(77, 1 << 20)).unwrap();
+    let Some((code, err)) = run_with_edquot(
+        &sshd,
+        "fsync",
+        &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+    ) else {
+        return;
+    };
+    eprintln!("backup into a local store over quota: exit {code:?}: {err}");
+    assert_eq!(code, Some(11), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("disk quota") && err.contains(&store) && err.contains("raise the quota"),
+        "{err}"
+    );
+    assert_eq!(temp_files(Path::new(&store)), Vec::<PathBuf>::new());
+    ok(
+        &sshd,
+        &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+    );
+    ok(&sshd, &["at", &store, "check"]);
+
+    fs::remove_file(src.join("new")).unwrap();
+    let dst = top.path().join("out");
+    let dst_s = dst.to_str().unwrap();
+    let (code, err) = run_with_edquot(
+        &sshd,
+        "pwrite64",
+        &["-quiet", "at", &store, "restore", "-to", dst_s, &id],
+    )
+    .unwrap();
+    eprintln!("restore onto a local destination over quota: exit {code:?}: {err}");
+    assert_eq!(code, Some(11), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("the restore destination")
+            && err.contains(dst_s)
+            && err.contains("Disk quota exceeded")
+            && err.contains("raise the quota"),
+        "{err}"
+    );
+    assert_whole_files(&src, &dst);
+    ok(
+        &sshd,
+        &["-quiet", "at", &store, "restore", "-to", dst_s, &id],
+    );
+    assert_same_files(&src, &dst);
 }
