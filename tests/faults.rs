@@ -1606,3 +1606,63 @@ fn local_store_and_restore_destination_over_quota() {
     );
     assert_same_files(&src, &dst);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Crashes: what a killed process leaves.
+
+/// A backup killed (SIGKILL) while it holds its lock leaves the lock file; the next command
+/// that takes a lock removes it (its process, on this host, is gone) instead of leaving it for
+/// every later command to read again. scripts/torture found 67 such files in one store after
+/// 160 rounds.
+#[test]
+fn a_lock_left_by_a_killed_process_is_removed_by_the_next_command() {
+    let Some(sshd) = Sshd::start() else { return };
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, 32);
+    let store = top.path().join("store");
+    let store_s = store.to_str().unwrap();
+    ok(&sshd, &["at", store_s, "create"]);
+    let locks = || -> Vec<PathBuf> {
+        fs::read_dir(store.join("locks"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .collect()
+    };
+    let mut child = sshd
+        .cmd(bin())
+        .args(["-quiet", "at", store_s, "backup", src.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while locks().is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before it was seen holding its lock"
+        );
+        assert!(Instant::now() < deadline, "no lock appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&st),
+        Some(libc::SIGKILL),
+        "the backup was not killed: {st:?}"
+    );
+    assert_eq!(locks().len(), 1, "the killed backup's lock is not there");
+    ok(
+        &sshd,
+        &["-quiet", "at", store_s, "backup", src.to_str().unwrap()],
+    );
+    assert_eq!(
+        locks(),
+        Vec::<PathBuf>::new(),
+        "the dead process's lock is still there"
+    );
+    ok(&sshd, &["at", store_s, "check"]);
+}

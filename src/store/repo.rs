@@ -994,6 +994,13 @@ pub struct LockGuard {
     _job: super::interrupt::Job,
 }
 
+/// A lock that a process of this host, now gone (killed, crashed), left behind.
+fn left_by_a_dead_process(rec: &LockRecord) -> bool {
+    rec.host == super::hostname()
+        && rec.pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{}", rec.pid)).exists()
+}
+
 fn lock_is_live(rec: &LockRecord) -> bool {
     let age_ns = super::now_ns().saturating_sub(rec.refreshed_ns);
     if age_ns > LOCK_STALE.as_nanos() as i64 {
@@ -1019,6 +1026,11 @@ impl LockGuard {
                 let Ok(rec) = unframe::<LockRecord>(MAGIC_LOCK, &b, &f.name) else {
                     continue;
                 };
+                if left_by_a_dead_process(&rec) {
+                    // Nothing else would ever remove it, and every command reads every lock.
+                    let _ = backend.remove(FileType::Lock, &f.name);
+                    continue;
+                }
                 if lock_is_live(&rec) && (exclusive || rec.exclusive) {
                     return Ok(Some((
                         format!(
