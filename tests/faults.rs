@@ -18,6 +18,8 @@
 //!   a mount, and a link that goes down for good or silent. Each command completes, or fails
 //!   with exit 9 and one line, within [`BOUND`]; then `check` passes and a re-run completes
 //!   (a mount answers EIO, then serves again). `KLOSET_FAULT_SEED=N` reruns one schedule.
+//! - Crashes: the lock file a backup killed with SIGKILL leaves is removed by the next command
+//!   (scripts/torture runs the kill -9 schedules at scale).
 
 mod common;
 
