@@ -57,7 +57,8 @@ pub mod exit {
     pub const UNREACHABLE: i32 = 9;
     /// The SSH server's host key is unknown or has changed.
     pub const HOST_KEY: i32 = 10;
-    /// A disk is full: the store's, the SFTP server's, or a restore destination's.
+    /// A disk is full or a disk quota exceeded: the store's, the SFTP server's, or a restore
+    /// destination's.
     pub const NO_SPACE: i32 = 11;
 }
 
@@ -452,7 +453,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
             };
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::StorageFull
+            && store::error::no_room(io)
         {
             return exit::NO_SPACE;
         }

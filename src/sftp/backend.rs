@@ -54,16 +54,19 @@ impl SftpBackend {
     /// temporary file or a `packs/XX` directory, out of inodes or blocks): the store's `config`
     /// is opened for the `statvfs@openssh.com` query instead.
     fn disk_full_or_probe(&self, c: &Conn, need: u64, e: std::io::Error) -> std::io::Error {
-        if super::transient(&e) || e.kind() == std::io::ErrorKind::StorageFull {
+        if super::transient(&e) || no_room(&e) {
             return e;
         }
         let Ok(mut f) = c.sftp.open(self.path(FileType::Config, "config")) else {
             return e;
         };
-        match room(&mut f) {
-            Some(r) => disk_full(r, Path::new(&self.loc.path), need).unwrap_or(e),
-            None => e,
-        }
+        refused_write(
+            room(&mut f),
+            Path::new(&self.loc.path),
+            need,
+            e,
+            Server::Store,
+        )
     }
 
     fn dir(&self, sub: &str) -> PathBuf {
@@ -316,6 +319,7 @@ fn upload_conn_via(
     mode: i32,
     named: Named,
 ) -> std::io::Result<()> {
+    let dir = tmp.parent().unwrap_or(Path::new("/"));
     let res = (|| -> std::io::Result<()> {
         let mut f = crate::store::interrupt::creating(|| {
             c.sftp.open_mode(
@@ -328,7 +332,13 @@ fn upload_conn_via(
         .map_err(io)?;
         for chunk in data.chunks(IO_BUF) {
             if let Err(e) = f.write_all(chunk) {
-                return Err(disk_full_or(&mut f, tmp, data.len() as u64, e));
+                return Err(disk_full_or(
+                    &mut f,
+                    dir,
+                    data.len() as u64,
+                    e,
+                    Server::Store,
+                ));
             }
         }
         // fsync@openssh.com: the data is on the server's disk before the name appears. A server
@@ -338,7 +348,15 @@ fn upload_conn_via(
         match f.fsync() {
             Ok(()) => {}
             Err(e) if e.code() == ssh2::ErrorCode::SFTP(8) => {}
-            Err(e) => return Err(disk_full_or(&mut f, tmp, data.len() as u64, io(e))),
+            Err(e) => {
+                return Err(disk_full_or(
+                    &mut f,
+                    dir,
+                    data.len() as u64,
+                    io(e),
+                    Server::Store,
+                ));
+            }
         }
         // Closed explicitly, so that an error the server reports only at close (NFS, quotas)
         // is seen too; dropping the handle would ignore it.
@@ -438,25 +456,99 @@ fn already_there(
     Ok(())
 }
 
-/// A failed write as the error to report: when the server says only "failure"
-/// (SSH_FX_FAILURE, what OpenSSH answers for ENOSPC as for most errors) and its
-/// `statvfs@openssh.com` extension shows less room than the upload needs (or no free inodes),
-/// a "disk full" error of kind `StorageFull`; otherwise `e` unchanged. `tmp` is still open as
-/// `f` (the extension works on open files only).
-fn disk_full_or(f: &mut ssh2::File, tmp: &Path, need: u64, e: std::io::Error) -> std::io::Error {
-    if super::transient(&e) || e.kind() == std::io::ErrorKind::StorageFull {
-        return e;
+/// Whose disk a failed write was on, for the words of [`refused_write`]'s errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Server {
+    /// The store's server: the message ends with what to do.
+    Store,
+    /// A restore destination's server: the restore's own error says what to do.
+    Destination,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::Store => "the server",
+            Server::Destination => "the destination server",
+        }
     }
-    match room(f) {
-        Some(r) => disk_full(r, tmp.parent().unwrap_or(Path::new("/")), need).unwrap_or(e),
-        None => e,
+
+    fn advice(self, quota: bool) -> &'static str {
+        match (self, quota) {
+            (Server::Destination, _) => "",
+            (Server::Store, false) => "; free space on the server, then run the command again",
+            (Server::Store, true) => {
+                "; free space or raise the quota on the server, then run the command again"
+            }
+        }
     }
 }
 
+/// [`refused_write`] for a failed write on the open file `f` (the `statvfs@openssh.com`
+/// extension works on open handles only) in the directory `dir`.
+pub(crate) fn disk_full_or(
+    f: &mut ssh2::File,
+    dir: &Path,
+    need: u64,
+    e: std::io::Error,
+    server: Server,
+) -> std::io::Error {
+    if super::transient(&e) || no_room(&e) {
+        return e;
+    }
+    refused_write(room(f), dir, need, e, server)
+}
+
+/// Is this already a "full" or "quota" error?
+fn no_room(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// A failed write (or create) as the error to report. OpenSSH answers ENOSPC and EDQUOT alike
+/// with SSH_FX_FAILURE ("failure"), as it does most errors, so the filesystem's room
+/// (`room`: free bytes and inodes from `statvfs@openssh.com`, `None` if the server does not
+/// answer it) tells them apart:
+/// - less room than the write needs (or no free inodes): "disk full", of kind `StorageFull`;
+/// - room enough, and the server said "failure": it refused the write for a reason of its
+///   own, most likely an exceeded disk quota (which statvfs does not show); said so, of kind
+///   `QuotaExceeded`;
+/// - anything else: `e` unchanged.
+pub(crate) fn refused_write(
+    room: Option<(u64, Option<u64>)>,
+    dir: &Path,
+    need: u64,
+    e: std::io::Error,
+    server: Server,
+) -> std::io::Error {
+    if super::transient(&e) || no_room(&e) {
+        return e;
+    }
+    let Some(r) = room else { return e };
+    if let Some(full) = disk_full(r, dir, need, server) {
+        return full;
+    }
+    if !super::fx_failure(&e) {
+        return e;
+    }
+    std::io::Error::new(
+        std::io::ErrorKind::QuotaExceeded,
+        format!(
+            "{} refused the write of {need} bytes (disk quota exceeded, or an error on the server: it said only \"failure\", with {} bytes free on the filesystem of {}){}",
+            server.name(),
+            r.0,
+            dir.display(),
+            server.advice(true)
+        ),
+    )
+}
+
 /// Free bytes and free inodes (`None` for a filesystem without an inode count) on the
-/// filesystem of the open file `f`, by the `statvfs@openssh.com` extension; `None` if the
-/// server does not answer it.
-fn room(f: &mut ssh2::File) -> Option<(u64, Option<u64>)> {
+/// filesystem of the open file (or directory) `f`, by the `statvfs@openssh.com` extension;
+/// `None` if the server does not answer it.
+pub(crate) fn room(f: &mut ssh2::File) -> Option<(u64, Option<u64>)> {
     let vfs = f.statvfs().ok()?;
     let block = if vfs.f_frsize > 0 {
         vfs.f_frsize
@@ -479,12 +571,16 @@ const FREED_INODES: u64 = 64;
 /// The "server's disk is full" error, if the filesystem of `dir` ([`room`]: free bytes, free
 /// inodes) has less than `need` bytes or no inodes free, give or take what other uploads of
 /// this command freed meanwhile ([`FREED_BYTES`], [`FREED_INODES`]).
-fn disk_full((free, inodes): (u64, Option<u64>), dir: &Path, need: u64) -> Option<std::io::Error> {
+pub(crate) fn disk_full(
+    (free, inodes): (u64, Option<u64>),
+    dir: &Path,
+    need: u64,
+    server: Server,
+) -> Option<std::io::Error> {
     let no_inodes = inodes.is_some_and(|n| n < FREED_INODES);
     if free >= need.saturating_add(FREED_BYTES) && !no_inodes {
         return None;
     }
-    let dir = dir.display();
     let what = match inodes {
         Some(n) if no_inodes => format!("{n} inodes free"),
         _ => format!("{free} bytes free"),
@@ -492,7 +588,10 @@ fn disk_full((free, inodes): (u64, Option<u64>), dir: &Path, need: u64) -> Optio
     Some(std::io::Error::new(
         std::io::ErrorKind::StorageFull,
         format!(
-            "the server's disk is full (a write of {need} bytes failed with {what} on the filesystem of {dir}); free space on the server, then run the command again"
+            "{}'s disk is full (a write of {need} bytes failed with {what} on the filesystem of {}){}",
+            server.name(),
+            dir.display(),
+            server.advice(false)
         ),
     ))
 }
@@ -626,5 +725,118 @@ impl Backend for SftpBackend {
             Ok(()) => Ok(()),
             Err(e) => missing_is(e, ()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::ErrorKind;
+
+    /// What OpenSSH's sftp-server answers for ENOSPC, EDQUOT and most other errors, as a
+    /// request's error ([`io`]) or as `ssh2::File`'s `Write` impl returns it (the message
+    /// only).
+    fn fx_failures() -> [std::io::Error; 2] {
+        let e = || ssh2::Error::from_errno(ssh2::ErrorCode::SFTP(4));
+        [io(e()), std::io::Error::from(e())]
+    }
+
+    fn fx_failure() -> std::io::Error {
+        let [a, _] = fx_failures();
+        a
+    }
+
+    const DIR: &str = "/srv/store";
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_failure_with_no_room_left_is_a_full_disk() {
+        for server in [Server::Store, Server::Destination] {
+            let e = refused_write(
+                Some((4096, Some(1000))),
+                Path::new(DIR),
+                16 * MIB,
+                fx_failure(),
+                server,
+            );
+            assert_eq!(e.kind(), ErrorKind::StorageFull, "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains("disk is full"), "{msg}");
+            assert!(
+                msg.contains("4096 bytes free") && msg.contains(DIR),
+                "{msg}"
+            );
+            assert_eq!(
+                msg.contains("destination server's disk is full"),
+                server == Server::Destination,
+                "{msg}"
+            );
+        }
+        // Out of inodes, plenty of bytes.
+        let e = refused_write(
+            Some((1 << 40, Some(0))),
+            Path::new(DIR),
+            MIB,
+            fx_failure(),
+            Server::Store,
+        );
+        assert_eq!(e.kind(), ErrorKind::StorageFull, "{e}");
+        assert!(e.to_string().contains("0 inodes free"), "{e}");
+    }
+
+    #[test]
+    fn a_failure_with_room_to_spare_is_a_refused_write_probably_a_quota() {
+        for f in fx_failures() {
+            let e = refused_write(
+                Some((1 << 40, Some(1 << 20))),
+                Path::new(DIR),
+                MIB,
+                f,
+                Server::Destination,
+            );
+            assert_eq!(e.kind(), ErrorKind::QuotaExceeded, "{e}");
+            assert!(
+                e.to_string()
+                    .starts_with("the destination server refused the write of 1048576 bytes"),
+                "{e}"
+            );
+        }
+        let e = refused_write(
+            Some((1 << 40, Some(1 << 20))),
+            Path::new(DIR),
+            16 * MIB,
+            fx_failure(),
+            Server::Store,
+        );
+        assert_eq!(e.kind(), ErrorKind::QuotaExceeded, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("the server refused the write of 16777216 bytes")
+                && msg.contains("disk quota exceeded")
+                && msg.contains("raise the quota"),
+            "{msg}"
+        );
+        // Exit 11, like a full disk.
+        let se = crate::store::Error::io("packs/d0/x", e);
+        assert_eq!(se.kind(), crate::store::ErrorKind::NoSpace);
+    }
+
+    #[test]
+    fn other_failures_are_left_as_they_are() {
+        let room = Some((1 << 40, Some(1 << 20)));
+        // Not SSH_FX_FAILURE: permission denied says what it is.
+        let denied = io(ssh2::Error::from_errno(ssh2::ErrorCode::SFTP(3)));
+        let e = refused_write(room, Path::new(DIR), MIB, denied, Server::Store);
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        // A lost connection is retried, not reported as a full disk.
+        let lost = io(ssh2::Error::from_errno(ssh2::ErrorCode::SFTP(7)));
+        let e = refused_write(Some((0, Some(0))), Path::new(DIR), MIB, lost, Server::Store);
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset);
+        // A server without statvfs@openssh.com: nothing to tell them apart by.
+        let e = refused_write(None, Path::new(DIR), MIB, fx_failure(), Server::Store);
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            (ErrorKind::Other, "failure".into())
+        );
     }
 }

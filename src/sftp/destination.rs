@@ -37,7 +37,7 @@ use parking_lot::Mutex;
 
 use ssh2::{FileStat, OpenFlags, OpenType};
 
-use super::backend::{mkdir_p, read_all_conn};
+use super::backend::{Server, disk_full, disk_full_or, mkdir_p, read_all_conn, room};
 use super::conn::{Conn, Pool, io};
 use super::{Location, Options};
 use crate::store::destination::Destination;
@@ -178,6 +178,37 @@ impl SftpDestination {
     fn what(&self, rel: &[u8]) -> String {
         format!("{}: {}", self.loc.url(), self.path(rel).display())
     }
+
+    /// A failed write of `need` bytes to the open file `f`: a silent server's connection is
+    /// cut ([`Conn::fail`]); otherwise a full disk, or a write the server refused with room to
+    /// spare (an exceeded quota, most likely), is told apart from other failures by the
+    /// server's `statvfs@openssh.com` (`disk_full_or`).
+    fn write_failed(
+        &self,
+        c: &Conn,
+        f: &mut ssh2::File,
+        need: u64,
+        e: std::io::Error,
+    ) -> std::io::Error {
+        let e = c.fail(e);
+        if c.is_broken() {
+            return e;
+        }
+        disk_full_or(f, Path::new(&self.loc.path), need, e, Server::Destination)
+    }
+
+    /// A failed create (of a directory or a file): "disk full" if the filesystem of the root
+    /// has no inodes or bytes left (asked on a handle of the root directory), else `e`.
+    fn create_failed(&self, c: &Conn, e: std::io::Error) -> std::io::Error {
+        if super::transient(&e) || !super::fx_failure(&e) {
+            return e;
+        }
+        let root = Path::new(&self.loc.path);
+        let Some(r) = c.sftp.opendir(root).ok().as_mut().and_then(room) else {
+            return e;
+        };
+        disk_full(r, root, 0, Server::Destination).unwrap_or(e)
+    }
 }
 
 fn not_found(e: &std::io::Error) -> bool {
@@ -236,6 +267,7 @@ impl Destination for SftpDestination {
                 }
                 Err(_) => c.sftp.mkdir(&p, 0o700).map_err(io),
             }
+            .map_err(|e| self.create_failed(c, e))
         })
     }
 
@@ -243,9 +275,10 @@ impl Destination for SftpDestination {
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
-            let mut f = create_new(c, &p, self.fresh())?;
+            let mut f = create_new(c, &p, self.fresh()).map_err(|e| self.create_failed(c, e))?;
             if size > 0 {
-                f.setstat(stat_size(size)).map_err(|e| c.fail(io(e)))?;
+                f.setstat(stat_size(size))
+                    .map_err(|e| self.write_failed(c, &mut f, size, io(e)))?;
             }
             Ok(())
         })
@@ -265,7 +298,9 @@ impl Destination for SftpDestination {
                 .map_err(io)?;
             f.seek(SeekFrom::Start(offset)).map_err(|e| c.fail(e))?;
             for chunk in data.chunks(super::backend::IO_BUF) {
-                f.write_all(chunk).map_err(|e| c.fail(e))?;
+                if let Err(e) = f.write_all(chunk) {
+                    return Err(self.write_failed(c, &mut f, data.len() as u64, e));
+                }
             }
             Ok(())
         })
@@ -300,8 +335,10 @@ impl Destination for SftpDestination {
                 )));
             }
             let data = read_all_conn(c, &src)?;
-            let mut f = create_new(c, &dst, false)?;
-            f.write_all(&data).map_err(|e| c.fail(e))?;
+            let mut f = create_new(c, &dst, false).map_err(|e| self.create_failed(c, e))?;
+            if let Err(e) = f.write_all(&data) {
+                return Err(self.write_failed(c, &mut f, data.len() as u64, e));
+            }
             f.setstat(st).map_err(|e| c.fail(io(e)))
         })
     }
@@ -376,15 +413,18 @@ impl Destination for SftpDestination {
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
-            let mut f = create_new(c, &p, self.fresh())?;
+            let mut f = create_new(c, &p, self.fresh()).map_err(|e| self.create_failed(c, e))?;
+            let need = data.len() as u64;
             if data.iter().all(|&b| b == 0) {
                 if !data.is_empty() {
-                    f.setstat(stat_size(data.len() as u64))
-                        .map_err(|e| c.fail(io(e)))?;
+                    f.setstat(stat_size(need))
+                        .map_err(|e| self.write_failed(c, &mut f, need, io(e)))?;
                 }
             } else {
                 for chunk in data.chunks(super::backend::IO_BUF) {
-                    f.write_all(chunk).map_err(|e| c.fail(e))?;
+                    if let Err(e) = f.write_all(chunk) {
+                        return Err(self.write_failed(c, &mut f, need, e));
+                    }
                 }
             }
             // On the open handle: owners, mode and times in one request, or without the owners

@@ -255,6 +255,26 @@ impl Options {
     }
 }
 
+/// An ssh2 error inside an I/O error: it prints as libssh2's message (`failure`, `no such
+/// file`) and keeps the code, so that [`fx_failure`] can tell SSH_FX_FAILURE apart.
+#[derive(Debug)]
+struct Status {
+    code: ssh2::ErrorCode,
+    message: String,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Status {}
+
+/// SSH_FX_FAILURE: what OpenSSH's sftp-server answers for any errno it has no status for,
+/// ENOSPC and EDQUOT among them.
+const FX_FAILURE: ssh2::ErrorCode = ssh2::ErrorCode::SFTP(4);
+
 /// Map an ssh2 error to an I/O error so "no such file" stays recognisable.
 pub(crate) fn io_error(e: ssh2::Error) -> std::io::Error {
     use ssh2::ErrorCode;
@@ -263,12 +283,40 @@ pub(crate) fn io_error(e: ssh2::Error) -> std::io::Error {
         ErrorCode::SFTP(3) => std::io::ErrorKind::PermissionDenied,
         ErrorCode::SFTP(11) => std::io::ErrorKind::AlreadyExists,
         ErrorCode::SFTP(14) => std::io::ErrorKind::StorageFull,
+        // SSH_FX_QUOTA_EXCEEDED (SFTP v5 and later; OpenSSH says "failure" instead).
+        ErrorCode::SFTP(15) => std::io::ErrorKind::QuotaExceeded,
         ErrorCode::SFTP(6) | ErrorCode::SFTP(7) => std::io::ErrorKind::ConnectionReset,
         ErrorCode::Session(-9) => std::io::ErrorKind::TimedOut,
         c if transient_code(c) => std::io::ErrorKind::ConnectionReset,
         _ => std::io::ErrorKind::Other,
     };
-    std::io::Error::new(kind, e.message().to_string())
+    std::io::Error::new(
+        kind,
+        Status {
+            code: e.code(),
+            message: e.message().to_string(),
+        },
+    )
+}
+
+/// Did the server answer this request with SSH_FX_FAILURE, its status for errors it has no
+/// better word for (a full disk, an exceeded quota, an I/O error on its side)? Errors of
+/// [`io_error`] and ssh2 errors carry the code; the `Read`/`Write` impls of `ssh2::File` keep
+/// only libssh2's message (an `Other` error whose text is the status's message), so that is
+/// compared too.
+pub(crate) fn fx_failure(e: &std::io::Error) -> bool {
+    let Some(inner) = e.get_ref() else {
+        return false;
+    };
+    if let Some(code) = inner
+        .downcast_ref::<ssh2::Error>()
+        .map(|se| se.code())
+        .or_else(|| inner.downcast_ref::<Status>().map(|s| s.code))
+    {
+        return code == FX_FAILURE;
+    }
+    e.kind() == std::io::ErrorKind::Other
+        && inner.to_string() == ssh2::Error::from_errno(FX_FAILURE).message()
 }
 
 /// libssh2 codes of a lost connection: socket send/receive/disconnect, timeout, protocol

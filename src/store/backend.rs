@@ -409,16 +409,20 @@ impl Backend for LocalBackend {
             }
             write_atomic(&p, data, 0o600)
         })();
-        res.map_err(|e| {
-            if e.kind() == ErrorKind::NoSpace {
+        res.map_err(|e| match &e {
+            Error::Io { source, .. } if super::error::over_quota(source) => {
                 Error::NoSpace(format!(
-                    "{}: the disk of the store {} is full (no space left on device); free space there, then run the command again",
+                    "{}: the disk quota for the store {} is exceeded (disk quota exceeded); free space there or raise the quota, then run the command again",
                     t.path(name),
                     self.root.display(),
                 ))
-            } else {
-                e
             }
+            _ if e.kind() == ErrorKind::NoSpace => Error::NoSpace(format!(
+                "{}: the disk of the store {} is full (no space left on device); free space there, then run the command again",
+                t.path(name),
+                self.root.display(),
+            )),
+            _ => e,
         })
     }
 

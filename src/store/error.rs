@@ -27,7 +27,8 @@ pub enum ErrorKind {
     Unreachable,
     /// The server's host key is unknown or has changed.
     HostKey,
-    /// A disk is full: the store's (local, or the SFTP server's) or a restore destination's.
+    /// A disk is full, or a disk quota is exceeded: the store's (local, or the SFTP server's)
+    /// or a restore destination's.
     NoSpace,
 }
 
@@ -120,9 +121,7 @@ impl Error {
             | Error::NotAFile(..) => ErrorKind::NoSuchEntry,
             Error::Connector(_, k) => *k,
             Error::NoSpace(_) => ErrorKind::NoSpace,
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
-                ErrorKind::NoSpace
-            }
+            Error::Io { source, .. } if no_room(source) => ErrorKind::NoSpace,
             Error::Io { .. }
             | Error::NotEmpty(_)
             | Error::AlreadyExists(_)
@@ -135,6 +134,21 @@ impl Error {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
     }
+}
+
+/// Is this I/O error a full disk (ENOSPC, or SFTP's "no space on filesystem") or an exceeded
+/// disk quota (EDQUOT)? Both stop what writes the same way: exit 11, and the same command
+/// completes once there is room.
+pub fn no_room(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// Is this I/O error an exceeded disk quota (EDQUOT), as opposed to a full disk?
+pub fn over_quota(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::QuotaExceeded
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -151,5 +165,25 @@ impl<T> IoContext<T> for std::io::Result<T> {
     }
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::io(what(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ENOSPC and EDQUOT from the OS stop a command the same way (exit 11).
+    #[test]
+    fn a_full_disk_and_an_exceeded_quota_are_no_space() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = Error::io("/store/x", std::io::Error::from_raw_os_error(errno));
+            assert_eq!(e.kind(), ErrorKind::NoSpace, "errno {errno}");
+        }
+        let edquot = std::io::Error::from_raw_os_error(libc::EDQUOT);
+        assert!(over_quota(&edquot) && no_room(&edquot));
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(!over_quota(&enospc) && no_room(&enospc));
+        let eio = Error::io("/store/x", std::io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(eio.kind(), ErrorKind::Other);
     }
 }

@@ -112,6 +112,13 @@ fn lock_is_live(rec: &LockRecord) -> bool {
     true
 }
 
+/// A lock that a process of this host, now gone (killed, crashed), left behind.
+fn left_by_a_dead_process(rec: &LockRecord) -> bool {
+    rec.host == super::hostname()
+        && rec.pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{}", rec.pid)).exists()
+}
+
 /// Does a live lock `rec` stand in the way of a wanted lock?
 fn conflicts_with(rec: &LockRecord, exclusive: bool, command: &str) -> bool {
     exclusive || rec.exclusive || (command == MAINTENANCE && rec.command == MAINTENANCE)
@@ -131,6 +138,11 @@ pub fn live_leases(backend: &dyn Backend, mine: Option<&str>) -> Result<Vec<(Str
         let Ok(rec) = unframe::<LockRecord>(MAGIC_LOCK, &b, &f.name) else {
             continue;
         };
+        if left_by_a_dead_process(&rec) {
+            // Nothing else would ever remove it, and every command reads every lock.
+            let _ = backend.remove(FileType::Lock, &f.name);
+            continue;
+        }
         if lock_is_live(&rec) {
             out.push((f.name, rec));
         }

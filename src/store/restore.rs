@@ -472,10 +472,18 @@ pub fn run(
 /// The error that stops a restore whose destination filled up: it names the destination and
 /// says what to do.
 fn no_space(dest: &dyn Destination, e: &Error) -> Error {
-    Error::NoSpace(format!(
-        "the restore destination {} is full ({e}); free space there, then run the same restore again: it resumes where it stopped",
-        dest.describe()
-    ))
+    let quota = matches!(e, Error::Io { source, .. } if super::error::over_quota(source));
+    Error::NoSpace(if quota {
+        format!(
+            "the restore destination {} refused a write ({e}); free space there or raise the quota, then run the same restore again: it resumes where it stopped",
+            dest.describe()
+        )
+    } else {
+        format!(
+            "the restore destination {} is full ({e}); free space there, then run the same restore again: it resumes where it stopped",
+            dest.describe()
+        )
+    })
 }
 
 /// A write error as the message recorded for its file; a full disk, or a destination server

@@ -16,6 +16,9 @@ CTL/mode chooses what it does, read at every request so a test can switch it bet
 - `silent ROOT`: like `drop ROOT`, but the session stops answering without ever closing the
   channel, and every later session does the same (CTL/state = silent). Such sessions give up
   after 120 s.
+- `refuse-write`: every WRITE is answered SSH_FX_FAILURE ("Failure") and not passed on, as
+  OpenSSH's sftp-server answers a write that fails with EDQUOT (an exceeded disk quota),
+  while its `statvfs@openssh.com` still shows the disk with room to spare.
 """
 
 import os
@@ -29,7 +32,9 @@ CTL = sys.argv[1]
 SERVER = "/usr/lib/openssh/sftp-server"
 
 FXP_OPEN, FXP_LSTAT, FXP_OPENDIR, FXP_READDIR, FXP_STAT, FXP_READLINK = 3, 7, 11, 12, 17, 19
-FXP_HANDLE, FXP_NAME = 102, 104
+FXP_WRITE = 6
+FXP_STATUS, FXP_HANDLE, FXP_NAME = 101, 102, 104
+FX_FAILURE = 4
 
 out_lock = threading.Lock()
 
@@ -197,6 +202,11 @@ def main():
                 handle, _ = get_string(body, 5)
                 with state_lock:
                     readdir_ids[rid] = handle
+            elif kind == FXP_WRITE and mode[:1] == ["refuse-write"]:
+                reply = struct.pack(">BII", FXP_STATUS, rid, FX_FAILURE)
+                reply += string(b"Failure") + string(b"")
+                write_packet(client_out, reply)
+                continue
             elif kind == FXP_READLINK and mode[:1] == ["inject"] and len(mode) >= 3:
                 path, _ = get_string(body, 5)
                 if path == mode[1].encode() + b"/d":
