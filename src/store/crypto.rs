@@ -266,6 +266,52 @@ impl Default for KdfParams {
     }
 }
 
+impl KdfParams {
+    /// The most memory a key file may ask Argon2id for: 2 GiB, RFC 9106's first recommended
+    /// option (this build writes 64 MiB).
+    pub const MAX_M_KIB: u32 = 2 * 1024 * 1024;
+    /// The most passes: 16, five times RFC 9106's second option (this build writes 3).
+    pub const MAX_T: u32 = 16;
+    /// The most lanes: 64 (this build writes 4).
+    pub const MAX_P: u32 = 64;
+
+    /// Are these parameters within what a key file may ask for? A key file is read before
+    /// any key is known, from a directory anyone with write access to the store can add
+    /// to, and its parameters decide how much memory and time opening the store costs: they
+    /// are bounded (at most 2 GiB and 16 passes, tens of seconds) and must be ones Argon2id
+    /// accepts, so a planted key file is skipped as damaged instead of costing terabytes or
+    /// years, or failing the open of a store whose own key file is good.
+    ///
+    /// # Errors
+    /// What is out of bounds, as a sentence.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !(1..=Self::MAX_T).contains(&self.t) {
+            return Err(format!(
+                "key derivation asks for {} passes (1 to {} accepted)",
+                self.t,
+                Self::MAX_T
+            ));
+        }
+        if !(1..=Self::MAX_P).contains(&self.p) {
+            return Err(format!(
+                "key derivation asks for {} lanes (1 to {} accepted)",
+                self.p,
+                Self::MAX_P
+            ));
+        }
+        if self.m_kib > Self::MAX_M_KIB {
+            return Err(format!(
+                "key derivation asks for {} KiB of memory (at most {} accepted)",
+                self.m_kib,
+                Self::MAX_M_KIB
+            ));
+        }
+        argon2::Params::new(self.m_kib, self.t, self.p, Some(32))
+            .map(|_| ())
+            .map_err(|e| format!("key derivation parameters refused: {e}"))
+    }
+}
+
 /// A key file: the master keys, wrapped by a passphrase.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyFile {
@@ -279,6 +325,8 @@ pub struct KeyFile {
 }
 
 fn derive(passphrase: &[u8], salt: &[u8], kdf: KdfParams) -> Result<[u8; 32]> {
+    kdf.check()
+        .map_err(|e| Error::Other(format!("bad key derivation parameters: {e}")))?;
     let params = argon2::Params::new(kdf.m_kib, kdf.t, kdf.p, Some(32))
         .map_err(|e| Error::Other(format!("bad key derivation parameters: {e}")))?;
     let blocks = params.block_count();

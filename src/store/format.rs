@@ -246,22 +246,49 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// The most a zstd frame can decompress to per byte of it: a block produces at most 128 KiB,
+/// and the smallest block that produces anything (an RLE block: a 3-byte header and the byte
+/// to repeat) is 4 bytes. A content size claimed beyond `len × 32 KiB` cannot be true.
+const ZSTD_MAX_RATIO: usize = 32 * 1024;
+
+/// Up to this size, room for a frame's whole content is reserved before decompressing it in
+/// one pass (the fast path, and every blob of a default store: chunks are at most 8 MiB).
+/// A larger claimed size, from a frame header or an index entry, is reserved only as the
+/// frame produces the bytes: a claim alone, true or not, costs no memory.
+const RESERVE_AHEAD: usize = 16 << 20;
+
+/// The largest window a frame decompressed in pieces may use: 8 MiB, what RFC 8878 asks
+/// every decoder to support and encoders not to exceed (this writer's level 3 uses 2 MiB).
+/// The streaming decoder allocates its window as the frame header says.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
 /// Decompress a zstd frame into `out` (cleared first); `raw_len_hint` is its size if known
 /// (0: from the frame header). Larger results than the size are refused.
 fn decompress_into(body: &[u8], raw_len_hint: usize, out: &mut Vec<u8>) -> Option<()> {
     let cap = if raw_len_hint > 0 {
         raw_len_hint
     } else {
-        zstd::zstd_safe::get_frame_content_size(body)
-            .ok()
-            .flatten()
-            .map(|n| n as usize)
-            .unwrap_or(MAX_DECOMPRESSED)
+        match zstd::zstd_safe::get_frame_content_size(body) {
+            Ok(Some(n)) => usize::try_from(n).unwrap_or(usize::MAX),
+            Ok(None) => MAX_DECOMPRESSED,
+            // Not a zstd frame header: nothing to decompress.
+            Err(_) => return None,
+        }
     };
     if cap > MAX_DECOMPRESSED {
         return None;
     }
+    // No more than the frame can hold: a larger claim fails below, having cost nothing.
+    let cap = cap.min(body.len().saturating_mul(ZSTD_MAX_RATIO));
     out.clear();
+    if cap > RESERVE_AHEAD {
+        use std::io::Read;
+        let mut d = zstd::stream::read::Decoder::with_buffer(body).ok()?;
+        d.window_log_max(ZSTD_WINDOW_LOG_MAX).ok()?;
+        out.reserve(cap.min(1 << 20));
+        d.take(cap as u64 + 1).read_to_end(out).ok()?;
+        return (out.len() <= cap).then_some(());
+    }
     out.reserve_exact(cap);
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
@@ -316,8 +343,16 @@ pub fn open_record<T: DeserializeOwned>(
     let payload = c
         .open(aad, data)
         .ok_or_else(|| Error::damaged(file, "authentication failed"))?;
+    decode_record(&payload, file)
+}
+
+/// The second half of [`open_record`]: decode the payload of a sealed record once it is
+/// opened (codec byte, zstd, postcard). Whoever holds the keys writes these bytes, so they
+/// are checked like any others; the fuzz targets and `tests/fuzzed_parsers.rs` reach this
+/// decoder directly, past the authentication a fuzzer cannot forge.
+pub fn decode_record<T: DeserializeOwned>(payload: &[u8], file: &str) -> Result<T> {
     let raw =
-        decode_payload(&payload, 0).ok_or_else(|| Error::damaged(file, "cannot decompress"))?;
+        decode_payload(payload, 0).ok_or_else(|| Error::damaged(file, "cannot decompress"))?;
     postcard::from_bytes(&raw).map_err(|e| Error::damaged(file, format!("cannot parse: {e}")))
 }
 
@@ -327,9 +362,14 @@ pub const AAD_SNAPSHOT: &[u8] = b"kloset snapshot v1";
 pub const AAD_PACK_HEADER: &[u8] = b"kloset pack header v1";
 pub const AAD_CONDEMNED: &[u8] = b"kloset condemned v1";
 
-/// Parse a key file.
+/// Parse a key file. One whose key-derivation parameters are out of bounds
+/// ([`KdfParams::check`](super::crypto::KdfParams::check)) is damaged: it is skipped like any
+/// other damaged key file, never handed to Argon2id.
 pub fn parse_key_file(data: &[u8], name: &str) -> Result<KeyFile> {
-    unframe(MAGIC_KEY, data, &format!("keys/{name}"))
+    let file = format!("keys/{name}");
+    let k: KeyFile = unframe(MAGIC_KEY, data, &file)?;
+    k.kdf.check().map_err(|e| Error::damaged(&file, e))?;
+    Ok(k)
 }
 
 #[cfg(test)]
