@@ -45,7 +45,7 @@ impl Warned {
 static WARNED: Mutex<Option<Warned>> = Mutex::new(None);
 
 /// Print `kloset: warning: {msg}` on stderr, unless this exact warning was printed before
-/// (or [`MAX_WARNINGS`] others were).
+/// (or `MAX_WARNINGS` others were).
 pub fn warn_once(msg: impl Into<String>) {
     let mut w = WARNED.lock();
     if let Some(line) = w
