@@ -155,7 +155,12 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         ));
     }
 
-    let store = ctx.open()?;
+    // Snapshot files only: the index (every index file, every pack directory listed) is not
+    // needed.
+    let store = {
+        let (b, p) = ctx.store_access()?;
+        crate::store::Store::open_no_index(b, &|c| p.get(c))?
+    };
     let _lock = store.lock(false, "rm")?;
     let (all, _) = store.snapshots()?;
     let mut considered: Vec<SnapshotEntry> = if a.snapshots.is_empty() {
