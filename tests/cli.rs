@@ -397,7 +397,7 @@ fn version_verb_and_flag() {
         "{}",
         o.stdout
     );
-    assert!(o.stdout.contains("store format 1"), "{}", o.stdout);
+    assert!(o.stdout.contains("store format 2"), "{}", o.stdout);
     for flag in ["--version", "-version", "-V"] {
         let o = w.kloset(&[flag]).run();
         o.ok();
@@ -788,7 +788,7 @@ fn json_outputs() {
     // info -json.
     let v = w.ok(&["info", "-json"]).json();
     assert_eq!(v["encrypted"], false);
-    assert_eq!(v["format_version"], 1);
+    assert_eq!(v["format_version"], 2);
     assert_eq!(v["snapshots"], 2);
     assert!(is_hex(v["id"].as_str().unwrap(), 32));
     assert!(v["packs"].as_u64().unwrap() >= 2);

@@ -3,7 +3,7 @@
 use clap::Parser;
 
 use super::{Ctx, bytes, exit};
-use crate::store::format::FORMAT_VERSION;
+use crate::store::FileType;
 
 #[derive(Parser, Debug)]
 pub struct Args {
@@ -20,6 +20,16 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     let c = store.config();
     let idx = store.index();
     let raw: u64 = idx.iter().map(|(_, l)| l.raw_length as u64).sum();
+    // The store's own version, from its config file (a store made by version 1 stays 1).
+    let format_version = store
+        .backend()
+        .read(FileType::Config, "config")
+        .ok()
+        .and_then(|b| {
+            b.get(8..12)
+                .map(|v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]))
+        })
+        .unwrap_or(0);
     if a.json {
         let files: serde_json::Map<String, serde_json::Value> = sizes
             .iter()
@@ -33,7 +43,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         let v = serde_json::json!({
             "id": c.id_hex(),
             "location": store.backend().location(),
-            "format_version": FORMAT_VERSION,
+            "format_version": format_version,
             "encrypted": c.encrypted,
             "compression": if c.compression_level > 0 { format!("zstd-{}", c.compression_level) } else { "none".into() },
             "snapshots": snaps.len(),
@@ -48,7 +58,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     }
     println!("store:       {}", c.id_hex());
     println!("location:    {}", store.backend().location());
-    println!("format:      {FORMAT_VERSION}");
+    println!("format:      {format_version}");
     println!(
         "encryption:  {}",
         if c.encrypted {
