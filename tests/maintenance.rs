@@ -561,3 +561,38 @@ fn a_mount_stays_readable_while_maintenance_repacks_and_deletes() {
     check_clean(&sshd, &s.store);
     assert_restores(&sshd, &s.store, &id, s.src.path(), &want);
 }
+
+#[test]
+fn maintenance_deletes_nothing_from_a_store_whose_files_are_damaged() {
+    let Some(sshd) = fixture() else { return };
+    let s = setup(&sshd, "hostile", 3);
+    ok(&sshd, &[], &["-q", "at", &s.store, "rm", "-keep-last", "1"]);
+    maintenance_json(&sshd, &[], &s.store, &["-grace", "0"]);
+    let marks: Vec<_> = fs::read_dir(s.store_dir.join("condemned"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(marks.len(), 1);
+    // A `condemned/` file with one byte flipped: the next run would delete what it lists.
+    let mut b = fs::read(&marks[0]).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 1;
+    fs::write(&marks[0], &b).unwrap();
+    let packs = du(&s.store_dir.join("packs"));
+    // Without the local cache, whose checked copy would stand in for the damaged one.
+    let out = run(
+        &sshd,
+        &[("KLOSET_NO_CACHE", "1")],
+        &["at", &s.store, "maintenance", "-grace", "0"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("condemned/"), "{err}");
+    assert_eq!(
+        du(&s.store_dir.join("packs")),
+        packs,
+        "maintenance deleted data"
+    );
+}
