@@ -1,14 +1,16 @@
 //! The backup pipeline: source tree → snapshot.
 //!
-//! One thread walks the source (readdir + lstat, names sorted) and builds the directory
-//! structure in memory. Every regular file whose size, mtime, ctime and inode differ from the
+//! One thread walks the source (readdir + lstat, names sorted), depth first. Every regular file whose size, mtime, ctime and inode differ from the
 //! same path in the parent snapshot becomes a job on a bounded channel; a pool of workers (one
 //! per core, plus one to cover I/O waits) reads each file, cuts it into FastCDC chunks, hashes
 //! them with the store's id key, and hands new chunks to the [`Packer`], which compresses,
 //! seals and uploads packs. Unchanged files reuse the parent's chunk list without being read.
-//! When the walk and all jobs are done, tree blobs are built bottom-up and the snapshot file is
-//! written last. Memory is bounded by the channel (paths only), one chunking buffer per worker
-//! and two pack buffers.
+//! A walked directory waits in a queue until its files' jobs are done, then its tree blob is
+//! written (children before parents, so bottom-up as the walk goes); the snapshot file is
+//! written last. Memory is bounded by the channel (paths only), the queue of walked
+//! directories ([`MAX_PENDING_ENTRIES`]), the directories being walked (the widest directory
+//! times the depth, at most), one chunking buffer per worker and two pack buffers: not by the
+//! number of files.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -60,7 +62,15 @@ enum Item {
     Done(Node),
     /// A file waiting for its job's chunk list.
     File(Node, usize),
-    Dir(Box<PendingDir>),
+    /// A walked subdirectory, finished (or to be finished) in [`Walker::pending`] order; its
+    /// node is then in [`Walker::finished`] under `slot`.
+    Sub {
+        slot: usize,
+        /// Its [`PendingDir::reuse`].
+        reuse: Option<BlobId>,
+        /// Equal to the parent snapshot's entry (its tree aside, compared when finished).
+        equal: bool,
+    },
 }
 
 struct PendingDir {
@@ -70,6 +80,27 @@ struct PendingDir {
     /// parent's (subdirectories still to be finished the same way): the tree is then that one,
     /// and is not encoded and hashed again.
     reuse: Option<BlobId>,
+    /// The last job sent while this directory was walked (its own files or its
+    /// subdirectories').
+    last_job: Option<usize>,
+}
+
+/// A walked directory is finished (its tree written) once the workers are this many jobs past
+/// its last one, or at once when its files needed no job: the walk is never held up by
+/// directories whose files are still being read, and never holds more than about this many
+/// files' results.
+const FINISH_LAG: usize = 2048;
+
+/// Entries of walked directories waiting to be finished, at most, before the walk waits for the
+/// oldest one's jobs: what bounds the walk's memory, with the widest directory times the depth
+/// (the directories being walked), whatever the number of files.
+const MAX_PENDING_ENTRIES: usize = 32_768;
+
+/// Finished jobs, by job id, until their directory is finished.
+#[derive(Default)]
+struct Results {
+    done: Mutex<std::collections::HashMap<usize, Option<JobOutcome>>>,
+    ready: parking_lot::Condvar,
 }
 
 /// A finished job: the chunk list, or the path and reason it could not be read.
@@ -203,11 +234,17 @@ struct ListerState {
     slots: std::collections::HashMap<Vec<u8>, Option<Listing>>,
     /// Directories to list, the next one last.
     stack: Vec<Vec<u8>>,
+    /// Entries in the listings held.
+    held: usize,
     closed: bool,
 }
 
 /// Directories listed ahead of the walk at most; beyond that the walk lists them itself.
 const LIST_AHEAD: usize = 4096;
+/// Entries held in listings made ahead of the walk, at most (past it the listing threads wait,
+/// and the walk lists what is still queued itself): a thousand directories of a thousand
+/// files would otherwise be a million nodes held.
+const LIST_AHEAD_ENTRIES: usize = 32_768;
 
 /// Threads listing directories: listing is latency-bound (disk or network), not CPU-bound.
 pub const LISTER_THREADS: usize = 4;
@@ -258,8 +295,25 @@ impl<'s> Lister<'s> {
         loop {
             match st.slots.get(path) {
                 None => return None,
-                Some(Some(_)) => return st.slots.remove(path).flatten(),
-                Some(None) => self.ready.wait(&mut st),
+                Some(Some(_)) => {
+                    let r = st.slots.remove(path).flatten();
+                    if let Some(Ok(e)) = &r {
+                        st.held -= e.len();
+                    }
+                    drop(st);
+                    // Room for more listings ahead.
+                    self.work.notify_all();
+                    return r;
+                }
+                Some(None) => {
+                    // Still queued (the listers wait for room): the walk lists it itself.
+                    if let Some(at) = st.stack.iter().rposition(|p| p == path) {
+                        st.stack.remove(at);
+                        st.slots.remove(path);
+                        return None;
+                    }
+                    self.ready.wait(&mut st)
+                }
             }
         }
     }
@@ -270,7 +324,9 @@ impl<'s> Lister<'s> {
             let path = {
                 let mut st = self.state.lock();
                 loop {
-                    if let Some(p) = st.stack.pop() {
+                    if st.held < LIST_AHEAD_ENTRIES
+                        && let Some(p) = st.stack.pop()
+                    {
                         break p;
                     }
                     if st.closed {
@@ -296,8 +352,10 @@ impl<'s> Lister<'s> {
             // The walk goes through names in order: the first subdirectory goes on top.
             subdirs.sort_unstable_by(|a, b| b.cmp(a));
             let mut st = self.state.lock();
+            let n = r.as_ref().map_or(0, |e| e.len());
             if let Some(slot) = st.slots.get_mut(&path) {
                 *slot = Some(r);
+                st.held += n;
             }
             let mut queued = false;
             for d in subdirs {
@@ -315,6 +373,16 @@ impl<'s> Lister<'s> {
 struct Walker<'a> {
     lister: &'a Lister<'a>,
     store: &'a Store,
+    packer: &'a Packer<'a>,
+    results: &'a Results,
+    taken: &'a Taken,
+    /// Walked directories not finished yet, children before their parents, with their
+    /// slots; and their entries in all.
+    pending: std::collections::VecDeque<(usize, PendingDir)>,
+    pending_entries: usize,
+    /// Finished directories' nodes until their parent is finished, by slot.
+    finished: std::collections::HashMap<usize, Node>,
+    slots: usize,
     source: &'a dyn Source,
     opts: &'a BackupOptions,
     tx: crossbeam_channel::Sender<Job>,
@@ -343,16 +411,11 @@ fn unchanged(n: &Node, old: &Node, has_inodes: bool) -> bool {
 
 /// Is a walked entry what the parent snapshot has for it? A directory is compared without its
 /// tree, which is known once its own entries are finished.
-fn item_equals(item: &mut Item, old: &Node) -> bool {
+fn item_equals(item: &Item, old: &Node) -> bool {
     match item {
         Item::Done(n) => n == old,
         Item::File(..) => false,
-        Item::Dir(d) => {
-            d.node.subtree = old.subtree;
-            let eq = d.reuse.is_some() && d.node == *old;
-            d.node.subtree = None;
-            eq
-        }
+        Item::Sub { equal, .. } => *equal,
     }
 }
 
@@ -424,6 +487,7 @@ impl Walker<'_> {
                 self.lister.request(full);
             }
         }
+        let jobs_before = self.jobs;
         let mut items = Vec::with_capacity(entries.len());
         let mut same = true;
         for mut n in entries {
@@ -436,8 +500,8 @@ impl Walker<'_> {
                 Some(o) => n.xattrs = o.xattrs.clone(),
                 None => self.source.load_xattrs(&full, &mut n),
             }
-            let mut item = self.item(full, n, old);
-            same = same && old.is_some_and(|o| item_equals(&mut item, o));
+            let item = self.item(full, n, old);
+            same = same && old.is_some_and(|o| item_equals(&item, o));
             items.push(item);
         }
         let same = same && parent.is_some_and(|t| t.nodes.len() == items.len());
@@ -445,6 +509,7 @@ impl Walker<'_> {
             node,
             items,
             reuse: old_id.filter(|_| same),
+            last_job: (self.jobs > jobs_before).then(|| self.jobs - 1),
         }
     }
 
@@ -457,9 +522,17 @@ impl Walker<'_> {
                     .and_then(|o| o.subtree)
                     .and_then(|id| Some((id, self.store.load_tree(&id).ok()?)));
                 self.depth += 1;
-                let d = self.walk_dir(&full, n, old_tree.as_ref().map(|(id, t)| (*id, &**t)));
+                let mut d = self.walk_dir(&full, n, old_tree.as_ref().map(|(id, t)| (*id, &**t)));
                 self.depth -= 1;
-                Item::Dir(Box::new(d))
+                let equal = old.is_some_and(|o| {
+                    d.node.subtree = o.subtree;
+                    let eq = d.reuse.is_some() && d.node == *o;
+                    d.node.subtree = None;
+                    eq
+                });
+                let reuse = d.reuse;
+                let slot = self.defer(d);
+                Item::Sub { slot, reuse, equal }
             }
             NodeKind::File => {
                 self.stats.files += 1;
@@ -819,12 +892,12 @@ fn walk_and_build(
     };
     let packer = Packer::new(store);
     let (tx, rx) = bounded::<Job>(1024);
-    let results: Mutex<Vec<Option<JobOutcome>>> = Mutex::new(Vec::new());
+    let results = Results::default();
     let fatal: Mutex<Option<Error>> = Mutex::new(None);
 
     let taken = Taken::default();
     let (prefetch_tx, prefetch_rx) = bounded::<(usize, Vec<u8>, u64)>(1024);
-    let (root_item, mut errors, mut stats) = std::thread::scope(|s| {
+    let (root_node, errors, mut stats) = std::thread::scope(|s| {
         for _ in 0..workers {
             let rx = rx.clone();
             let packer = &packer;
@@ -837,6 +910,8 @@ fn walk_and_build(
                 for job in rx.iter() {
                     working.0.take(job.id);
                     if fatal.lock().is_some() {
+                        results.done.lock().insert(job.id, None);
+                        results.ready.notify_all();
                         continue;
                     }
                     let r = read_file(store, packer, source, &job, &mut buf, progress);
@@ -856,11 +931,8 @@ fn walk_and_build(
                             None
                         }
                     };
-                    let mut res = results.lock();
-                    if res.len() <= job.id {
-                        res.resize_with(job.id + 1, || None);
-                    }
-                    res[job.id] = r;
+                    results.done.lock().insert(job.id, r);
+                    results.ready.notify_all();
                 }
             });
         }
@@ -878,6 +950,13 @@ fn walk_and_build(
         let mut w = Walker {
             lister,
             store,
+            packer: &packer,
+            results: &results,
+            taken: &taken,
+            pending: Default::default(),
+            pending_entries: 0,
+            finished: Default::default(),
+            slots: 0,
             source,
             opts,
             tx,
@@ -890,7 +969,7 @@ fn walk_and_build(
             has_inodes: source.has_inodes(),
             depth: 0,
         };
-        let item = {
+        let root = {
             let parent_tree = parent_node
                 .as_ref()
                 .filter(|n| n.kind == NodeKind::Dir)
@@ -899,11 +978,13 @@ fn walk_and_build(
             let parent_tree = parent_tree.as_ref().map(|(id, t)| (*id, &**t));
             match root_node.kind {
                 NodeKind::Dir => {
-                    Item::Dir(Box::new(w.walk_dir(&root_path, root_node, parent_tree)))
+                    let d = w.walk_dir(&root_path, root_node, parent_tree);
+                    let slot = w.defer(d);
+                    w.finish_all(slot).map(Some)
                 }
                 _ => {
-                    let n = root_node;
-                    w.item(root_path.clone(), n, parent_node.as_ref())
+                    let item = w.item(root_path.clone(), root_node, parent_node.as_ref());
+                    w.finish_item(item)
                 }
             }
         };
@@ -911,24 +992,14 @@ fn walk_and_build(
             errors, stats, tx, ..
         } = w;
         drop(tx);
-        (item, errors, stats)
+        (root, errors, stats)
     });
     if let Some(e) = fatal.into_inner() {
         return Err(e);
     }
-    let mut results = results.into_inner();
+    let root_node = root_node?;
     drop(t_walk);
     let t_trees = crate::trace::span("write trees, packs, index");
-
-    // Build the trees bottom-up.
-    let mut builder = TreeBuilder {
-        store,
-        packer: &packer,
-        results: &mut results,
-        errors: &mut errors,
-        stats: &mut stats,
-    };
-    let root_node = builder.finish_item(root_item)?;
     let Some(mut node) = root_node else {
         return Err(Error::Other(format!(
             "{}: cannot read it: {}",
@@ -956,7 +1027,7 @@ fn walk_and_build(
             ..Tree::default()
         };
         t.sort();
-        let id = builder.write_tree(&t)?;
+        let id = write_tree(store, &packer, &t)?;
         if i == 0 {
             node = Node::new(Vec::new(), NodeKind::Dir);
             node.subtree = Some(id);
@@ -1006,22 +1077,73 @@ fn walk_and_build(
     Ok((snapshot, packer.dependencies()))
 }
 
-struct TreeBuilder<'a, 'b> {
-    store: &'a Store,
-    packer: &'a Packer<'b>,
-    results: &'a mut Vec<Option<JobOutcome>>,
-    errors: &'a mut Vec<(Vec<u8>, String)>,
-    stats: &'a mut SnapshotStats,
+/// Write a tree blob (unless the store or this session has it already); its id.
+fn write_tree(store: &Store, packer: &Packer, t: &Tree) -> Result<BlobId> {
+    let data = t.encode();
+    let id = store.crypto().blob_id(&data);
+    if !packer.claim(&id) {
+        packer.add(BlobKind::Tree, id, &data)?;
+    }
+    Ok(id)
 }
 
-impl TreeBuilder<'_, '_> {
-    fn write_tree(&mut self, t: &Tree) -> Result<BlobId> {
-        let data = t.encode();
-        let id = self.store.crypto().blob_id(&data);
-        if !self.packer.claim(&id) {
-            self.packer.add(BlobKind::Tree, id, &data)?;
+impl Walker<'_> {
+    /// Queue a walked directory to be finished, and finish the oldest queued ones whose jobs
+    /// are (nearly certainly) done, or that hold too much; its slot.
+    fn defer(&mut self, d: PendingDir) -> usize {
+        let slot = self.slots;
+        self.slots += 1;
+        self.pending_entries += d.items.len();
+        self.pending.push_back((slot, d));
+        while let Some((_, front)) = self.pending.front() {
+            let behind = front.last_job.is_none_or(|j| j + FINISH_LAG < self.jobs);
+            if !behind && self.pending_entries <= MAX_PENDING_ENTRIES {
+                break;
+            }
+            if let Err(e) = self.finish_front() {
+                self.fatal.lock().get_or_insert(e);
+                break;
+            }
         }
-        Ok(id)
+        slot
+    }
+
+    /// Finish the oldest queued directory: wait for its files' jobs, write its tree.
+    fn finish_front(&mut self) -> Result<()> {
+        let Some((slot, d)) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        self.pending_entries -= d.items.len();
+        let node = self.finish_dir(d)?;
+        self.finished.insert(slot, node);
+        Ok(())
+    }
+
+    /// Finish every queued directory (the walk is over); the node of the one in `slot`.
+    fn finish_all(&mut self, slot: usize) -> Result<Node> {
+        while !self.pending.is_empty() {
+            self.finish_front()?;
+        }
+        self.finished
+            .remove(&slot)
+            .ok_or_else(|| Error::Other("internal error: a directory was lost".into()))
+    }
+
+    /// The outcome of job `id`, once a worker has it; `None` if the backup failed meanwhile
+    /// or no worker is left to do it.
+    fn wait_result(&self, id: usize) -> Option<JobOutcome> {
+        let mut done = self.results.done.lock();
+        loop {
+            if let Some(r) = done.remove(&id) {
+                return r;
+            }
+            if self.fatal.lock().is_some() || self.taken.state.lock().1 == 0 {
+                return None;
+            }
+            self.results
+                .ready
+                .wait_for(&mut done, std::time::Duration::from_millis(100));
+        }
     }
 
     /// Turn a walked item into its final node; `None` if it could not be read.
@@ -1035,72 +1157,73 @@ impl TreeBuilder<'_, '_> {
                 }
                 Ok(Some(n))
             }
-            Item::File(mut n, job) => {
-                let r = self.results.get_mut(job).and_then(|r| r.take());
-                match r {
-                    Some(Ok(r)) => {
-                        let walked = n.size;
-                        if let Some(now) = r.node {
-                            // It changed after the walk saw it: its metadata as it was read.
-                            let name = std::mem::take(&mut n.name);
-                            let xattrs = std::mem::take(&mut n.xattrs);
-                            n = now;
-                            (n.name, n.xattrs) = (name, xattrs);
-                        }
-                        if let Some(w) = r.warning {
-                            self.errors.push(w);
-                        }
-                        // What was read, whatever the file's size said.
-                        self.stats.bytes = self.stats.bytes - walked + r.size;
-                        n.size = r.size;
-                        n.content = r.content;
-                        Ok(Some(n))
+            Item::File(mut n, job) => match self.wait_result(job) {
+                Some(Ok(r)) => {
+                    let walked = n.size;
+                    if let Some(now) = r.node {
+                        // It changed after the walk saw it: its metadata as it was read.
+                        let name = std::mem::take(&mut n.name);
+                        let xattrs = std::mem::take(&mut n.xattrs);
+                        n = now;
+                        (n.name, n.xattrs) = (name, xattrs);
                     }
-                    Some(Err((path, e))) => {
-                        self.errors.push((path, e));
-                        self.stats.files -= 1;
-                        self.stats.bytes -= n.size;
-                        Ok(None)
+                    if let Some(w) = r.warning {
+                        self.errors.push(w);
                     }
-                    None => Err(Error::Other("internal error: a backup job was lost".into())),
+                    // What was read, whatever the file's size said.
+                    self.stats.bytes = self.stats.bytes - walked + r.size;
+                    n.size = r.size;
+                    n.content = r.content;
+                    Ok(Some(n))
                 }
-            }
-            Item::Dir(d) => {
-                let PendingDir {
-                    mut node,
-                    items,
-                    mut reuse,
-                } = *d;
-                let mut t = Tree::default();
-                for it in items {
-                    let sub_reuse = match &it {
-                        Item::Dir(d) => Some(d.reuse),
-                        _ => None,
-                    };
-                    match self.finish_item(it)? {
-                        Some(n) => {
-                            // A subdirectory whose tree changed changes this one.
-                            if sub_reuse.is_some_and(|r| r.is_none() || n.subtree != r) {
-                                reuse = None;
-                            }
-                            t.nodes.push(n);
-                        }
-                        None => reuse = None,
-                    }
+                Some(Err((path, e))) => {
+                    self.errors.push((path, e));
+                    self.stats.files -= 1;
+                    self.stats.bytes -= n.size;
+                    Ok(None)
                 }
-                node.subtree = Some(match reuse {
-                    // Equal to the parent snapshot's tree, which was just read from the store
-                    // (and must be indexed when this snapshot is committed, like its entries,
-                    // each reused above).
-                    Some(id) if self.packer.reuse(&id) => id,
-                    _ => {
-                        t.sort();
-                        self.write_tree(&t)?
+                None => Err(Error::Other("internal error: a backup job was lost".into())),
+            },
+            Item::Sub { slot, .. } => Ok(self.finished.remove(&slot)),
+        }
+    }
+
+    /// A walked directory's final node, its tree written (or the parent snapshot's reused).
+    fn finish_dir(&mut self, d: PendingDir) -> Result<Node> {
+        let PendingDir {
+            mut node,
+            items,
+            mut reuse,
+            ..
+        } = d;
+        let mut t = Tree::default();
+        for it in items {
+            let sub_reuse = match &it {
+                Item::Sub { reuse, .. } => Some(*reuse),
+                _ => None,
+            };
+            match self.finish_item(it)? {
+                Some(n) => {
+                    // A subdirectory whose tree changed changes this one.
+                    if sub_reuse.is_some_and(|r| r.is_none() || n.subtree != r) {
+                        reuse = None;
                     }
-                });
-                Ok(Some(node))
+                    t.nodes.push(n);
+                }
+                None => reuse = None,
             }
         }
+        node.subtree = Some(match reuse {
+            // Equal to the parent snapshot's tree, which was just read from the store (and
+            // must be indexed when this snapshot is committed, like its entries, each reused
+            // above).
+            Some(id) if self.packer.reuse(&id) => id,
+            _ => {
+                t.sort();
+                write_tree(self.store, self.packer, &t)?
+            }
+        });
+        Ok(node)
     }
 }
 

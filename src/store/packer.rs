@@ -25,7 +25,7 @@ thread_local! {
 pub struct Packer<'a> {
     store: &'a Store,
     bufs: [Mutex<PackBuf>; 2],
-    /// Ids added in this session (the index only knows uploaded packs).
+    /// Ids added in this session and not uploaded yet (the index knows uploaded packs).
     seen: Mutex<HashSet<BlobId>>,
     pending_index: Mutex<Vec<IndexPack>>,
     /// Packs no index listed that this session reuses blobs of, and so lists in its index.
@@ -177,6 +177,9 @@ impl<'a> Packer<'a> {
             entries: b.entries.clone(),
         };
         let h = seal_record(&self.store.crypto, AAD_PACK_HEADER, &header);
+        // Exactly: a pack of small blobs has a header of megabytes, and growing by doubling
+        // would make its buffer twice the pack.
+        b.data.reserve_exact(h.len() + 4);
         b.data.extend_from_slice(&h);
         b.data.extend_from_slice(&(h.len() as u32).to_le_bytes());
         let name = self.store.crypto.file_id(&b.data);
@@ -192,6 +195,17 @@ impl<'a> Packer<'a> {
             entries: b.entries,
         };
         self.store.index.write().add_pack(&ip);
+        // Now in the index, which `claim` looks at first: `seen` holds only the blobs of packs
+        // not uploaded yet, however many a session adds.
+        {
+            let mut seen = self.seen.lock();
+            for e in &ip.entries {
+                seen.remove(&e.id);
+            }
+            if seen.capacity() > 4 * seen.len().max(1 << 14) {
+                seen.shrink_to_fit();
+            }
+        }
         let batch = {
             let mut p = self.pending_index.lock();
             p.push(ip);

@@ -66,12 +66,57 @@ pub struct IndexLoadReport {
     pub damaged_pack_headers: Vec<(String, String)>,
 }
 
+/// Decoded trees kept at most, and entries in all of them at most: by count alone, a thousand
+/// directories of a thousand files would all be held.
+const TREE_CACHE_TREES: usize = 4096;
+const TREE_CACHE_ENTRIES: usize = 65_536;
+
+/// The most recently used decoded trees, bounded by their number and their entries.
+struct TreeCache {
+    lru: LruCache<BlobId, Arc<Tree>>,
+    entries: usize,
+}
+
+impl Default for TreeCache {
+    fn default() -> Self {
+        TreeCache {
+            lru: LruCache::new(NonZeroUsize::new(TREE_CACHE_TREES).expect("non-zero")),
+            entries: 0,
+        }
+    }
+}
+
+impl TreeCache {
+    fn get(&mut self, id: &BlobId) -> Option<Arc<Tree>> {
+        self.lru.get(id).cloned()
+    }
+
+    /// Keep `t` (a tree wider than the whole budget is not kept).
+    fn put(&mut self, id: BlobId, t: Arc<Tree>) {
+        let n = t.nodes.len() + 1;
+        if n > TREE_CACHE_ENTRIES {
+            return;
+        }
+        // `push` returns the tree it replaced or, at capacity, the one it evicted.
+        if let Some((_, old)) = self.lru.push(id, t) {
+            self.entries -= old.nodes.len() + 1;
+        }
+        self.entries += n;
+        while self.entries > TREE_CACHE_ENTRIES {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.entries -= old.nodes.len() + 1,
+                None => break,
+            }
+        }
+    }
+}
+
 pub struct Store {
     pub(super) backend: Arc<dyn Backend>,
     pub(super) config: Config,
     pub(super) crypto: Crypto,
     pub(super) index: RwLock<Index>,
-    trees: Mutex<LruCache<BlobId, Arc<Tree>>>,
+    trees: Mutex<TreeCache>,
     index_report: Mutex<IndexLoadReport>,
     /// Packs no index file lists, as read from their headers when the index was loaded (an
     /// interrupted backup's, or another writer's not indexed yet), by name. A writer that
@@ -363,7 +408,7 @@ impl Store {
             backend,
             config,
             index: RwLock::new(Index::default()),
-            trees: Mutex::new(LruCache::new(NonZeroUsize::new(4096).expect("non-zero"))),
+            trees: Mutex::new(TreeCache::default()),
             index_report: Mutex::new(IndexLoadReport::default()),
             recovered: Mutex::new(HashMap::new()),
             has_recovered: AtomicBool::new(false),
@@ -889,7 +934,7 @@ impl Store {
     /// the caller to report ([`Tree::sanitize`]).
     pub fn load_tree(&self, id: &BlobId) -> Result<Arc<Tree>> {
         if let Some(t) = self.trees.lock().get(id) {
-            return Ok(t.clone());
+            return Ok(t);
         }
         let raw = self.read_blob(id)?;
         let mut t = Tree::decode(&raw)
