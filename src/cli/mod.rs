@@ -16,6 +16,7 @@ pub mod check;
 pub mod config;
 pub mod connector;
 pub mod create;
+pub mod diff;
 pub mod info;
 pub mod ls;
 pub mod maintenance;
@@ -136,6 +137,8 @@ pub enum Verb {
     /// a later run); safe while other hosts back up.
     #[command(alias = "prune")]
     Maintenance(maintenance::Args),
+    /// What changed between two snapshots, or two paths of them: `diff SNAP1[:PATH] SNAP2[:PATH]`.
+    Diff(diff::Args),
 }
 
 /// What every verb gets.
@@ -603,6 +606,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Verb::Maintenance(a) => maintenance::run(&ctx, a),
                 Verb::Mount(a) => mount::run(&ctx, a),
                 Verb::Sync(a) => sync::run(&ctx, a),
+                Verb::Diff(a) => diff::run(&ctx, a),
             }
         }
     }
