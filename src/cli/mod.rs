@@ -18,6 +18,7 @@ pub mod connector;
 pub mod create;
 pub mod diff;
 pub mod info;
+pub mod locate;
 pub mod ls;
 pub mod maintenance;
 pub mod mount;
@@ -139,6 +140,8 @@ pub enum Verb {
     Maintenance(maintenance::Args),
     /// What changed between two snapshots, or two paths of them: `diff SNAP1[:PATH] SNAP2[:PATH]`.
     Diff(diff::Args),
+    /// Every snapshot path whose name (or path, with `/`) a glob matches, as SNAPID:PATH.
+    Locate(locate::Args),
 }
 
 /// What every verb gets.
@@ -607,6 +610,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Verb::Mount(a) => mount::run(&ctx, a),
                 Verb::Sync(a) => sync::run(&ctx, a),
                 Verb::Diff(a) => diff::run(&ctx, a),
+                Verb::Locate(a) => locate::run(&ctx, a),
             }
         }
     }
