@@ -17,6 +17,7 @@ pub mod config;
 pub mod connector;
 pub mod create;
 pub mod diff;
+pub mod digest;
 pub mod info;
 pub mod locate;
 pub mod ls;
@@ -142,6 +143,8 @@ pub enum Verb {
     Diff(diff::Args),
     /// Every snapshot path whose name (or path, with `/`) a glob matches, as SNAPID:PATH.
     Locate(locate::Args),
+    /// The sha256 (or blake3) of files as restored, printed as `sha256sum` does.
+    Digest(digest::Args),
 }
 
 /// What every verb gets.
@@ -611,6 +614,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Verb::Sync(a) => sync::run(&ctx, a),
                 Verb::Diff(a) => diff::run(&ctx, a),
                 Verb::Locate(a) => locate::run(&ctx, a),
+                Verb::Digest(a) => digest::run(&ctx, a),
             }
         }
     }
