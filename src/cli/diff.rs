@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use super::{Ctx, exit, split_snap};
+use super::{Ctx, exit};
 use crate::store::crypto::BlobId;
 use crate::store::tree::{Node, NodeKind, Tree, join};
 use crate::store::{SnapshotEntry, Store};
@@ -37,9 +37,9 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// The old side: SNAP (its backed-up directory) or SNAP:PATH.
-    pub old: String,
+    pub old: std::ffi::OsString,
     /// The new side: SNAP or SNAP:PATH.
-    pub new: String,
+    pub new: std::ffi::OsString,
 }
 
 /// What happened to an entry.
@@ -355,13 +355,35 @@ fn kind_name(k: NodeKind) -> String {
     format!("{k:?}").to_lowercase()
 }
 
+/// Split `SNAP[:PATH]` given as raw bytes: a path may hold any bytes, as names in a
+/// snapshot do (a snapshot id or `latest` is ASCII).
+pub(crate) fn split_snap_raw(spec: &std::ffi::OsStr) -> (String, Option<&[u8]>) {
+    use std::os::unix::ffi::OsStrExt;
+    let b = spec.as_bytes();
+    match b.iter().position(|&c| c == b':') {
+        Some(i) => (
+            String::from_utf8_lossy(&b[..i]).into_owned(),
+            Some(&b[i + 1..]),
+        ),
+        None => (String::from_utf8_lossy(b).into_owned(), None),
+    }
+}
+
+/// `path` in snapshot `s`, absolute: a relative path is below the backed-up directory.
+pub(crate) fn full_path(s: &SnapshotEntry, path: &[u8]) -> Vec<u8> {
+    if path.first() == Some(&b'/') {
+        path.to_vec()
+    } else {
+        join(&s.snap.path, path)
+    }
+}
+
 /// A side of the diff: its snapshot, the entry and its full path.
-fn side(store: &Store, spec: &str) -> anyhow::Result<(SnapshotEntry, Node, Vec<u8>)> {
-    let (snap, path) = split_snap(spec);
-    let s = store.resolve_snapshot(snap)?;
+fn side(store: &Store, spec: &std::ffi::OsStr) -> anyhow::Result<(SnapshotEntry, Node, Vec<u8>)> {
+    let (snap, path) = split_snap_raw(spec);
+    let s = store.resolve_snapshot(&snap)?;
     let path = match path {
-        Some(p) if p.starts_with('/') => p.as_bytes().to_vec(),
-        Some(p) if !p.is_empty() => join(&s.snap.path, p.as_bytes()),
+        Some(p) if !p.is_empty() => full_path(&s, p),
         _ => s.snap.path.clone(),
     };
     let node = store.lookup(&s, &path)?;

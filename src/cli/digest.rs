@@ -12,9 +12,10 @@ use std::io::Write;
 
 use clap::{Parser, ValueEnum};
 
-use super::{Ctx, ExitWith, exit, split_snap, stdout_write};
+use super::diff::{full_path, split_snap_raw};
+use super::{Ctx, ExitWith, exit, stdout_write};
 use crate::store::notice::escape;
-use crate::store::tree::{NodeKind, join};
+use crate::store::tree::NodeKind;
 use crate::store::{SnapshotEntry, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -30,7 +31,7 @@ pub struct Args {
     pub hash: Hash,
     /// SNAP:PATH of regular files.
     #[arg(required = true, value_name = "SNAP:PATH")]
-    pub targets: Vec<String>,
+    pub targets: Vec<std::ffi::OsString>,
 }
 
 /// A hash being computed.
@@ -68,8 +69,12 @@ impl Hasher {
 }
 
 /// The hash of the file at `target` (`SNAP:PATH`), with the snapshot it is in.
-fn digest(store: &Store, target: &str, hash: Hash) -> anyhow::Result<(String, SnapshotEntry)> {
-    let (snap, path) = split_snap(target);
+fn digest(
+    store: &Store,
+    target: &std::ffi::OsStr,
+    hash: Hash,
+) -> anyhow::Result<(String, SnapshotEntry)> {
+    let (snap, path) = split_snap_raw(target);
     let path = match path {
         Some(p) if !p.is_empty() => p,
         _ => {
@@ -77,20 +82,16 @@ fn digest(store: &Store, target: &str, hash: Hash) -> anyhow::Result<(String, Sn
                 exit::USAGE,
                 format!(
                     "digest needs SNAP:PATH, e.g. latest:/etc/hosts (got {})",
-                    escape(target.as_bytes())
+                    escape(target.as_encoded_bytes())
                 ),
             )
             .into());
         }
     };
-    let s = store.resolve_snapshot(snap)?;
-    let node = store.lookup(&s, path.as_bytes())?;
+    let s = store.resolve_snapshot(&snap)?;
+    let node = store.lookup(&s, path)?;
     if node.kind != NodeKind::File {
-        let full = if path.starts_with('/') {
-            path.as_bytes().to_vec()
-        } else {
-            join(&s.snap.path, path.as_bytes())
-        };
+        let full = full_path(&s, path);
         return Err(ExitWith(
             exit::ERROR,
             format!(
@@ -117,13 +118,13 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     for t in &a.targets {
         match digest(&store, t, a.hash) {
             Ok((hex, s)) => {
-                let (_, path) = split_snap(t);
+                let (_, path) = split_snap_raw(t);
                 let mut line = Vec::new();
                 writeln!(
                     line,
                     "{hex}  {}:{}",
                     s.short(),
-                    escape(path.unwrap_or("").as_bytes())
+                    escape(path.unwrap_or_default())
                 )?;
                 stdout_write(&line)?;
             }
