@@ -205,7 +205,7 @@ fn finish(res: anyhow::Result<u64>) -> anyhow::Result<i32> {
 }
 
 /// Did writing to stdout fail because the reader went away?
-fn broken_pipe(e: &anyhow::Error) -> bool {
+pub(crate) fn broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .map(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
@@ -242,7 +242,7 @@ fn entry_json(n: &Node, full: &[u8]) -> serde_json::Value {
 
 /// `key`: the bytes as a string when they are UTF-8; otherwise lossily, with the exact bytes
 /// in hex under `key_hex`.
-fn exact(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, b: &[u8]) {
+pub(crate) fn exact(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, b: &[u8]) {
     match std::str::from_utf8(b) {
         Ok(s) => {
             obj.insert(key.into(), s.into());
@@ -255,7 +255,7 @@ fn exact(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, b: &[u
 }
 
 /// A directory's tree, with a warning for each entry it had to leave out.
-fn load_tree(store: &Store, id: &BlobId, dir: &[u8]) -> anyhow::Result<Arc<Tree>> {
+pub(crate) fn load_tree(store: &Store, id: &BlobId, dir: &[u8]) -> anyhow::Result<Arc<Tree>> {
     let t = store.load_tree(id)?;
     for r in &t.rejected {
         warn_once(format!(

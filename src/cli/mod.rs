@@ -16,7 +16,10 @@ pub mod check;
 pub mod config;
 pub mod connector;
 pub mod create;
+pub mod diff;
+pub mod digest;
 pub mod info;
+pub mod locate;
 pub mod ls;
 pub mod maintenance;
 pub mod mount;
@@ -136,6 +139,12 @@ pub enum Verb {
     /// a later run); safe while other hosts back up.
     #[command(alias = "prune")]
     Maintenance(maintenance::Args),
+    /// What changed between two snapshots, or two paths of them: `diff SNAP1[:PATH] SNAP2[:PATH]`.
+    Diff(diff::Args),
+    /// Every snapshot path whose name (or path, with `/`) a glob matches, as SNAPID:PATH.
+    Locate(locate::Args),
+    /// The sha256 (or blake3) of files as restored, printed as `sha256sum` does.
+    Digest(digest::Args),
 }
 
 /// What every verb gets.
@@ -603,6 +612,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Verb::Maintenance(a) => maintenance::run(&ctx, a),
                 Verb::Mount(a) => mount::run(&ctx, a),
                 Verb::Sync(a) => sync::run(&ctx, a),
+                Verb::Diff(a) => diff::run(&ctx, a),
+                Verb::Locate(a) => locate::run(&ctx, a),
+                Verb::Digest(a) => digest::run(&ctx, a),
             }
         }
     }
