@@ -10,9 +10,11 @@
 // syntax there (`sftp://[user@]host[:port]/path`) is not a rustdoc link.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+pub mod archive;
 pub mod backup;
 pub mod cat;
 pub mod check;
+pub mod completion;
 pub mod config;
 pub mod connector;
 pub mod create;
@@ -109,6 +111,12 @@ pub enum Top {
     /// The built-in connectors: `kloset pkg list`.
     #[command(subcommand)]
     Pkg(pkg::Cmd),
+    /// Plakar's `login`: kloset needs no account (accepted and ignored).
+    Login(pkg::LoginArgs),
+    /// Print a shell completion script: `kloset completion bash|zsh|fish`.
+    Completion(completion::CompletionArgs),
+    /// Write the man pages to DIR, or print kloset(1) to stdout.
+    Man(completion::ManArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,6 +131,8 @@ pub enum Verb {
     Cat(cat::Args),
     /// Restore a snapshot, or a path in it.
     Restore(restore::Args),
+    /// Write a snapshot, or a path in it, as a tar, tar.gz, tar.zst or zip archive.
+    Archive(archive::Args),
     /// Read and authenticate everything the snapshots need.
     #[command(alias = "verify")]
     Check(check::Args),
@@ -590,6 +600,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Top::Source(c) => connector::run(config::Kind::Source, c, cli.quiet),
         Top::Destination(c) => connector::run(config::Kind::Destination, c, cli.quiet),
         Top::Pkg(c) => pkg::run(c),
+        Top::Login(a) => pkg::login(a),
+        Top::Completion(a) => completion::completion(a),
+        Top::Man(a) => completion::man(a),
         Top::At { store, verb } => {
             // The mount handles its signals itself (they unmount).
             if !matches!(verb, Verb::Mount(_)) {
@@ -606,6 +619,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Verb::Ls(a) => ls::run(&ctx, a),
                 Verb::Cat(a) => cat::run(&ctx, a),
                 Verb::Restore(a) => restore::run(&ctx, a),
+                Verb::Archive(a) => archive::run(&ctx, a),
                 Verb::Check(a) => check::run(&ctx, a),
                 Verb::Info(a) => info::run(&ctx, a),
                 Verb::Rm(a) => rm::run(&ctx, *a),

@@ -6,6 +6,7 @@
 //! [`Backend`], [`Source`] and [`Destination`] traits, so every connector gets all of them.
 //! docs/FORMAT.md describes the files byte by byte.
 
+pub mod archive;
 pub mod backend;
 pub mod backup;
 pub mod cache;
