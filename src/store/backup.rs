@@ -8,7 +8,7 @@
 //! A walked directory waits in a queue until its files' jobs are done, then its tree blob is
 //! written (children before parents, so bottom-up as the walk goes); the snapshot file is
 //! written last. Memory is bounded by the channel (paths only), the queue of walked
-//! directories ([`MAX_PENDING_ENTRIES`]), the directories being walked (the widest directory
+//! directories (`MAX_PENDING_ENTRIES`), the directories being walked (the widest directory
 //! times the depth, at most), one chunking buffer per worker and two pack buffers: not by the
 //! number of files.
 
