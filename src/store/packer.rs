@@ -52,6 +52,9 @@ const MAX_KEPT_SEAL_BUF: usize = 4 << 20;
 /// Packs per index file written during a backup: an interrupted backup loses at most this
 /// many packs' worth of index (and the packs stay recoverable from their headers).
 const PACKS_PER_INDEX: usize = 32;
+/// And at most about this many blobs per index file: packs of small files hold a hundred
+/// thousand blobs each, and 32 of them waiting would be 150 MB of entries.
+const ENTRIES_PER_INDEX: usize = 1 << 16;
 
 impl<'a> Packer<'a> {
     pub fn new(store: &'a Store) -> Self {
@@ -209,7 +212,8 @@ impl<'a> Packer<'a> {
         let batch = {
             let mut p = self.pending_index.lock();
             p.push(ip);
-            if p.len() >= PACKS_PER_INDEX {
+            let entries: usize = p.iter().map(|ip| ip.entries.len()).sum();
+            if p.len() >= PACKS_PER_INDEX || entries >= ENTRIES_PER_INDEX {
                 Some(std::mem::take(&mut *p))
             } else {
                 None
