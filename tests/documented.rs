@@ -261,6 +261,13 @@ fn documented_session() {
     let out = k.run(&["at", "@other_store", "ls"], true);
     assert_eq!(out.status.code(), Some(4));
 
+    // The seed's set-up lines, verbatim: `login -email <Your Email Address>` and
+    // `pkg add sftp` (kloset needs no account, and its SFTP connector is built in).
+    let (out, _) = k.ok(&["login", "-email", "admin@example.com"]);
+    assert!(out.contains("no account"), "{out}");
+    let (out, _) = k.ok(&["pkg", "add", "sftp"]);
+    assert!(out.contains("built in"), "{out}");
+
     // kloset pkg list
     let (pkgs, _) = k.ok(&["pkg", "list"]);
     let v = env!("CARGO_PKG_VERSION");
