@@ -1184,7 +1184,12 @@ impl Walker<'_> {
                 }
                 None => Err(Error::Other("internal error: a backup job was lost".into())),
             },
-            Item::Sub { slot, .. } => Ok(self.finished.remove(&slot)),
+            // Finished before its parent (the queue is in walk order, children first).
+            Item::Sub { slot, .. } => self
+                .finished
+                .remove(&slot)
+                .map(Some)
+                .ok_or_else(|| Error::Other("internal error: a directory was lost".into())),
         }
     }
 
