@@ -306,13 +306,18 @@ impl<'s> Lister<'s> {
                     return r;
                 }
                 Some(None) => {
-                    // Still queued (the listers wait for room): the walk lists it itself.
-                    if let Some(at) = st.stack.iter().rposition(|p| p == path) {
+                    // Still queued while the listers wait for room: the walk lists it itself.
+                    // (Checked again every few milliseconds, as the room may run out while
+                    // the walk waits; one in flight is always finished.)
+                    if st.held >= LIST_AHEAD_ENTRIES
+                        && let Some(at) = st.stack.iter().rposition(|p| p == path)
+                    {
                         st.stack.remove(at);
                         st.slots.remove(path);
                         return None;
                     }
-                    self.ready.wait(&mut st)
+                    self.ready
+                        .wait_for(&mut st, std::time::Duration::from_millis(20));
                 }
             }
         }
