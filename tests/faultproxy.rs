@@ -108,7 +108,14 @@ fn cut_after_exactly_n_bytes() {
     assert_eq!(p.stats().cuts(), 2);
     p.plan().all = (Rules::cut_after(10_000), Rules::default());
     assert!(echo(&connect(&p), data(100_000)).len() <= 10_000);
-    assert_eq!(p.stats().bytes(Dir::Up), 100_000 + 50_000 + 10_000);
+    // Up, the first two connections carry what the client wrote before the cut down closed
+    // them (all of it, or less when the close came first: it varied under load in CI), the
+    // third exactly its 10,000 bytes.
+    let up = p.stats().bytes(Dir::Up);
+    assert!(
+        (10_000 + 10_000..=100_000 + 50_000 + 10_000).contains(&up),
+        "{up} bytes up"
+    );
 }
 
 #[test]
