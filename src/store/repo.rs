@@ -532,7 +532,6 @@ impl Store {
     /// [`Store::load_index`] from files already read: authenticate and merge them.
     fn load_index_from(&self, files: IndexFiles) -> Result<()> {
         let _t = crate::trace::span("load index");
-        let mut idx = Index::default();
         let mut report = IndexLoadReport::default();
         let mut marks = Vec::with_capacity(files.condemned.len());
         let mut mark_names = Vec::with_capacity(files.condemned.len());
@@ -560,8 +559,8 @@ impl Store {
             .flat_map(|m| &m.packs)
             .map(|p| p.index.pack.as_str())
             .collect();
-        let mut opened = Vec::with_capacity(files.index.len());
-        for (f, bytes) in files.index {
+        let t_open = crate::trace::span("open index files");
+        let open_one = |(f, bytes): (Listed, Fetched)| {
             let file = format!("index/{}", f.name);
             let res = bytes.and_then(|(b, cached)| {
                 self.accept(FileType::Index, &f.name, b, cached, |b| {
@@ -571,6 +570,37 @@ impl Store {
                     open_record::<IndexFile>(&self.crypto, AAD_INDEX, b, &file)
                 })
             });
+            (file, res)
+        };
+        // Authenticating, decompressing and decoding the files is CPU work, one file at a
+        // time: spread over the cores, in slices so that the order (which copy of a blob is
+        // first) stays the files' order.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 4)
+            .min(files.index.len().max(1));
+        let mut slices: Vec<Vec<(Listed, Fetched)>> = Vec::with_capacity(threads);
+        let mut rest = files.index;
+        let per = rest.len().div_ceil(threads);
+        while rest.len() > per {
+            let tail = rest.split_off(per);
+            slices.push(rest);
+            rest = tail;
+        }
+        slices.push(rest);
+        let results: Vec<Vec<(String, Result<IndexFile>)>> = std::thread::scope(|s| {
+            let open_one = &open_one;
+            let handles: Vec<_> = slices
+                .into_iter()
+                .map(|slice| s.spawn(move || slice.into_iter().map(open_one).collect()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let mut opened = Vec::with_capacity(results.iter().map(Vec::len).sum());
+        for (file, res) in results.into_iter().flatten() {
             match res {
                 Ok(i) => opened.push(i),
                 // Not read because the server is gone: no verdict on the file, and no index
@@ -579,24 +609,25 @@ impl Store {
                 Err(e) => report.damaged_index_files.push((file, e.to_string())),
             }
         }
-        // Sized once: growing the map step by step rehashes everything several times.
-        idx.reserve(
-            opened
+        drop(t_open);
+        let t_add = crate::trace::span("add index entries");
+        let live = opened
+            .iter()
+            .flat_map(|i| &i.packs)
+            .filter(|p| !condemned.contains(p.pack.as_str()));
+        let hint = live.clone().map(|p| p.entries.len()).sum::<usize>()
+            + marks
                 .iter()
-                .flat_map(|i| &i.packs)
-                .map(|p| p.entries.len())
-                .sum(),
+                .flat_map(|m| &m.packs)
+                .map(|p| p.index.entries.len())
+                .sum::<usize>();
+        let mut idx = Index::from_packs(
+            live,
+            marks.iter().flat_map(|m| &m.packs).map(|p| &p.index),
+            hint,
         );
-        for i in &opened {
-            i.packs
-                .iter()
-                .filter(|p| !condemned.contains(p.pack.as_str()))
-                .for_each(|p| idx.add_pack(p));
-        }
         drop(opened);
-        for m in &marks {
-            m.packs.iter().for_each(|p| idx.add_condemned(&p.index));
-        }
+        drop(t_add);
         drop(condemned);
         drop(marks);
         let packs = files.packs;
