@@ -3,8 +3,12 @@
 //! [`SnapshotFs`] is the whole filesystem without FUSE: it answers lookup, getattr, readdir,
 //! readlink, open, read, getxattr, listxattr and statfs with plain structs or an [`Error`]
 //! that maps to an errno ([`Error::errno`]), so it is unit-tested without the kernel. `fuse.rs`
-//! is a thin `fuser::Filesystem` adapter over it. The inode table gives every path a stable
-//! inode and every hard-link group one inode. File contents come through the shared
+//! is a thin `fuser::Filesystem` adapter over it. Every path has a stable inode and every
+//! hard-link group one inode, and the inode table stays small however many entries the kernel
+//! has seen: a listed directory's entries get a run of consecutive inode numbers, in its
+//! tree's (sorted) order, so an entry is found again from its number through its directory's
+//! record and the decoded tree, which the store's tree cache keeps (bounded); nothing is kept
+//! per file but hard links. File contents come through the shared
 //! [`cache::ChunkCache`]; sequential readers prefetch the chunks ahead of them.
 //!
 //! Layout of a whole-store mount: one directory per snapshot named by its short id, holding the
@@ -15,7 +19,8 @@
 pub mod cache;
 pub mod fuse;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,7 +29,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::store::crypto::BlobId;
 use crate::store::repo::SnapshotEntry;
-use crate::store::tree::{Node, NodeKind, Time};
+use crate::store::tree::{Node, NodeKind, Time, Tree};
 use crate::store::{Store, format::BlobKind};
 use cache::ChunkCache;
 
@@ -91,6 +96,121 @@ pub struct DirEntry {
     pub name: Vec<u8>,
 }
 
+/// An entry of a [`Listing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub name: &'a [u8],
+}
+
+/// The entries of a directory (without `.` and `..`), sorted by name.
+#[derive(Clone)]
+pub enum Listing {
+    /// A directory the mount makes up (the store root, `by-time`, `by-tag`).
+    Made(Arc<Vec<DirEntry>>),
+    /// A snapshot directory: its tree, read in place.
+    Tree(Arc<Dir>, Option<Arc<Tree>>),
+}
+
+impl Listing {
+    pub fn len(&self) -> usize {
+        match self {
+            Listing::Made(v) => v.len(),
+            Listing::Tree(_, t) => t.as_ref().map_or(0, |t| t.nodes.len()),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn get(&self, i: usize) -> Option<Entry<'_>> {
+        match self {
+            Listing::Made(v) => v.get(i).map(|e| Entry {
+                ino: e.ino,
+                kind: e.kind,
+                name: &e.name,
+            }),
+            Listing::Tree(d, t) => t.as_ref()?.nodes.get(i).map(|n| Entry {
+                ino: d.ino_at(i),
+                kind: n.kind,
+                name: &n.name,
+            }),
+        }
+    }
+    pub fn iter(&self) -> impl Iterator<Item = Entry<'_>> {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+    /// Where `name` is (a binary search: the entries are sorted).
+    fn position(&self, name: &[u8]) -> Option<usize> {
+        match self {
+            Listing::Made(v) => v.binary_search_by(|e| e.name.as_slice().cmp(name)).ok(),
+            Listing::Tree(_, t) => t
+                .as_ref()?
+                .nodes
+                .binary_search_by(|n| n.name.as_slice().cmp(name))
+                .ok(),
+        }
+    }
+}
+
+/// A listed snapshot directory. Its entries have the inodes `base..base + count`, in the
+/// order of its tree, except hard links seen before elsewhere, which keep their first inode.
+pub struct Dir {
+    /// The directory's own inode.
+    ino: u64,
+    snap: usize,
+    tree: Option<BlobId>,
+    base: u64,
+    count: u64,
+    /// (position, inode) of the entries that are hard links to an inode given before.
+    aliases: Vec<(u32, u64)>,
+}
+
+impl Dir {
+    fn ino_at(&self, i: usize) -> u64 {
+        match self.aliases.binary_search_by_key(&(i as u32), |a| a.0) {
+            Ok(k) => self.aliases[k].1,
+            Err(_) => self.base + i as u64,
+        }
+    }
+}
+
+/// The listed snapshot directories, by their own inode and by the first inode of their
+/// entries.
+#[derive(Default)]
+struct Dirs {
+    by_ino: HashMap<u64, Arc<Dir>>,
+    by_base: BTreeMap<u64, Arc<Dir>>,
+}
+
+/// A snapshot entry: a node the mount owns (a snapshot's root) or one in a decoded tree.
+enum NodeRef {
+    Own(Arc<Node>),
+    InTree(Arc<Tree>, usize),
+}
+
+impl Deref for NodeRef {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        match self {
+            NodeRef::Own(n) => n,
+            NodeRef::InTree(t, i) => &t.nodes[*i],
+        }
+    }
+}
+
+/// What an inode number stands for.
+enum Found {
+    /// A made-up inode (store root, virtual directory, made-up link).
+    Made(Arc<Inode>),
+    /// A snapshot entry.
+    Node {
+        snap: usize,
+        parent: u64,
+        node: NodeRef,
+    },
+}
+
 /// What an inode is.
 #[derive(Debug, Clone)]
 enum What {
@@ -104,11 +224,12 @@ enum What {
     Node { snap: usize, node: Arc<Node> },
 }
 
+/// An inode the mount makes up, or a snapshot's root: the only ones kept one by one.
 struct Inode {
     what: What,
     parent: u64,
     name: Vec<u8>,
-    /// Directory listing, built on first readdir.
+    /// Directory listing of a made-up directory, built on first readdir.
     children: Mutex<Option<Arc<Vec<DirEntry>>>>,
 }
 
@@ -136,9 +257,12 @@ pub struct MountConfig {
 pub struct SnapshotFs {
     store: Arc<Store>,
     cache: Arc<ChunkCache>,
+    /// The made-up inodes and the snapshot roots.
     inodes: RwLock<HashMap<u64, Arc<Inode>>>,
-    /// (parent, name) → ino, so a path keeps its inode across lookups.
+    /// (parent, name) → ino of the made-up inodes, so a path keeps its inode.
     names: Mutex<HashMap<(u64, Vec<u8>), u64>>,
+    /// The listed snapshot directories.
+    dirs: RwLock<Dirs>,
     /// (snapshot, dev, inode) → ino, so hard links share one inode.
     links: Mutex<HashMap<(usize, u64, u64), u64>>,
     next_ino: AtomicU64,
@@ -172,6 +296,7 @@ impl SnapshotFs {
             cache,
             inodes: RwLock::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
+            dirs: RwLock::new(Dirs::default()),
             links: Mutex::new(HashMap::new()),
             next_ino: AtomicU64::new(ROOT + 1),
             snaps: RwLock::new(Vec::new()),
@@ -261,28 +386,59 @@ impl SnapshotFs {
         Ok(())
     }
 
-    fn inode(&self, ino: u64) -> Result<Arc<Inode>> {
-        self.inodes.read().get(&ino).cloned().ok_or(Error::NotFound)
+    /// What inode `ino` is.
+    fn found(&self, ino: u64) -> Result<Found> {
+        if let Some(i) = self.inodes.read().get(&ino) {
+            return Ok(match &i.what {
+                What::Node { snap, node } => Found::Node {
+                    snap: *snap,
+                    parent: i.parent,
+                    node: NodeRef::Own(node.clone()),
+                },
+                _ => Found::Made(i.clone()),
+            });
+        }
+        let dir = {
+            let dirs = self.dirs.read();
+            let (_, d) = dirs
+                .by_base
+                .range(..=ino)
+                .next_back()
+                .ok_or(Error::NotFound)?;
+            if ino >= d.base + d.count {
+                return Err(Error::NotFound);
+            }
+            d.clone()
+        };
+        let tree = self.tree_of(&dir)?.ok_or(Error::NotFound)?;
+        let i = (ino - dir.base) as usize;
+        if i >= tree.nodes.len() {
+            return Err(Error::NotFound);
+        }
+        Ok(Found::Node {
+            snap: dir.snap,
+            parent: dir.ino,
+            node: NodeRef::InTree(tree, i),
+        })
     }
 
-    /// The inode for `name` in `parent`, created on first sight.
+    /// A listed directory's tree (from the store's tree cache, or read again).
+    fn tree_of(&self, dir: &Dir) -> Result<Option<Arc<Tree>>> {
+        match &dir.tree {
+            None => Ok(None),
+            Some(id) => self
+                .store
+                .load_tree(id)
+                .map(Some)
+                .map_err(|e| self.io_error(dir.ino, e.to_string())),
+        }
+    }
+
+    /// The made-up inode for `name` in `parent`, created on first sight.
     fn child_ino(&self, parent: u64, name: &[u8], what: What) -> u64 {
         let key = (parent, name.to_vec());
-        if let Some(&ino) = self.names.lock().get(&key) {
-            return ino;
-        }
-        let link_key = match &what {
-            What::Node { snap, node } if node.is_hardlink() => Some((*snap, node.dev, node.inode)),
-            _ => None,
-        };
         let mut names = self.names.lock();
         if let Some(&ino) = names.get(&key) {
-            return ino;
-        }
-        if let Some(k) = link_key
-            && let Some(&ino) = self.links.lock().get(&k)
-        {
-            names.insert(key, ino);
             return ino;
         }
         let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
@@ -296,10 +452,64 @@ impl SnapshotFs {
             }),
         );
         names.insert(key, ino);
-        if let Some(k) = link_key {
-            self.links.lock().insert(k, ino);
-        }
         ino
+    }
+
+    /// The record of snapshot directory `ino`, made on its first listing: its entries get
+    /// the next `count` inode numbers.
+    fn dir(&self, ino: u64, snap: usize, node: &Node) -> Result<(Arc<Dir>, Option<Arc<Tree>>)> {
+        if let Some(d) = self.dirs.read().by_ino.get(&ino).cloned() {
+            let t = self.tree_of(&d)?;
+            return Ok((d, t));
+        }
+        let tree = match node.subtree {
+            Some(sub) => Some(
+                self.store
+                    .load_tree(&sub)
+                    .map_err(|e| self.io_error(ino, e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut dirs = self.dirs.write();
+        if let Some(d) = dirs.by_ino.get(&ino).cloned() {
+            return Ok((d, tree));
+        }
+        let count = tree.as_ref().map_or(0, |t| t.nodes.len()) as u64;
+        let base = self.next_ino.fetch_add(count.max(1), Ordering::Relaxed);
+        let mut aliases = Vec::new();
+        if let Some(t) = &tree {
+            // Entries a tree must not hold (see `Tree::sanitize`) are not shown.
+            for r in &t.rejected {
+                eprintln!(
+                    "kloset: mount: {}/{}: {}; not shown",
+                    self.path_of(ino),
+                    String::from_utf8_lossy(&r.name).escape_debug(),
+                    r.why
+                );
+            }
+            let mut links = self.links.lock();
+            for (i, n) in t.nodes.iter().enumerate() {
+                if n.is_hardlink() {
+                    let first = *links
+                        .entry((snap, n.dev, n.inode))
+                        .or_insert(base + i as u64);
+                    if first != base + i as u64 {
+                        aliases.push((i as u32, first));
+                    }
+                }
+            }
+        }
+        let d = Arc::new(Dir {
+            ino,
+            snap,
+            tree: node.subtree,
+            base,
+            count,
+            aliases,
+        });
+        dirs.by_ino.insert(ino, d.clone());
+        dirs.by_base.insert(base, d.clone());
+        Ok((d, tree))
     }
 
     fn short_snap_name(s: &SnapshotEntry) -> Vec<u8> {
@@ -311,13 +521,22 @@ impl SnapshotFs {
     }
 
     /// Entries of a directory inode (without `.` and `..`).
-    fn list(&self, ino: u64) -> Result<Arc<Vec<DirEntry>>> {
-        let inode = self.inode(ino)?;
+    fn list(&self, ino: u64) -> Result<Listing> {
+        let inode = match self.found(ino)? {
+            Found::Made(i) => i,
+            Found::Node { snap, node, .. } => {
+                if node.kind != NodeKind::Dir {
+                    return Err(Error::NotDir);
+                }
+                let (d, t) = self.dir(ino, snap, &node)?;
+                return Ok(Listing::Tree(d, t));
+            }
+        };
         if matches!(inode.what, What::StoreRoot | What::Virtual(_)) {
             self.refresh(false)?;
         }
         if let Some(c) = inode.children.lock().as_ref() {
-            return Ok(c.clone());
+            return Ok(Listing::Made(c.clone()));
         }
         let mut raw: Vec<(Vec<u8>, What, NodeKind)> = Vec::new();
         match &inode.what {
@@ -398,37 +617,7 @@ impl SnapshotFs {
                     raw.push((name, What::Link(target), NodeKind::Symlink));
                 }
             }
-            What::Link(_) => return Err(Error::NotDir),
-            What::Node { snap, node } => {
-                if node.kind != NodeKind::Dir {
-                    return Err(Error::NotDir);
-                }
-                if let Some(sub) = node.subtree {
-                    let t = self
-                        .store
-                        .load_tree(&sub)
-                        .map_err(|e| self.io_error(ino, e.to_string()))?;
-                    // Entries a tree must not hold (see `Tree::sanitize`) are not shown.
-                    for r in &t.rejected {
-                        eprintln!(
-                            "kloset: mount: {}/{}: {}; not shown",
-                            self.path_of(ino),
-                            String::from_utf8_lossy(&r.name).escape_debug(),
-                            r.why
-                        );
-                    }
-                    for n in &t.nodes {
-                        raw.push((
-                            n.name.clone(),
-                            What::Node {
-                                snap: *snap,
-                                node: Arc::new(n.clone()),
-                            },
-                            n.kind,
-                        ));
-                    }
-                }
-            }
+            What::Link(_) | What::Node { .. } => return Err(Error::NotDir),
         }
         let mut entries: Vec<DirEntry> = raw
             .into_iter()
@@ -442,16 +631,28 @@ impl SnapshotFs {
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         let entries = Arc::new(entries);
         *inode.children.lock() = Some(entries.clone());
-        Ok(entries)
+        Ok(Listing::Made(entries))
     }
 
     /// The path of an inode inside the mount, for log lines.
     pub fn path_of(&self, mut ino: u64) -> String {
         let mut parts = Vec::new();
         while ino != ROOT {
-            let Ok(i) = self.inode(ino) else { break };
-            parts.push(String::from_utf8_lossy(&i.name).into_owned());
-            ino = i.parent;
+            match self.found(ino) {
+                Ok(Found::Made(i)) => {
+                    parts.push(String::from_utf8_lossy(&i.name).into_owned());
+                    ino = i.parent;
+                }
+                Ok(Found::Node { parent, node, .. }) => {
+                    let name = match self.inodes.read().get(&ino) {
+                        Some(i) => i.name.clone(),
+                        None => node.name.clone(),
+                    };
+                    parts.push(String::from_utf8_lossy(&name).into_owned());
+                    ino = parent;
+                }
+                Err(_) => break,
+            }
         }
         parts.reverse();
         format!("/{}", parts.join("/"))
@@ -464,14 +665,17 @@ impl SnapshotFs {
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
         let entries = self.list(parent)?;
-        let i = entries
-            .binary_search_by(|e| e.name.as_slice().cmp(name))
-            .map_err(|_| Error::NotFound)?;
-        self.getattr(entries[i].ino)
+        let i = entries.position(name).ok_or(Error::NotFound)?;
+        let ino = entries.get(i).ok_or(Error::NotFound)?.ino;
+        self.getattr(ino)
     }
 
-    pub fn readdir(&self, ino: u64) -> Result<(u64, Arc<Vec<DirEntry>>)> {
-        let parent = self.inode(ino)?.parent;
+    /// The parent's inode and the entries of directory `ino`.
+    pub fn readdir(&self, ino: u64) -> Result<(u64, Listing)> {
+        let parent = match self.found(ino)? {
+            Found::Made(i) => i.parent,
+            Found::Node { parent, .. } => parent,
+        };
         Ok((parent, self.list(ino)?))
     }
 
@@ -491,7 +695,7 @@ impl SnapshotFs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
-        let inode = self.inode(ino)?;
+        let found = self.found(ino)?;
         let now = self.mount_time;
         let dir = |mode: u32| Attr {
             ino,
@@ -506,43 +710,51 @@ impl SnapshotFs {
             mtime: now,
             ctime: now,
         };
-        Ok(match &inode.what {
-            What::StoreRoot | What::Virtual(_) => dir(0o555),
-            What::Link(t) => Attr {
-                kind: NodeKind::Symlink,
-                size: t.len() as u64,
-                mode: 0o777,
-                nlink: 1,
-                ..dir(0o777)
+        let node = match found {
+            Found::Node { node, .. } => node,
+            Found::Made(i) => {
+                return Ok(match &i.what {
+                    What::Link(t) => Attr {
+                        kind: NodeKind::Symlink,
+                        size: t.len() as u64,
+                        mode: 0o777,
+                        nlink: 1,
+                        ..dir(0o777)
+                    },
+                    _ => dir(0o555),
+                });
+            }
+        };
+        Ok(Attr {
+            ino,
+            kind: node.kind,
+            size: node.size,
+            blocks: match node.kind {
+                NodeKind::File => self.blocks(&node),
+                NodeKind::Dir => 8,
+                _ => 0,
             },
-            What::Node { node, .. } => Attr {
-                ino,
-                kind: node.kind,
-                size: node.size,
-                blocks: match node.kind {
-                    NodeKind::File => self.blocks(node),
-                    NodeKind::Dir => 8,
-                    _ => 0,
-                },
-                mode: node.mode,
-                nlink: match node.kind {
-                    NodeKind::Dir => 2,
-                    _ => node.nlink.clamp(1, u32::MAX as u64) as u32,
-                },
-                uid: node.uid,
-                gid: node.gid,
-                rdev: node.rdev,
-                mtime: systime(node.mtime),
-                ctime: systime(node.ctime),
+            mode: node.mode,
+            nlink: match node.kind {
+                NodeKind::Dir => 2,
+                _ => node.nlink.clamp(1, u32::MAX as u64) as u32,
             },
+            uid: node.uid,
+            gid: node.gid,
+            rdev: node.rdev,
+            mtime: systime(node.mtime),
+            ctime: systime(node.ctime),
         })
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        match &self.inode(ino)?.what {
-            What::Link(t) => Ok(t.clone()),
-            What::Node { node, .. } if node.kind == NodeKind::Symlink => Ok(node.target.clone()),
-            _ => Err(Error::NotLink),
+        match self.found(ino)? {
+            Found::Made(i) => match &i.what {
+                What::Link(t) => Ok(t.clone()),
+                _ => Err(Error::NotLink),
+            },
+            Found::Node { node, .. } if node.kind == NodeKind::Symlink => Ok(node.target.clone()),
+            Found::Node { .. } => Err(Error::NotLink),
         }
     }
 
@@ -556,11 +768,9 @@ impl SnapshotFs {
 
     /// The read state of a file, built from its chunk list.
     fn make_open(&self, ino: u64) -> Result<Open> {
-        let node = match &self.inode(ino)?.what {
-            What::Node { node, .. } if node.kind == NodeKind::File => node.clone(),
-            What::Node { node, .. } if node.kind == NodeKind::Dir => return Err(Error::IsDir),
-            What::StoreRoot | What::Virtual(_) => return Err(Error::IsDir),
-            _ => return Err(Error::NotFound),
+        self.openable(ino)?;
+        let Found::Node { node, .. } = self.found(ino)? else {
+            return Err(Error::NotFound);
         };
         let mut offsets = Vec::with_capacity(node.content.len() + 1);
         let mut off = 0u64;
@@ -591,10 +801,12 @@ impl SnapshotFs {
 
     /// Check that `ino` can be opened for reading (for kernels that skip OPEN requests).
     pub fn openable(&self, ino: u64) -> Result<()> {
-        match &self.inode(ino)?.what {
-            What::Node { node, .. } if node.kind == NodeKind::File => Ok(()),
-            What::Node { node, .. } if node.kind == NodeKind::Dir => Err(Error::IsDir),
-            What::StoreRoot | What::Virtual(_) => Err(Error::IsDir),
+        match self.found(ino)? {
+            Found::Node { node, .. } if node.kind == NodeKind::File => Ok(()),
+            Found::Node { node, .. } if node.kind == NodeKind::Dir => Err(Error::IsDir),
+            Found::Made(i) if matches!(i.what, What::StoreRoot | What::Virtual(_)) => {
+                Err(Error::IsDir)
+            }
             _ => Err(Error::NotFound),
         }
     }
@@ -676,10 +888,10 @@ impl SnapshotFs {
         Ok(out)
     }
 
-    fn node(&self, ino: u64) -> Result<Arc<Node>> {
-        match &self.inode(ino)?.what {
-            What::Node { node, .. } => Ok(node.clone()),
-            _ => Err(Error::NoXattr),
+    fn node(&self, ino: u64) -> Result<NodeRef> {
+        match self.found(ino)? {
+            Found::Node { node, .. } => Ok(node),
+            Found::Made(_) => Err(Error::NoXattr),
         }
     }
 
@@ -720,7 +932,9 @@ impl SnapshotFs {
             Some(What::Node { .. }) if ino != ROOT || !self.whole_store => {
                 Duration::from_secs(86_400)
             }
-            _ => Duration::from_secs(1),
+            Some(_) => Duration::from_secs(1),
+            // A snapshot entry (never changes).
+            None => Duration::from_secs(86_400),
         }
     }
 
@@ -897,7 +1111,7 @@ mod tests {
             .find(|e| e.name.len() == 8)
             .unwrap()
             .name
-            .clone();
+            .to_vec();
         use std::os::unix::ffi::OsStrExt;
         let path = [id.as_slice(), src.path().as_os_str().as_bytes(), b"/big"].concat();
 
@@ -1028,7 +1242,7 @@ mod tests {
         let (_, entries) = fs.readdir(dir.ino).unwrap();
         let names: Vec<&[u8]> = entries.iter().map(|e| &e.name[..]).collect();
         assert_eq!(names, vec![&b"d"[..]]);
-        assert_eq!(entries[0].kind, NodeKind::Dir);
+        assert_eq!(entries.get(0).unwrap().kind, NodeKind::Dir);
         assert!(matches!(fs.lookup(dir.ino, b".."), Err(Error::NotFound)));
     }
 
@@ -1065,5 +1279,81 @@ mod tests {
         assert!(matches!(r, Err(Error::Io(_))), "{r:?}");
         assert_eq!(r.unwrap_err().errno(), libc::EIO);
         assert_eq!(walk(&fs, ROOT, b"b").kind, NodeKind::Dir);
+    }
+
+    #[test]
+    fn the_inode_table_keeps_nothing_per_file() {
+        // 30 directories of 200 files, hard links between two of them.
+        let src = tempfile::tempdir().unwrap();
+        for d in 0..30 {
+            let dir = src.path().join(format!("d{d:02}"));
+            std::fs::create_dir(&dir).unwrap();
+            for f in 0..200 {
+                std::fs::write(dir.join(format!("f{f:03}")), format!("{d}/{f}")).unwrap();
+            }
+        }
+        std::fs::hard_link(src.path().join("d00/f000"), src.path().join("d29/zz-link")).unwrap();
+        let (store, _mem) = memory_store(src.path(), vec![]);
+        let fs = SnapshotFs::new(
+            store,
+            MountConfig {
+                cache_bytes: 8 << 20,
+                root: None,
+            },
+        )
+        .unwrap();
+        // Walk everything, as `find` does, twice: the same inodes both times.
+        let walk_all = |fs: &SnapshotFs| {
+            let mut seen: Vec<(Vec<u8>, u64)> = Vec::new();
+            let mut todo = vec![(ROOT, Vec::new())];
+            while let Some((ino, path)) = todo.pop() {
+                let (_, entries) = fs.readdir(ino).unwrap();
+                for e in entries.iter() {
+                    let mut p = path.clone();
+                    p.push(b'/');
+                    p.extend_from_slice(e.name);
+                    let a = fs.lookup(ino, e.name).unwrap();
+                    assert_eq!(a.ino, e.ino);
+                    if e.kind == NodeKind::Dir && !p.starts_with(b"/by-") {
+                        todo.push((e.ino, p.clone()));
+                    }
+                    seen.push((p, a.ino));
+                }
+            }
+            seen.sort();
+            seen
+        };
+        let first = walk_all(&fs);
+        assert_eq!(first, walk_all(&fs));
+        let files = first.iter().filter(|(p, _)| p.contains(&b'f')).count();
+        assert!(files >= 30 * 200, "{files}");
+        // Every path its own inode but the hard link, which shares its first one.
+        let mut inos: Vec<u64> = first.iter().map(|e| e.1).collect();
+        inos.sort();
+        inos.dedup();
+        assert_eq!(inos.len(), first.len() - 1);
+        let ino_of = |suffix: &[u8]| first.iter().find(|(p, _)| p.ends_with(suffix)).unwrap().1;
+        assert_eq!(ino_of(b"/d00/f000"), ino_of(b"/d29/zz-link"));
+        // Kept one by one: the made-up inodes and the snapshot root; a record per directory.
+        assert!(fs.inodes.read().len() < 8, "{}", fs.inodes.read().len());
+        assert!(fs.names.lock().len() < 8);
+        let dirs = fs.dirs.read().by_ino.len();
+        let depth = crate::store::tree::components(src.path().as_os_str().as_encoded_bytes()).len();
+        assert_eq!(dirs, 30 + depth + 1, "one record per listed directory");
+        assert_eq!(fs.links.lock().len(), 1);
+        // A number no listing gave out is nothing.
+        assert!(matches!(
+            fs.getattr(inos[inos.len() - 1] + 1000),
+            Err(Error::NotFound)
+        ));
+        let path = String::from_utf8_lossy(
+            &first
+                .iter()
+                .find(|(p, _)| p.ends_with(b"d07/f123"))
+                .unwrap()
+                .0,
+        )
+        .into_owned();
+        assert_eq!(fs.path_of(ino_of(b"d07/f123")), path);
     }
 }
