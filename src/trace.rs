@@ -20,6 +20,17 @@ pub fn init() {
     let _ = start();
 }
 
+/// Print `what()` as a trace line when tracing is on (a count, not a timing).
+pub fn note(what: impl FnOnce() -> String) {
+    if let Some(t0) = start() {
+        eprintln!(
+            "trace: {:8.1} ms              {}",
+            t0.elapsed().as_secs_f64() * 1000.0,
+            what()
+        );
+    }
+}
+
 /// A timed phase; prints on drop when tracing is on.
 pub struct Span {
     name: &'static str,

@@ -538,3 +538,87 @@ fn walk(d: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The kernel's FORGETs reach the daemon: after `find` over the mount and the kernel dropping
+/// its dentries and inodes, the directories it forgot lose their records, and everything
+/// still reads (the records are made again).
+#[test]
+fn directories_the_kernel_forgets_are_dropped_and_read_again() {
+    if !fuse_available() {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: not root, cannot make the kernel drop its dentries (drop_caches)");
+        return;
+    }
+    let (t, src, store, id) = setup();
+    // Many directories, so that the kernel has some to forget.
+    let many = src.join("many");
+    for d in 0..40 {
+        let dir = many.join(format!("d{d:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..10 {
+            fs::write(dir.join(format!("f{f}")), format!("{d}:{f}")).unwrap();
+        }
+    }
+    let home = t.path().join("home");
+    let mut c = kloset(&home);
+    c.args(["at", &store, "backup", src.to_str().unwrap()]);
+    let id2 = ok(c).trim().to_string();
+    assert_ne!(id, id2);
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut c = kloset(&home);
+    c.env("KLOSET_TRACE", "1")
+        .args(["at", &store, "mount"])
+        .arg(&mnt)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !is_mounted(&mnt) {
+        assert!(child.try_wait().unwrap().is_none(), "mount exited early");
+        assert!(Instant::now() < deadline, "mount did not appear");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let in_mount = mnt.join(&id2).join(src.strip_prefix("/").unwrap());
+    let count = |p: &Path| walk(p).len();
+    let n = count(&in_mount.join("many"));
+    assert_eq!(n, 40 * 10);
+    // The kernel drops what nothing uses, and sends FORGET for each inode it drops.
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Everything reads again, through records made anew.
+    assert_eq!(count(&in_mount.join("many")), n);
+    assert_eq!(fs::read(in_mount.join("many/d17/f3")).unwrap(), b"17:3");
+    assert_same(&src, &in_mount);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = wait_timeout(&mut child, Duration::from_secs(20));
+    assert!(st.success(), "{st}");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let line = err
+        .lines()
+        .find(|l| l.contains("directory records kept"))
+        .unwrap_or_else(|| panic!("no record count in the trace: {err}"));
+    eprintln!("{line}");
+    let dropped: u64 = line
+        .split(", ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read {line}"));
+    assert!(
+        dropped >= 40,
+        "only {dropped} records dropped on forgets: {line}"
+    );
+}

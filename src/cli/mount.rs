@@ -166,7 +166,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     cfg.n_threads = Some(2);
     cfg.clone_fd = true;
 
-    let session = fuser::Session::new(Fuse::new(fs), &mountpoint, &cfg).map_err(|e| {
+    let session = fuser::Session::new(Fuse::new(fs.clone()), &mountpoint, &cfg).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::PermissionDenied => {
                 " (no permission: run as root, or install fuse3 for fusermount3)"
@@ -196,12 +196,23 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
                 eprintln!("kloset: {sig}: unmounting {}", mountpoint.display());
             }
             bg.umount_and_join()?;
+            trace_records(&fs);
             return Ok(exit::OK);
         }
         if bg.guard.is_finished() {
             // Unmounted from outside (umount, fusermount3 -u).
             bg.join()?;
+            trace_records(&fs);
             return Ok(exit::OK);
         }
     }
+}
+
+/// With `KLOSET_TRACE=1`: how many directory records the mount kept, and dropped on the
+/// kernel's forgets.
+fn trace_records(fs: &SnapshotFs) {
+    crate::trace::note(|| {
+        let (kept, dropped) = fs.dir_records();
+        format!("mount: {kept} directory records kept at the end, {dropped} dropped on forgets")
+    });
 }

@@ -105,7 +105,7 @@ impl Filesystem for Fuse {
         let dots = [(ino.0, OsStr::new(".")), (parent, OsStr::new(".."))];
         let all = dots
             .into_iter()
-            .chain(entries.iter().map(|e| (e.ino, OsStr::from_bytes(&e.name))));
+            .chain(entries.iter().map(|e| (e.ino, OsStr::from_bytes(e.name))));
         for (i, (ino, name)) in all.enumerate().skip(offset as usize) {
             let Ok(a) = self.fs.getattr(ino) else {
                 continue;
@@ -120,15 +120,26 @@ impl Filesystem for Fuse {
             ) {
                 break;
             }
+            // The kernel counts an entry of readdirplus as a lookup, but for `.` and `..`.
+            if i >= 2 {
+                self.fs.remembered(ino, a.kind);
+            }
         }
         reply.ok();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, name.as_bytes()) {
-            Ok(a) => reply.entry(&self.fs.ttl(a.ino), &attr(&a), Generation(0)),
+            Ok(a) => {
+                self.fs.remembered(a.ino, a.kind);
+                reply.entry(&self.fs.ttl(a.ino), &attr(&a), Generation(0))
+            }
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -222,7 +233,7 @@ impl Filesystem for Fuse {
         let all = dots.into_iter().chain(
             entries
                 .iter()
-                .map(|e| (e.ino, kind(e.kind), OsStr::from_bytes(&e.name))),
+                .map(|e| (e.ino, kind(e.kind), OsStr::from_bytes(e.name))),
         );
         for (i, (ino, k, name)) in all.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), (i + 1) as u64, k, name) {

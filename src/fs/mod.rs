@@ -164,6 +164,9 @@ pub struct Dir {
     count: u64,
     /// (position, inode) of the entries that are hard links to an inode given before.
     aliases: Vec<(u32, u64)>,
+    /// It holds hard links: other directories' entries may carry its inode numbers, so its
+    /// record is kept when the kernel forgets the directory.
+    pinned: bool,
 }
 
 impl Dir {
@@ -265,6 +268,11 @@ pub struct SnapshotFs {
     dirs: RwLock<Dirs>,
     /// (snapshot, dev, inode) → ino, so hard links share one inode.
     links: Mutex<HashMap<(usize, u64, u64), u64>>,
+    /// How many times the kernel was given each snapshot directory's inode (FUSE's lookup
+    /// count), so that the directory's record goes when the kernel forgets it.
+    lookups: Mutex<HashMap<u64, u64>>,
+    /// Directory records dropped on the kernel's forgets (for tracing).
+    forgotten: AtomicU64,
     next_ino: AtomicU64,
     snaps: RwLock<Vec<SnapshotEntry>>,
     refreshed: Mutex<Option<Instant>>,
@@ -298,6 +306,8 @@ impl SnapshotFs {
             names: Mutex::new(HashMap::new()),
             dirs: RwLock::new(Dirs::default()),
             links: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(HashMap::new()),
+            forgotten: AtomicU64::new(0),
             next_ino: AtomicU64::new(ROOT + 1),
             snaps: RwLock::new(Vec::new()),
             refreshed: Mutex::new(None),
@@ -477,6 +487,7 @@ impl SnapshotFs {
         let count = tree.as_ref().map_or(0, |t| t.nodes.len()) as u64;
         let base = self.next_ino.fetch_add(count.max(1), Ordering::Relaxed);
         let mut aliases = Vec::new();
+        let mut pinned = false;
         if let Some(t) = &tree {
             // Entries a tree must not hold (see `Tree::sanitize`) are not shown.
             for r in &t.rejected {
@@ -490,6 +501,7 @@ impl SnapshotFs {
             let mut links = self.links.lock();
             for (i, n) in t.nodes.iter().enumerate() {
                 if n.is_hardlink() {
+                    pinned = true;
                     let first = *links
                         .entry((snap, n.dev, n.inode))
                         .or_insert(base + i as u64);
@@ -506,6 +518,7 @@ impl SnapshotFs {
             base,
             count,
             aliases,
+            pinned,
         });
         dirs.by_ino.insert(ino, d.clone());
         dirs.by_base.insert(base, d.clone());
@@ -938,6 +951,48 @@ impl SnapshotFs {
         }
     }
 
+    /// The kernel was given inode `ino` (a lookup, or an entry of readdirplus): FUSE's lookup
+    /// count. Counted for snapshot directories only, whose records [`SnapshotFs::forget`]
+    /// drops.
+    pub fn remembered(&self, ino: u64, kind: NodeKind) {
+        if kind == NodeKind::Dir && !self.inodes.read().contains_key(&ino) {
+            *self.lookups.lock().entry(ino).or_insert(0) += 1;
+        }
+    }
+
+    /// The kernel forgot `n` of the lookups of `ino`. A snapshot directory it no longer knows
+    /// loses its record (it is made again, with new numbers for its entries, if the kernel
+    /// looks it up again): so a mount's memory follows what the kernel holds, not all that
+    /// was ever listed. The kernel forgets a directory only after all its entries (each
+    /// holds its parent), so no number it still knows goes with the record.
+    pub fn forget(&self, ino: u64, n: u64) {
+        {
+            let mut l = self.lookups.lock();
+            let Some(c) = l.get_mut(&ino) else { return };
+            *c = c.saturating_sub(n);
+            if *c > 0 {
+                return;
+            }
+            l.remove(&ino);
+        }
+        let mut dirs = self.dirs.write();
+        if let Some(d) = dirs.by_ino.get(&ino).cloned()
+            && !d.pinned
+        {
+            dirs.by_ino.remove(&ino);
+            dirs.by_base.remove(&d.base);
+            self.forgotten.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (directory records kept, records dropped on forgets): for tracing and tests.
+    pub fn dir_records(&self) -> (usize, u64) {
+        (
+            self.dirs.read().by_ino.len(),
+            self.forgotten.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn cache(&self) -> &ChunkCache {
         &self.cache
     }
@@ -1012,7 +1067,7 @@ mod tests {
         let (_, root) = fs.readdir(ROOT).unwrap();
         let names: Vec<_> = root
             .iter()
-            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .map(|e| String::from_utf8_lossy(e.name).into_owned())
             .collect();
         assert!(names.contains(&"latest".to_string()));
         assert!(names.contains(&"by-time".to_string()));
@@ -1240,7 +1295,7 @@ mod tests {
         .unwrap();
         let dir = walk(&fs, ROOT, &id.as_bytes()[..8]);
         let (_, entries) = fs.readdir(dir.ino).unwrap();
-        let names: Vec<&[u8]> = entries.iter().map(|e| &e.name[..]).collect();
+        let names: Vec<&[u8]> = entries.iter().map(|e| e.name).collect();
         assert_eq!(names, vec![&b"d"[..]]);
         assert_eq!(entries.get(0).unwrap().kind, NodeKind::Dir);
         assert!(matches!(fs.lookup(dir.ino, b".."), Err(Error::NotFound)));
@@ -1355,5 +1410,83 @@ mod tests {
         )
         .into_owned();
         assert_eq!(fs.path_of(ino_of(b"d07/f123")), path);
+    }
+
+    #[test]
+    fn a_directory_the_kernel_forgets_loses_its_record() {
+        let src = tempfile::tempdir().unwrap();
+        for d in 0..3 {
+            let dir = src.path().join(format!("d{d}"));
+            std::fs::create_dir(&dir).unwrap();
+            for f in 0..50 {
+                std::fs::write(dir.join(format!("f{f:02}")), format!("{d}/{f}")).unwrap();
+            }
+        }
+        std::fs::hard_link(src.path().join("d1/f00"), src.path().join("d2/link")).unwrap();
+        let (store, _mem) = memory_store(src.path(), vec![]);
+        let fs = SnapshotFs::new(
+            store,
+            MountConfig {
+                cache_bytes: 8 << 20,
+                root: None,
+            },
+        )
+        .unwrap();
+        // As the kernel does: every inode it is given counts.
+        let look = |parent: u64, name: &[u8]| {
+            let a = fs.lookup(parent, name).unwrap();
+            fs.remembered(a.ino, a.kind);
+            a
+        };
+        let (_, root) = fs.readdir(ROOT).unwrap();
+        let id = root
+            .iter()
+            .find(|e| e.name.len() == 8)
+            .unwrap()
+            .name
+            .to_vec();
+        let mut top = look(ROOT, &id).ino;
+        for c in crate::store::tree::components(src.path().as_os_str().as_encoded_bytes()) {
+            top = look(top, c).ino;
+        }
+        let d0 = look(top, b"d0");
+        let before = look(d0.ino, b"f07");
+        let (kept, _) = fs.dir_records();
+        // Looked up twice: one forget of one lookup is not enough.
+        look(top, b"d0");
+        fs.forget(d0.ino, 1);
+        assert_eq!(fs.dir_records(), (kept, 0));
+        fs.forget(d0.ino, 1);
+        assert_eq!(fs.dir_records(), (kept - 1, 1));
+        // Looked up again: the same directory, its entries numbered anew, the same contents.
+        let again = look(top, b"d0");
+        assert_eq!(again.ino, d0.ino);
+        let after = look(d0.ino, b"f07");
+        assert_eq!(
+            Attr {
+                ino: 0,
+                ..after.clone()
+            },
+            Attr {
+                ino: 0,
+                ..before.clone()
+            }
+        );
+        assert_eq!(fs.read_ino(after.ino, 0, 100).unwrap(), b"0/7");
+        assert!(fs.path_of(after.ino).ends_with("/d0/f07"));
+        // A directory holding hard links keeps its record: other entries carry its numbers.
+        let d1 = look(top, b"d1");
+        let d2 = look(top, b"d2");
+        let link = look(d2.ino, b"link");
+        assert_eq!(link.ino, look(d1.ino, b"f00").ino);
+        let (kept, dropped) = fs.dir_records();
+        fs.forget(d1.ino, 1);
+        fs.forget(d2.ino, 1);
+        assert_eq!(fs.dir_records(), (kept, dropped));
+        assert_eq!(fs.read_ino(link.ino, 0, 100).unwrap(), b"1/0");
+        // Forgetting what was never counted changes nothing.
+        fs.forget(ROOT, 5);
+        fs.forget(u64::MAX, 1);
+        assert_eq!(fs.dir_records(), (kept, dropped));
     }
 }
