@@ -15,7 +15,8 @@
 //! - Transport faults through tests/common/faultproxy.rs: connections cut, and links stalled,
 //!   at seeded points of a backup's or a restore's traffic, of a `sync` to an SFTP store, a
 //!   `check`, a restore onto an SFTP destination, a backup of an SFTP source and reads through
-//!   a mount, and a link that goes down for good or silent. Each command completes, or fails
+//!   a mount, `rm` and maintenance (also cut at each step of its write order), and a link that
+//!   goes down for good or silent. Each command completes, or fails
 //!   with exit 9 and one line, within [`BOUND`]; then `check` passes and a re-run completes
 //!   (a mount answers EIO, then serves again). `KLOSET_FAULT_SEED=N` reruns one schedule.
 //! - Crashes: the lock file a backup killed with SIGKILL leaves is removed by the next command
@@ -29,7 +30,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::sshd::Sshd;
-use common::tree::is_root;
+use common::tree::{copy_all, is_root};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_kloset"))
@@ -373,9 +374,25 @@ fn proxy_url(p: &Proxy, path: &Path) -> String {
 
 /// Run kloset, killing it and failing the test if it runs longer than [`BOUND`].
 fn run_bounded(sshd: &Sshd, args: &[&str]) -> (Option<i32>, String, String) {
+    run_bounded_stopping(sshd, args, None)
+}
+
+/// What to do when a command stops at a debug point: (the point, what to do there).
+type AtStop<'a> = (&'a str, &'a mut dyn FnMut());
+
+/// [`run_bounded`], with `KLOSET_DEBUG_STOP_AT` set to `stop`'s point: the first time the
+/// command stops there (SIGSTOP), `stop`'s function runs, then the command goes on (SIGCONT).
+fn run_bounded_stopping(
+    sshd: &Sshd,
+    args: &[&str],
+    mut stop: Option<AtStop>,
+) -> (Option<i32>, String, String) {
     use std::process::Stdio;
-    let mut child = sshd
-        .cmd(bin())
+    let mut cmd = sshd.cmd(bin());
+    if let Some((point, _)) = &stop {
+        cmd.env("KLOSET_DEBUG_STOP_AT", point);
+    }
+    let mut child = cmd
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -402,11 +419,24 @@ fn run_bounded(sshd: &Sshd, args: &[&str]) -> (Option<i32>, String, String) {
             let _ = child.wait();
             panic!("kloset {args:?} hung: still running after {BOUND:?}");
         }
+        if stopped(child.id())
+            && let Some((_, f)) = stop.take()
+        {
+            f();
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+        }
         std::thread::sleep(Duration::from_millis(50));
     };
     let (out, err) = (out_t.join().unwrap(), err_t.join().unwrap());
     assert!(!err.contains("panicked"), "kloset panicked: {err}");
     (status.code(), out, err)
+}
+
+/// Is process `pid` stopped (state `T` in /proc)?
+fn stopped(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().unwrap_or("").trim().starts_with('T'))
 }
 
 /// Seeds to run: `KLOSET_FAULT_SEED=N` reruns one schedule; otherwise `n` fixed ones.
@@ -1355,6 +1385,329 @@ fn mount_reads_over_a_link_cut_at_seeded_points_and_down_for_good() {
     );
     drop(m);
     assert!(!mounted_at(&top.path().join("mnt")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// `rm` and maintenance over a link cut at seeded points, and over a link gone silent.
+
+/// A command's connection cut just after it is set up, and the connection that replaces it cut
+/// at each point of its first 2.8 KB from the server (the SSH handshake, the login, the start of
+/// SFTP): the command connects again and completes. A cut during the login was taken for a key
+/// the server rejected: no retry, exit 9 and a line telling the user to add the key to
+/// authorized_keys (found by `maintenance_over_a_link_cut_at_seeded_points`, `rm` of seed 2).
+#[test]
+fn a_connection_cut_during_the_ssh_login_is_retried() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let repo = sshd.remote_dir("login-cuts");
+    ok(&sshd, &["at", &sshd.url(&repo), "create"]);
+    let store = proxy_url(&proxy, &repo);
+    let cut = |n: u64| (Default::default(), common::faultproxy::Rules::cut_after(n));
+    let (mut cuts, points) = (0, (300..2_800u32).step_by(150));
+    let tried = points.len();
+    for at in points {
+        let mut plan = proxy.plan();
+        *plan = Default::default();
+        let n = proxy.next_conn();
+        // The first connection is set up after about 2.8 KB down.
+        plan.per_conn.insert(n, cut(3_000));
+        plan.per_conn.insert(n + 1, cut(at.into()));
+        drop(plan);
+        let before = proxy.stats().cuts();
+        let (code, _, err) = run_bounded(&sshd, &["at", &store, "ls"]);
+        cuts += proxy.stats().cuts() - before;
+        assert_eq!(
+            code,
+            Some(0),
+            "second connection cut after {at} B down: {}",
+            err.trim()
+        );
+    }
+    eprintln!("{cuts} connections cut, {tried} in their set-up; every command completed");
+    assert!(cuts >= 2 * tried, "too few cuts landed");
+}
+
+/// Backups in [`ToMaintain`]'s store.
+const ROUNDS: usize = 5;
+
+/// An SFTP store for `rm` and maintenance: [`ROUNDS`] backups of a tree that changes each
+/// round, so that what `rm -keep-last 2` removes leaves packs partly or wholly unused; an
+/// `rm -keep-last 4` and a first maintenance have already condemned some (the next run deletes
+/// them). Each run under faults works on a copy.
+struct ToMaintain {
+    _top: tempfile::TempDir,
+    /// The store's directory on the server.
+    repo: PathBuf,
+    /// Each snapshot's id and a copy of the tree it was taken of, oldest first.
+    snaps: Vec<(String, PathBuf)>,
+}
+
+impl ToMaintain {
+    fn new(sshd: &Sshd) -> ToMaintain {
+        let top = tempfile::tempdir().unwrap();
+        let src = top.path().join("src");
+        big_tree(&src, 4);
+        let repo = sshd.remote_dir("to-maintain");
+        let store = sshd.url(&repo);
+        ok(sshd, &["at", &store, "create"]);
+        let mut snaps = Vec::new();
+        for r in 0..ROUNDS as u64 {
+            // 1 MiB new each round, the file of two rounds ago gone, a small file changed.
+            fs::write(src.join(format!("round-{r}")), noise(5000 + r, 1 << 20)).unwrap();
+            if r >= 2 {
+                fs::remove_file(src.join(format!("round-{}", r - 2))).unwrap();
+            }
+            fs::write(src.join("sub/small0"), format!("as of round {r}\n")).unwrap();
+            let id = ok(
+                sshd,
+                &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+            );
+            let state = top.path().join(format!("state-{r}"));
+            copy_all(&src, &state);
+            snaps.push((id.trim().to_string(), state));
+        }
+        let keep = (ROUNDS - 1).to_string();
+        ok(sshd, &["-quiet", "at", &store, "rm", "-keep-last", &keep]);
+        ok(
+            sshd,
+            &["-quiet", "at", &store, "maintenance", "-grace", "0"],
+        );
+        ToMaintain {
+            _top: top,
+            repo,
+            snaps,
+        }
+    }
+
+    /// A fresh copy of the store, reached through `proxy`: (its directory, its URL).
+    fn copy(&self, sshd: &Sshd, proxy: &Proxy) -> (PathBuf, String) {
+        let dir = sshd.remote_dir("maintained");
+        copy_all(&self.repo, &dir);
+        let url = proxy_url(proxy, &dir);
+        (dir, url)
+    }
+
+    /// The snapshots `store` lists, by position in `snaps`.
+    fn listed(&self, sshd: &Sshd, store: &str) -> Vec<usize> {
+        let (code, out, err) = run_bounded(sshd, &["at", store, "ls"]);
+        assert_eq!(code, Some(0), "ls: {err}");
+        (0..self.snaps.len())
+            .filter(|&i| out.contains(&self.snaps[i].0[..8]))
+            .collect()
+    }
+
+    /// What `rm -keep-last 2` keeps.
+    fn kept(&self) -> Vec<usize> {
+        (ROUNDS - 2..ROUNDS).collect()
+    }
+
+    /// Over a clean link, after a maintenance run `maint` (args after the store) that
+    /// completed or failed: `check` passes, `maint` runs again to the end, `check` passes
+    /// again, and the kept snapshots are listed and restore exactly.
+    fn assert_sound(&self, sshd: &Sshd, store: &str, maint: &[&str], what: &str) {
+        let mut args = vec!["-quiet", "at", store];
+        args.extend_from_slice(maint);
+        for step in ["check", "re-run", "check"] {
+            let (code, _, err) = if step == "check" {
+                run_bounded(sshd, &["at", store, "check"])
+            } else {
+                run_bounded(sshd, &args)
+            };
+            assert_eq!(code, Some(0), "{what} {step} over a clean link: {err}");
+        }
+        assert_eq!(self.listed(sshd, store), self.kept(), "{what}");
+        let dst = tempfile::tempdir().unwrap();
+        for i in self.kept() {
+            let (id, state) = &self.snaps[i];
+            let to = dst.path().join(&id[..8]);
+            let to_s = to.to_str().unwrap();
+            let (code, _, err) =
+                run_bounded(sshd, &["-quiet", "at", store, "restore", "-to", to_s, id]);
+            assert_eq!(code, Some(0), "{what} restore of {id}: {err}");
+            assert_same_files(state, &to);
+        }
+    }
+}
+
+/// Run `args` (with `stop` as in [`run_bounded_stopping`]) under the cuts `sched` set on
+/// `proxy`, printing the cuts made, the traffic, the
+/// outcome and the time; then clear the plan. True if it completed, false if it failed with
+/// exit 9 in one line; anything else fails the test.
+fn outcome_under_cuts(
+    sshd: &Sshd,
+    proxy: &Proxy,
+    sched: &str,
+    args: &[&str],
+    stop: Option<AtStop>,
+) -> bool {
+    let (cuts, up, down) = (
+        proxy.stats().cuts(),
+        proxy.stats().bytes(Dir::Up),
+        proxy.stats().bytes(Dir::Down),
+    );
+    let started = Instant::now();
+    let (code, _, err) = run_bounded_stopping(sshd, args, stop);
+    let took = started.elapsed();
+    eprintln!(
+        "{sched} {} cut(s) happened, {} B up, {} B down; exit {code:?} after {took:.1?} {}",
+        proxy.stats().cuts() - cuts,
+        proxy.stats().bytes(Dir::Up) - up,
+        proxy.stats().bytes(Dir::Down) - down,
+        err.trim()
+    );
+    proxy.set_plan(Default::default());
+    survived_or_unreachable(sched, code, &err)
+}
+
+/// Cut points of `rm`'s traffic are below this many bytes (a clean run moves about 4,800 B up
+/// and 7,500 B down, the SSH handshake's 3–4 KB included).
+const RM_CUTS_BELOW: u64 = 6_000;
+/// The same for maintenance (a clean run moves about 7.4 MB each way).
+const MAINTENANCE_CUTS_BELOW: u64 = 7_000_000;
+/// Points of maintenance's write order (docs/FORMAT.md §15) at which every connection is cut as
+/// well, one per seed: after the new packs (a), after their index files (b), after the
+/// `condemned/` file (c), after removing old index files (d), between two pack deletions (e).
+const MAINTENANCE_STEPS: [&str; 5] = [
+    "maintenance-repacked",
+    "maintenance-deleting",
+    "maintenance-marked",
+    "maintenance-unindexed",
+    "maintenance-indexed",
+];
+
+/// `rm -keep-last 2`, then maintenance (`-grace 0 -max-unused 0`, with `-now` for half the
+/// seeds), each over a link cut at 1–3 seeded points (up for odd seeds, down for even ones),
+/// on a fresh copy of a store whose maintenance has a condemned pack to delete and small packs
+/// to merge; maintenance's connections are also all cut at one step of its write order. `rm`
+/// completes or exits 9 in one line, leaving every kept snapshot and removing none but those
+/// it was told to; maintenance completes or exits 9 in one line. Then, over a clean link,
+/// `check` passes, maintenance runs again to the end, and the kept snapshots restore exactly.
+#[test]
+fn maintenance_over_a_link_cut_at_seeded_points() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let m = ToMaintain::new(&sshd);
+    let before: Vec<usize> = (1..ROUNDS).collect();
+    // [rm, maintenance] × [completed, exit 9]
+    let mut outcomes = [[0; 2]; 2];
+    let mut steps_cut = 0;
+    for seed in seeds(4) {
+        let (dir, store) = m.copy(&sshd, &proxy);
+        let rm = ["-quiet", "at", &store, "rm", "-keep-last", "2"];
+        let sched = format!("rm {}", seeded_cuts_either_way(&proxy, seed, RM_CUTS_BELOW));
+        let done = outcome_under_cuts(&sshd, &proxy, &sched, &rm, None);
+        outcomes[0][usize::from(!done)] += 1;
+        let left = m.listed(&sshd, &store);
+        if done {
+            assert_eq!(left, m.kept(), "{sched} rm completed");
+        } else {
+            // rm removes snapshot files one by one: those it had not reached are still there.
+            assert!(
+                m.kept().iter().all(|i| left.contains(i))
+                    && left.iter().all(|i| before.contains(i)),
+                "{sched} rm failed leaving snapshots {left:?} (before {before:?}, after {:?})",
+                m.kept()
+            );
+            let (code, _, err) = run_bounded(&sshd, &rm);
+            assert_eq!(code, Some(0), "{sched} rm re-run: {err}");
+            assert_eq!(m.listed(&sshd, &store), m.kept(), "{sched} rm re-run");
+        }
+
+        let mut maint = vec!["maintenance", "-grace", "0", "-max-unused", "0"];
+        if seed % 4 >= 2 {
+            maint.push("-now");
+        }
+        let mut args = vec!["-quiet", "at", &store];
+        args.extend_from_slice(&maint);
+        let step = MAINTENANCE_STEPS[seed as usize % MAINTENANCE_STEPS.len()];
+        let sched = format!(
+            "{} with every connection cut at {step}, and {}",
+            maint.join(" "),
+            seeded_cuts_either_way(&proxy, seed, MAINTENANCE_CUTS_BELOW)
+        );
+        let mut cut_all = || {
+            proxy.cut_all();
+            steps_cut += 1;
+        };
+        let done = outcome_under_cuts(&sshd, &proxy, &sched, &args, Some((step, &mut cut_all)));
+        outcomes[1][usize::from(!done)] += 1;
+        m.assert_sound(&sshd, &store, &maint, &sched);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+    eprintln!(
+        "under cuts: rm {} completed, {} exit 9; maintenance {} completed, {} exit 9, {steps_cut} cut at a write step; {} cuts injected",
+        outcomes[0][0],
+        outcomes[0][1],
+        outcomes[1][0],
+        outcomes[1][1],
+        proxy.stats().cuts()
+    );
+    assert!(
+        proxy.stats().cuts() >= 2 * seeds(4).len(),
+        "too few cuts landed"
+    );
+}
+
+/// `rm` and maintenance (with and without `-now`) with `-o timeout=3s` over a link that goes
+/// silent for good (nothing forwarded, nothing closed) at a point of the run: after `rm`'s first
+/// removal, before maintenance reads anything, after its `condemned/` file, between two pack
+/// deletions. Each ends with exit 9 and one line within 60 s; then, over a clean link, `check`
+/// passes, a re-run completes, and the kept snapshots restore exactly.
+#[test]
+fn maintenance_and_rm_when_the_link_goes_silent() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let m = ToMaintain::new(&sshd);
+    let maint = ["maintenance", "-grace", "0", "-max-unused", "0"];
+    let now = ["maintenance", "-grace", "0", "-max-unused", "0", "-now"];
+    let runs: [(&[&str], &str); 4] = [
+        (&["rm", "-keep-last", "2"], "rm-removed"),
+        (&maint, "maintenance-locked"),
+        (&maint, "maintenance-marked"),
+        (&now, "maintenance-deleting"),
+    ];
+    for (verb, point) in runs {
+        let (dir, store) = m.copy(&sshd, &proxy);
+        if verb[0] == "maintenance" {
+            ok(&sshd, &["-quiet", "at", &store, "rm", "-keep-last", "2"]);
+        }
+        proxy.set_plan(Default::default());
+        let mut args = vec!["-quiet", "-o", "timeout=3s", "at", &store];
+        args.extend_from_slice(verb);
+        let mut silenced = None;
+        let mut silence = || {
+            proxy.plan().stall_until = Some(Instant::now() + Duration::from_secs(3600));
+            silenced = Some(Instant::now());
+        };
+        let (code, _, err) = run_bounded_stopping(&sshd, &args, Some((point, &mut silence)));
+        let silenced = silenced.unwrap_or_else(|| panic!("{verb:?} never reached {point}"));
+        let took = silenced.elapsed();
+        eprintln!(
+            "{verb:?} silent from {point}: exit {code:?} after {took:.1?}: {}",
+            err.trim()
+        );
+        assert_eq!(code, Some(9), "{verb:?} silent from {point}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{verb:?}: not one line: {err}"
+        );
+        assert!(took < Duration::from_secs(60), "{verb:?} took {took:?}");
+        proxy.set_plan(Default::default());
+        let what = format!("after {verb:?} went silent from {point}");
+        if verb[0] == "rm" {
+            let (code, _, err) = run_bounded(&sshd, &["at", &store, "check"]);
+            assert_eq!(code, Some(0), "check {what}: {err}");
+            let mut args = vec!["-quiet", "at", &store];
+            args.extend_from_slice(verb);
+            let (code, _, err) = run_bounded(&sshd, &args);
+            assert_eq!(code, Some(0), "rm re-run {what}: {err}");
+            m.assert_sound(&sshd, &store, &maint, &what);
+        } else {
+            m.assert_sound(&sshd, &store, verb, &what);
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::sshd::Sshd;
+use common::tree::copy_all;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_kloset"))
@@ -427,17 +428,6 @@ fn two_maintenance_runs_exclude_each_other_and_now_waits_for_leases() {
     );
 }
 
-/// Copy a store directory (the server's files are local).
-fn copy_dir(from: &Path, to: &Path) {
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 #[test]
 fn maintenance_killed_at_every_step_leaves_a_store_that_checks_clean() {
     let Some(sshd) = fixture() else { return };
@@ -458,7 +448,7 @@ fn maintenance_killed_at_every_step_leaves_a_store_that_checks_clean() {
     for (n, point) in points.iter().enumerate() {
         for now in [false, true] {
             let dir = sshd.remote_dir(&format!("killed-{n}-{now}"));
-            copy_dir(&s.store_dir, &dir);
+            copy_all(&s.store_dir, &dir);
             let url = sshd.url(&dir);
             let mut args = vec![
                 "-q",

@@ -12,6 +12,7 @@ use jiff::tz::TimeZone;
 
 use super::{Ctx, ExitWith, exit, stdout_write, time};
 use crate::store::backend::FileType;
+use crate::store::error::ErrorKind;
 use crate::store::notice::escape;
 use crate::store::policy::{self, Count0, GroupBy, Policy};
 use crate::store::{SnapshotEntry, now_ns};
@@ -204,10 +205,20 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         .collect();
     let mut removed = Vec::new();
     let mut failed = Vec::new();
+    // With the server lost (or a reconnect refused for its host key), every removal left would
+    // wait as long and fail the same way: rm stops and says so in one line, with its exit code.
+    let mut lost = None;
     if !a.dry_run {
         for s in &removing {
             match store.backend().remove(FileType::Snapshot, &s.id) {
-                Ok(()) => removed.push(s.id.clone()),
+                Ok(()) => {
+                    removed.push(s.id.clone());
+                    crate::store::debug_point("rm-removed");
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::Unreachable | ErrorKind::HostKey) => {
+                    lost = Some(e);
+                    break;
+                }
                 Err(e) => failed.push(format!("snapshot {}: {e}", s.short())),
             }
         }
@@ -252,7 +263,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
             ));
         }
         stdout_write(out.as_bytes())?;
-        if !ctx.quiet {
+        if !ctx.quiet && lost.is_none() {
             let verb = if a.dry_run { "would remove" } else { "removed" };
             let n = if a.dry_run {
                 removing.len()
@@ -267,6 +278,18 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     }
     for f in &failed {
         eprintln!("kloset: not removed: {f}");
+    }
+    if let Some(e) = lost {
+        let kind = e.kind();
+        return Err(crate::store::Error::Connector(
+            format!(
+                "{e}; rm removed {} of the {} snapshot(s) to remove before that: run it again for the rest",
+                removed.len(),
+                removing.len()
+            ),
+            kind,
+        )
+        .into());
     }
     Ok(if failed.is_empty() {
         exit::OK

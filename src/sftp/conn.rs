@@ -504,6 +504,25 @@ fn authenticate(sess: &Session, t: &Target) -> Result<(), Error> {
     ))
 }
 
+/// Has the server's end of this TCP connection gone (closed or reset)? Asked without waiting
+/// and without taking anything from the socket (libssh2 keeps it non-blocking anyway).
+fn socket_gone(tcp: &TcpStream) -> bool {
+    use std::io::ErrorKind::{Interrupted, WouldBlock};
+    if tcp.set_nonblocking(true).is_err() {
+        return true;
+    }
+    match tcp.peek(&mut [0u8; 1]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), WouldBlock | Interrupted),
+    }
+}
+
+/// Did the last login attempt wait the whole timeout for the server?
+fn login_timed_out(sess: &Session) -> bool {
+    ssh2::Error::last_session_error(sess).is_some_and(|e| e.code() == ssh2::ErrorCode::Session(-9))
+}
+
 /// Open one connection: TCP, handshake, host key check, authentication, SFTP.
 pub fn connect(t: &Target) -> Result<Conn, Error> {
     let _t = crate::trace::span("ssh connect");
@@ -561,7 +580,19 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
         }
     })?;
     check_host_key(&sess, t)?;
-    authenticate(&sess, t)?;
+    let login_timeout = t.connect_timeout.min(t.timeout);
+    authenticate(&sess, t).map_err(|e| match e {
+        // A key "rejected" because the connection was cut under it, or because the server
+        // went silent, was not rejected: the connection failed (retried like any other).
+        Error::Auth(..) if login_timed_out(&sess) => {
+            Error::Timeout(t.display(), "the SSH login".into(), login_timeout)
+        }
+        Error::Auth(..) if cut.as_ref().is_some_and(socket_gone) => Error::Connect(
+            t.display(),
+            "the connection was lost during the SSH login".into(),
+        ),
+        e => e,
+    })?;
     // Every blocking libssh2 call (requests, reads, writes, closing a handle, the SFTP
     // shutdown when a connection is dropped) fails with LIBSSH2_ERROR_TIMEOUT once the
     // server has not let it finish for `timeout`. libssh2 checks that time only while the next
@@ -577,6 +608,11 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
     let sftp = sess.sftp().map_err(|e| {
         if e.code() == ssh2::ErrorCode::Session(-9) {
             Error::Timeout(t.display(), "starting the SFTP subsystem".into(), t.timeout)
+        } else if cut.as_ref().is_some_and(socket_gone) {
+            Error::Connect(
+                t.display(),
+                format!("the connection was lost while starting the SFTP subsystem: {e}"),
+            )
         } else {
             Error::Connect(
                 t.display(),

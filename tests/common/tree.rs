@@ -16,6 +16,17 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
+/// `cp -a from to`: a copy of a directory (a store's directory on the loopback server is a local
+/// one), with modes and times.
+pub fn copy_all(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}
 
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
