@@ -256,7 +256,44 @@ fn remote_source_and_destination(sshd: Sshd) {
     // written anew (only a restore resuming its own unfinished run skips files).
     let out = run(&sshd, &["at", store, "restore", "-to", &dst_url, id]);
     assert!(out.status.success());
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("already complete"));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("already there"));
+    assert_same_tree(&data, &dst);
+
+    // Asked to (`-overwrite if-changed`, rsync's quick check): files of the snapshot's size
+    // and mtime are left, from one listing per directory; the rest is put right.
+    fs::set_permissions(
+        dst.join("www/index.html"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let grown = dst.join("www/css/site.css");
+    fs::write(&grown, b"body { color: red } and more\n").unwrap();
+    let quick = [
+        "at",
+        store,
+        "restore",
+        "-overwrite",
+        "if-changed",
+        "-to",
+        &dst_url,
+        id,
+    ];
+    let out = run(&sshd, &quick);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("; 5 files were already there as in the snapshot"),
+        "{err}"
+    );
+    assert!(!err.contains("resumed"), "{err}");
+    assert_same_tree(&data, &dst);
+    let again = run(&sshd, &quick);
+    assert!(
+        String::from_utf8_lossy(&again.stderr)
+            .contains("; 6 files were already there as in the snapshot"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     assert_same_tree(&data, &dst);
 
     // Things in the way on the server: replaced, a symlink never written through.

@@ -20,8 +20,21 @@ pub struct Args {
     /// sftp://[user@]host[:port]/path, or @NAME (a named destination).
     #[arg(long, value_name = "DIR")]
     pub to: Option<String>,
+    /// What to do with a file already at the destination: `always` writes it anew (the
+    /// default: what is there is not trusted, unless this is a restore kloset started there and
+    /// did not finish, which resumes); `if-changed` leaves a regular file whose size and
+    /// modification time are the snapshot's, as `rsync -a` does, and sets only its owner, mode
+    /// and times where they differ.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "always")]
+    pub overwrite: Overwrite,
     /// SNAP or SNAP:PATH.
     pub target: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overwrite {
+    Always,
+    IfChanged,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
@@ -44,7 +57,8 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     // Only a restore that resumes one kloset started (and did not finish) into the same place
     // trusts files it finds there; see `ResumeMarker`.
     let marker = ResumeMarker::new(&dest.describe(), &s.id, path.map(str::as_bytes));
-    let resume = marker.as_ref().is_some_and(ResumeMarker::exists);
+    let resumed = marker.as_ref().is_some_and(ResumeMarker::exists);
+    let resume = resumed || a.overwrite == Overwrite::IfChanged;
     if let Some(m) = &marker {
         m.create();
     }
@@ -75,7 +89,10 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
                 s.short(),
                 dest.describe(),
                 if rep.skipped > 0 {
-                    format!("; {} files were already complete", rep.skipped)
+                    format!(
+                        "; {} files were already there as in the snapshot",
+                        rep.skipped
+                    )
                 } else {
                     String::new()
                 }
@@ -121,8 +138,13 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
             dest.describe(),
             if rep.skipped > 0 {
                 format!(
-                    "; {} files were already complete (this restore resumed an unfinished one)",
-                    rep.skipped
+                    "; {} files were already there as in the snapshot{}",
+                    rep.skipped,
+                    if resumed {
+                        " (this restore resumed an unfinished one)"
+                    } else {
+                        ""
+                    }
                 )
             } else {
                 String::new()

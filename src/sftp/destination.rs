@@ -26,7 +26,7 @@
 //! OpenSSH's `lsetstat@openssh.com`). What remains is a race with someone swapping a checked
 //! directory for a symlink while the restore runs; the protocol offers no way to close it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -55,6 +55,54 @@ pub struct SftpDestination {
     dirs: Mutex<HashSet<Vec<u8>>>,
     /// How this server reads SSH_FXP_SYMLINK, once the first symlink has asked.
     symlink_order: Mutex<Option<SymlinkOrder>>,
+    /// What the last directories listed hold, for a restore resuming over what is there:
+    /// one READDIR per directory answers [`Destination::is_complete`] and
+    /// [`Destination::metadata_current`] for all its files, where an LSTAT per file (and
+    /// another before each SETSTAT) took a round trip each.
+    listings: Mutex<lru::LruCache<Vec<u8>, Arc<Listing>>>,
+    /// The server refused to set owners (we are not root there): owners are not compared.
+    owners_refused: AtomicBool,
+}
+
+/// Directory listings kept at once.
+const LISTINGS: usize = 16;
+/// A directory listing more entries, or longer names in all, than these is not kept: its
+/// files are looked at one by one. Together they bound what a server's listings can make us
+/// hold (about 16 × 14 MB at worst, however the server answers).
+const MAX_LISTED: usize = 100_000;
+const MAX_LISTED_BYTES: usize = 4 << 20;
+
+/// The attributes a READDIR gave for each name of a directory (`None`: not listed, because
+/// too big or unreadable).
+type Listing = Option<HashMap<Vec<u8>, Seen>>;
+
+/// What a listing says of an entry (the server's LSTAT of it).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    file: bool,
+    size: Option<u64>,
+    perm: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    mtime: Option<u64>,
+}
+
+impl Seen {
+    fn of(st: &FileStat) -> Seen {
+        Seen {
+            file: st.is_file(),
+            size: st.size,
+            perm: st.perm,
+            uid: st.uid,
+            gid: st.gid,
+            mtime: st.mtime,
+        }
+    }
+    fn complete(&self, node: &Node) -> bool {
+        self.file
+            && self.size == Some(node.size)
+            && self.mtime == Some(node.mtime.sec.max(0) as u64)
+    }
 }
 
 /// Which of SSH_FXP_SYMLINK's two paths a server takes as the new link.
@@ -120,7 +168,69 @@ impl SftpDestination {
             fresh: AtomicBool::new(false),
             dirs: Mutex::new(HashSet::new()),
             symlink_order: Mutex::new(None),
+            listings: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(LISTINGS).expect("non-zero"),
+            )),
+            owners_refused: AtomicBool::new(false),
         })
+    }
+
+    /// What the destination's listing of `path`'s directory says of it: from the last
+    /// listings kept, or one READDIR. `None` when the directory could not be listed whole
+    /// (the caller looks at the entry itself).
+    fn seen(&self, path: &[u8]) -> Option<Option<Seen>> {
+        let (dir, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&b""[..], path),
+        };
+        let cached = self.listings.lock().get(dir).cloned();
+        let listing = match cached {
+            Some(l) => l,
+            None => {
+                let l = Arc::new(self.list(dir));
+                self.listings.lock().put(dir.to_vec(), l.clone());
+                l
+            }
+        };
+        listing.as_ref().as_ref().map(|m| m.get(name).copied())
+    }
+
+    /// One READDIR of directory `rel` (a symlink there is not listed through). A directory
+    /// not there yet lists as empty.
+    fn list(&self, rel: &[u8]) -> Listing {
+        let p = self.path(rel);
+        self.pool
+            .run(&self.what(rel), |c| {
+                self.check_parents(c, rel)?;
+                if !rel.is_empty() {
+                    match c.sftp.lstat(&p).map_err(io) {
+                        Ok(st) if st.is_dir() => {}
+                        Ok(_) => return Ok(None),
+                        Err(e) if not_found(&e) => return Ok(Some(HashMap::new())),
+                        Err(e) => return Err(e),
+                    }
+                }
+                let mut dir = c.sftp.opendir(&p).map_err(io)?;
+                let mut out = HashMap::new();
+                let mut bytes = 0;
+                loop {
+                    let (name, st) = match dir.readdir() {
+                        Ok(e) => e,
+                        // LIBSSH2_ERROR_FILE: the end of the listing.
+                        Err(e) if e.code() == ssh2::ErrorCode::Session(-16) => break,
+                        Err(e) => return Err(c.fail(io(e))),
+                    };
+                    let name = name.as_os_str().as_bytes();
+                    bytes += name.len();
+                    if out.len() >= MAX_LISTED || bytes > MAX_LISTED_BYTES {
+                        return Ok(None);
+                    }
+                    out.insert(name.to_vec(), Seen::of(&st));
+                }
+                Ok(Some(out))
+            })
+            .ok()
+            .flatten()
     }
 
     /// How this server reads SSH_FXP_SYMLINK: probed in the destination's root the first
@@ -234,6 +344,9 @@ impl Destination for SftpDestination {
     }
 
     fn is_complete(&self, path: &[u8], node: &Node) -> bool {
+        if let Some(seen) = self.seen(path) {
+            return seen.is_some_and(|s| s.complete(node));
+        }
         let p = self.path(path);
         self.pool
             .run(&self.what(path), |c| Ok(c.sftp.lstat(&p).ok()))
@@ -355,6 +468,15 @@ impl Destination for SftpDestination {
         )))
     }
 
+    fn metadata_current(&self, path: &[u8], node: &Node) -> bool {
+        let Some(Some(s)) = self.seen(path) else {
+            return false;
+        };
+        let owners = self.owners_refused.load(Ordering::Relaxed)
+            || (s.uid == Some(node.uid) && s.gid == Some(node.gid));
+        s.complete(node) && s.perm.map(|m| m & 0o7777) == Some(node.mode & 0o7777) && owners
+    }
+
     fn set_metadata(&self, path: &[u8], node: &Node) -> Result<()> {
         if node.kind == NodeKind::Symlink {
             // SETSTAT follows symlinks; there is no lsetstat in SFTP v3.
@@ -384,7 +506,11 @@ impl Destination for SftpDestination {
                 Err(e) if super::timed_out(&e) => return Err(e),
                 Err(_) => {}
             }
-            c.sftp.setstat(&p, stat_mode_times(node)).map_err(|e| {
+            let refused = c.sftp.setstat(&p, stat_mode_times(node));
+            if refused.is_ok() {
+                self.owners_refused.store(true, Ordering::Relaxed);
+            }
+            refused.map_err(|e| {
                 let e = io(e);
                 if not_found(&e) {
                     e

@@ -40,6 +40,12 @@ pub trait Destination: Send + Sync {
     fn special(&self, path: &[u8], node: &Node) -> Result<()>;
     /// Apply mode, owner (when permitted), xattrs and times.
     fn set_metadata(&self, path: &[u8], node: &Node) -> Result<()>;
+    /// Whether a file [`Destination::is_complete`] found also has the node's mode, owners and
+    /// mtime already, so [`Destination::set_metadata`] can be skipped. `false` when not known
+    /// without asking (the default: it is set again).
+    fn metadata_current(&self, _path: &[u8], _node: &Node) -> bool {
+        false
+    }
     /// Create a file with all its content and metadata at once (files of one chunk, the
     /// common case: one round trip sequence instead of three on a remote destination).
     fn write_whole(&self, path: &[u8], data: &[u8], node: &Node) -> Result<()> {

@@ -25,10 +25,11 @@ use super::tree::{Node, NodeKind, join};
 pub struct RestoreOptions {
     /// Worker threads (0: one per core, at least 4 so reads and writes overlap).
     pub workers: usize,
-    /// This restore resumes one kloset started into the same destination and did not finish
-    /// (the caller knows: see `cli::restore`'s marker). Only then are files already there with
-    /// the snapshot's size and mtime taken as complete and not written again; their owner,
-    /// mode and times are set again all the same. Otherwise every file is written anew.
+    /// Files already there with the snapshot's size and mtime are taken as complete and not
+    /// written again (their owner, mode and times are set again unless the destination knows
+    /// them to be current). The caller sets it when this restore resumes one kloset started
+    /// into the same destination and did not finish (see `cli::restore`'s marker), or when the
+    /// user asked for it (`-overwrite if-changed`). Otherwise every file is written anew.
     pub resume: bool,
 }
 
@@ -198,12 +199,15 @@ pub fn run(
                 }
                 report.files += 1;
                 // Nothing can be complete in a directory this restore just created, and only a
-                // restore resuming its own earlier run trusts what it finds.
+                // restore resuming its own earlier run (or told to) trusts what it finds.
                 if opts.resume && !created_root && dest.is_complete(&e.rel, &e.node) {
                     report.skipped += 1;
                     progress.files.fetch_add(1, Ordering::Relaxed);
-                    // Content as it was left; owner, mode and times set again in any case.
-                    if let Err(err) = dest.set_metadata(&e.rel, &e.node) {
+                    // Content as it was left; owner, mode and times set again unless the
+                    // destination already knows them to be as in the snapshot.
+                    if !dest.metadata_current(&e.rel, &e.node)
+                        && let Err(err) = dest.set_metadata(&e.rel, &e.node)
+                    {
                         report.errors.push((e.rel.clone(), err.to_string()));
                     }
                     continue;
