@@ -270,6 +270,88 @@ fn rm_and_maintenance_shrink_an_sftp_store_close_to_a_fresh_one() {
 }
 
 #[test]
+fn rm_prune_removes_and_gives_space_back_in_one_command() {
+    let Some(sshd) = fixture() else { return };
+    let s = setup(&sshd, "prune", 5);
+    let before = du(&s.store_dir.join("packs"));
+    // maintenance's options need -prune.
+    let out = run(
+        &sshd,
+        &[],
+        &["at", &s.store, "rm", "-keep-last", "2", "-now"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(s.snaps.len(), snapshot_count(&sshd, &s.store));
+    // A dry run prints the plan of both and changes nothing.
+    let dry = ok(
+        &sshd,
+        &[],
+        &[
+            "at",
+            &s.store,
+            "rm",
+            "-keep-last",
+            "2",
+            "-prune",
+            "-now",
+            "-dry-run",
+            "-json",
+        ],
+    );
+    let dry: serde_json::Value = serde_json::from_str(&dry).unwrap();
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["maintenance"]["dry_run"], true, "{dry}");
+    assert_eq!(du(&s.store_dir.join("packs")), before);
+    assert_eq!(s.snaps.len(), snapshot_count(&sshd, &s.store));
+    // The real run: three snapshots removed, and with -now their data deleted at once.
+    let v = ok(
+        &sshd,
+        &[],
+        &[
+            "at",
+            &s.store,
+            "rm",
+            "-keep-last",
+            "2",
+            "-prune",
+            "-now",
+            "-max-unused",
+            "0",
+            "-json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["removed"], 3, "{v}");
+    assert!(v["maintenance"]["deleted"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["maintenance"]["waiting"], 0, "{v}");
+    assert!(du(&s.store_dir.join("packs")) < before);
+    let text = check_clean(&sshd, &s.store);
+    assert!(!text.contains("condemned"), "{text}");
+    for (id, m) in &s.snaps[3..] {
+        assert_restores(&sshd, &s.store, id, s.src.path(), m);
+    }
+    // In text, the rm table then maintenance's summary; nothing left to do.
+    let out = run(
+        &sshd,
+        &[],
+        &["at", &s.store, "rm", "-keep-last", "2", "-prune"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("keep") && text.contains("deleted:"), "{text}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("maintenance follows"),
+        "{out:?}"
+    );
+}
+
+fn snapshot_count(sshd: &Sshd, store: &str) -> usize {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(sshd, &[], &["at", store, "ls", "-json"])).unwrap();
+    v.as_array().expect("ls -json is an array").len()
+}
+
+#[test]
 fn a_backup_running_while_maintenance_condemns_and_deletes_keeps_its_data() {
     let Some(sshd) = fixture() else { return };
     let s = setup(&sshd, "concurrent", 3);

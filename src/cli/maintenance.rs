@@ -20,11 +20,11 @@ pub struct Args {
     pub dry_run: bool,
     /// Repack partly used packs while their unused bytes exceed this share of the packs
     /// (`5%`, `0.05`, `0` to repack all).
-    #[arg(long, value_name = "PERCENT", default_value = "5%")]
+    #[arg(long, value_name = "PERCENT", default_value = MAX_UNUSED)]
     pub max_unused: String,
     /// Delete a condemned pack only once it was condemned this long ago, by an earlier run
     /// (`24h`, `30m`, `0`).
-    #[arg(long, value_name = "DURATION", default_value = "24h")]
+    #[arg(long, value_name = "DURATION", default_value = GRACE)]
     pub grace: String,
     /// Delete unreferenced data at once, in this run. Refused while any other process holds a
     /// lease on the store: for a store one host uses.
@@ -34,6 +34,11 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 }
+
+/// `-max-unused`'s default.
+pub const MAX_UNUSED: &str = "5%";
+/// `-grace`'s default.
+pub const GRACE: &str = "24h";
 
 fn usage(msg: String) -> anyhow::Error {
     ExitWith(exit::USAGE, msg).into()
@@ -63,18 +68,27 @@ fn duration(s: &str) -> anyhow::Result<std::time::Duration> {
     humantime::parse_duration(s.trim()).map_err(|e| usage(format!("-grace {s:?}: {e}")))
 }
 
+/// Maintenance's options from its command-line values (also `rm -prune`'s).
+pub fn options(dry_run: bool, max_unused: &str, grace: &str, now: bool) -> anyhow::Result<Options> {
+    Ok(Options {
+        dry_run,
+        max_unused: fraction(max_unused)?,
+        grace: duration(grace)?,
+        now,
+    })
+}
+
+/// Take the maintenance lock on an open store and run maintenance.
+pub fn run_on(store: &Store, opts: &Options) -> anyhow::Result<Report> {
+    let lock = store.lock(false, MAINTENANCE)?;
+    Ok(maintenance::run(store, &lock, opts)?)
+}
+
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
-    let opts = Options {
-        dry_run: a.dry_run,
-        max_unused: fraction(&a.max_unused)?,
-        grace: duration(&a.grace)?,
-        now: a.now,
-    };
+    let opts = options(a.dry_run, &a.max_unused, &a.grace, a.now)?;
     let (b, p) = ctx.store_access()?;
     let store = Store::open_no_index(b, &|c| p.get(c))?;
-    let lock = store.lock(false, MAINTENANCE)?;
-    let r = maintenance::run(&store, &lock, &opts)?;
-    drop(lock);
+    let r = run_on(&store, &opts)?;
     if a.json {
         let mut v = serde_json::to_string_pretty(&r)?;
         v.push('\n');
@@ -86,7 +100,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
 }
 
 /// The plan (with `-dry-run`) or what was done, for people.
-fn summary(r: &Report) -> String {
+pub fn summary(r: &Report) -> String {
     let mut s = String::new();
     let verb = |done: &str, would: &str| if r.dry_run { would } else { done }.to_string();
     s += &format!(

@@ -3,14 +3,16 @@
 //! Parse the selection (snapshots named, filters) and the keep policy, decide with
 //! [`crate::store::policy`], print every considered snapshot with keep/remove and the rules
 //! that kept it, then remove the snapshot files (not with `-dry-run`). Only snapshot files are
-//! removed: the data they alone referenced stays in the store.
+//! removed: the data they alone referenced stays in the store, unless `-prune` runs
+//! `maintenance` right after in the same process (restic's `forget --prune`: one key
+//! derivation, one connection), with `-max-unused`, `-grace` and `-now` passed on to it.
 
 use std::collections::HashSet;
 
 use clap::Parser;
 use jiff::tz::TimeZone;
 
-use super::{Ctx, ExitWith, exit, stdout_write, time};
+use super::{Ctx, ExitWith, exit, maintenance, stdout_write, time};
 use crate::store::backend::FileType;
 use crate::store::error::ErrorKind;
 use crate::store::notice::escape;
@@ -69,6 +71,19 @@ pub struct Args {
     /// Print what would be removed; remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Then give back the space the removed snapshots alone used: run `maintenance` in the same
+    /// process (its lock taken once rm's is released), as `kloset maintenance` would.
+    #[arg(long)]
+    pub prune: bool,
+    /// With `-prune`: maintenance's `-max-unused`.
+    #[arg(long, value_name = "PERCENT", requires = "prune")]
+    pub max_unused: Option<String>,
+    /// With `-prune`: maintenance's `-grace`.
+    #[arg(long, value_name = "DURATION", requires = "prune")]
+    pub grace: Option<String>,
+    /// With `-prune`: maintenance's `-now`.
+    #[arg(long, requires = "prune")]
+    pub now: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -135,6 +150,17 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         tags: a.keep_tag.clone(),
     };
     let group_by = GroupBy::parse(&a.group_by).map_err(usage)?;
+    let prune = a
+        .prune
+        .then(|| {
+            maintenance::options(
+                a.dry_run,
+                a.max_unused.as_deref().unwrap_or(maintenance::MAX_UNUSED),
+                a.grace.as_deref().unwrap_or(maintenance::GRACE),
+                a.now,
+            )
+        })
+        .transpose()?;
     let before = a
         .before
         .as_deref()
@@ -162,7 +188,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         let (b, p) = ctx.store_access()?;
         crate::store::Store::open_no_index(b, &|c| p.get(c))?
     };
-    let _lock = store.lock(false, "rm")?;
+    let lock = store.lock(false, "rm")?;
     let (all, _) = store.snapshots()?;
     let mut considered: Vec<SnapshotEntry> = if a.snapshots.is_empty() {
         all
@@ -241,13 +267,21 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
                 })
             })
             .collect();
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "dry_run": a.dry_run,
             "snapshots": rows,
             "removed": removed.len(),
             "kept": considered.len() - removing.len(),
             "errors": failed,
         });
+        if let Some(opts) = &prune
+            && lost.is_none()
+        {
+            drop(lock);
+            v["maintenance"] = serde_json::to_value(maintenance::run_on(&store, opts)?)?;
+            stdout_write(format!("{}\n", serde_json::to_string_pretty(&v)?).as_bytes())?;
+            return finish(&failed, None, &removed, &removing);
+        }
         stdout_write(format!("{}\n", serde_json::to_string_pretty(&v)?).as_bytes())?;
     } else {
         let mut out = String::new();
@@ -271,12 +305,37 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
                 removed.len()
             };
             eprintln!(
-                "{verb} {n} snapshot(s), kept {}; rm removes snapshot files only: the data they alone used stays in the store",
-                considered.len() - removing.len()
+                "{verb} {n} snapshot(s), kept {}; {}",
+                considered.len() - removing.len(),
+                if prune.is_some() {
+                    "maintenance follows (-prune)"
+                } else {
+                    "rm removes snapshot files only: the data they alone used stays in the store (run maintenance, or rm -prune)"
+                }
             );
         }
     }
-    for f in &failed {
+    if let Some(opts) = &prune
+        && lost.is_none()
+    {
+        drop(lock);
+        let r = maintenance::run_on(&store, opts)?;
+        if !ctx.quiet {
+            stdout_write(maintenance::summary(&r).as_bytes())?;
+        }
+        return finish(&failed, None, &removed, &removing);
+    }
+    finish(&failed, lost, &removed, &removing)
+}
+
+/// Report what `rm` could not remove and choose its exit.
+fn finish(
+    failed: &[String],
+    lost: Option<crate::store::Error>,
+    removed: &[String],
+    removing: &[&SnapshotEntry],
+) -> anyhow::Result<i32> {
+    for f in failed {
         eprintln!("kloset: not removed: {f}");
     }
     if let Some(e) = lost {
