@@ -62,6 +62,9 @@ pub struct SftpDestination {
     listings: Mutex<lru::LruCache<Vec<u8>, Arc<Listing>>>,
     /// The server refused to set owners (we are not root there): owners are not compared.
     owners_refused: AtomicBool,
+    /// Directories in which this restore created or removed something: their mtime is not
+    /// what any listing taken earlier says, so their metadata is always set again.
+    touched: Mutex<HashSet<Vec<u8>>>,
 }
 
 /// Directory listings kept at once.
@@ -80,6 +83,8 @@ type Listing = Option<HashMap<Vec<u8>, Seen>>;
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     file: bool,
+    dir: bool,
+    link: bool,
     size: Option<u64>,
     perm: Option<u32>,
     uid: Option<u32>,
@@ -91,6 +96,8 @@ impl Seen {
     fn of(st: &FileStat) -> Seen {
         Seen {
             file: st.is_file(),
+            dir: st.is_dir(),
+            link: st.file_type().is_symlink(),
             size: st.size,
             perm: st.perm,
             uid: st.uid,
@@ -172,6 +179,7 @@ impl SftpDestination {
                 std::num::NonZeroUsize::new(LISTINGS).expect("non-zero"),
             )),
             owners_refused: AtomicBool::new(false),
+            touched: Mutex::new(HashSet::new()),
         })
     }
 
@@ -193,6 +201,18 @@ impl SftpDestination {
             }
         };
         listing.as_ref().as_ref().map(|m| m.get(name).copied())
+    }
+
+    /// Note that this restore changes what directory holds `path` (before changing it).
+    fn touch(&self, path: &[u8]) {
+        let dir = path
+            .iter()
+            .rposition(|&b| b == b'/')
+            .map_or(&b""[..], |i| &path[..i]);
+        let mut t = self.touched.lock();
+        if !t.contains(dir) {
+            t.insert(dir.to_vec());
+        }
     }
 
     /// One READDIR of directory `rel` (a symlink there is not listed through). A directory
@@ -362,10 +382,17 @@ impl Destination for SftpDestination {
     fn mkdir(&self, path: &[u8]) -> Result<()> {
         let p = self.path(path);
         let fresh = self.fresh();
+        // In an existing destination, its parent's listing tells whether it is there already
+        // (a directory, not a symlink): no round trip of its own.
+        if !fresh && matches!(self.seen(path), Some(Some(s)) if s.dir && !s.link) {
+            self.dirs.lock().insert(path.to_vec());
+            return Ok(());
+        }
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             // In a root this restore created, nobody else can have swapped what it makes.
             if fresh && c.sftp.mkdir(&p, 0o700).is_ok() {
+                self.touch(path);
                 self.dirs.lock().insert(path.to_vec());
                 return Ok(());
             }
@@ -375,10 +402,14 @@ impl Destination for SftpDestination {
                     Ok(())
                 }
                 Ok(_) => {
+                    self.touch(path);
                     c.sftp.unlink(&p).map_err(io)?;
                     c.sftp.mkdir(&p, 0o700).map_err(io)
                 }
-                Err(_) => c.sftp.mkdir(&p, 0o700).map_err(io),
+                Err(_) => {
+                    self.touch(path);
+                    c.sftp.mkdir(&p, 0o700).map_err(io)
+                }
             }
             .map_err(|e| self.create_failed(c, e))
         })
@@ -386,6 +417,7 @@ impl Destination for SftpDestination {
 
     fn create_file(&self, path: &[u8], size: u64) -> Result<()> {
         let p = self.path(path);
+        self.touch(path);
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             let mut f = create_new(c, &p, self.fresh()).map_err(|e| self.create_failed(c, e))?;
@@ -423,6 +455,23 @@ impl Destination for SftpDestination {
         let p = self.path(path);
         let t = PathBuf::from(std::ffi::OsStr::from_bytes(target));
         let fresh = self.fresh();
+        // Already there with this target (its parent's listing shows a symlink of the
+        // target's length, READLINK shows the target): nothing to change.
+        if !fresh
+            && matches!(self.seen(path), Some(Some(s)) if s.link && s.size == Some(target.len() as u64))
+            && self
+                .pool
+                .run(&self.what(path), |c| {
+                    self.check_parents(c, path)?;
+                    Ok(c.sftp.readlink(&p).ok())
+                })
+                .ok()
+                .flatten()
+                .is_some_and(|had| had.as_os_str().as_bytes() == target)
+        {
+            return Ok(());
+        }
+        self.touch(path);
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             let order = self.symlink_order(c)?;
@@ -437,6 +486,7 @@ impl Destination for SftpDestination {
     fn hardlink(&self, existing: &[u8], path: &[u8]) -> Result<()> {
         let src = self.path(existing);
         let dst = self.path(path);
+        self.touch(path);
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, existing)?;
             self.check_parents(c, path)?;
@@ -469,12 +519,22 @@ impl Destination for SftpDestination {
     }
 
     fn metadata_current(&self, path: &[u8], node: &Node) -> bool {
+        // Nothing was there before a fresh restore; a directory this restore changed has
+        // another mtime than its listing says.
+        if self.fresh() || (node.kind == NodeKind::Dir && self.touched.lock().contains(path)) {
+            return false;
+        }
         let Some(Some(s)) = self.seen(path) else {
             return false;
         };
         let owners = self.owners_refused.load(Ordering::Relaxed)
             || (s.uid == Some(node.uid) && s.gid == Some(node.gid));
-        s.complete(node) && s.perm.map(|m| m & 0o7777) == Some(node.mode & 0o7777) && owners
+        let kind = match node.kind {
+            NodeKind::File => s.complete(node),
+            NodeKind::Dir => s.dir && !s.link && s.mtime == Some(node.mtime.sec.max(0) as u64),
+            _ => false,
+        };
+        kind && s.perm.map(|m| m & 0o7777) == Some(node.mode & 0o7777) && owners
     }
 
     fn set_metadata(&self, path: &[u8], node: &Node) -> Result<()> {
@@ -523,6 +583,7 @@ impl Destination for SftpDestination {
 
     fn remove_file(&self, path: &[u8]) -> Result<()> {
         let p = self.path(path);
+        self.touch(path);
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             match c.sftp.unlink(&p) {
@@ -537,6 +598,7 @@ impl Destination for SftpDestination {
 
     fn write_whole(&self, path: &[u8], data: &[u8], node: &Node) -> Result<()> {
         let p = self.path(path);
+        self.touch(path);
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             let mut f = create_new(c, &p, self.fresh()).map_err(|e| self.create_failed(c, e))?;

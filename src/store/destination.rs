@@ -40,9 +40,10 @@ pub trait Destination: Send + Sync {
     fn special(&self, path: &[u8], node: &Node) -> Result<()>;
     /// Apply mode, owner (when permitted), xattrs and times.
     fn set_metadata(&self, path: &[u8], node: &Node) -> Result<()>;
-    /// Whether a file [`Destination::is_complete`] found also has the node's mode, owners and
-    /// mtime already, so [`Destination::set_metadata`] can be skipped. `false` when not known
-    /// without asking (the default: it is set again).
+    /// Whether a file [`Destination::is_complete`] found, or a directory this restore did not
+    /// change, already has the node's mode, owners and mtime, so
+    /// [`Destination::set_metadata`] can be skipped. `false` when not known without asking
+    /// (the default: it is set again).
     fn metadata_current(&self, _path: &[u8], _node: &Node) -> bool {
         false
     }

@@ -464,6 +464,7 @@ pub fn run(
     for e in entries.iter().rev() {
         if e.node.kind == NodeKind::Dir
             && (!e.rel.is_empty() || created_root)
+            && !dest.metadata_current(&e.rel, &e.node)
             && let Err(err) = dest.set_metadata(&e.rel, &e.node)
         {
             report.errors.push((e.rel.clone(), err.to_string()));
