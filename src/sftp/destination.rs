@@ -203,6 +203,19 @@ impl SftpDestination {
         listing.as_ref().as_ref().map(|m| m.get(name).copied())
     }
 
+    /// What a listing kept now says of `path` (`None`: no listing of its directory is kept).
+    fn cached_seen(&self, path: &[u8]) -> Option<Option<Seen>> {
+        if path.is_empty() {
+            return None;
+        }
+        let (dir, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&b""[..], path),
+        };
+        let l = self.listings.lock().peek(dir).cloned()?;
+        l.as_ref().as_ref().map(|m| m.get(name).copied())
+    }
+
     /// Note that this restore changes what directory holds `path` (before changing it).
     fn touch(&self, path: &[u8]) {
         let dir = path
@@ -222,7 +235,15 @@ impl SftpDestination {
         self.pool
             .run(&self.what(rel), |c| {
                 self.check_parents(c, rel)?;
-                if !rel.is_empty() {
+                // Its parent's listing, when kept, says what it is: no LSTAT of its own.
+                let known = self.cached_seen(rel);
+                if let Some(k) = known {
+                    match k {
+                        Some(st) if st.dir && !st.link => {}
+                        Some(_) => return Ok(None),
+                        None => return Ok(Some(HashMap::new())),
+                    }
+                } else if !rel.is_empty() {
                     match c.sftp.lstat(&p).map_err(io) {
                         Ok(st) if st.is_dir() => {}
                         Ok(_) => return Ok(None),
