@@ -31,7 +31,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -59,7 +59,15 @@ pub struct SftpDestination {
     /// one READDIR per directory answers [`Destination::is_complete`] and
     /// [`Destination::metadata_current`] for all its files, where an LSTAT per file (and
     /// another before each SETSTAT) took a round trip each.
-    listings: Mutex<lru::LruCache<Vec<u8>, Arc<Listing>>>,
+    listings: Mutex<Listings>,
+    /// While [`Destination::look_ahead`] runs: each directory's place in its order, and the
+    /// furthest place the restore has asked about, which the look-ahead stays near.
+    ahead: Mutex<HashMap<Vec<u8>, usize>>,
+    asked: AtomicUsize,
+    /// Listings the restore had to wait for, and listings made ahead of it (for
+    /// `KLOSET_TRACE`).
+    missed: AtomicUsize,
+    listed_ahead: AtomicUsize,
     /// The server refused to set owners (we are not root there): owners are not compared.
     owners_refused: AtomicBool,
     /// Directories in which this restore created or removed something: their mtime is not
@@ -67,17 +75,76 @@ pub struct SftpDestination {
     touched: Mutex<HashSet<Vec<u8>>>,
 }
 
-/// Directory listings kept at once.
-const LISTINGS: usize = 16;
-/// A directory listing more entries, or longer names in all, than these is not kept: its
-/// files are looked at one by one. Together they bound what a server's listings can make us
-/// hold (about 16 × 14 MB at worst, however the server answers).
+/// Directory listings kept at once, at most.
+const LISTINGS: usize = 4096;
+/// A directory listing more entries, or longer names and link targets in all, than these is
+/// not kept: its files are looked at one by one.
 const MAX_LISTED: usize = 100_000;
 const MAX_LISTED_BYTES: usize = 4 << 20;
+/// What all kept listings may weigh together (see [`Listed::weight`]), however the server
+/// answers: the least recently used go first.
+const MAX_KEPT_BYTES: usize = 64 << 20;
+/// How many directories the look-ahead lists beyond the last one the restore asked about.
+const AHEAD: usize = 256;
 
-/// The attributes a READDIR gave for each name of a directory (`None`: not listed, because
-/// too big or unreadable).
-type Listing = Option<HashMap<Vec<u8>, Seen>>;
+/// What one READDIR of a directory gave: each name's attributes, and the target of each
+/// symlink among them (one READLINK each).
+struct Listed {
+    seen: HashMap<Vec<u8>, Seen>,
+    targets: HashMap<Vec<u8>, Vec<u8>>,
+    /// Bytes of names and targets.
+    bytes: usize,
+}
+
+impl Listed {
+    fn empty() -> Listed {
+        Listed {
+            seen: HashMap::new(),
+            targets: HashMap::new(),
+            bytes: 0,
+        }
+    }
+
+    /// About what it takes in memory.
+    fn weight(&self) -> usize {
+        self.bytes + 96 * (self.seen.len() + self.targets.len())
+    }
+}
+
+/// A directory's listing (`None`: not listed, because too big or unreadable).
+type Listing = Option<Listed>;
+
+/// The listings kept, least recently used dropped first, bounded in count and weight.
+struct Listings {
+    lru: lru::LruCache<Vec<u8>, Arc<Listing>>,
+    weight: usize,
+}
+
+impl Listings {
+    fn new() -> Listings {
+        Listings {
+            lru: lru::LruCache::new(std::num::NonZeroUsize::new(LISTINGS).expect("non-zero")),
+            weight: 0,
+        }
+    }
+
+    fn weight_of(l: &Listing) -> usize {
+        64 + l.as_ref().map_or(0, Listed::weight)
+    }
+
+    fn put(&mut self, dir: Vec<u8>, l: Arc<Listing>) {
+        self.weight += Self::weight_of(&l);
+        if let Some((_, old)) = self.lru.push(dir, l) {
+            self.weight -= Self::weight_of(&old);
+        }
+        while self.weight > MAX_KEPT_BYTES && self.lru.len() > 1 {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.weight -= Self::weight_of(&old),
+                None => break,
+            }
+        }
+    }
+}
 
 /// What a listing says of an entry (the server's LSTAT of it).
 #[derive(Debug, Clone, Copy)]
@@ -175,9 +242,11 @@ impl SftpDestination {
             fresh: AtomicBool::new(false),
             dirs: Mutex::new(HashSet::new()),
             symlink_order: Mutex::new(None),
-            listings: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(LISTINGS).expect("non-zero"),
-            )),
+            listings: Mutex::new(Listings::new()),
+            ahead: Mutex::new(HashMap::new()),
+            asked: AtomicUsize::new(0),
+            missed: AtomicUsize::new(0),
+            listed_ahead: AtomicUsize::new(0),
             owners_refused: AtomicBool::new(false),
             touched: Mutex::new(HashSet::new()),
         })
@@ -191,20 +260,25 @@ impl SftpDestination {
             Some(i) => (&path[..i], &path[i + 1..]),
             None => (&b""[..], path),
         };
-        let cached = self.listings.lock().get(dir).cloned();
+        if let Some(&i) = self.ahead.lock().get(dir) {
+            self.asked.fetch_max(i, Ordering::Relaxed);
+        }
+        let cached = self.listings.lock().lru.get(dir).cloned();
         let listing = match cached {
             Some(l) => l,
             None => {
+                self.missed.fetch_add(1, Ordering::Relaxed);
                 let l = Arc::new(self.list(dir));
                 self.listings.lock().put(dir.to_vec(), l.clone());
                 l
             }
         };
-        listing.as_ref().as_ref().map(|m| m.get(name).copied())
+        listing.as_ref().as_ref().map(|m| m.seen.get(name).copied())
     }
 
-    /// What a listing kept now says of `path` (`None`: no listing of its directory is kept).
-    fn cached_seen(&self, path: &[u8]) -> Option<Option<Seen>> {
+    /// The listing kept now of `path`'s directory, and `path`'s name in it (`None`: no
+    /// listing of its directory is kept).
+    fn kept_listing<'p>(&self, path: &'p [u8]) -> Option<(Arc<Listing>, &'p [u8])> {
         if path.is_empty() {
             return None;
         }
@@ -212,8 +286,20 @@ impl SftpDestination {
             Some(i) => (&path[..i], &path[i + 1..]),
             None => (&b""[..], path),
         };
-        let l = self.listings.lock().peek(dir).cloned()?;
-        l.as_ref().as_ref().map(|m| m.get(name).copied())
+        let l = self.listings.lock().lru.peek(dir).cloned()?;
+        Some((l, name))
+    }
+
+    /// What a listing kept now says of `path` (`None`: no listing of its directory is kept).
+    fn cached_seen(&self, path: &[u8]) -> Option<Option<Seen>> {
+        let (l, name) = self.kept_listing(path)?;
+        l.as_ref().as_ref().map(|m| m.seen.get(name).copied())
+    }
+
+    /// The target of the symlink `path` as its directory's kept listing read it.
+    fn listed_target(&self, path: &[u8]) -> Option<Vec<u8>> {
+        let (l, name) = self.kept_listing(path)?;
+        l.as_ref().as_ref()?.targets.get(name).cloned()
     }
 
     /// Note that this restore changes what directory holds `path` (before changing it).
@@ -241,13 +327,13 @@ impl SftpDestination {
                     match k {
                         Some(st) if st.dir && !st.link => {}
                         Some(_) => return Ok(None),
-                        None => return Ok(Some(HashMap::new())),
+                        None => return Ok(Some(Listed::empty())),
                     }
                 } else if !rel.is_empty() {
                     match c.sftp.lstat(&p).map_err(io) {
                         Ok(st) if st.is_dir() => {}
                         Ok(_) => return Ok(None),
-                        Err(e) if not_found(&e) => return Ok(Some(HashMap::new())),
+                        Err(e) if not_found(&e) => return Ok(Some(Listed::empty())),
                         Err(e) => return Err(e),
                     }
                 }
@@ -268,7 +354,37 @@ impl SftpDestination {
                     }
                     out.insert(name.to_vec(), Seen::of(&st));
                 }
-                Ok(Some(out))
+                drop(dir);
+                // The symlinks' targets, so a restore finds a symlink already right without
+                // asking again (on the look-ahead's connections when it runs).
+                let mut targets = HashMap::new();
+                for (name, st) in &out {
+                    if !st.link {
+                        continue;
+                    }
+                    let at = p.join(std::ffi::OsStr::from_bytes(name));
+                    match c.sftp.readlink(&at) {
+                        Ok(t) => {
+                            let t = t.as_os_str().as_bytes().to_vec();
+                            bytes += t.len();
+                            if bytes > MAX_LISTED_BYTES {
+                                return Ok(None);
+                            }
+                            targets.insert(name.clone(), t);
+                        }
+                        Err(e) => {
+                            let e = io(e);
+                            if super::timed_out(&e) {
+                                return Err(c.fail(e));
+                            }
+                        }
+                    }
+                }
+                Ok(Some(Listed {
+                    seen: out,
+                    targets,
+                    bytes,
+                }))
             })
             .ok()
             .flatten()
@@ -479,16 +595,8 @@ impl Destination for SftpDestination {
         // Already there with this target (its parent's listing shows a symlink of the
         // target's length, READLINK shows the target): nothing to change.
         if !fresh
-            && matches!(self.seen(path), Some(Some(s)) if s.link && s.size == Some(target.len() as u64))
-            && self
-                .pool
-                .run(&self.what(path), |c| {
-                    self.check_parents(c, path)?;
-                    Ok(c.sftp.readlink(&p).ok())
-                })
-                .ok()
-                .flatten()
-                .is_some_and(|had| had.as_os_str().as_bytes() == target)
+            && matches!(self.seen(path), Some(Some(s)) if s.link)
+            && self.listed_target(path).is_some_and(|had| had == target)
         {
             return Ok(());
         }
@@ -537,6 +645,55 @@ impl Destination for SftpDestination {
                 _ => "device",
             }
         )))
+    }
+
+    fn look_ahead(&self, dirs: &[Vec<u8>], done: &AtomicBool) {
+        if self.fresh() || dirs.is_empty() {
+            return;
+        }
+        *self.ahead.lock() = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.clone(), i))
+            .collect();
+        self.asked.store(0, Ordering::Relaxed);
+        let next = AtomicUsize::new(0);
+        let threads = self.pool.target().connections.clamp(1, 8);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(dir) = dirs.get(i) else { return };
+                        // Near the restore's questions, so what is listed is still kept
+                        // when it asks.
+                        while i > self.asked.load(Ordering::Relaxed) + AHEAD {
+                            if done.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                        if done.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if self.listings.lock().lru.contains(dir.as_slice()) {
+                            continue;
+                        }
+                        let l = Arc::new(self.list(dir));
+                        self.listed_ahead.fetch_add(1, Ordering::Relaxed);
+                        self.listings.lock().put(dir.clone(), l);
+                    }
+                });
+            }
+        });
+        self.ahead.lock().clear();
+        crate::trace::note(|| {
+            format!(
+                "sftp destination: {} directories listed ahead on {threads} connections, {} listed while the restore waited",
+                self.listed_ahead.load(Ordering::Relaxed),
+                self.missed.load(Ordering::Relaxed)
+            )
+        });
     }
 
     fn metadata_current(&self, path: &[u8], node: &Node) -> bool {

@@ -47,6 +47,10 @@ pub trait Destination: Send + Sync {
     fn metadata_current(&self, _path: &[u8], _node: &Node) -> bool {
         false
     }
+    /// Look at the directories `dirs` of an existing destination (in the order the restore
+    /// will ask about them) ahead of its questions, on connections of its own, until `done`
+    /// is set. Blocks: the restore runs it on a thread of its own. The default does nothing.
+    fn look_ahead(&self, _dirs: &[Vec<u8>], _done: &std::sync::atomic::AtomicBool) {}
     /// Create a file with all its content and metadata at once (files of one chunk, the
     /// common case: one round trip sequence instead of three on a remote destination).
     fn write_whole(&self, path: &[u8], data: &[u8], node: &Node) -> Result<()> {

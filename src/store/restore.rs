@@ -11,7 +11,7 @@
 //! marker, so the same command resumes once space is freed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -174,76 +174,97 @@ pub fn run(
     let mut hard_primary: HashMap<(u64, u64), usize> = HashMap::new();
     let mut hard_links: Vec<(usize, usize)> = Vec::new();
     let mut files: Vec<usize> = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        let r = match e.node.kind {
-            NodeKind::Dir => {
-                report.dirs += 1;
-                if e.rel.is_empty() {
-                    Ok(())
-                } else {
-                    dest.mkdir(&e.rel)
+    // Over an existing destination, the destination may look at its directories ahead of
+    // the questions below, on other connections (see `Destination::look_ahead`).
+    let look = opts.resume && !created_root;
+    let dirs: Vec<Vec<u8>> = if look {
+        entries
+            .iter()
+            .filter(|e| e.node.kind == NodeKind::Dir)
+            .map(|e| e.rel.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<()> {
+        if look {
+            s.spawn(|| dest.look_ahead(&dirs, &done));
+        }
+        // Set however this loop ends, so the look-ahead stops and the scope can end.
+        let _done = SetOnDrop(&done);
+        for (i, e) in entries.iter().enumerate() {
+            let r = match e.node.kind {
+                NodeKind::Dir => {
+                    report.dirs += 1;
+                    if e.rel.is_empty() {
+                        Ok(())
+                    } else {
+                        dest.mkdir(&e.rel)
+                    }
                 }
-            }
-            NodeKind::Symlink => {
-                report.others += 1;
-                dest.symlink(&e.rel, &e.node.target)
-                    .and_then(|_| dest.set_metadata(&e.rel, &e.node))
-            }
-            NodeKind::File => {
-                if e.node.is_hardlink() {
-                    if let Some(&p) = hard_primary.get(&(e.node.dev, e.node.inode)) {
-                        hard_links.push((p, i));
+                NodeKind::Symlink => {
+                    report.others += 1;
+                    dest.symlink(&e.rel, &e.node.target)
+                        .and_then(|_| dest.set_metadata(&e.rel, &e.node))
+                }
+                NodeKind::File => {
+                    if e.node.is_hardlink() {
+                        if let Some(&p) = hard_primary.get(&(e.node.dev, e.node.inode)) {
+                            hard_links.push((p, i));
+                            continue;
+                        }
+                        hard_primary.insert((e.node.dev, e.node.inode), i);
+                    }
+                    report.files += 1;
+                    // Nothing can be complete in a directory this restore just created, and only a
+                    // restore resuming its own earlier run (or told to) trusts what it finds.
+                    if opts.resume && !created_root && dest.is_complete(&e.rel, &e.node) {
+                        report.skipped += 1;
+                        progress.files.fetch_add(1, Ordering::Relaxed);
+                        // Content as it was left; owner, mode and times set again unless the
+                        // destination already knows them to be as in the snapshot.
+                        if !dest.metadata_current(&e.rel, &e.node)
+                            && let Err(err) = dest.set_metadata(&e.rel, &e.node)
+                        {
+                            report.errors.push((e.rel.clone(), err.to_string()));
+                        }
                         continue;
                     }
-                    hard_primary.insert((e.node.dev, e.node.inode), i);
-                }
-                report.files += 1;
-                // Nothing can be complete in a directory this restore just created, and only a
-                // restore resuming its own earlier run (or told to) trusts what it finds.
-                if opts.resume && !created_root && dest.is_complete(&e.rel, &e.node) {
-                    report.skipped += 1;
-                    progress.files.fetch_add(1, Ordering::Relaxed);
-                    // Content as it was left; owner, mode and times set again unless the
-                    // destination already knows them to be as in the snapshot.
-                    if !dest.metadata_current(&e.rel, &e.node)
-                        && let Err(err) = dest.set_metadata(&e.rel, &e.node)
-                    {
-                        report.errors.push((e.rel.clone(), err.to_string()));
-                    }
-                    continue;
-                }
-                progress
-                    .total_bytes
-                    .fetch_add(e.node.size, Ordering::Relaxed);
-                if e.node.content.len() == 1 {
-                    // Written whole (create, write, metadata) when its one chunk arrives.
-                    files.push(i);
-                    Ok(())
-                } else {
-                    let r = dest.create_file(&e.rel, e.node.size);
-                    if r.is_ok() {
+                    progress
+                        .total_bytes
+                        .fetch_add(e.node.size, Ordering::Relaxed);
+                    if e.node.content.len() == 1 {
+                        // Written whole (create, write, metadata) when its one chunk arrives.
                         files.push(i);
+                        Ok(())
+                    } else {
+                        let r = dest.create_file(&e.rel, e.node.size);
+                        if r.is_ok() {
+                            files.push(i);
+                        }
+                        r
                     }
-                    r
                 }
+                _ => {
+                    report.others += 1;
+                    dest.special(&e.rel, &e.node)
+                        .and_then(|_| dest.set_metadata(&e.rel, &e.node))
+                }
+            };
+            if let Err(err) = r {
+                if e.rel.is_empty() {
+                    return Err(err);
+                }
+                if err.kind() == ErrorKind::NoSpace {
+                    let _ = dest.remove_file(&e.rel);
+                    return Err(no_space(dest, &err));
+                }
+                report.errors.push((e.rel.clone(), err.to_string()));
             }
-            _ => {
-                report.others += 1;
-                dest.special(&e.rel, &e.node)
-                    .and_then(|_| dest.set_metadata(&e.rel, &e.node))
-            }
-        };
-        if let Err(err) = r {
-            if e.rel.is_empty() {
-                return Err(err);
-            }
-            if err.kind() == ErrorKind::NoSpace {
-                let _ = dest.remove_file(&e.rel);
-                return Err(no_space(dest, &err));
-            }
-            report.errors.push((e.rel.clone(), err.to_string()));
         }
-    }
+        Ok(())
+    })?;
 
     drop(t);
     // 3. Plan: which blob goes where.
@@ -499,6 +520,15 @@ fn full_or_string(fatal: &Mutex<Option<Error>>, err: Error) -> String {
         fatal.lock().get_or_insert(err);
     }
     msg
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 fn finish_file(
