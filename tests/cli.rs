@@ -1666,3 +1666,28 @@ fn locked_store_exit_7() {
     w.backup(&[]);
     assert_eq!(w.snapshot_ids().len(), 4);
 }
+
+#[test]
+fn cat_of_a_many_chunk_file_is_in_order_and_ends_quietly_at_a_closed_pipe() {
+    let w = World::new();
+    w.create();
+    // Tens of chunks, read ahead on several threads: the bytes must come out in file order.
+    let big = noise(24 << 20, 7);
+    fs::write(w.src.join("big.bin"), &big).unwrap();
+    w.backup(&[]);
+    let o = w.ok(&["cat", "latest:big.bin"]);
+    assert!(o.raw_stdout == big, "cat gave other bytes than the file");
+    // A reader that stops early (`| head -c`): exit 0, nothing on stderr.
+    let mut child = w.at(&["cat", "latest:big.bin"]).cmd.spawn().unwrap();
+    let mut first = [0u8; 1000];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert_eq!(&first[..], &big[..1000]);
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -23,9 +23,19 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     if node.kind != NodeKind::File {
         return Err(Error::NotAFile(path.to_string(), s.short().to_string()).into());
     }
-    for id in &node.content {
-        let data = store.read_blob(id)?;
-        stdout_write(&data)?;
+    // Chunks read ahead on several connections: over a network each read waits its round
+    // trips, and one at a time left the link idle most of the time.
+    let mut write_failed = None;
+    let read = crate::store::stream::each_chunk(&store, &node.content, &mut |data| {
+        stdout_write(data).map_err(|e| {
+            write_failed = Some(e);
+            Error::Other("writing to stdout".into())
+        })
+    });
+    // A closed pipe (`| head`) ends the command quietly, as before.
+    if let Some(e) = write_failed {
+        return Err(e);
     }
+    read?;
     Ok(exit::OK)
 }

@@ -26,6 +26,7 @@ pub mod policy;
 pub mod repo;
 pub mod restore;
 pub mod source;
+pub mod stream;
 pub mod sync;
 pub mod tree;
 
