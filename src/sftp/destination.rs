@@ -896,3 +896,62 @@ fn create_new(c: &Conn, p: &Path, fresh: bool) -> std::io::Result<ssh2::File> {
     clear(c, p)?;
     excl().map_err(io)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(names: usize, name_len: usize) -> Listed {
+        let mut l = Listed::empty();
+        for i in 0..names {
+            let mut name = format!("{i:08}").into_bytes();
+            name.resize(name_len.max(8), b'x');
+            l.bytes += name.len();
+            l.seen.insert(
+                name,
+                Seen {
+                    file: true,
+                    dir: false,
+                    link: false,
+                    size: Some(1),
+                    perm: Some(0o644),
+                    uid: Some(0),
+                    gid: Some(0),
+                    mtime: Some(0),
+                },
+            );
+        }
+        l
+    }
+
+    #[test]
+    fn kept_listings_stay_within_their_weight_however_large() {
+        let mut kept = Listings::new();
+        // Listings of 4 MiB of names each (what one listing may hold): 100 of them would be
+        // 400 MiB; the least recently used go.
+        for d in 0..100u32 {
+            kept.put(d.to_be_bytes().to_vec(), Arc::new(Some(listed(1024, 4096))));
+            assert!(kept.weight <= MAX_KEPT_BYTES, "{} bytes kept", kept.weight);
+        }
+        assert!(
+            kept.lru.len() < 100 && kept.lru.len() >= 10,
+            "{}",
+            kept.lru.len()
+        );
+        // The newest is there, the oldest gone, and the count bound holds for small ones.
+        assert!(kept.lru.contains(&99u32.to_be_bytes().to_vec()));
+        assert!(!kept.lru.contains(&0u32.to_be_bytes().to_vec()));
+        for d in 0..(2 * LISTINGS as u32) {
+            kept.put(
+                format!("small{d}").into_bytes(),
+                Arc::new(Some(listed(1, 8))),
+            );
+        }
+        assert_eq!(kept.lru.len(), LISTINGS);
+        // Putting the same directory again replaces it and its weight.
+        let before = kept.weight;
+        kept.put(b"small0x".to_vec(), Arc::new(None));
+        kept.put(b"small0x".to_vec(), Arc::new(None));
+        assert!(kept.weight <= before + 64);
+    }
+}
