@@ -106,8 +106,11 @@ pub struct ChunkCache {
     lru: Mutex<Lru>,
     max_bytes: usize,
     inflight: Mutex<HashMap<BlobId, Arc<Inflight>>>,
-    /// Blobs of each pack sorted by offset: (offset, sealed length, raw length, id).
-    by_pack: HashMap<u32, Vec<(u32, u32, u32, BlobId)>>,
+    /// Blobs of each pack sorted by offset: (offset, sealed length, raw length, id). Keyed by
+    /// the pack's name: its number in the index can change when the index is loaded again (a
+    /// mount sees a new snapshot), and a number from the new index must not find the blobs of
+    /// another pack here.
+    by_pack: HashMap<String, Vec<(u32, u32, u32, BlobId)>>,
     /// Largest pack range read at once ([`PACK_RANGE`]; smaller in tests).
     range: u64,
     prefetch_tx: crossbeam_channel::Sender<BlobId>,
@@ -149,6 +152,13 @@ impl ChunkCache {
         for v in by_pack.values_mut() {
             v.sort_by_key(|b| b.0);
         }
+        let by_pack: HashMap<String, Vec<(u32, u32, u32, BlobId)>> = {
+            let idx = store.index();
+            by_pack
+                .into_iter()
+                .map(|(n, v)| (idx.pack_name(n).to_string(), v))
+                .collect()
+        };
         let (tx, rx) = crossbeam_channel::bounded(256);
         Arc::new(ChunkCache {
             store,
@@ -351,11 +361,15 @@ impl ChunkCache {
     }
 
     fn fetch(&self, id: &BlobId, ahead: bool) -> Result<Chunk, String> {
-        let loc = self
-            .store
-            .index()
-            .get(id)
-            .ok_or_else(|| format!("blob {} is not in the store's index", id.short()))?;
+        // The location and its pack's name from one look at the index (another look could see
+        // it loaded again, its packs numbered anew).
+        let (loc, pack) = {
+            let idx = self.store.index();
+            let loc = idx
+                .get(id)
+                .ok_or_else(|| format!("blob {} is not in the store's index", id.short()))?;
+            (loc, idx.pack_name(loc.pack).to_string())
+        };
         if loc.length > SMALL_BLOB {
             let buf = self.buffer_for(loc.raw_length as usize);
             return self
@@ -365,7 +379,7 @@ impl ChunkCache {
                 .map_err(|e| e.to_string());
         }
         // A small blob: read the contiguous run of small blobs from here in one request.
-        let Some(blobs) = self.by_pack.get(&loc.pack) else {
+        let Some(blobs) = self.by_pack.get(&pack) else {
             return self
                 .store
                 .read_blob(id)
@@ -402,7 +416,6 @@ impl ChunkCache {
         let base = loc.offset as u64;
         let last = blobs[end - 1];
         let len = last.0 as u64 + last.1 as u64 - base;
-        let pack = self.store.index().pack_name(loc.pack).to_string();
         RANGE_BUF.with(|b| {
             let mut data = b.borrow_mut();
             self.store
