@@ -283,44 +283,13 @@ fn rm_prune_removes_and_gives_space_back_in_one_command() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(s.snaps.len(), snapshot_count(&sshd, &s.store));
     // A dry run prints the plan of both and changes nothing.
-    let dry = ok(
-        &sshd,
-        &[],
-        &[
-            "at",
-            &s.store,
-            "rm",
-            "-keep-last",
-            "2",
-            "-prune",
-            "-now",
-            "-dry-run",
-            "-json",
-        ],
-    );
-    let dry: serde_json::Value = serde_json::from_str(&dry).unwrap();
+    let dry = rm_prune_json(&sshd, &s.store, &["-dry-run"]);
     assert_eq!(dry["dry_run"], true);
     assert_eq!(dry["maintenance"]["dry_run"], true, "{dry}");
     assert_eq!(du(&s.store_dir.join("packs")), before);
     assert_eq!(s.snaps.len(), snapshot_count(&sshd, &s.store));
     // The real run: three snapshots removed, and with -now their data deleted at once.
-    let v = ok(
-        &sshd,
-        &[],
-        &[
-            "at",
-            &s.store,
-            "rm",
-            "-keep-last",
-            "2",
-            "-prune",
-            "-now",
-            "-max-unused",
-            "0",
-            "-json",
-        ],
-    );
-    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+    let v = rm_prune_json(&sshd, &s.store, &["-max-unused", "0"]);
     assert_eq!(v["removed"], 3, "{v}");
     assert!(v["maintenance"]["deleted"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(v["maintenance"]["waiting"], 0, "{v}");
@@ -343,6 +312,22 @@ fn rm_prune_removes_and_gives_space_back_in_one_command() {
         String::from_utf8_lossy(&out.stderr).contains("maintenance follows"),
         "{out:?}"
     );
+}
+
+/// `rm -keep-last 2 -prune -now -json` with `extra` options, its JSON.
+fn rm_prune_json(sshd: &Sshd, store: &str, extra: &[&str]) -> serde_json::Value {
+    let mut a = vec![
+        "at",
+        store,
+        "rm",
+        "-keep-last",
+        "2",
+        "-prune",
+        "-now",
+        "-json",
+    ];
+    a.extend_from_slice(extra);
+    serde_json::from_str(&ok(sshd, &[], &a)).expect("rm -prune -json")
 }
 
 fn snapshot_count(sshd: &Sshd, store: &str) -> usize {
