@@ -28,17 +28,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use ssh2::{FileStat, OpenFlags, OpenType};
 
+use super::backend::refused_write;
 use super::backend::{Server, disk_full, disk_full_or, mkdir_p, read_all_conn, room};
 use super::conn::{Conn, Pool, io};
+use super::pipe::{Attrs, Meta, Op, Pipe};
 use super::{Location, Options};
 use crate::store::destination::Destination;
 use crate::store::error::{Error, Result};
@@ -69,7 +71,11 @@ pub struct SftpDestination {
     missed: AtomicUsize,
     listed_ahead: AtomicUsize,
     /// The server refused to set owners (we are not root there): owners are not compared.
-    owners_refused: AtomicBool,
+    owners_refused: Arc<AtomicBool>,
+    /// Many operations in flight on a channel of their own (see [`pipe`]): directories,
+    /// whole files, symlinks and metadata go through it when it could be opened. Its failures
+    /// come back from [`Destination::settle`].
+    pipe: RwLock<Option<Pipe>>,
     /// Directories in which this restore created or removed something: their mtime is not
     /// what any listing taken earlier says, so their metadata is always set again.
     touched: Mutex<HashSet<Vec<u8>>>,
@@ -247,7 +253,8 @@ impl SftpDestination {
             asked: AtomicUsize::new(0),
             missed: AtomicUsize::new(0),
             listed_ahead: AtomicUsize::new(0),
-            owners_refused: AtomicBool::new(false),
+            owners_refused: Arc::new(AtomicBool::new(false)),
+            pipe: RwLock::new(None),
             touched: Mutex::new(HashSet::new()),
         })
     }
@@ -429,8 +436,99 @@ impl SftpDestination {
         Ok(())
     }
 
+    /// Open the pipe on a connection of the pool, unless `KLOSET_SFTP_PIPE=0` (to measure
+    /// without it) or the server refuses a second SFTP channel (then everything goes one
+    /// request at a time, as before).
+    fn start_pipe(&self) {
+        if std::env::var_os("KLOSET_SFTP_PIPE").is_some_and(|v| v == "0") {
+            return;
+        }
+        let mut slot = self.pipe.write();
+        if slot.is_some() {
+            return;
+        }
+        let Ok(c) = self.pool.take() else { return };
+        match Pipe::start(c, self.owners_refused.clone()) {
+            Ok(p) => *slot = Some(p),
+            Err((c, e)) => {
+                if let Some(c) = c {
+                    self.pool.give_back(c);
+                }
+                crate::trace::note(|| format!("sftp destination: no pipe ({e})"));
+            }
+        }
+    }
+
     fn fresh(&self) -> bool {
         self.fresh.load(Ordering::Relaxed)
+    }
+
+    /// Queue `op` on `rel` in the pipe: `None` when there is no pipe (the caller does it
+    /// itself), an error when the pipe has stopped (the server was lost).
+    fn submit(&self, rel: &[u8], op: Op) -> Option<Result<()>> {
+        let guard = self.pipe.read();
+        let p = guard.as_ref()?;
+        let path = self.path(rel).into_os_string().into_vec();
+        Some(
+            p.submit(rel, path, op)
+                .map_err(|why| self.lost(rel, &why, p.timed_out())),
+        )
+    }
+
+    /// The error of an operation on `rel` that the lost pipe could not do.
+    fn lost(&self, rel: &[u8], why: &str, timed_out: bool) -> Error {
+        if timed_out {
+            self.pool.timeout_error(&self.what(rel)).into()
+        } else {
+            super::Error::Connect(
+                self.pool.target().display(),
+                format!("{}: {why}", self.what(rel)),
+            )
+            .into()
+        }
+    }
+
+    /// Is the pipe there and running?
+    fn piped(&self) -> bool {
+        self.pipe
+            .read()
+            .as_ref()
+            .is_some_and(|p| p.dead().is_none())
+    }
+
+    /// Are all directories between the root and `rel` known to be real directories (looked
+    /// at, or made by this restore)?
+    fn parents_known(&self, rel: &[u8]) -> bool {
+        let dirs = self.dirs.lock();
+        rel.iter()
+            .enumerate()
+            .filter(|&(i, &b)| b == b'/' && i > 0)
+            .all(|(i, _)| dirs.contains(&rel[..i]))
+    }
+
+    /// [`SftpDestination::check_parents`] on a pooled connection, when needed.
+    fn ensure_parents(&self, rel: &[u8]) -> Result<()> {
+        if self.parents_known(rel) {
+            return Ok(());
+        }
+        self.pool
+            .run(&self.what(rel), |c| self.check_parents(c, rel))
+    }
+
+    /// Can the pipe create `rel`, and must it remove what is there first? `None`: something
+    /// there needs a closer look (a directory, or its directory could not be listed).
+    fn pipe_plan(&self, rel: &[u8]) -> Option<bool> {
+        if !self.piped() {
+            return None;
+        }
+        if self.fresh() {
+            return Some(false);
+        }
+        match self.seen(rel) {
+            Some(None) => Some(false),
+            Some(Some(s)) if !s.dir || s.link => Some(true),
+            _ => None,
+        }
     }
 
     fn path(&self, rel: &[u8]) -> PathBuf {
@@ -497,7 +595,10 @@ impl Destination for SftpDestination {
                 mkdir_p(c, &root, 0o755)?;
                 Ok(true)
             })
-            .inspect(|&created| self.fresh.store(created, Ordering::Relaxed))
+            .inspect(|&created| {
+                self.fresh.store(created, Ordering::Relaxed);
+                self.start_pipe();
+            })
     }
 
     fn is_complete(&self, path: &[u8], node: &Node) -> bool {
@@ -524,6 +625,18 @@ impl Destination for SftpDestination {
         if !fresh && matches!(self.seen(path), Some(Some(s)) if s.dir && !s.link) {
             self.dirs.lock().insert(path.to_vec());
             return Ok(());
+        }
+        // Nothing there (a new root, or its parent's listing says so): made through the pipe.
+        // Counted a real directory from now on; should the MKDIR fail, what goes into it fails
+        // too.
+        if self.pipe_plan(path) == Some(false) {
+            self.ensure_parents(path)?;
+            self.touch(path);
+            if let Some(r) = self.submit(path, Op::Mkdir) {
+                r?;
+                self.dirs.lock().insert(path.to_vec());
+                return Ok(());
+            }
         }
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
@@ -555,6 +668,12 @@ impl Destination for SftpDestination {
     fn create_file(&self, path: &[u8], size: u64) -> Result<()> {
         let p = self.path(path);
         self.touch(path);
+        if let Some(remove_first) = self.pipe_plan(path) {
+            self.ensure_parents(path)?;
+            if let Some(r) = self.submit(path, Op::Create { size, remove_first }) {
+                return r;
+            }
+        }
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             let mut f = create_new(c, &p, self.fresh()).map_err(|e| self.create_failed(c, e))?;
@@ -601,6 +720,18 @@ impl Destination for SftpDestination {
             return Ok(());
         }
         self.touch(path);
+        if let Some(remove_first) = self.pipe_plan(path) {
+            self.ensure_parents(path)?;
+            let order = self.pool.run(&self.what(path), |c| self.symlink_order(c))?;
+            let op = Op::Symlink {
+                target: target.to_vec(),
+                target_first: order == SymlinkOrder::TargetFirst,
+                remove_first,
+            };
+            if let Some(r) = self.submit(path, op) {
+                return r;
+            }
+        }
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             let order = self.symlink_order(c)?;
@@ -645,6 +776,64 @@ impl Destination for SftpDestination {
                 _ => "device",
             }
         )))
+    }
+
+    fn settle(&self) -> Vec<(Vec<u8>, Error)> {
+        let guard = self.pipe.read();
+        let Some(p) = guard.as_ref() else {
+            return Vec::new();
+        };
+        let failures = p.settle();
+        crate::trace::note(|| {
+            format!(
+                "sftp destination: at most {} requests in flight in the pipe",
+                p.most_in_flight()
+            )
+        });
+        if failures.is_empty() {
+            return Vec::new();
+        }
+        let lost = p.dead();
+        let timed_out = p.timed_out();
+        // A create or write the server failed with "failure" may be a full disk or an
+        // exceeded quota: its filesystem's room says which (asked once).
+        let mut room = None;
+        let root = Path::new(&self.loc.path);
+        failures
+            .into_iter()
+            .map(|f| {
+                if let Some(why) = &lost
+                    && (super::transient(&f.error)
+                        || f.error.kind() == std::io::ErrorKind::InvalidData)
+                {
+                    return (f.key.clone(), self.lost(&f.key, why, timed_out));
+                }
+                let e = if super::fx_failure(&f.error) {
+                    let r = *room.get_or_insert_with(|| {
+                        self.pool
+                            .run(&self.what(b""), |c| {
+                                Ok(c.sftp
+                                    .opendir(root)
+                                    .ok()
+                                    .as_mut()
+                                    .and_then(super::backend::room))
+                            })
+                            .ok()
+                            .flatten()
+                    });
+                    refused_write(r, root, 0, f.error, Server::Destination)
+                } else {
+                    f.error
+                };
+                let e = if crate::store::error::no_room(&e) {
+                    e
+                } else {
+                    std::io::Error::new(e.kind(), format!("{}: {e}", f.doing))
+                };
+                let what = self.what(&f.key);
+                (f.key, Error::io(what, e))
+            })
+            .collect()
     }
 
     fn look_ahead(&self, dirs: &[Vec<u8>], done: &AtomicBool) {
@@ -720,6 +909,13 @@ impl Destination for SftpDestination {
             // SETSTAT follows symlinks; there is no lsetstat in SFTP v3.
             return Ok(());
         }
+        if self.piped() {
+            self.ensure_parents(path)?;
+            // LSTAT, then SETSTAT once it shows no symlink, in the pipe.
+            if let Some(r) = self.submit(path, Op::SetStat { meta: meta(node) }) {
+                return r;
+            }
+        }
         let p = self.path(path);
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
@@ -777,6 +973,17 @@ impl Destination for SftpDestination {
     fn write_whole(&self, path: &[u8], data: &[u8], node: &Node) -> Result<()> {
         let p = self.path(path);
         self.touch(path);
+        if let Some(remove_first) = self.pipe_plan(path) {
+            self.ensure_parents(path)?;
+            let op = Op::Write {
+                data: data.to_vec(),
+                remove_first,
+                meta: meta(node),
+            };
+            if let Some(r) = self.submit(path, op) {
+                return r;
+            }
+        }
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             let mut f = create_new(c, &p, self.fresh()).map_err(|e| self.create_failed(c, e))?;
@@ -808,6 +1015,39 @@ impl Destination for SftpDestination {
             }
             f.setstat(stat_mode_times(node)).map_err(|e| c.fail(io(e)))
         })
+    }
+}
+
+impl Drop for SftpDestination {
+    fn drop(&mut self) {
+        if let Some(p) = self.pipe.get_mut().take() {
+            let dead = p.dead().is_some();
+            if let Some(c) = p.finish() {
+                if dead {
+                    self.pool.give_up(c);
+                } else {
+                    self.pool.give_back(c);
+                }
+            }
+        }
+    }
+}
+
+/// A node's metadata as the pipe sets it.
+fn meta(node: &Node) -> Meta {
+    let t = node.mtime.sec.clamp(0, u32::MAX as i64) as u32;
+    let mode_times = Attrs {
+        perm: Some(node.mode & 0o7777),
+        times: Some((t, t)),
+        ..Attrs::default()
+    };
+    Meta {
+        all: Attrs {
+            owner: Some((node.uid, node.gid)),
+            ..mode_times
+        },
+        mode_times,
+        setid: node.mode & 0o6000 != 0,
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod conn;
 pub mod destination;
+pub mod pipe;
 pub mod source;
 
 use std::collections::BTreeMap;
@@ -297,6 +298,19 @@ pub(crate) fn io_error(e: ssh2::Error) -> std::io::Error {
             message: e.message().to_string(),
         },
     )
+}
+
+/// An SFTP status the server answered (for requests made without libssh2's SFTP API, see
+/// [`pipe`]) as the same I/O error [`io_error`] makes of libssh2's.
+pub(crate) fn status_error(code: u32, message: String) -> std::io::Error {
+    let code = ssh2::ErrorCode::SFTP(code.min(i32::MAX as u32) as i32);
+    let message = if message.is_empty() {
+        ssh2::Error::from_errno(code).message().to_string()
+    } else {
+        message
+    };
+    let kind = io_error(ssh2::Error::from_errno(code)).kind();
+    std::io::Error::new(kind, Status { code, message })
 }
 
 /// Did the server answer this request with SSH_FX_FAILURE, its status for errors it has no

@@ -51,6 +51,13 @@ pub trait Destination: Send + Sync {
     /// will ask about them) ahead of its questions, on connections of its own, until `done`
     /// is set. Blocks: the restore runs it on a thread of its own. The default does nothing.
     fn look_ahead(&self, _dirs: &[Vec<u8>], _done: &std::sync::atomic::AtomicBool) {}
+    /// Wait until every operation above that the destination took on and has not finished yet
+    /// is done, and return those that failed, by path (an SFTP destination pipelines them;
+    /// see `sftp::pipe`). Until then an `Ok` from them means only "under way". The default:
+    /// everything is done when it returns, nothing to report.
+    fn settle(&self) -> Vec<(Vec<u8>, Error)> {
+        Vec::new()
+    }
     /// Create a file with all its content and metadata at once (files of one chunk, the
     /// common case: one round trip sequence instead of three on a remote destination).
     fn write_whole(&self, path: &[u8], data: &[u8], node: &Node) -> Result<()> {

@@ -10,7 +10,7 @@
 //! restore at once (`no_space`), removes the files it left unfinished, and keeps the resume
 //! marker, so the same command resumes once space is freed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
@@ -265,6 +265,25 @@ pub fn run(
         }
         Ok(())
     })?;
+    // What the destination still had under way (directories, links, files created at their
+    // size): done before any data goes into them.
+    let unsettled = dest.settle();
+    if !unsettled.is_empty() {
+        let mut failed_paths = HashSet::new();
+        for (rel, err) in unsettled {
+            if matches!(err.kind(), ErrorKind::NoSpace | ErrorKind::Unreachable) {
+                return Err(if err.kind() == ErrorKind::NoSpace {
+                    no_space(dest, &err)
+                } else {
+                    err
+                });
+            }
+            report.errors.push((rel.clone(), err.to_string()));
+            failed_paths.insert(rel);
+        }
+        // A file that could not be created gets no data.
+        files.retain(|&i| !failed_paths.contains(&entries[i].rel));
+    }
 
     drop(t);
     // 3. Plan: which blob goes where.
@@ -441,6 +460,26 @@ pub fn run(
             });
         }
     });
+    // The whole files the destination still had under way: their failures fail their files.
+    let unsettled = dest.settle();
+    if !unsettled.is_empty() {
+        let by_path: HashMap<&[u8], usize> = files
+            .iter()
+            .map(|&i| (entries[i].rel.as_slice(), i))
+            .collect();
+        let mut errs = errors.lock();
+        for (rel, err) in unsettled {
+            // A whole file failed is removed, as when its write fails at once; a larger one
+            // has its data, only its metadata failed.
+            if let Some(&i) = by_path.get(rel.as_slice())
+                && entries[i].node.content.len() == 1
+            {
+                failed[i].store(true, Ordering::Relaxed);
+            }
+            let msg = full_or_string(&fatal, err);
+            errs.push((rel, msg));
+        }
+    }
     if let Some(e) = fatal.into_inner() {
         // Stopped (a full disk): the files begun but not finished go, which frees their space
         // and leaves none with wrong content under its real name; a re-run resumes.
@@ -490,6 +529,12 @@ pub fn run(
         {
             report.errors.push((e.rel.clone(), err.to_string()));
         }
+    }
+    for (rel, err) in dest.settle() {
+        if matches!(err.kind(), ErrorKind::NoSpace | ErrorKind::Unreachable) {
+            return Err(err);
+        }
+        report.errors.push((rel, err.to_string()));
     }
     report.bytes = progress.bytes.load(Ordering::Relaxed);
     Ok(report)

@@ -1,0 +1,958 @@
+//! A pipelined SFTP client for many small operations: an SFTP v3 channel of its own, spoken
+//! directly, with up to [`MAX_IN_FLIGHT`] requests waiting for their answers at once.
+//!
+//! libssh2's SFTP API sends a request and waits for its answer before the next one, so a
+//! restore onto a server 20 ms away spends 80 ms or more on each small file (open, write,
+//! set attributes, close), whatever the bandwidth. Here a driver thread owns the channel; the
+//! restore's workers hand it whole operations ([`Op`]: make a directory, write a whole file
+//! and its metadata, set a path's metadata, make a symlink) and go on at once. The driver
+//! sends each operation's first request, and the rest as answers arrive (a file's writes,
+//! attributes and close follow the answer to its OPEN, which carries the handle they need),
+//! while other operations' requests are in flight. The server answers requests of one channel
+//! in the order they were sent (OpenSSH's sftp-server handles them one by one), so an
+//! operation queued after another sees its effect: a file created in a directory made just
+//! before it, a directory's times set after its files.
+//!
+//! Failures come back later, by path, from [`Pipe::settle`], which also waits until everything
+//! queued is done. A connection lost or gone silent fails every operation not answered yet
+//! and every one queued after it; the caller treats that as the server being unreachable.
+//!
+//! Everything the server sends is checked before use: answers longer than [`MAX_ANSWER`], of
+//! unknown ids, of the wrong type, or cut short end the pipe with a protocol error.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufReader, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::conn::Conn;
+
+/// Requests sent and not answered yet, at most (new operations wait beyond this).
+pub const MAX_IN_FLIGHT: usize = 256;
+/// Bytes of file data queued or in flight, at most: submitting more waits.
+const MAX_QUEUED_BYTES: usize = 32 << 20;
+/// The longest answer accepted (STATUS, HANDLE and ATTRS answers are a few hundred bytes).
+pub const MAX_ANSWER: usize = 64 << 10;
+/// The longest handle accepted (OpenSSH's are 4 bytes; the protocol allows 256).
+const MAX_HANDLE: usize = 256;
+/// Data per WRITE request: every server takes 32 KiB.
+const WRITE_SIZE: usize = 32 << 10;
+
+// SFTP v3 packet types (draft-ietf-secsh-filexfer-02).
+const FXP_INIT: u8 = 1;
+const FXP_VERSION: u8 = 2;
+const FXP_OPEN: u8 = 3;
+const FXP_CLOSE: u8 = 4;
+const FXP_WRITE: u8 = 6;
+const FXP_LSTAT: u8 = 7;
+const FXP_SETSTAT: u8 = 9;
+const FXP_FSETSTAT: u8 = 10;
+const FXP_REMOVE: u8 = 13;
+const FXP_MKDIR: u8 = 14;
+const FXP_SYMLINK: u8 = 20;
+const FXP_STATUS: u8 = 101;
+const FXP_HANDLE: u8 = 102;
+const FXP_ATTRS: u8 = 105;
+
+const FXF_WRITE: u32 = 0x02;
+const FXF_CREAT: u32 = 0x08;
+const FXF_EXCL: u32 = 0x20;
+
+const ATTR_SIZE: u32 = 0x01;
+const ATTR_UIDGID: u32 = 0x02;
+const ATTR_PERMISSIONS: u32 = 0x04;
+const ATTR_ACMODTIME: u32 = 0x08;
+
+const FX_OK: u32 = 0;
+const FX_PERMISSION_DENIED: u32 = 3;
+
+const S_IFMT: u32 = 0o170000;
+const S_IFLNK: u32 = 0o120000;
+
+/// Attributes to set (SFTP v3 ATTRS; times are whole seconds as uint32).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attrs {
+    pub size: Option<u64>,
+    pub owner: Option<(u32, u32)>,
+    pub perm: Option<u32>,
+    /// atime, mtime
+    pub times: Option<(u32, u32)>,
+}
+
+impl Attrs {
+    fn put(&self, m: &mut Msg) {
+        let mut flags = 0;
+        flags |= if self.size.is_some() { ATTR_SIZE } else { 0 };
+        flags |= if self.owner.is_some() { ATTR_UIDGID } else { 0 };
+        flags |= if self.perm.is_some() {
+            ATTR_PERMISSIONS
+        } else {
+            0
+        };
+        flags |= if self.times.is_some() {
+            ATTR_ACMODTIME
+        } else {
+            0
+        };
+        m.u32(flags);
+        if let Some(s) = self.size {
+            m.u64(s);
+        }
+        if let Some((u, g)) = self.owner {
+            m.u32(u);
+            m.u32(g);
+        }
+        if let Some(p) = self.perm {
+            m.u32(p);
+        }
+        if let Some((a, t)) = self.times {
+            m.u32(a);
+            m.u32(t);
+        }
+    }
+}
+
+/// A node's metadata as the requests that set it: owners with mode and times (which a server
+/// refuses unless we are root there), and mode and times alone, sent after, which also puts
+/// back setuid and setgid bits the change of owner cleared.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    pub all: Attrs,
+    pub mode_times: Attrs,
+    /// Set-user-ID or set-group-ID bits: mode and times go again after the owners.
+    pub setid: bool,
+}
+
+/// One operation on the server. Paths are absolute, as the server sees them.
+#[derive(Debug)]
+pub enum Op {
+    /// MKDIR with mode 0700 (the final mode is set with the directory's metadata).
+    Mkdir,
+    /// A whole file: REMOVE what is there first if asked, create it exclusively (never
+    /// through a symlink), write `data` (a file of zeros only is sized instead, leaving a
+    /// hole), set `meta` on the handle, close.
+    Write {
+        data: Vec<u8>,
+        remove_first: bool,
+        meta: Meta,
+    },
+    /// A file created exclusively at `size` (its data comes later by other means).
+    Create { size: u64, remove_first: bool },
+    /// Set `meta` by path after an LSTAT shows it is no symlink (SETSTAT follows one).
+    SetStat { meta: Meta },
+    /// A symlink to `target`, REMOVE-ing what is there first if asked. `target_first`: the
+    /// server's order of SSH_FXP_SYMLINK's paths.
+    Symlink {
+        target: Vec<u8>,
+        target_first: bool,
+        remove_first: bool,
+    },
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Write { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// What went wrong with one operation: the path (as given), what was being done, the error.
+#[derive(Debug)]
+pub struct Failure {
+    pub key: Vec<u8>,
+    pub doing: &'static str,
+    pub error: std::io::Error,
+}
+
+struct Job {
+    key: Vec<u8>,
+    path: Vec<u8>,
+    op: Op,
+}
+
+/// State shared by the submitters and the driver.
+struct Shared {
+    /// Operations submitted and not finished, and bytes of data among them.
+    pending: Mutex<(usize, usize)>,
+    changed: Condvar,
+    failures: Mutex<Vec<Failure>>,
+    /// Why the pipe stopped (the connection lost, a protocol error), once it has.
+    dead: Mutex<Option<String>>,
+    /// It stopped because the server said nothing for the session's timeout.
+    timed_out: AtomicBool,
+    /// The server refused to change owners (we are not root there).
+    owners_refused: Arc<AtomicBool>,
+    /// 0: not known yet, 1: the server changes owners.
+    owners_taken: AtomicU8,
+    /// Most requests in flight at once (for `KLOSET_TRACE`).
+    most_in_flight: Mutex<usize>,
+}
+
+/// The pipeline: submit operations, then [`Pipe::settle`] for their failures.
+pub struct Pipe {
+    tx: Option<SyncSender<Job>>,
+    shared: Arc<Shared>,
+    driver: Option<JoinHandle<Conn>>,
+}
+
+impl Pipe {
+    /// Open an SFTP channel of its own on `conn` (which the pipe keeps until
+    /// [`Pipe::finish`]) and start the driver. `owners_refused` is shared with the caller:
+    /// set when the server refuses to change owners.
+    ///
+    /// # Errors
+    /// The server refused a second channel or the SFTP subsystem on it, or broke the
+    /// protocol: the connection back (if the OS refused a thread, it is gone).
+    pub fn start(
+        conn: Conn,
+        owners_refused: Arc<AtomicBool>,
+    ) -> Result<Pipe, (Option<Conn>, std::io::Error)> {
+        let opened = (|| {
+            let mut channel = conn.sess.channel_session().map_err(super::io_error)?;
+            channel.subsystem("sftp").map_err(super::io_error)?;
+            let mut w = channel.stream(0);
+            let mut r = BufReader::with_capacity(64 << 10, channel.stream(0));
+            let mut m = Msg::new(FXP_INIT);
+            m.u32(3);
+            w.write_all(&m.finish())?;
+            let (kind, body) = read_packet(&mut r)?;
+            if kind != FXP_VERSION {
+                return Err(protocol(format!(
+                    "the server answered INIT with packet type {kind}"
+                )));
+            }
+            let version = Cursor(&body).u32()?;
+            if version < 3 {
+                return Err(protocol(format!(
+                    "the server speaks SFTP version {version}"
+                )));
+            }
+            Ok((channel, w, r))
+        })();
+        let (channel, w, r) = match opened {
+            Ok(o) => o,
+            Err(e) => return Err((Some(conn), e)),
+        };
+        let shared = Arc::new(Shared {
+            pending: Mutex::new((0, 0)),
+            changed: Condvar::new(),
+            failures: Mutex::new(Vec::new()),
+            dead: Mutex::new(None),
+            timed_out: AtomicBool::new(false),
+            owners_refused,
+            owners_taken: AtomicU8::new(0),
+            most_in_flight: Mutex::new(0),
+        });
+        let (tx, rx) = sync_channel::<Job>(MAX_IN_FLIGHT);
+        let sh = shared.clone();
+        let driver = std::thread::Builder::new()
+            .name("sftp-pipe".into())
+            .spawn(move || {
+                let conn = conn;
+                let mut d = Driver {
+                    w,
+                    r,
+                    shared: sh,
+                    jobs: HashMap::new(),
+                    waiting: HashMap::new(),
+                    next_id: 0,
+                    next_job: 0,
+                    in_flight: 0,
+                    out: Vec::new(),
+                };
+                d.run(rx);
+                drop(d);
+                drop(channel);
+                conn
+            })
+            // No thread: the connection went with it.
+            .map_err(|e| (None, e))?;
+        Ok(Pipe {
+            tx: Some(tx),
+            shared,
+            driver: Some(driver),
+        })
+    }
+
+    /// Queue `op` on `path` (absolute), reported under `key`. Waits while too much data is
+    /// queued. An error: the pipe has stopped (see [`Pipe::dead`]); nothing was queued.
+    pub fn submit(&self, key: &[u8], path: Vec<u8>, op: Op) -> Result<(), String> {
+        let bytes = op.bytes();
+        {
+            let mut p = self.shared.pending.lock();
+            while p.1 > 0 && p.1 + bytes > MAX_QUEUED_BYTES {
+                if let Some(why) = self.dead() {
+                    return Err(why);
+                }
+                self.shared.changed.wait(&mut p);
+            }
+            if let Some(why) = self.dead() {
+                return Err(why);
+            }
+            p.0 += 1;
+            p.1 += bytes;
+        }
+        let job = Job {
+            key: key.to_vec(),
+            path,
+            op,
+        };
+        let sent = self.tx.as_ref().map(|tx| tx.send(job).is_ok());
+        if sent != Some(true) {
+            let mut p = self.shared.pending.lock();
+            p.0 -= 1;
+            p.1 -= bytes;
+            return Err(self
+                .dead()
+                .unwrap_or_else(|| "the SFTP pipe is closed".into()));
+        }
+        Ok(())
+    }
+
+    /// Why the pipe stopped, if it has.
+    pub fn dead(&self) -> Option<String> {
+        self.shared.dead.lock().clone()
+    }
+
+    /// Did the pipe stop because the server went silent?
+    pub fn timed_out(&self) -> bool {
+        self.shared.timed_out.load(Ordering::Relaxed)
+    }
+
+    /// Wait until everything submitted is done; the failures since the last settle.
+    pub fn settle(&self) -> Vec<Failure> {
+        let mut p = self.shared.pending.lock();
+        while p.0 > 0 {
+            self.shared.changed.wait(&mut p);
+        }
+        drop(p);
+        std::mem::take(&mut *self.shared.failures.lock())
+    }
+
+    /// Most requests that were in flight at once.
+    pub fn most_in_flight(&self) -> usize {
+        *self.shared.most_in_flight.lock()
+    }
+
+    /// Stop the driver, and give its connection back (its socket cut if the pipe failed: the
+    /// caller drops it then).
+    pub fn finish(mut self) -> Option<Conn> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Option<Conn> {
+        self.tx = None;
+        let conn = self.driver.take()?.join().ok()?;
+        if self.dead().is_some() {
+            conn.kill();
+        }
+        Some(conn)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What an answer is to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// REMOVE before a create: any status will do (nothing there is fine).
+    Clear,
+    Open,
+    Mkdir,
+    Write,
+    /// Owners, mode and times: refused when we are not root there.
+    SetAll,
+    /// Mode and times (or the size): must succeed.
+    SetRest,
+    Close,
+    Lstat,
+    Symlink,
+}
+
+impl Step {
+    fn doing(self) -> &'static str {
+        match self {
+            Step::Clear => "removing what was there",
+            Step::Open => "creating it",
+            Step::Mkdir => "making the directory",
+            Step::Write => "writing",
+            Step::SetAll | Step::SetRest => "setting its metadata",
+            Step::Close => "closing it",
+            Step::Lstat => "looking at it",
+            Step::Symlink => "making the symlink",
+        }
+    }
+}
+
+struct Running {
+    job: Job,
+    /// Requests of this job not answered yet.
+    waiting: usize,
+    error: Option<Failure>,
+}
+
+struct Driver {
+    w: ssh2::Stream,
+    r: BufReader<ssh2::Stream>,
+    shared: Arc<Shared>,
+    jobs: HashMap<u64, Running>,
+    /// Request id → (job, what the answer is to).
+    waiting: HashMap<u32, (u64, Step)>,
+    next_id: u32,
+    next_job: u64,
+    in_flight: usize,
+    /// Requests built and not written yet (written together).
+    out: Vec<u8>,
+}
+
+impl Driver {
+    fn run(&mut self, rx: Receiver<Job>) {
+        let mut queued: VecDeque<Job> = VecDeque::new();
+        let mut closed = false;
+        loop {
+            // Start what fits.
+            while self.in_flight < MAX_IN_FLIGHT {
+                let job = match queued.pop_front() {
+                    Some(j) => j,
+                    None if closed => break,
+                    None => match rx.try_recv() {
+                        Ok(j) => j,
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    },
+                };
+                self.start(job);
+            }
+            if let Err(e) = self.flush() {
+                return self.die(e, rx);
+            }
+            if self.in_flight == 0 {
+                if closed {
+                    return;
+                }
+                // Nothing to wait for: wait for work.
+                match rx.recv() {
+                    Ok(j) => queued.push_back(j),
+                    Err(_) => closed = true,
+                }
+                continue;
+            }
+            match read_packet(&mut self.r) {
+                Ok((kind, body)) => {
+                    if let Err(e) = self.answer(kind, &body) {
+                        return self.die(e, rx);
+                    }
+                }
+                Err(e) => return self.die(e, rx),
+            }
+        }
+    }
+
+    /// The connection is gone or the server broke the protocol: every operation not finished,
+    /// and every one submitted from now on, fails with `e`.
+    fn die(&mut self, e: std::io::Error, rx: Receiver<Job>) {
+        let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
+        self.shared.timed_out.store(timed_out, Ordering::Relaxed);
+        let why = if timed_out {
+            "the server did not answer in time".to_string()
+        } else {
+            format!("the connection failed: {e}")
+        };
+        *self.shared.dead.lock() = Some(why.clone());
+        let ids: Vec<u64> = self.jobs.keys().copied().collect();
+        for id in ids {
+            if let Some(mut run) = self.jobs.remove(&id) {
+                if run.error.is_none() {
+                    run.error = Some(Failure {
+                        key: std::mem::take(&mut run.job.key),
+                        doing: "waiting for the server",
+                        error: std::io::Error::new(e.kind(), why.clone()),
+                    });
+                }
+                self.done(run);
+            }
+        }
+        self.waiting.clear();
+        self.in_flight = 0;
+        // Whatever is still queued or comes later fails the same way.
+        self.shared.changed.notify_all();
+        while let Ok(job) = rx.recv() {
+            let bytes = job.op.bytes();
+            self.shared.failures.lock().push(Failure {
+                key: job.key,
+                doing: "waiting for the server",
+                error: std::io::Error::new(e.kind(), why.clone()),
+            });
+            let mut p = self.shared.pending.lock();
+            p.0 -= 1;
+            p.1 -= bytes;
+            self.shared.changed.notify_all();
+        }
+    }
+
+    fn request(&mut self, job: u64, step: Step, kind: u8, body: impl FnOnce(&mut Msg)) {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let mut m = Msg::new(kind);
+        m.u32(id);
+        body(&mut m);
+        self.out.extend_from_slice(&m.finish());
+        self.waiting.insert(id, (job, step));
+        self.in_flight += 1;
+        if let Some(r) = self.jobs.get_mut(&job) {
+            r.waiting += 1;
+        }
+        let mut most = self.shared.most_in_flight.lock();
+        *most = (*most).max(self.in_flight);
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        // Written as it goes: no `flush`, which for a libssh2 channel throws away what has
+        // been received and not read yet (the answers).
+        self.w.write_all(&out)
+    }
+
+    fn start(&mut self, job: Job) {
+        let id = self.next_job;
+        self.next_job += 1;
+        let path = job.path.clone();
+        let first = match &job.op {
+            Op::Mkdir => Step::Mkdir,
+            Op::Write { remove_first, .. } | Op::Create { remove_first, .. } => {
+                if *remove_first {
+                    Step::Clear
+                } else {
+                    Step::Open
+                }
+            }
+            Op::SetStat { .. } => Step::Lstat,
+            Op::Symlink { remove_first, .. } => {
+                if *remove_first {
+                    Step::Clear
+                } else {
+                    Step::Symlink
+                }
+            }
+        };
+        let sym = match &job.op {
+            Op::Symlink {
+                target,
+                target_first,
+                ..
+            } => Some((target.clone(), *target_first)),
+            _ => None,
+        };
+        self.jobs.insert(
+            id,
+            Running {
+                job,
+                waiting: 0,
+                error: None,
+            },
+        );
+        match first {
+            Step::Mkdir => self.request(id, Step::Mkdir, FXP_MKDIR, |m| {
+                m.str(&path);
+                Attrs {
+                    perm: Some(0o700),
+                    ..Attrs::default()
+                }
+                .put(m);
+            }),
+            Step::Clear => self.request(id, Step::Clear, FXP_REMOVE, |m| m.str(&path)),
+            Step::Open => self.open(id, &path),
+            Step::Lstat => self.request(id, Step::Lstat, FXP_LSTAT, |m| m.str(&path)),
+            Step::Symlink => {
+                let (target, target_first) = sym.expect("a symlink job");
+                self.symlink(id, &path, &target, target_first);
+            }
+            _ => unreachable!("not a first step"),
+        }
+    }
+
+    fn open(&mut self, job: u64, path: &[u8]) {
+        self.request(job, Step::Open, FXP_OPEN, |m| {
+            m.str(path);
+            m.u32(FXF_WRITE | FXF_CREAT | FXF_EXCL);
+            Attrs {
+                perm: Some(0o600),
+                ..Attrs::default()
+            }
+            .put(m);
+        });
+    }
+
+    fn symlink(&mut self, job: u64, link: &[u8], target: &[u8], target_first: bool) {
+        self.request(job, Step::Symlink, FXP_SYMLINK, |m| {
+            if target_first {
+                m.str(target);
+                m.str(link);
+            } else {
+                m.str(link);
+                m.str(target);
+            }
+        });
+    }
+
+    /// The requests that set `meta` (on `handle`, or by `path`).
+    fn set_meta(&mut self, job: u64, target: Target<'_>, meta: &Meta) {
+        let refused = self.shared.owners_refused.load(Ordering::Relaxed);
+        let taken = self.shared.owners_taken.load(Ordering::Relaxed) == 1;
+        let send = |d: &mut Driver, step: Step, a: &Attrs| match target {
+            Target::Handle(h) => d.request(job, step, FXP_FSETSTAT, |m| {
+                m.str(h);
+                a.put(m);
+            }),
+            Target::Path(p) => d.request(job, step, FXP_SETSTAT, |m| {
+                m.str(p);
+                a.put(m);
+            }),
+        };
+        if !refused {
+            send(self, Step::SetAll, &meta.all);
+        }
+        // Mode and times alone: where owners are refused, or not known to be taken yet, or
+        // to put back setuid/setgid bits the change of owner cleared.
+        if refused || !taken || meta.setid {
+            send(self, Step::SetRest, &meta.mode_times);
+        }
+    }
+
+    fn answer(&mut self, kind: u8, body: &[u8]) -> std::io::Result<()> {
+        let mut c = Cursor(body);
+        let id = c.u32()?;
+        let Some((job, step)) = self.waiting.remove(&id) else {
+            return Err(protocol(format!("an answer to request {id}, never sent")));
+        };
+        self.in_flight -= 1;
+        let Some(mut run) = self.jobs.remove(&job) else {
+            return Err(protocol(format!("request {id} belongs to no operation")));
+        };
+        run.waiting -= 1;
+        let status = if kind == FXP_STATUS {
+            let code = c.u32()?;
+            let msg = c.string(MAX_ANSWER)?;
+            Some((code, String::from_utf8_lossy(msg).into_owned()))
+        } else {
+            None
+        };
+        let failed = |run: &mut Running, step: Step, code: u32, msg: String| {
+            if run.error.is_none() {
+                run.error = Some(Failure {
+                    key: run.job.key.clone(),
+                    doing: step.doing(),
+                    error: super::status_error(code, msg),
+                });
+            }
+        };
+        match (step, kind, status) {
+            // Whatever REMOVE said, the create follows: it fails if something stays in the way.
+            (Step::Clear, FXP_STATUS, Some(_)) => {
+                let path = run.job.path.clone();
+                let sym = match &run.job.op {
+                    Op::Symlink {
+                        target,
+                        target_first,
+                        ..
+                    } => Some((target.clone(), *target_first)),
+                    _ => None,
+                };
+                self.jobs.insert(job, run);
+                match sym {
+                    Some((t, tf)) => self.symlink(job, &path, &t, tf),
+                    None => self.open(job, &path),
+                }
+                return self.maybe_done(job);
+            }
+            (Step::Open, FXP_HANDLE, None) => {
+                let handle = c.string(MAX_HANDLE)?.to_vec();
+                let (data, meta, size) = match &mut run.job.op {
+                    Op::Write { data, meta, .. } => (std::mem::take(data), Some(*meta), 0),
+                    Op::Create { size, .. } => (Vec::new(), None, *size),
+                    _ => return Err(protocol("a handle for an operation that opens nothing")),
+                };
+                self.jobs.insert(job, run);
+                let zeros = data.iter().all(|&b| b == 0);
+                let size = if zeros {
+                    size.max(data.len() as u64)
+                } else {
+                    size
+                };
+                if !zeros {
+                    let mut off = 0u64;
+                    for piece in data.chunks(WRITE_SIZE) {
+                        self.request(job, Step::Write, FXP_WRITE, |m| {
+                            m.str(&handle);
+                            m.u64(off);
+                            m.str(piece);
+                        });
+                        off += piece.len() as u64;
+                    }
+                }
+                if size > 0 {
+                    self.request(job, Step::SetRest, FXP_FSETSTAT, |m| {
+                        m.str(&handle);
+                        Attrs {
+                            size: Some(size),
+                            ..Attrs::default()
+                        }
+                        .put(m);
+                    });
+                }
+                if let Some(meta) = meta {
+                    self.set_meta(job, Target::Handle(&handle), &meta);
+                }
+                self.request(job, Step::Close, FXP_CLOSE, |m| m.str(&handle));
+                self.release(data.len());
+                return self.maybe_done(job);
+            }
+            (Step::Lstat, FXP_ATTRS, None) => {
+                let flags = c.u32()?;
+                let perm = attrs_perm(&mut c, flags)?;
+                let Op::SetStat { meta } = run.job.op else {
+                    return Err(protocol("attributes for an operation that asked none"));
+                };
+                match perm {
+                    Some(p) if p & S_IFMT == S_IFLNK => {
+                        if run.error.is_none() {
+                            run.error = Some(Failure {
+                                key: run.job.key.clone(),
+                                doing: "setting its metadata",
+                                error: std::io::Error::other(format!(
+                                    "{} is a symlink on the server now; its metadata is not set through it",
+                                    String::from_utf8_lossy(&run.job.path)
+                                )),
+                            });
+                        }
+                    }
+                    _ => {
+                        let path = run.job.path.clone();
+                        self.jobs.insert(job, run);
+                        self.set_meta(job, Target::Path(&path), &meta);
+                        return self.maybe_done(job);
+                    }
+                }
+            }
+            (Step::SetAll, FXP_STATUS, Some((code, _))) => {
+                if code == FX_OK {
+                    self.shared.owners_taken.store(1, Ordering::Relaxed);
+                } else if code == FX_PERMISSION_DENIED {
+                    // Not root there: mode and times alone, which were sent too.
+                    self.shared.owners_refused.store(true, Ordering::Relaxed);
+                }
+            }
+            (_, FXP_STATUS, Some((code, msg))) => {
+                if code != FX_OK {
+                    // A failed WRITE or attribute change still closes the handle: its CLOSE
+                    // was sent with them.
+                    failed(&mut run, step, code, msg);
+                }
+            }
+            (_, FXP_STATUS, None) => unreachable!("a STATUS has a status"),
+            (_, kind, _) => {
+                return Err(protocol(format!(
+                    "packet type {kind} in answer to {}",
+                    step.doing()
+                )));
+            }
+        }
+        self.jobs.insert(job, run);
+        self.maybe_done(job)
+    }
+
+    /// Data bytes of a job that left the queue's account.
+    fn release(&self, bytes: usize) {
+        if bytes > 0 {
+            let mut p = self.shared.pending.lock();
+            p.1 -= bytes;
+            self.shared.changed.notify_all();
+        }
+    }
+
+    fn maybe_done(&mut self, job: u64) -> std::io::Result<()> {
+        if self.jobs.get(&job).is_some_and(|r| r.waiting == 0)
+            && let Some(run) = self.jobs.remove(&job)
+        {
+            self.done(run);
+        }
+        Ok(())
+    }
+
+    fn done(&mut self, run: Running) {
+        let bytes = run.job.op.bytes();
+        if let Some(f) = run.error {
+            self.shared.failures.lock().push(f);
+        }
+        let mut p = self.shared.pending.lock();
+        p.0 -= 1;
+        p.1 -= bytes;
+        self.shared.changed.notify_all();
+    }
+}
+
+/// Where attributes go: an open handle, or a path.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Handle(&'a [u8]),
+    Path(&'a [u8]),
+}
+
+/// The permissions field of an ATTRS (mode with the file type), after the fields before it.
+fn attrs_perm(c: &mut Cursor<'_>, flags: u32) -> std::io::Result<Option<u32>> {
+    if flags & ATTR_SIZE != 0 {
+        c.u64()?;
+    }
+    if flags & ATTR_UIDGID != 0 {
+        c.u32()?;
+        c.u32()?;
+    }
+    Ok(if flags & ATTR_PERMISSIONS != 0 {
+        Some(c.u32()?)
+    } else {
+        None
+    })
+}
+
+fn protocol(what: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("SFTP protocol error: {}", what.into()),
+    )
+}
+
+/// Read one packet: its type and what follows it.
+fn read_packet(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_ANSWER {
+        return Err(protocol(format!("an answer of {len} bytes")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    let kind = body[0];
+    body.remove(0);
+    Ok((kind, body))
+}
+
+/// A request being built.
+struct Msg(Vec<u8>);
+
+impl Msg {
+    fn new(kind: u8) -> Msg {
+        let mut v = Vec::with_capacity(64);
+        v.extend_from_slice(&[0, 0, 0, 0, kind]);
+        Msg(v)
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn str(&mut self, s: &[u8]) {
+        self.u32(s.len() as u32);
+        self.0.extend_from_slice(s);
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let len = (self.0.len() - 4) as u32;
+        self.0[..4].copy_from_slice(&len.to_be_bytes());
+        self.0
+    }
+}
+
+/// Reading an answer, every length checked.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> std::io::Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(protocol("an answer cut short"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u32(&mut self) -> std::io::Result<u32> {
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> std::io::Result<u64> {
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn string(&mut self, max: usize) -> std::io::Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(protocol(format!("a string of {n} bytes")));
+        }
+        self.take(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attrs_are_laid_out_as_sftp_v3_says() {
+        let mut m = Msg::new(FXP_SETSTAT);
+        Attrs {
+            size: None,
+            owner: Some((1, 2)),
+            perm: Some(0o644),
+            times: Some((3, 4)),
+        }
+        .put(&mut m);
+        let v = m.finish();
+        assert_eq!(&v[..5], &[0, 0, 0, 21, FXP_SETSTAT]);
+        let mut c = Cursor(&v[5..]);
+        assert_eq!(
+            c.u32().unwrap(),
+            ATTR_UIDGID | ATTR_PERMISSIONS | ATTR_ACMODTIME
+        );
+        assert_eq!(
+            (c.u32().unwrap(), c.u32().unwrap(), c.u32().unwrap()),
+            (1, 2, 0o644)
+        );
+        assert_eq!((c.u32().unwrap(), c.u32().unwrap()), (3, 4));
+        assert!(c.u32().is_err(), "nothing after the attributes");
+    }
+
+    #[test]
+    fn answers_too_long_or_cut_short_are_refused() {
+        let mut big = (MAX_ANSWER as u32 + 1).to_be_bytes().to_vec();
+        big.push(FXP_STATUS);
+        assert!(read_packet(&mut &big[..]).is_err());
+        assert!(read_packet(&mut &[0u8, 0, 0, 0][..]).is_err());
+        assert!(read_packet(&mut &[0u8, 0, 0, 9, FXP_STATUS, 0][..]).is_err());
+        let mut c = Cursor(&[0, 0, 1, 0, 1]);
+        assert!(c.string(MAX_HANDLE).is_err(), "a 256-byte string in 1 byte");
+        let mut c = Cursor(&[0xff, 0xff, 0xff, 0xff]);
+        assert!(c.string(MAX_ANSWER).is_err());
+        let ok = [0u8, 0, 0, 5, FXP_STATUS, 0, 0, 0, 7];
+        assert_eq!(
+            read_packet(&mut &ok[..]).unwrap(),
+            (FXP_STATUS, vec![0, 0, 0, 7])
+        );
+    }
+}
