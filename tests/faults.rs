@@ -1190,6 +1190,65 @@ fn restore_onto_an_sftp_destination_over_a_link_cut_at_seeded_points() {
     assert!(proxy.stats().cuts() >= 2, "too few cuts landed");
 }
 
+/// A restore of many small files onto a server behind a 20 ms round trip keeps many requests
+/// in flight on its pipelined channel (`sftp::pipe`) instead of waiting out a round trip per
+/// request: before the pipe, each small file cost four round trips on one of four connections.
+#[test]
+fn a_restore_onto_a_distant_server_keeps_many_requests_in_flight() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let ten = Duration::from_millis(10);
+    proxy.set_plan(common::faultproxy::Plan {
+        all: (
+            common::faultproxy::Rules::latency(ten),
+            common::faultproxy::Rules::latency(ten),
+        ),
+        ..Default::default()
+    });
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    for d in 0..6 {
+        let dir = src.join(format!("d{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..50 {
+            fs::write(
+                dir.join(format!("f{f}")),
+                format!("{d}/{f}\n").repeat(f + 1),
+            )
+            .unwrap();
+        }
+    }
+    let store = top.path().join("store");
+    let store_s = store.to_str().unwrap();
+    ok(&sshd, &["at", store_s, "create"]);
+    ok(
+        &sshd,
+        &["-quiet", "at", store_s, "backup", src.to_str().unwrap()],
+    );
+    let remote = sshd.remote_dir("far");
+    let dest = proxy_url(&proxy, &remote);
+    let out = sshd
+        .cmd(bin())
+        .env("KLOSET_TRACE", "1")
+        .args(["at", store_s, "restore", "-to", &dest, "latest"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_same_files(&src, &remote);
+    let most = err
+        .lines()
+        .filter_map(|l| {
+            l.split("at most ")
+                .nth(1)?
+                .strip_suffix(" requests in flight in the pipe")
+        })
+        .map(|n| n.trim().parse::<usize>().unwrap())
+        .max()
+        .expect("the restore went through the pipe");
+    assert!(most >= 32, "at most {most} requests in flight: {err}");
+}
+
 /// A backup of an `sftp://` source (the store local) over a link cut at seeded points of the
 /// walk and the file reads: it completes or exits 9 in one line with no snapshot; then `check`
 /// passes, and a re-run completes and restores exactly.

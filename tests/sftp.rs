@@ -164,6 +164,7 @@ on_every_server!(
     a_taken_name_is_not_an_upload_done,
     racing_creates_make_one_store,
     sync_to_and_from_the_server,
+    restore_onto_the_server_keeps_many_requests_in_flight,
 );
 
 fn store_on_server_round_trip_with_url_and_alias(sshd: Sshd) {
@@ -947,4 +948,80 @@ fn create_refuses_a_server_whose_rename_replaces() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left in the store directory: {left:?}");
+}
+
+/// The most requests the restore's SFTP pipe had in flight at once, from its trace lines.
+fn most_in_flight(stderr: &str) -> Option<usize> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            l.split("at most ")
+                .nth(1)?
+                .strip_suffix(" requests in flight in the pipe")
+        })
+        .map(|n| n.trim().parse().expect("a count"))
+        .max()
+}
+
+/// A restore onto the server sends its directories, small files, symlinks and metadata
+/// through one pipelined channel (`sftp::pipe`), many requests in flight rather than one
+/// round trip after another; the result is the same tree as without the pipe, on a new
+/// destination and over an existing one (where each file is removed and created anew). On
+/// loopback the server answers about as fast as the restore asks, so only a few are in flight
+/// at once; tests/faults.rs checks the depth through a link with latency.
+fn restore_onto_the_server_keeps_many_requests_in_flight(sshd: Sshd) {
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path());
+    for d in 0..8 {
+        let dir = src.path().join(format!("d{d}"));
+        fs::create_dir(&dir).unwrap();
+        for f in 0..40 {
+            let p = dir.join(format!("f{f}"));
+            fs::write(&p, format!("file {d}/{f}\n").repeat(f + 1)).unwrap();
+            fs::set_permissions(
+                &p,
+                fs::Permissions::from_mode(0o600 + (f as u32 % 8) * 0o10),
+            )
+            .unwrap();
+        }
+        fs::write(dir.join("zeros"), vec![0u8; 70_000]).unwrap();
+        symlink(format!("f{d}"), dir.join("l")).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o751)).unwrap();
+    }
+    let store = tempfile::tempdir().unwrap();
+    let store = store.path().join("s");
+    let store = store.to_str().unwrap();
+    ok(&sshd, &["at", store, "create"]);
+    ok(
+        &sshd,
+        &["at", store, "backup", src.path().to_str().unwrap()],
+    );
+
+    let restore = |dst: &Path, pipe: bool, extra: &[&str]| {
+        let url = sshd.url(dst);
+        let mut args = vec!["at", store, "restore"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-to", &url, "latest"]);
+        let mut c = sshd.cmd(bin());
+        c.args(&args).env("KLOSET_TRACE", "1");
+        if !pipe {
+            c.env("KLOSET_SFTP_PIPE", "0");
+        }
+        let out = c.output().expect("run kloset");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_same_tree(src.path(), dst);
+        most_in_flight(&err)
+    };
+    let dst = sshd.remote_dir("piped");
+    let most = restore(&dst, true, &[]).expect("the restore used the pipe");
+    assert!(most >= 2, "at most {most} requests in flight");
+    // Over what is there: every file removed and made again, through the pipe too.
+    fs::write(dst.join("d0/f0"), b"changed on the server").unwrap();
+    let most = restore(&dst, true, &["-overwrite", "always"]).expect("the pipe again");
+    assert!(most >= 2, "at most {most} requests in flight");
+    // Without the pipe (one request at a time on pooled connections): the same tree.
+    let plain = sshd.remote_dir("plain");
+    assert_eq!(restore(&plain, false, &[]), None);
 }
