@@ -40,7 +40,7 @@ use ssh2::{FileStat, OpenFlags, OpenType};
 use super::backend::refused_write;
 use super::backend::{Server, disk_full, disk_full_or, mkdir_p, read_all_conn, room};
 use super::conn::{Conn, Pool, io};
-use super::pipe::{Attrs, Meta, Op, Pipe};
+use super::pipe::{self, Attrs, Meta, Op, Pipe};
 use super::{Location, Options};
 use crate::store::destination::Destination;
 use crate::store::error::{Error, Result};
@@ -177,6 +177,16 @@ impl Seen {
             gid: st.gid,
             mtime: st.mtime,
         }
+    }
+    fn of_pipe(st: &pipe::Stat) -> Seen {
+        Seen::of(&FileStat {
+            size: st.size,
+            uid: st.uid,
+            gid: st.gid,
+            perm: st.perm,
+            atime: None,
+            mtime: st.mtime.map(u64::from),
+        })
     }
     fn complete(&self, node: &Node) -> bool {
         self.file
@@ -325,6 +335,28 @@ impl SftpDestination {
     /// not there yet lists as empty.
     fn list(&self, rel: &[u8]) -> Listing {
         let p = self.path(rel);
+        // Through the pipe, when nothing needs a look on a pooled connection first (its
+        // parents checked, its parent's listing kept): no pooled connection is held while the
+        // listing waits, so many directories can be listed at once.
+        if self.piped() && self.parents_known(rel) {
+            let is_dir = if rel.is_empty() {
+                true
+            } else {
+                match self.cached_seen(rel) {
+                    Some(Some(st)) => {
+                        if !st.dir || st.link {
+                            return None;
+                        }
+                        true
+                    }
+                    Some(None) => return Some(Listed::empty()),
+                    None => false,
+                }
+            };
+            if is_dir && let Some(r) = self.list_piped(&p) {
+                return r.ok().flatten();
+            }
+        }
         self.pool
             .run(&self.what(rel), |c| {
                 self.check_parents(c, rel)?;
@@ -343,6 +375,9 @@ impl SftpDestination {
                         Err(e) if not_found(&e) => return Ok(Some(Listed::empty())),
                         Err(e) => return Err(e),
                     }
+                }
+                if let Some(listed) = self.list_piped(&p) {
+                    return listed;
                 }
                 let mut dir = c.sftp.opendir(&p).map_err(io)?;
                 let mut out = HashMap::new();
@@ -395,6 +430,40 @@ impl SftpDestination {
             })
             .ok()
             .flatten()
+    }
+
+    /// [`SftpDestination::list`]'s READDIR and READLINKs through the pipe, when there is
+    /// one: all of a directory's symlinks read at once, rather than one round trip each.
+    fn list_piped(&self, p: &Path) -> Option<std::io::Result<Listing>> {
+        let guard = self.pipe.read();
+        let pipe = guard.as_ref().filter(|p| p.dead().is_none())?;
+        let path = p.as_os_str().as_bytes().to_vec();
+        let listed = match pipe.list(path, MAX_LISTED, MAX_LISTED_BYTES) {
+            Ok(l) => l,
+            Err(why) => {
+                return Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    why,
+                )));
+            }
+        };
+        Some(listed.map(|l| {
+            match l {
+                pipe::Listed::TooBig => None,
+                pipe::Listed::Entries {
+                    entries,
+                    targets,
+                    bytes,
+                } => Some(Listed {
+                    seen: entries
+                        .into_iter()
+                        .map(|(name, st)| (name, Seen::of_pipe(&st)))
+                        .collect(),
+                    targets: targets.into_iter().collect(),
+                    bytes,
+                }),
+            }
+        }))
     }
 
     /// How this server reads SSH_FXP_SYMLINK: probed in the destination's root the first
@@ -847,7 +916,12 @@ impl Destination for SftpDestination {
             .collect();
         self.asked.store(0, Ordering::Relaxed);
         let next = AtomicUsize::new(0);
-        let threads = self.pool.target().connections.clamp(1, 8);
+        // Through the pipe a listing holds no connection: many at once.
+        let threads = if self.piped() {
+            32
+        } else {
+            self.pool.target().connections.clamp(1, 8)
+        };
         std::thread::scope(|s| {
             for _ in 0..threads {
                 s.spawn(|| {

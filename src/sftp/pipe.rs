@@ -35,8 +35,8 @@ use super::conn::Conn;
 pub const MAX_IN_FLIGHT: usize = 256;
 /// Bytes of file data queued or in flight, at most: submitting more waits.
 const MAX_QUEUED_BYTES: usize = 32 << 20;
-/// The longest answer accepted (STATUS, HANDLE and ATTRS answers are a few hundred bytes).
-pub const MAX_ANSWER: usize = 64 << 10;
+/// The longest answer accepted: OpenSSH's limit for any SFTP message (256 KiB), and a little.
+pub const MAX_ANSWER: usize = (256 << 10) + 1024;
 /// The longest handle accepted (OpenSSH's are 4 bytes; the protocol allows 256).
 const MAX_HANDLE: usize = 256;
 /// Data per WRITE request: every server takes 32 KiB.
@@ -52,10 +52,14 @@ const FXP_LSTAT: u8 = 7;
 const FXP_SETSTAT: u8 = 9;
 const FXP_FSETSTAT: u8 = 10;
 const FXP_REMOVE: u8 = 13;
+const FXP_OPENDIR: u8 = 11;
+const FXP_READDIR: u8 = 12;
 const FXP_MKDIR: u8 = 14;
+const FXP_READLINK: u8 = 19;
 const FXP_SYMLINK: u8 = 20;
 const FXP_STATUS: u8 = 101;
 const FXP_HANDLE: u8 = 102;
+const FXP_NAME: u8 = 104;
 const FXP_ATTRS: u8 = 105;
 
 const FXF_WRITE: u32 = 0x02;
@@ -66,8 +70,10 @@ const ATTR_SIZE: u32 = 0x01;
 const ATTR_UIDGID: u32 = 0x02;
 const ATTR_PERMISSIONS: u32 = 0x04;
 const ATTR_ACMODTIME: u32 = 0x08;
+const ATTR_EXTENDED: u32 = 0x8000_0000;
 
 const FX_OK: u32 = 0;
+const FX_EOF: u32 = 1;
 const FX_PERMISSION_DENIED: u32 = 3;
 
 const S_IFMT: u32 = 0o170000;
@@ -151,6 +157,55 @@ pub enum Op {
         target_first: bool,
         remove_first: bool,
     },
+    /// List a directory (OPENDIR, READDIR to the end, CLOSE) and read every symlink's target in
+    /// it (READLINK, all at once); the result goes to `reply`. More than `max_entries` entries,
+    /// or `max_bytes` of names and targets, answers [`Listed::TooBig`].
+    List {
+        reply: std::sync::mpsc::Sender<std::io::Result<Listed>>,
+        max_entries: usize,
+        max_bytes: usize,
+    },
+}
+
+/// What a server says of one entry (SFTP v3 attributes; each field only if it said it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stat {
+    pub size: Option<u64>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Mode with the file type bits.
+    pub perm: Option<u32>,
+    pub mtime: Option<u32>,
+}
+
+impl Stat {
+    pub fn is_symlink(&self) -> bool {
+        self.perm.is_some_and(|p| p & S_IFMT == S_IFLNK)
+    }
+}
+
+/// A directory's listing.
+#[derive(Debug)]
+pub enum Listed {
+    /// Each entry (but `.` and `..`) with its attributes, and each symlink's target.
+    Entries {
+        entries: Vec<(Vec<u8>, Stat)>,
+        targets: Vec<(Vec<u8>, Vec<u8>)>,
+        bytes: usize,
+    },
+    TooBig,
+}
+
+/// A listing under way.
+#[derive(Debug, Default)]
+struct ListState {
+    handle: Vec<u8>,
+    entries: Vec<(Vec<u8>, Stat)>,
+    targets: Vec<(Vec<u8>, Vec<u8>)>,
+    bytes: usize,
+    too_big: bool,
+    /// READLINK request id → the entry's name.
+    links: HashMap<u32, Vec<u8>>,
 }
 
 impl Op {
@@ -315,6 +370,34 @@ impl Pipe {
         Ok(())
     }
 
+    /// List the directory `path` (absolute) through the pipe, with other requests in flight;
+    /// waits for the answer.
+    ///
+    /// # Errors
+    /// The server's error for the directory, or the pipe stopped.
+    pub fn list(
+        &self,
+        path: Vec<u8>,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<std::io::Result<Listed>, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let key = path.clone();
+        self.submit(
+            &key,
+            path,
+            Op::List {
+                reply,
+                max_entries,
+                max_bytes,
+            },
+        )?;
+        answer.recv().map_err(|_| {
+            self.dead()
+                .unwrap_or_else(|| "the SFTP pipe is closed".into())
+        })
+    }
+
     /// Why the pipe stopped, if it has.
     pub fn dead(&self) -> Option<String> {
         self.shared.dead.lock().clone()
@@ -377,6 +460,11 @@ enum Step {
     Close,
     Lstat,
     Symlink,
+    OpenDir,
+    ReadDir,
+    /// CLOSE of a directory handle: its status does not matter.
+    CloseDir,
+    ReadLink,
 }
 
 impl Step {
@@ -390,6 +478,7 @@ impl Step {
             Step::Close => "closing it",
             Step::Lstat => "looking at it",
             Step::Symlink => "making the symlink",
+            Step::OpenDir | Step::ReadDir | Step::CloseDir | Step::ReadLink => "listing it",
         }
     }
 }
@@ -399,6 +488,7 @@ struct Running {
     /// Requests of this job not answered yet.
     waiting: usize,
     error: Option<Failure>,
+    list: Option<Box<ListState>>,
 }
 
 struct Driver {
@@ -491,11 +581,14 @@ impl Driver {
         self.shared.changed.notify_all();
         while let Ok(job) = rx.recv() {
             let bytes = job.op.bytes();
-            self.shared.failures.lock().push(Failure {
-                key: job.key,
-                doing: "waiting for the server",
-                error: std::io::Error::new(e.kind(), why.clone()),
-            });
+            // A listing's asker hears it from its reply channel, closed with the job.
+            if !matches!(job.op, Op::List { .. }) {
+                self.shared.failures.lock().push(Failure {
+                    key: job.key,
+                    doing: "waiting for the server",
+                    error: std::io::Error::new(e.kind(), why.clone()),
+                });
+            }
             let mut p = self.shared.pending.lock();
             p.0 -= 1;
             p.1 -= bytes;
@@ -543,6 +636,7 @@ impl Driver {
                 }
             }
             Op::SetStat { .. } => Step::Lstat,
+            Op::List { .. } => Step::OpenDir,
             Op::Symlink { remove_first, .. } => {
                 if *remove_first {
                     Step::Clear
@@ -565,6 +659,7 @@ impl Driver {
                 job,
                 waiting: 0,
                 error: None,
+                list: None,
             },
         );
         match first {
@@ -579,6 +674,12 @@ impl Driver {
             Step::Clear => self.request(id, Step::Clear, FXP_REMOVE, |m| m.str(&path)),
             Step::Open => self.open(id, &path),
             Step::Lstat => self.request(id, Step::Lstat, FXP_LSTAT, |m| m.str(&path)),
+            Step::OpenDir => {
+                if let Some(r) = self.jobs.get_mut(&id) {
+                    r.list = Some(Box::default());
+                }
+                self.request(id, Step::OpenDir, FXP_OPENDIR, |m| m.str(&path))
+            }
             Step::Symlink => {
                 let (target, target_first) = sym.expect("a symlink job");
                 self.symlink(id, &path, &target, target_first);
@@ -750,6 +851,115 @@ impl Driver {
                     }
                 }
             }
+            (Step::OpenDir, FXP_HANDLE, None) => {
+                let handle = c.string(MAX_HANDLE)?.to_vec();
+                if let Some(l) = run.list.as_mut() {
+                    l.handle = handle.clone();
+                }
+                self.jobs.insert(job, run);
+                self.request(job, Step::ReadDir, FXP_READDIR, |m| m.str(&handle));
+                return self.maybe_done(job);
+            }
+            (Step::ReadDir, FXP_NAME, None) => {
+                let (max_entries, max_bytes) = match run.job.op {
+                    Op::List {
+                        max_entries,
+                        max_bytes,
+                        ..
+                    } => (max_entries, max_bytes),
+                    _ => return Err(protocol("names for an operation that lists nothing")),
+                };
+                let l = run.list.as_mut().ok_or_else(|| protocol("names unasked"))?;
+                let count = c.u32()?;
+                for _ in 0..count {
+                    let name = c.string(MAX_ANSWER)?;
+                    c.string(MAX_ANSWER)?;
+                    let st = read_attrs(&mut c)?;
+                    if name == b"." || name == b".." || l.too_big {
+                        continue;
+                    }
+                    l.bytes += name.len();
+                    if l.entries.len() >= max_entries || l.bytes > max_bytes {
+                        l.too_big = true;
+                        l.entries = Vec::new();
+                        continue;
+                    }
+                    l.entries.push((name.to_vec(), st));
+                }
+                let handle = l.handle.clone();
+                let more = !l.too_big;
+                self.jobs.insert(job, run);
+                if more {
+                    self.request(job, Step::ReadDir, FXP_READDIR, |m| m.str(&handle));
+                } else {
+                    self.request(job, Step::CloseDir, FXP_CLOSE, |m| m.str(&handle));
+                }
+                return self.maybe_done(job);
+            }
+            (Step::ReadDir, FXP_STATUS, Some((code, msg))) => {
+                let l = run
+                    .list
+                    .as_mut()
+                    .ok_or_else(|| protocol("a listing unasked"))?;
+                let handle = l.handle.clone();
+                if code != FX_EOF {
+                    failed(&mut run, step, code, msg);
+                }
+                // The end: close, and read every symlink's target at once.
+                let links: Vec<Vec<u8>> = if run.error.is_none() {
+                    run.list
+                        .as_ref()
+                        .map(|l| {
+                            l.entries
+                                .iter()
+                                .filter(|(_, st)| st.is_symlink())
+                                .map(|(n, _)| n.clone())
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                let dir = run.job.path.clone();
+                self.jobs.insert(job, run);
+                self.request(job, Step::CloseDir, FXP_CLOSE, |m| m.str(&handle));
+                for name in links {
+                    let mut at = dir.clone();
+                    if !at.ends_with(b"/") {
+                        at.push(b'/');
+                    }
+                    at.extend_from_slice(&name);
+                    let id = self.next_id;
+                    self.request(job, Step::ReadLink, FXP_READLINK, |m| m.str(&at));
+                    if let Some(l) = self.jobs.get_mut(&job).and_then(|r| r.list.as_mut()) {
+                        l.links.insert(id, name);
+                    }
+                }
+                return self.maybe_done(job);
+            }
+            (Step::CloseDir, FXP_STATUS, Some(_)) => {}
+            (Step::ReadLink, FXP_NAME, None) => {
+                let (max_bytes, l) = match (&run.job.op, run.list.as_mut()) {
+                    (Op::List { max_bytes, .. }, Some(l)) => (*max_bytes, l),
+                    _ => return Err(protocol("a link target unasked")),
+                };
+                if c.u32()? != 1 {
+                    return Err(protocol("READLINK answered with other than one name"));
+                }
+                let target = c.string(MAX_ANSWER)?;
+                if let Some(name) = l.links.remove(&id)
+                    && !l.too_big
+                {
+                    l.bytes += target.len();
+                    if l.bytes > max_bytes {
+                        l.too_big = true;
+                    } else {
+                        l.targets.push((name, target.to_vec()));
+                    }
+                }
+            }
+            // A target that cannot be read is left out: the restore looks at that link itself.
+            (Step::ReadLink, FXP_STATUS, Some(_)) => {}
             (Step::SetAll, FXP_STATUS, Some((code, _))) => {
                 if code == FX_OK {
                     self.shared.owners_taken.store(1, Ordering::Relaxed);
@@ -797,7 +1007,20 @@ impl Driver {
 
     fn done(&mut self, run: Running) {
         let bytes = run.job.op.bytes();
-        if let Some(f) = run.error {
+        if let Op::List { reply, .. } = &run.job.op {
+            // The listing goes to whoever asked, not to the failures.
+            let result = match (run.error, run.list) {
+                (Some(f), _) => Err(f.error),
+                (None, Some(l)) if l.too_big => Ok(Listed::TooBig),
+                (None, Some(l)) => Ok(Listed::Entries {
+                    entries: l.entries,
+                    targets: l.targets,
+                    bytes: l.bytes,
+                }),
+                (None, None) => Err(protocol("a listing that never started")),
+            };
+            let _ = reply.send(result);
+        } else if let Some(f) = run.error {
             self.shared.failures.lock().push(f);
         }
         let mut p = self.shared.pending.lock();
@@ -812,6 +1035,37 @@ impl Driver {
 enum Target<'a> {
     Handle(&'a [u8]),
     Path(&'a [u8]),
+}
+
+/// A whole ATTRS, extended pairs skipped (at most a thousand of them).
+fn read_attrs(c: &mut Cursor<'_>) -> std::io::Result<Stat> {
+    let flags = c.u32()?;
+    let mut st = Stat::default();
+    if flags & ATTR_SIZE != 0 {
+        st.size = Some(c.u64()?);
+    }
+    if flags & ATTR_UIDGID != 0 {
+        st.uid = Some(c.u32()?);
+        st.gid = Some(c.u32()?);
+    }
+    if flags & ATTR_PERMISSIONS != 0 {
+        st.perm = Some(c.u32()?);
+    }
+    if flags & ATTR_ACMODTIME != 0 {
+        c.u32()?;
+        st.mtime = Some(c.u32()?);
+    }
+    if flags & ATTR_EXTENDED != 0 {
+        let n = c.u32()?;
+        if n > 1000 {
+            return Err(protocol(format!("{n} extended attributes")));
+        }
+        for _ in 0..n {
+            c.string(MAX_ANSWER)?;
+            c.string(MAX_ANSWER)?;
+        }
+    }
+    Ok(st)
 }
 
 /// The permissions field of an ATTRS (mode with the file type), after the fields before it.
@@ -936,6 +1190,34 @@ mod tests {
         );
         assert_eq!((c.u32().unwrap(), c.u32().unwrap()), (3, 4));
         assert!(c.u32().is_err(), "nothing after the attributes");
+    }
+
+    #[test]
+    fn attributes_of_a_listing_are_read_whole_extended_pairs_skipped() {
+        let mut m = Msg::new(FXP_NAME);
+        m.u32(ATTR_SIZE | ATTR_PERMISSIONS | ATTR_ACMODTIME | ATTR_EXTENDED);
+        m.u64(7);
+        m.u32(S_IFLNK | 0o777);
+        m.u32(1);
+        m.u32(2);
+        m.u32(1);
+        m.str(b"name@example.com");
+        m.str(b"value");
+        m.u32(0xdead_beef);
+        let v = m.finish();
+        let mut c = Cursor(&v[5..]);
+        let st = read_attrs(&mut c).unwrap();
+        assert_eq!(st.size, Some(7));
+        assert_eq!(st.mtime, Some(2));
+        assert_eq!(st.uid, None);
+        assert!(st.is_symlink());
+        assert_eq!(c.u32().unwrap(), 0xdead_beef, "the next field follows");
+        // A count of extended pairs no server sends is refused, not looped over.
+        let mut m = Msg::new(FXP_NAME);
+        m.u32(ATTR_EXTENDED);
+        m.u32(u32::MAX);
+        let v = m.finish();
+        assert!(read_attrs(&mut Cursor(&v[5..])).is_err());
     }
 
     #[test]
