@@ -1178,7 +1178,7 @@ mod tests {
         }
         .put(&mut m);
         let v = m.finish();
-        assert_eq!(&v[..5], &[0, 0, 0, 21, FXP_SETSTAT]);
+        assert_eq!(&v[..5], &[0, 0, 0, 25, FXP_SETSTAT]);
         let mut c = Cursor(&v[5..]);
         assert_eq!(
             c.u32().unwrap(),
