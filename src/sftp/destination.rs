@@ -7,6 +7,12 @@
 //! cannot make hard links (libssh2 lacks OpenSSH's extension) or device nodes: extra hard links
 //! are written as copies, and fifos and devices are reported as not restored.
 //!
+//! Directories, whole small files, symlinks, metadata and listings go through a pipelined
+//! channel of their own ([`super::pipe`]) when the server allows a second channel: many
+//! requests in flight instead of a round trip each, with the same checks as below (exclusive
+//! creates, LSTAT before a SETSTAT by path); their failures come back from
+//! [`Destination::settle`].
+//!
 //! Servers disagree on the order of SSH_FXP_SYMLINK's two paths: OpenSSH's (and paramiko's,
 //! and most others') takes the link's target first, the SFTP drafts (and asyncssh's, for any
 //! client but OpenSSH's and paramiko's) the new link's path first. Sent in the wrong order, a
