@@ -1025,3 +1025,75 @@ fn restore_onto_the_server_keeps_many_requests_in_flight(sshd: Sshd) {
     let plain = sshd.remote_dir("plain");
     assert_eq!(restore(&plain, false, &[]), None);
 }
+
+/// A directory of 20,000 symlinks listed through the restore's pipe: their READLINKs go a
+/// bounded number at a time. All at once, the answers (over 2 MiB) outgrew the channel's
+/// window while the requests still filled the server's: both sides waited until the timeout.
+#[test]
+fn a_directory_of_many_symlinks_lists_through_the_pipe() {
+    let Some(sshd) = Sshd::start() else { return };
+    let src = tempfile::tempdir().unwrap();
+    let dir = src.path().join("links");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..20_000 {
+        symlink(
+            format!("/a/target/long/enough/to/weigh/on/the/window/{i:08}"),
+            dir.join(format!("l{i}")),
+        )
+        .unwrap();
+    }
+    let store = tempfile::tempdir().unwrap();
+    let store = store.path().join("s");
+    let store = store.to_str().unwrap();
+    ok(&sshd, &["at", store, "create"]);
+    ok(
+        &sshd,
+        &[
+            "-quiet",
+            "at",
+            store,
+            "backup",
+            src.path().to_str().unwrap(),
+        ],
+    );
+    let dst = sshd.remote_dir("links");
+    let url = sshd.url(&dst);
+    ok(
+        &sshd,
+        &[
+            "-quiet",
+            "-o",
+            "timeout=20s",
+            "at",
+            store,
+            "restore",
+            "-to",
+            &url,
+            "latest",
+        ],
+    );
+    assert_same_tree(src.path(), &dst);
+    // Again over it: the listing reads every target, and finds each link already right.
+    let args = [
+        "-o",
+        "timeout=20s",
+        "at",
+        store,
+        "restore",
+        "-overwrite",
+        "if-changed",
+        "-to",
+        &url,
+        "latest",
+    ];
+    let out = sshd
+        .cmd(bin())
+        .env("KLOSET_TRACE", "1")
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(most_in_flight(&err).is_some(), "{err}");
+    assert_same_tree(src.path(), &dst);
+}

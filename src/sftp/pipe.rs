@@ -39,6 +39,9 @@ const MAX_QUEUED_BYTES: usize = 32 << 20;
 pub const MAX_ANSWER: usize = (256 << 10) + 1024;
 /// The longest handle accepted (OpenSSH's are 4 bytes; the protocol allows 256).
 const MAX_HANDLE: usize = 256;
+/// READDIRs in flight on one directory handle, and READLINKs for one listing.
+const READDIRS_AHEAD: usize = 8;
+const READLINKS_AHEAD: usize = 64;
 /// Data per WRITE request: every server takes 32 KiB.
 const WRITE_SIZE: usize = 32 << 10;
 
@@ -206,6 +209,12 @@ struct ListState {
     too_big: bool,
     /// READLINK request id → the entry's name.
     links: HashMap<u32, Vec<u8>>,
+    /// Symlinks whose target is still to be asked for (the next one last).
+    todo: Vec<Vec<u8>>,
+    /// READDIRs sent and not answered.
+    readdirs: usize,
+    /// A READDIR answered "end of file" (or failed): no more are sent.
+    ended: bool,
 }
 
 impl Op {
@@ -853,11 +862,18 @@ impl Driver {
             }
             (Step::OpenDir, FXP_HANDLE, None) => {
                 let handle = c.string(MAX_HANDLE)?.to_vec();
-                if let Some(l) = run.list.as_mut() {
-                    l.handle = handle.clone();
-                }
+                let l = run
+                    .list
+                    .as_mut()
+                    .ok_or_else(|| protocol("a handle unasked"))?;
+                l.handle = handle.clone();
+                l.readdirs = READDIRS_AHEAD;
                 self.jobs.insert(job, run);
-                self.request(job, Step::ReadDir, FXP_READDIR, |m| m.str(&handle));
+                // Several READDIRs on the handle at once: the server answers them in order,
+                // each with the next entries, then "end of file" to every one after the end.
+                for _ in 0..READDIRS_AHEAD {
+                    self.request(job, Step::ReadDir, FXP_READDIR, |m| m.str(&handle));
+                }
                 return self.maybe_done(job);
             }
             (Step::ReadDir, FXP_NAME, None) => {
@@ -870,6 +886,7 @@ impl Driver {
                     _ => return Err(protocol("names for an operation that lists nothing")),
                 };
                 let l = run.list.as_mut().ok_or_else(|| protocol("names unasked"))?;
+                l.readdirs -= 1;
                 let count = c.u32()?;
                 for _ in 0..count {
                     let name = c.string(MAX_ANSWER)?;
@@ -887,12 +904,16 @@ impl Driver {
                     l.entries.push((name.to_vec(), st));
                 }
                 let handle = l.handle.clone();
-                let more = !l.too_big;
+                let more = !l.too_big && !l.ended;
+                if more {
+                    l.readdirs += 1;
+                }
+                let last = l.readdirs == 0;
                 self.jobs.insert(job, run);
                 if more {
                     self.request(job, Step::ReadDir, FXP_READDIR, |m| m.str(&handle));
-                } else {
-                    self.request(job, Step::CloseDir, FXP_CLOSE, |m| m.str(&handle));
+                } else if last {
+                    self.end_listing(job);
                 }
                 return self.maybe_done(job);
             }
@@ -901,39 +922,15 @@ impl Driver {
                     .list
                     .as_mut()
                     .ok_or_else(|| protocol("a listing unasked"))?;
-                let handle = l.handle.clone();
+                l.readdirs -= 1;
+                l.ended = true;
+                let last = l.readdirs == 0;
                 if code != FX_EOF {
                     failed(&mut run, step, code, msg);
                 }
-                // The end: close, and read every symlink's target at once.
-                let links: Vec<Vec<u8>> = if run.error.is_none() {
-                    run.list
-                        .as_ref()
-                        .map(|l| {
-                            l.entries
-                                .iter()
-                                .filter(|(_, st)| st.is_symlink())
-                                .map(|(n, _)| n.clone())
-                                .collect()
-                        })
-                        .unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
-                let dir = run.job.path.clone();
                 self.jobs.insert(job, run);
-                self.request(job, Step::CloseDir, FXP_CLOSE, |m| m.str(&handle));
-                for name in links {
-                    let mut at = dir.clone();
-                    if !at.ends_with(b"/") {
-                        at.push(b'/');
-                    }
-                    at.extend_from_slice(&name);
-                    let id = self.next_id;
-                    self.request(job, Step::ReadLink, FXP_READLINK, |m| m.str(&at));
-                    if let Some(l) = self.jobs.get_mut(&job).and_then(|r| r.list.as_mut()) {
-                        l.links.insert(id, name);
-                    }
+                if last {
+                    self.end_listing(job);
                 }
                 return self.maybe_done(job);
             }
@@ -953,13 +950,24 @@ impl Driver {
                     l.bytes += target.len();
                     if l.bytes > max_bytes {
                         l.too_big = true;
+                        l.todo.clear();
                     } else {
                         l.targets.push((name, target.to_vec()));
                     }
                 }
+                self.jobs.insert(job, run);
+                self.next_readlink(job);
+                return self.maybe_done(job);
             }
             // A target that cannot be read is left out: the restore looks at that link itself.
-            (Step::ReadLink, FXP_STATUS, Some(_)) => {}
+            (Step::ReadLink, FXP_STATUS, Some(_)) => {
+                if let Some(l) = run.list.as_mut() {
+                    l.links.remove(&id);
+                }
+                self.jobs.insert(job, run);
+                self.next_readlink(job);
+                return self.maybe_done(job);
+            }
             (Step::SetAll, FXP_STATUS, Some((code, _))) => {
                 if code == FX_OK {
                     self.shared.owners_taken.store(1, Ordering::Relaxed);
@@ -985,6 +993,53 @@ impl Driver {
         }
         self.jobs.insert(job, run);
         self.maybe_done(job)
+    }
+
+    /// Every READDIR of listing `job` answered: close its handle, and read its symlinks'
+    /// targets, [`READLINKS_AHEAD`] at a time (however many links a directory holds, the
+    /// answers waiting stay far below what the channel's window takes).
+    fn end_listing(&mut self, job: u64) {
+        let Some(run) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let failed = run.error.is_some();
+        let Some(l) = run.list.as_mut() else { return };
+        let handle = l.handle.clone();
+        if !failed && !l.too_big {
+            let mut todo: Vec<Vec<u8>> = l
+                .entries
+                .iter()
+                .filter(|(_, st)| st.is_symlink())
+                .map(|(n, _)| n.clone())
+                .collect();
+            todo.reverse();
+            l.todo = todo;
+        }
+        self.request(job, Step::CloseDir, FXP_CLOSE, |m| m.str(&handle));
+        for _ in 0..READLINKS_AHEAD {
+            self.next_readlink(job);
+        }
+    }
+
+    /// The next READLINK of listing `job`, if any is left.
+    fn next_readlink(&mut self, job: u64) {
+        let Some(run) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let dir = run.job.path.clone();
+        let Some(name) = run.list.as_mut().and_then(|l| l.todo.pop()) else {
+            return;
+        };
+        let mut at = dir;
+        if !at.ends_with(b"/") {
+            at.push(b'/');
+        }
+        at.extend_from_slice(&name);
+        let id = self.next_id;
+        self.request(job, Step::ReadLink, FXP_READLINK, |m| m.str(&at));
+        if let Some(l) = self.jobs.get_mut(&job).and_then(|r| r.list.as_mut()) {
+            l.links.insert(id, name);
+        }
     }
 
     /// Data bytes of a job that left the queue's account.
