@@ -631,19 +631,28 @@ fn packs_are_listed_over_several_connections(sshd: Sshd) {
     want.sort();
     let (loc, opts) = location(&sshd, &dir, 3);
     let backend = kloset::sftp::SftpBackend::open(loc, &opts).unwrap();
-    let t = std::time::Instant::now();
-    let got: Vec<(String, u64)> = backend
-        .list(FileType::Pack)
-        .unwrap()
-        .into_iter()
-        .map(|l| (l.name, l.size))
-        .collect();
-    eprintln!(
-        "listed 256 directories in {:?} with {} connection(s)",
-        t.elapsed(),
-        backend.pool().connections().0
-    );
-    assert_eq!(got, want);
+    let list = || {
+        let t = std::time::Instant::now();
+        let got: Vec<(String, u64)> = backend
+            .list(FileType::Pack)
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.name, l.size))
+            .collect();
+        eprintln!(
+            "listed 256 directories in {:?} with {} connection(s)",
+            t.elapsed(),
+            backend.pool().connections().0
+        );
+        got
+    };
+    // With a connection idle: through a pipe on it, every directory at once.
+    assert_eq!(list(), want);
+    // With none idle: one request at a time, over the pool's connections.
+    let held = backend.pool().take().unwrap();
+    assert!(backend.pool().take_idle().is_none());
+    assert_eq!(list(), want);
+    backend.pool().give_back(held);
 }
 
 /// Issue 15, `rm`: on an SFTP store, a keep policy removes the snapshots it does not keep (and

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use ssh2::{OpenFlags, OpenType};
 
 use super::conn::{Conn, Pool, io};
+use super::pipe::{self, Pipe};
 use super::{Location, Options};
 use crate::store::backend::{
     Backend, FileType, Listed, MAX_STORE_FILE, expected_entry, expected_pack_dir,
@@ -26,6 +27,11 @@ pub struct SftpBackend {
     loc: Location,
     pool: Arc<Pool>,
 }
+
+/// Entries, and bytes of names, accepted from one directory of `packs/` listed through the
+/// pipe (a store of a billion packs would have 4M in each).
+const PACKS_LISTED: usize = 4_000_000;
+const PACKS_LISTED_BYTES: usize = 512 << 20;
 
 /// Listing `packs/` goes on over all of the pool's connections once it has taken this long.
 const FAN_OUT_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
@@ -77,6 +83,104 @@ impl SftpBackend {
         }
     }
 
+    /// [`SftpBackend::list_packs`] through a pipe ([`super::pipe`]) on a pooled connection
+    /// idle now: `packs/`, then all its subdirectories at once, a few round trips in all
+    /// instead of about four per directory. `None`: no connection idle, the server refused
+    /// the pipe's channel, or the connection was lost (the caller lists the usual way).
+    fn list_packs_piped(&self, what: &str) -> Option<Result<Vec<Listed>>> {
+        if std::env::var_os("KLOSET_SFTP_PIPE").is_some_and(|v| v == "0") {
+            return None;
+        }
+        let c = self.pool.take_idle()?;
+        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pipe = match Pipe::start(c, refused) {
+            Ok(p) => p,
+            Err((c, _)) => {
+                if let Some(c) = c {
+                    self.pool.give_back(c);
+                }
+                return None;
+            }
+        };
+        let r = self.list_packs_through(&pipe, what);
+        crate::trace::note(|| {
+            format!(
+                "sftp store: packs listed through the pipe, at most {} requests in flight",
+                pipe.most_in_flight()
+            )
+        });
+        let dead = pipe.dead().is_some();
+        if let Some(c) = pipe.finish() {
+            if dead {
+                self.pool.give_up(c);
+            } else {
+                self.pool.give_back(c);
+            }
+        }
+        // The connection lost on the way: listed again the usual way, which retries on new
+        // connections.
+        (!dead).then_some(r)
+    }
+
+    fn list_packs_through(&self, pipe: &Pipe, what: &str) -> Result<Vec<Listed>> {
+        let lost = |why: String| -> crate::store::Error {
+            super::Error::Connect(self.pool.target().display(), format!("{what}: {why}")).into()
+        };
+        // A directory's names, or `None` for one that is not there.
+        let names = |d: &Path, a: std::io::Result<pipe::Listed>| match a {
+            Ok(pipe::Listed::Entries { entries, .. }) => Ok(Some(entries)),
+            Ok(pipe::Listed::TooBig) => Err(crate::store::Error::Other(format!(
+                "{what}: {} lists more than {PACKS_LISTED} entries or {} MiB of names; refusing it",
+                d.display(),
+                PACKS_LISTED_BYTES >> 20
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(crate::store::Error::io(what.to_string(), e)),
+        };
+        let top = self.dir("packs");
+        let listed = pipe
+            .list(
+                top.as_os_str().as_bytes().to_vec(),
+                PACKS_LISTED,
+                PACKS_LISTED_BYTES,
+            )
+            .map_err(lost)?;
+        let Some(entries) = names(&top, listed)? else {
+            return Ok(Vec::new());
+        };
+        let dirs: Vec<(PathBuf, String)> = entries
+            .into_iter()
+            .filter_map(|(name, st)| {
+                let sub = expected_pack_dir(&name, st.file_stat().is_dir())?;
+                Some((
+                    top.join(std::ffi::OsStr::from_bytes(&name)),
+                    format!("packs/{sub}"),
+                ))
+            })
+            .collect();
+        let answers = pipe
+            .list_many(
+                dirs.iter()
+                    .map(|(d, _)| d.as_os_str().as_bytes().to_vec())
+                    .collect(),
+                PACKS_LISTED,
+                PACKS_LISTED_BYTES,
+            )
+            .map_err(lost)?;
+        let mut out = Vec::new();
+        for ((d, rel), a) in dirs.iter().zip(answers) {
+            let Some(entries) = names(d, a)? else {
+                continue;
+            };
+            let entries = entries
+                .into_iter()
+                .map(|(n, st)| (d.join(std::ffi::OsStr::from_bytes(&n)), st.file_stat()))
+                .collect();
+            out.extend(files_of(FileType::Pack, rel, entries));
+        }
+        Ok(out)
+    }
+
     /// The packs, from up to 256 subdirectories of `packs/`. Each directory costs about four
     /// round trips (open, read, read to the end, close): over a 10 ms round trip one
     /// connection took 1.2 s for 30 directories, and a large store has all 256. So once
@@ -84,6 +188,9 @@ impl SftpBackend {
     /// connections. (On loopback the 30 take ~30 ms, less than opening more connections.)
     fn list_packs(&self, what: &str) -> Result<Vec<Listed>> {
         use std::sync::atomic::{AtomicUsize, Ordering};
+        if let Some(r) = self.list_packs_piped(what) {
+            return r;
+        }
         let top = self.dir("packs");
         let started = std::time::Instant::now();
         let dirs: Vec<(PathBuf, String)> = self.pool.run(what, |c| {

@@ -810,6 +810,12 @@ impl Pool {
         Err(last.expect("at least one attempt").into())
     }
 
+    /// An idle connection, if one is (never a new one: work that gains from a connection of
+    /// its own only when one is free at once).
+    pub fn take_idle(&self) -> Option<Conn> {
+        self.idle.lock().pop()
+    }
+
     pub fn give_back(&self, c: Conn) {
         if c.is_broken() {
             self.discard(c)

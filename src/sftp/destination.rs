@@ -185,14 +185,7 @@ impl Seen {
         }
     }
     fn of_pipe(st: &pipe::Stat) -> Seen {
-        Seen::of(&FileStat {
-            size: st.size,
-            uid: st.uid,
-            gid: st.gid,
-            perm: st.perm,
-            atime: None,
-            mtime: st.mtime.map(u64::from),
-        })
+        Seen::of(&st.file_stat())
     }
     fn complete(&self, node: &Node) -> bool {
         self.file

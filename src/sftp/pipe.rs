@@ -39,8 +39,19 @@ const MAX_QUEUED_BYTES: usize = 32 << 20;
 pub const MAX_ANSWER: usize = (256 << 10) + 1024;
 /// The longest handle accepted (OpenSSH's are 4 bytes; the protocol allows 256).
 const MAX_HANDLE: usize = 256;
-/// READDIRs in flight on one directory handle, and READLINKs for one listing.
+/// READDIRs in flight on one directory handle, at most: one at first, up to two more with
+/// each answer of names (a small directory costs one READDIR and its "end of file", a large
+/// one soon has several on their way). READDIRs in flight beyond each listing's first, over
+/// all listings: at most [`EXTRA_READDIRS`].
 const READDIRS_AHEAD: usize = 8;
+const EXTRA_READDIRS: usize = 128;
+/// The channel's receive window. The driver writes requests without reading answers in
+/// between; should the answers in flight outgrow the window while the requests fill the
+/// server's (file data), both sides would wait on each other. Answers are small (a status, a
+/// handle) but for READDIR's: OpenSSH's hold at most 100 names, tens of KiB, and
+/// [`EXTRA_READDIRS`] plus one per listing of them fit here many times over.
+const RECEIVE_WINDOW: u32 = 64 << 20;
+/// READLINKs in flight for one listing.
 const READLINKS_AHEAD: usize = 64;
 /// Data per WRITE request: every server takes 32 KiB.
 const WRITE_SIZE: usize = 32 << 10;
@@ -185,6 +196,18 @@ impl Stat {
     pub fn is_symlink(&self) -> bool {
         self.perm.is_some_and(|p| p & S_IFMT == S_IFLNK)
     }
+
+    /// The same as libssh2's attributes (without atime), for code written for those.
+    pub fn file_stat(&self) -> ssh2::FileStat {
+        ssh2::FileStat {
+            size: self.size,
+            uid: self.uid,
+            gid: self.gid,
+            perm: self.perm,
+            atime: None,
+            mtime: self.mtime.map(u64::from),
+        }
+    }
 }
 
 /// A directory's listing.
@@ -278,7 +301,12 @@ impl Pipe {
         owners_refused: Arc<AtomicBool>,
     ) -> Result<Pipe, (Option<Conn>, std::io::Error)> {
         let opened = (|| {
-            let mut channel = conn.sess.channel_session().map_err(super::io_error)?;
+            // A receive window large enough for every answer in flight (see
+            // [`RECEIVE_WINDOW`]), and SSH's usual maximum packet.
+            let mut channel = conn
+                .sess
+                .channel_open("session", RECEIVE_WINDOW, 32 << 10, None)
+                .map_err(super::io_error)?;
             channel.subsystem("sftp").map_err(super::io_error)?;
             let mut w = channel.stream(0);
             let mut r = BufReader::with_capacity(64 << 10, channel.stream(0));
@@ -328,6 +356,7 @@ impl Pipe {
                     next_id: 0,
                     next_job: 0,
                     in_flight: 0,
+                    extra_readdirs: 0,
                     out: Vec::new(),
                 };
                 d.run(rx);
@@ -405,6 +434,42 @@ impl Pipe {
             self.dead()
                 .unwrap_or_else(|| "the SFTP pipe is closed".into())
         })
+    }
+
+    /// [`Pipe::list`] of many directories at once: their answers in the same order.
+    ///
+    /// # Errors
+    /// The pipe stopped.
+    pub fn list_many(
+        &self,
+        paths: Vec<Vec<u8>>,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<std::io::Result<Listed>>, String> {
+        let mut answers = Vec::with_capacity(paths.len());
+        for path in paths {
+            let (reply, answer) = std::sync::mpsc::channel();
+            let key = path.clone();
+            self.submit(
+                &key,
+                path,
+                Op::List {
+                    reply,
+                    max_entries,
+                    max_bytes,
+                },
+            )?;
+            answers.push(answer);
+        }
+        answers
+            .into_iter()
+            .map(|a| {
+                a.recv().map_err(|_| {
+                    self.dead()
+                        .unwrap_or_else(|| "the SFTP pipe is closed".into())
+                })
+            })
+            .collect()
     }
 
     /// Why the pipe stopped, if it has.
@@ -510,6 +575,8 @@ struct Driver {
     next_id: u32,
     next_job: u64,
     in_flight: usize,
+    /// READDIRs in flight beyond each listing's first (see [`EXTRA_READDIRS`]).
+    extra_readdirs: usize,
     /// Requests built and not written yet (written together).
     out: Vec<u8>,
 }
@@ -867,13 +934,9 @@ impl Driver {
                     .as_mut()
                     .ok_or_else(|| protocol("a handle unasked"))?;
                 l.handle = handle.clone();
-                l.readdirs = READDIRS_AHEAD;
+                l.readdirs = 1;
                 self.jobs.insert(job, run);
-                // Several READDIRs on the handle at once: the server answers them in order,
-                // each with the next entries, then "end of file" to every one after the end.
-                for _ in 0..READDIRS_AHEAD {
-                    self.request(job, Step::ReadDir, FXP_READDIR, |m| m.str(&handle));
-                }
+                self.request(job, Step::ReadDir, FXP_READDIR, |m| m.str(&handle));
                 return self.maybe_done(job);
             }
             (Step::ReadDir, FXP_NAME, None) => {
@@ -886,6 +949,9 @@ impl Driver {
                     _ => return Err(protocol("names for an operation that lists nothing")),
                 };
                 let l = run.list.as_mut().ok_or_else(|| protocol("names unasked"))?;
+                if l.readdirs > 1 {
+                    self.extra_readdirs -= 1;
+                }
                 l.readdirs -= 1;
                 let count = c.u32()?;
                 for _ in 0..count {
@@ -904,15 +970,30 @@ impl Driver {
                     l.entries.push((name.to_vec(), st));
                 }
                 let handle = l.handle.clone();
-                let more = !l.too_big && !l.ended;
-                if more {
+                // More READDIRs on the handle at once: the server answers them in order, each
+                // with the next names, then "end of file" to every one after the end. Up to
+                // two more per answer, within [`READDIRS_AHEAD`] and [`EXTRA_READDIRS`]; one
+                // always goes when none is left on its way.
+                let more = if l.too_big || l.ended {
+                    0
+                } else {
+                    let room = EXTRA_READDIRS.saturating_sub(self.extra_readdirs);
+                    let want = (READDIRS_AHEAD - l.readdirs).min(2);
+                    let extra_now = if l.readdirs == 0 { 1 } else { 0 };
+                    want.min(room + extra_now).max(extra_now)
+                };
+                for _ in 0..more {
+                    if l.readdirs >= 1 {
+                        self.extra_readdirs += 1;
+                    }
                     l.readdirs += 1;
                 }
                 let last = l.readdirs == 0;
                 self.jobs.insert(job, run);
-                if more {
+                for _ in 0..more {
                     self.request(job, Step::ReadDir, FXP_READDIR, |m| m.str(&handle));
-                } else if last {
+                }
+                if last {
                     self.end_listing(job);
                 }
                 return self.maybe_done(job);
@@ -922,6 +1003,9 @@ impl Driver {
                     .list
                     .as_mut()
                     .ok_or_else(|| protocol("a listing unasked"))?;
+                if l.readdirs > 1 {
+                    self.extra_readdirs -= 1;
+                }
                 l.readdirs -= 1;
                 l.ended = true;
                 let last = l.readdirs == 0;
