@@ -631,6 +631,14 @@ impl Driver {
     /// and every one submitted from now on, fails with `e`.
     fn die(&mut self, e: std::io::Error, rx: Receiver<Job>) {
         let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
+        // What every unfinished operation fails with: a lost connection, whatever libssh2
+        // called it ("failure while draining incoming flow" is an `Other`), so callers treat
+        // it as the server gone rather than as this one operation refused.
+        let lost = if timed_out {
+            std::io::ErrorKind::TimedOut
+        } else {
+            std::io::ErrorKind::ConnectionAborted
+        };
         self.shared.timed_out.store(timed_out, Ordering::Relaxed);
         let why = if timed_out {
             "the server did not answer in time".to_string()
@@ -645,7 +653,7 @@ impl Driver {
                     run.error = Some(Failure {
                         key: std::mem::take(&mut run.job.key),
                         doing: "waiting for the server",
-                        error: std::io::Error::new(e.kind(), why.clone()),
+                        error: std::io::Error::new(lost, why.clone()),
                     });
                 }
                 self.done(run);
@@ -662,7 +670,7 @@ impl Driver {
                 self.shared.failures.lock().push(Failure {
                     key: job.key,
                     doing: "waiting for the server",
-                    error: std::io::Error::new(e.kind(), why.clone()),
+                    error: std::io::Error::new(lost, why.clone()),
                 });
             }
             let mut p = self.shared.pending.lock();
