@@ -143,6 +143,7 @@ impl SftpBackend {
                 top.as_os_str().as_bytes().to_vec(),
                 PACKS_LISTED,
                 PACKS_LISTED_BYTES,
+                false,
             )
             .map_err(lost)?;
         let Some(entries) = names(&top, listed)? else {
@@ -165,6 +166,7 @@ impl SftpBackend {
                     .collect(),
                 PACKS_LISTED,
                 PACKS_LISTED_BYTES,
+                false,
             )
             .map_err(lost)?;
         let mut out = Vec::new();

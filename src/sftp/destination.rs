@@ -437,7 +437,7 @@ impl SftpDestination {
         let guard = self.pipe.read();
         let pipe = guard.as_ref().filter(|p| p.dead().is_none())?;
         let path = p.as_os_str().as_bytes().to_vec();
-        let listed = match pipe.list(path, MAX_LISTED, MAX_LISTED_BYTES) {
+        let listed = match pipe.list(path, MAX_LISTED, MAX_LISTED_BYTES, true) {
             Ok(l) => l,
             Err(why) => {
                 return Some(Err(std::io::Error::new(

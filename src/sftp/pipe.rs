@@ -171,13 +171,19 @@ pub enum Op {
         target_first: bool,
         remove_first: bool,
     },
-    /// List a directory (OPENDIR, READDIR to the end, CLOSE) and read every symlink's target in
-    /// it (READLINK, all at once); the result goes to `reply`. More than `max_entries` entries,
-    /// or `max_bytes` of names and targets, answers [`Listed::TooBig`].
+    /// List a directory (OPENDIR, READDIR to the end, CLOSE) and, if `read_links`, read every
+    /// symlink's target in it (READLINK, many at once); the result goes to `reply`. The
+    /// directory's own `.` and `..` (the first of each) are left out. More than `max_entries`
+    /// entries, or `max_bytes` of names and targets, answers [`Listed::TooBig`].
     List {
         reply: std::sync::mpsc::Sender<std::io::Result<Listed>>,
         max_entries: usize,
         max_bytes: usize,
+        read_links: bool,
+    },
+    /// READLINK of the path; the target (or the server's error) goes to `reply`.
+    ReadLink {
+        reply: std::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
     },
 }
 
@@ -238,6 +244,9 @@ struct ListState {
     readdirs: usize,
     /// A READDIR answered "end of file" (or failed): no more are sent.
     ended: bool,
+    /// `.` and `..` seen (and left out).
+    dot: bool,
+    dotdot: bool,
 }
 
 impl Op {
@@ -418,22 +427,10 @@ impl Pipe {
         path: Vec<u8>,
         max_entries: usize,
         max_bytes: usize,
+        read_links: bool,
     ) -> Result<std::io::Result<Listed>, String> {
-        let (reply, answer) = std::sync::mpsc::channel();
-        let key = path.clone();
-        self.submit(
-            &key,
-            path,
-            Op::List {
-                reply,
-                max_entries,
-                max_bytes,
-            },
-        )?;
-        answer.recv().map_err(|_| {
-            self.dead()
-                .unwrap_or_else(|| "the SFTP pipe is closed".into())
-        })
+        let mut one = self.list_many(vec![path], max_entries, max_bytes, read_links)?;
+        Ok(one.pop().expect("one answer"))
     }
 
     /// [`Pipe::list`] of many directories at once: their answers in the same order.
@@ -445,6 +442,7 @@ impl Pipe {
         paths: Vec<Vec<u8>>,
         max_entries: usize,
         max_bytes: usize,
+        read_links: bool,
     ) -> Result<Vec<std::io::Result<Listed>>, String> {
         let mut answers = Vec::with_capacity(paths.len());
         for path in paths {
@@ -457,8 +455,32 @@ impl Pipe {
                     reply,
                     max_entries,
                     max_bytes,
+                    read_links,
                 },
             )?;
+            answers.push(answer);
+        }
+        answers
+            .into_iter()
+            .map(|a| {
+                a.recv().map_err(|_| {
+                    self.dead()
+                        .unwrap_or_else(|| "the SFTP pipe is closed".into())
+                })
+            })
+            .collect()
+    }
+
+    /// The targets of the symlinks `paths` (absolute), asked all at once, in the same order.
+    ///
+    /// # Errors
+    /// The pipe stopped.
+    pub fn read_links(&self, paths: Vec<Vec<u8>>) -> Result<Vec<std::io::Result<Vec<u8>>>, String> {
+        let mut answers = Vec::with_capacity(paths.len());
+        for path in paths {
+            let (reply, answer) = std::sync::mpsc::channel();
+            let key = path.clone();
+            self.submit(&key, path, Op::ReadLink { reply })?;
             answers.push(answer);
         }
         answers
@@ -539,6 +561,8 @@ enum Step {
     /// CLOSE of a directory handle: its status does not matter.
     CloseDir,
     ReadLink,
+    /// READLINK of an [`Op::ReadLink`].
+    ReadLinkOne,
 }
 
 impl Step {
@@ -553,6 +577,7 @@ impl Step {
             Step::Lstat => "looking at it",
             Step::Symlink => "making the symlink",
             Step::OpenDir | Step::ReadDir | Step::CloseDir | Step::ReadLink => "listing it",
+            Step::ReadLinkOne => "reading the symlink",
         }
     }
 }
@@ -666,7 +691,7 @@ impl Driver {
         while let Ok(job) = rx.recv() {
             let bytes = job.op.bytes();
             // A listing's asker hears it from its reply channel, closed with the job.
-            if !matches!(job.op, Op::List { .. }) {
+            if !matches!(job.op, Op::List { .. } | Op::ReadLink { .. }) {
                 self.shared.failures.lock().push(Failure {
                     key: job.key,
                     doing: "waiting for the server",
@@ -721,6 +746,7 @@ impl Driver {
             }
             Op::SetStat { .. } => Step::Lstat,
             Op::List { .. } => Step::OpenDir,
+            Op::ReadLink { .. } => Step::ReadLinkOne,
             Op::Symlink { remove_first, .. } => {
                 if *remove_first {
                     Step::Clear
@@ -758,6 +784,9 @@ impl Driver {
             Step::Clear => self.request(id, Step::Clear, FXP_REMOVE, |m| m.str(&path)),
             Step::Open => self.open(id, &path),
             Step::Lstat => self.request(id, Step::Lstat, FXP_LSTAT, |m| m.str(&path)),
+            Step::ReadLinkOne => {
+                self.request(id, Step::ReadLinkOne, FXP_READLINK, |m| m.str(&path))
+            }
             Step::OpenDir => {
                 if let Some(r) = self.jobs.get_mut(&id) {
                     r.list = Some(Box::default());
@@ -966,7 +995,16 @@ impl Driver {
                     let name = c.string(MAX_ANSWER)?;
                     c.string(MAX_ANSWER)?;
                     let st = read_attrs(&mut c)?;
-                    if name == b"." || name == b".." || l.too_big {
+                    if l.too_big {
+                        continue;
+                    }
+                    // The directory's own entries, once each (a second one is passed on).
+                    if name == b"." && !l.dot {
+                        l.dot = true;
+                        continue;
+                    }
+                    if name == b".." && !l.dotdot {
+                        l.dotdot = true;
                         continue;
                     }
                     l.bytes += name.len();
@@ -1060,6 +1098,25 @@ impl Driver {
                 self.next_readlink(job);
                 return self.maybe_done(job);
             }
+            (Step::ReadLinkOne, FXP_NAME, None) => {
+                if c.u32()? != 1 {
+                    return Err(protocol("READLINK answered with other than one name"));
+                }
+                let target = c.string(MAX_ANSWER)?.to_vec();
+                if let Op::ReadLink { reply } = &run.job.op {
+                    let _ = reply.send(Ok(target));
+                }
+            }
+            (Step::ReadLinkOne, FXP_STATUS, Some((code, msg))) => {
+                if let Op::ReadLink { reply } = &run.job.op {
+                    let e = if code == FX_OK {
+                        protocol("READLINK answered OK without a name")
+                    } else {
+                        super::status_error(code, msg)
+                    };
+                    let _ = reply.send(Err(e));
+                }
+            }
             (Step::SetAll, FXP_STATUS, Some((code, _))) => {
                 if code == FX_OK {
                     self.shared.owners_taken.store(1, Ordering::Relaxed);
@@ -1095,9 +1152,16 @@ impl Driver {
             return;
         };
         let failed = run.error.is_some();
+        let read_links = matches!(
+            run.job.op,
+            Op::List {
+                read_links: true,
+                ..
+            }
+        );
         let Some(l) = run.list.as_mut() else { return };
         let handle = l.handle.clone();
-        if !failed && !l.too_big {
+        if !failed && !l.too_big && read_links {
             let mut todo: Vec<Vec<u8>> = l
                 .entries
                 .iter()
@@ -1167,6 +1231,8 @@ impl Driver {
                 (None, None) => Err(protocol("a listing that never started")),
             };
             let _ = reply.send(result);
+        } else if let Op::ReadLink { .. } = &run.job.op {
+            // Answered through its reply already (or its reply channel closes with it).
         } else if let Some(f) = run.error {
             self.shared.failures.lock().push(f);
         }

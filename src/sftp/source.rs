@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::conn::{Conn, Pool, io};
+use super::pipe::{self, Pipe};
 use super::{Location, Options, timed_out, transient};
 use crate::store::error::{Error, Result};
 use crate::store::source::Source;
@@ -25,12 +26,119 @@ const MAX_ENTRIES: usize = 4_000_000;
 pub struct SftpSource {
     loc: Location,
     pool: Arc<Pool>,
+    /// Directories are listed through a pipelined channel ([`super::pipe`]), their symlinks'
+    /// targets read all at once; started the first time (`None`: the server refused it, or
+    /// `KLOSET_SFTP_PIPE=0`).
+    pipe: std::sync::OnceLock<Option<Pipe>>,
 }
+
+/// Bytes of names accepted from one directory listed through the pipe.
+const MAX_LISTED_BYTES: usize = 256 << 20;
 
 impl SftpSource {
     pub fn open(loc: Location, opts: &Options) -> Result<SftpSource> {
         let pool = Pool::open(&loc, opts)?;
-        Ok(SftpSource { loc, pool })
+        Ok(SftpSource {
+            loc,
+            pool,
+            pipe: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The pipe, started on a pooled connection the first time, if the server allows it.
+    fn pipe(&self) -> Option<&Pipe> {
+        self.pipe
+            .get_or_init(|| {
+                if std::env::var_os("KLOSET_SFTP_PIPE").is_some_and(|v| v == "0") {
+                    return None;
+                }
+                let c = self.pool.take().ok()?;
+                match Pipe::start(c, Arc::new(std::sync::atomic::AtomicBool::new(false))) {
+                    Ok(p) => Some(p),
+                    Err((c, _)) => {
+                        if let Some(c) = c {
+                            self.pool.give_back(c);
+                        }
+                        None
+                    }
+                }
+            })
+            .as_ref()
+            .filter(|p| p.dead().is_none())
+    }
+
+    /// [`Source::read_dir`] through the pipe: `None` when there is none, or it stopped (the
+    /// caller lists the usual way, with retries on new connections).
+    fn read_dir_piped(&self, p: &Path, what: &str) -> Option<Result<Vec<Node>>> {
+        let pipe = self.pipe()?;
+        let listed = pipe
+            .list(bytes(p), MAX_ENTRIES, MAX_LISTED_BYTES, false)
+            .ok()?;
+        if pipe.dead().is_some() {
+            return None;
+        }
+        let entries = match listed {
+            Ok(pipe::Listed::Entries { entries, .. }) => entries,
+            Ok(pipe::Listed::TooBig) => {
+                return Some(Err(Error::io(
+                    what.to_string(),
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "the server listed more than {MAX_ENTRIES} entries or {} MiB of names; directory not backed up",
+                            MAX_LISTED_BYTES >> 20
+                        ),
+                    ),
+                )));
+            }
+            Err(e) => return Some(Err(Error::io(what.to_string(), e))),
+        };
+        let mut out: Vec<Node> = entries
+            .into_iter()
+            .filter_map(|(name, st)| node_from_stat(name, &st.file_stat()))
+            .collect();
+        // Symlink targets are read only through names the walk will use, all at once.
+        let verdicts = screen(out.iter().map(|n| &n.name[..]));
+        let links: Vec<usize> = out
+            .iter()
+            .zip(verdicts)
+            .enumerate()
+            .filter(|(_, (n, why))| why.is_none() && n.kind == NodeKind::Symlink)
+            .map(|(i, _)| i)
+            .collect();
+        let paths = links
+            .iter()
+            .map(|&i| bytes(&p.join(OsStr::from_bytes(&out[i].name))))
+            .collect();
+        let targets = pipe.read_links(paths).ok()?;
+        if pipe.dead().is_some() {
+            return None;
+        }
+        for (i, t) in links.into_iter().zip(targets) {
+            match t {
+                Ok(t) => {
+                    out[i].size = t.len() as u64;
+                    out[i].target = t;
+                }
+                Err(e) => return Some(Err(Error::io(what.to_string(), e))),
+            }
+        }
+        Some(Ok(out))
+    }
+}
+
+impl Drop for SftpSource {
+    fn drop(&mut self) {
+        if let Some(Some(p)) = self.pipe.take() {
+            let dead = p.dead().is_some();
+            if let Some(c) = p.finish() {
+                if dead {
+                    self.pool.give_up(c);
+                } else {
+                    self.pool.give_back(c);
+                }
+            }
+        }
     }
 }
 
@@ -97,6 +205,9 @@ impl Source for SftpSource {
     fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>> {
         let p = crate::store::source::os(path).to_path_buf();
         let what = format!("{}: {}", self.loc.url(), p.display());
+        if let Some(r) = self.read_dir_piped(&p, &what) {
+            return r;
+        }
         self.pool.run(&what, |c| {
             let mut dir = c.sftp.opendir(&p).map_err(io)?;
             let mut out = Vec::new();
