@@ -165,6 +165,7 @@ on_every_server!(
     racing_creates_make_one_store,
     sync_to_and_from_the_server,
     restore_onto_the_server_keeps_many_requests_in_flight,
+    a_remote_source_is_read_ahead_through_the_pipe,
 );
 
 fn store_on_server_round_trip_with_url_and_alias(sshd: Sshd) {
@@ -1105,4 +1106,66 @@ fn a_directory_of_many_symlinks_lists_through_the_pipe() {
     assert!(out.status.success(), "{err}");
     assert!(most_in_flight(&err).is_some(), "{err}");
     assert_same_tree(src.path(), &dst);
+}
+
+/// A backup of a remote tree lists its directories and reads its small files through the
+/// pipe (`sftp::pipe`): the files asked for ahead of the workers arrive together, and their
+/// attributes after the read come with them. What it stores restores as the tree was, and an
+/// unchanged second backup reads nothing.
+fn a_remote_source_is_read_ahead_through_the_pipe(sshd: Sshd) {
+    let data = sshd.remote_dir("many");
+    for d in 0..4 {
+        let dir = data.join(format!("d{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..50 {
+            fs::write(
+                dir.join(format!("f{f}")),
+                format!("{d}/{f}\n").repeat(f * 50 + 1),
+            )
+            .unwrap();
+        }
+        symlink(format!("f{d}"), dir.join("link")).unwrap();
+        fs::write(dir.join("empty"), b"").unwrap();
+    }
+    sshd.give(&data);
+    let store = tempfile::tempdir().unwrap();
+    let store = store.path().join("s");
+    let store = store.to_str().unwrap();
+    ok(&sshd, &["at", store, "create"]);
+    let out = sshd
+        .cmd(bin())
+        .env("KLOSET_TRACE", "1")
+        .args(["at", store, "backup", &sshd.url(&data)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let piped: usize = err
+        .lines()
+        .find_map(|l| {
+            l.split("sftp source: ")
+                .nth(1)?
+                .strip_suffix(" files read ahead through the pipe")
+        })
+        .expect("the trace line")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(piped >= 100, "{piped} files read through the pipe: {err}");
+    let second = snapshot_json(&sshd, store, &[&sshd.url(&data)]);
+    assert_eq!(second["bytes_read"], 0, "{second}");
+    let dst = tempfile::tempdir().unwrap();
+    let to = dst.path().join("r");
+    ok(
+        &sshd,
+        &[
+            "at",
+            store,
+            "restore",
+            "-to",
+            to.to_str().unwrap(),
+            "latest",
+        ],
+    );
+    assert_same_tree(&data, &to);
 }

@@ -61,6 +61,7 @@ const FXP_INIT: u8 = 1;
 const FXP_VERSION: u8 = 2;
 const FXP_OPEN: u8 = 3;
 const FXP_CLOSE: u8 = 4;
+const FXP_READ: u8 = 5;
 const FXP_WRITE: u8 = 6;
 const FXP_LSTAT: u8 = 7;
 const FXP_SETSTAT: u8 = 9;
@@ -68,14 +69,17 @@ const FXP_FSETSTAT: u8 = 10;
 const FXP_REMOVE: u8 = 13;
 const FXP_OPENDIR: u8 = 11;
 const FXP_READDIR: u8 = 12;
+const FXP_FSTAT: u8 = 8;
 const FXP_MKDIR: u8 = 14;
 const FXP_READLINK: u8 = 19;
 const FXP_SYMLINK: u8 = 20;
 const FXP_STATUS: u8 = 101;
 const FXP_HANDLE: u8 = 102;
+const FXP_DATA: u8 = 103;
 const FXP_NAME: u8 = 104;
 const FXP_ATTRS: u8 = 105;
 
+const FXF_READ: u32 = 0x01;
 const FXF_WRITE: u32 = 0x02;
 const FXF_CREAT: u32 = 0x08;
 const FXF_EXCL: u32 = 0x20;
@@ -185,6 +189,26 @@ pub enum Op {
     ReadLink {
         reply: std::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
     },
+    /// The first `len` bytes of a file (fewer if it ends before), and its attributes after
+    /// the reads (FSTAT on the handle): OPEN, READs of 32 KiB at once, FSTAT, CLOSE.
+    Read {
+        len: u32,
+        reply: std::sync::mpsc::Sender<std::io::Result<(Vec<u8>, Stat)>>,
+    },
+}
+
+/// Where the answer to [`Pipe::read`] comes.
+pub type ReadAnswer = std::sync::mpsc::Receiver<std::io::Result<(Vec<u8>, Stat)>>;
+
+/// A read under way.
+#[derive(Debug, Default)]
+struct ReadState {
+    buf: Vec<u8>,
+    /// READ request id → its offset.
+    offsets: HashMap<u32, u64>,
+    /// Where the file ended ("end of file", or a short answer), if it did.
+    end: Option<u64>,
+    stat: Option<Stat>,
 }
 
 /// What a server says of one entry (SFTP v3 attributes; each field only if it said it).
@@ -494,6 +518,19 @@ impl Pipe {
             .collect()
     }
 
+    /// Queue a read of the first `len` bytes of the file `path` (absolute); its answer comes
+    /// on the returned channel: the bytes (fewer where the file ends first) and the file's
+    /// attributes after the reads.
+    ///
+    /// # Errors
+    /// The pipe stopped.
+    pub fn read(&self, path: Vec<u8>, len: u32) -> Result<ReadAnswer, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let key = path.clone();
+        self.submit(&key, path, Op::Read { len, reply })?;
+        Ok(answer)
+    }
+
     /// Why the pipe stopped, if it has.
     pub fn dead(&self) -> Option<String> {
         self.shared.dead.lock().clone()
@@ -563,6 +600,11 @@ enum Step {
     ReadLink,
     /// READLINK of an [`Op::ReadLink`].
     ReadLinkOne,
+    /// The steps of an [`Op::Read`].
+    ReadOpen,
+    ReadData,
+    ReadStat,
+    ReadClose,
 }
 
 impl Step {
@@ -578,6 +620,7 @@ impl Step {
             Step::Symlink => "making the symlink",
             Step::OpenDir | Step::ReadDir | Step::CloseDir | Step::ReadLink => "listing it",
             Step::ReadLinkOne => "reading the symlink",
+            Step::ReadOpen | Step::ReadData | Step::ReadStat | Step::ReadClose => "reading it",
         }
     }
 }
@@ -588,6 +631,7 @@ struct Running {
     waiting: usize,
     error: Option<Failure>,
     list: Option<Box<ListState>>,
+    read: Option<Box<ReadState>>,
 }
 
 struct Driver {
@@ -691,7 +735,10 @@ impl Driver {
         while let Ok(job) = rx.recv() {
             let bytes = job.op.bytes();
             // A listing's asker hears it from its reply channel, closed with the job.
-            if !matches!(job.op, Op::List { .. } | Op::ReadLink { .. }) {
+            if !matches!(
+                job.op,
+                Op::List { .. } | Op::ReadLink { .. } | Op::Read { .. }
+            ) {
                 self.shared.failures.lock().push(Failure {
                     key: job.key,
                     doing: "waiting for the server",
@@ -747,6 +794,7 @@ impl Driver {
             Op::SetStat { .. } => Step::Lstat,
             Op::List { .. } => Step::OpenDir,
             Op::ReadLink { .. } => Step::ReadLinkOne,
+            Op::Read { .. } => Step::ReadOpen,
             Op::Symlink { remove_first, .. } => {
                 if *remove_first {
                     Step::Clear
@@ -770,6 +818,7 @@ impl Driver {
                 waiting: 0,
                 error: None,
                 list: None,
+                read: None,
             },
         );
         match first {
@@ -784,6 +833,11 @@ impl Driver {
             Step::Clear => self.request(id, Step::Clear, FXP_REMOVE, |m| m.str(&path)),
             Step::Open => self.open(id, &path),
             Step::Lstat => self.request(id, Step::Lstat, FXP_LSTAT, |m| m.str(&path)),
+            Step::ReadOpen => self.request(id, Step::ReadOpen, FXP_OPEN, |m| {
+                m.str(&path);
+                m.u32(FXF_READ);
+                Attrs::default().put(m);
+            }),
             Step::ReadLinkOne => {
                 self.request(id, Step::ReadLinkOne, FXP_READLINK, |m| m.str(&path))
             }
@@ -1098,6 +1152,77 @@ impl Driver {
                 self.next_readlink(job);
                 return self.maybe_done(job);
             }
+            (Step::ReadOpen, FXP_HANDLE, None) => {
+                let handle = c.string(MAX_HANDLE)?.to_vec();
+                let Op::Read { len, .. } = run.job.op else {
+                    return Err(protocol("a handle for an operation that reads nothing"));
+                };
+                let mut st = Box::new(ReadState {
+                    buf: vec![0; len as usize],
+                    ..ReadState::default()
+                });
+                self.jobs.insert(job, run);
+                let mut off = 0u64;
+                while off < u64::from(len) {
+                    let n = (u64::from(len) - off).min(WRITE_SIZE as u64) as u32;
+                    let id = self.next_id;
+                    self.request(job, Step::ReadData, FXP_READ, |m| {
+                        m.str(&handle);
+                        m.u64(off);
+                        m.u32(n);
+                    });
+                    st.offsets.insert(id, off);
+                    off += u64::from(n);
+                }
+                self.request(job, Step::ReadStat, FXP_FSTAT, |m| m.str(&handle));
+                self.request(job, Step::ReadClose, FXP_CLOSE, |m| m.str(&handle));
+                if let Some(r) = self.jobs.get_mut(&job) {
+                    r.read = Some(st);
+                }
+                return self.maybe_done(job);
+            }
+            (Step::ReadData, FXP_DATA, None) => {
+                let data = c.string(MAX_ANSWER)?;
+                let r = run.read.as_mut().ok_or_else(|| protocol("data unasked"))?;
+                let off = r
+                    .offsets
+                    .remove(&id)
+                    .ok_or_else(|| protocol("data for no read"))?;
+                let room = r.buf.len().saturating_sub(off as usize);
+                if data.len() > room.min(WRITE_SIZE) {
+                    return Err(protocol(format!(
+                        "{} bytes in answer to a read of at most {}",
+                        data.len(),
+                        room.min(WRITE_SIZE)
+                    )));
+                }
+                r.buf[off as usize..off as usize + data.len()].copy_from_slice(data);
+                // A short answer: the file ends there (servers answer whole reads otherwise).
+                let asked = room.min(WRITE_SIZE);
+                if data.len() < asked {
+                    let end = off + data.len() as u64;
+                    r.end = Some(r.end.map_or(end, |e| e.min(end)));
+                }
+            }
+            (Step::ReadData, FXP_STATUS, Some((code, msg))) => {
+                let r = run
+                    .read
+                    .as_mut()
+                    .ok_or_else(|| protocol("a read unasked"))?;
+                let off = r.offsets.remove(&id).unwrap_or(0);
+                if code == FX_EOF {
+                    r.end = Some(r.end.map_or(off, |e| e.min(off)));
+                } else {
+                    failed(&mut run, step, code, msg);
+                }
+            }
+            (Step::ReadStat, FXP_ATTRS, None) => {
+                let st = read_attrs(&mut c)?;
+                if let Some(r) = run.read.as_mut() {
+                    r.stat = Some(st);
+                }
+            }
+            (Step::ReadClose, FXP_STATUS, Some(_)) => {}
             (Step::ReadLinkOne, FXP_NAME, None) => {
                 if c.u32()? != 1 {
                     return Err(protocol("READLINK answered with other than one name"));
@@ -1233,6 +1358,19 @@ impl Driver {
             let _ = reply.send(result);
         } else if let Op::ReadLink { .. } = &run.job.op {
             // Answered through its reply already (or its reply channel closes with it).
+        } else if let Op::Read { reply, .. } = &run.job.op {
+            let result = match (run.error, run.read) {
+                (Some(f), _) => Err(f.error),
+                (None, Some(r)) => {
+                    let mut r = *r;
+                    if let Some(end) = r.end {
+                        r.buf.truncate(end as usize);
+                    }
+                    Ok((r.buf, r.stat.unwrap_or_default()))
+                }
+                (None, None) => Err(protocol("a read that never started")),
+            };
+            let _ = reply.send(result);
         } else if let Some(f) = run.error {
             self.shared.failures.lock().push(f);
         }
