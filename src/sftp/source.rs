@@ -272,6 +272,16 @@ impl Source for SftpSource {
             Ok(out)
         })
     }
+    fn listers(&self) -> usize {
+        // Through the pipe a listing waits on the network and holds no connection: many
+        // directories are listed at once.
+        if self.pipe().is_some() {
+            16
+        } else {
+            crate::store::backup::LISTER_THREADS
+        }
+    }
+
     fn prefetch(&self, path: &[u8], len: u64) {
         // A small file whole, through the pipe: its read is on its way while the workers
         // chunk the files before it (one round trip for many files instead of three for each).

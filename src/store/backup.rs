@@ -774,7 +774,7 @@ pub fn run(
     })
 }
 
-/// Start listing `source` from its root on [`LISTER_THREADS`] threads, call `f` with the
+/// Start listing `source` from its root on [`Source::listers`] threads, call `f` with the
 /// lister (for [`run_listed`]), and stop the listing when `f` returns.
 pub fn with_lister<R>(
     source: &dyn Source,
@@ -790,7 +790,7 @@ pub fn with_lister<R>(
     }
     let lister = Lister::new(source, exclude);
     std::thread::scope(|s| {
-        for _ in 0..LISTER_THREADS {
+        for _ in 0..source.listers() {
             s.spawn(|| lister.run());
         }
         let closing = Closing(&lister);

@@ -56,6 +56,11 @@ pub trait Source: Send + Sync {
     /// soon, without waiting for them. Only a hint: sources without a cheap way to do it, and
     /// any error, do nothing.
     fn prefetch(&self, _path: &[u8], _len: u64) {}
+    /// Threads that list directories ahead of the walk: [`super::backup::LISTER_THREADS`]
+    /// unless listing costs this source little but waiting (a pipelined remote one).
+    fn listers(&self) -> usize {
+        super::backup::LISTER_THREADS
+    }
 }
 
 pub fn os(path: &[u8]) -> &Path {
