@@ -39,11 +39,11 @@ const MAX_QUEUED_BYTES: usize = 32 << 20;
 pub const MAX_ANSWER: usize = (256 << 10) + 1024;
 /// The longest handle accepted (OpenSSH's are 4 bytes; the protocol allows 256).
 const MAX_HANDLE: usize = 256;
-/// READDIRs in flight on one directory handle, at most: one at first, up to two more with
+/// READDIRs in flight on one directory handle, at most: one at first, up to four more with
 /// each answer of names (a small directory costs one READDIR and its "end of file", a large
 /// one soon has several on their way). READDIRs in flight beyond each listing's first, over
 /// all listings: at most [`EXTRA_READDIRS`].
-const READDIRS_AHEAD: usize = 8;
+const READDIRS_AHEAD: usize = 16;
 const EXTRA_READDIRS: usize = 128;
 /// The channel's receive window. The driver writes requests without reading answers in
 /// between; should the answers in flight outgrow the window while the requests fill the
@@ -51,8 +51,8 @@ const EXTRA_READDIRS: usize = 128;
 /// handle) but for READDIR's: OpenSSH's hold at most 100 names, tens of KiB, and
 /// [`EXTRA_READDIRS`] plus one per listing of them fit here many times over.
 const RECEIVE_WINDOW: u32 = 64 << 20;
-/// READLINKs in flight for one listing.
-const READLINKS_AHEAD: usize = 64;
+/// READLINKs in flight for one listing (an answer is a path: 512 of them, a few MiB at worst).
+const READLINKS_AHEAD: usize = 512;
 /// Data per WRITE request: every server takes 32 KiB.
 const WRITE_SIZE: usize = 32 << 10;
 
@@ -1072,13 +1072,13 @@ impl Driver {
                 let handle = l.handle.clone();
                 // More READDIRs on the handle at once: the server answers them in order, each
                 // with the next names, then "end of file" to every one after the end. Up to
-                // two more per answer, within [`READDIRS_AHEAD`] and [`EXTRA_READDIRS`]; one
+                // four more per answer, within [`READDIRS_AHEAD`] and [`EXTRA_READDIRS`]; one
                 // always goes when none is left on its way.
                 let more = if l.too_big || l.ended {
                     0
                 } else {
                     let room = EXTRA_READDIRS.saturating_sub(self.extra_readdirs);
-                    let want = (READDIRS_AHEAD - l.readdirs).min(2);
+                    let want = (READDIRS_AHEAD - l.readdirs).min(4);
                     let extra_now = if l.readdirs == 0 { 1 } else { 0 };
                     want.min(room + extra_now).max(extra_now)
                 };
