@@ -1858,6 +1858,45 @@ fn sftp_restore_destination_fills_up() {
     assert_same_files(&src, &dst);
 }
 
+/// A restore onto an SFTP server whose filesystem runs out of inodes (room for bytes to
+/// spare): exit 11, one line saying the destination server's disk is full; the re-run with
+/// inodes to spare completes exactly. The room was asked with `fstatvfs` on a handle of the
+/// root directory, which OpenSSH answers on file handles only: the failure was reported as a
+/// plain "failure" per file and exit 3.
+#[test]
+fn sftp_restore_destination_out_of_inodes() {
+    let Some(sshd) = Sshd::start() else { return };
+    let (_top, src, store, id) = local_store_with_a_backup(&sshd, 2);
+    let dir = sshd.remote_dir("dest-inodes");
+    let Some(tmpfs) = Tmpfs::mount_with(&dir, "size=64m,nr_inodes=10") else {
+        return;
+    };
+    let dst = dir.join("out");
+    let url = sshd.url(&dst);
+    let (code, _, err) = run_bounded(
+        &sshd,
+        &["-quiet", "at", &store, "restore", "-to", &url, &id],
+    );
+    eprintln!("restore onto an SFTP disk out of inodes: exit {code:?}: {err}");
+    assert_eq!(code, Some(11), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("the restore destination")
+            && err.contains(&url)
+            && err.contains("the destination server's disk is full")
+            && err.contains("inodes free"),
+        "does not say the destination server is out of inodes: {err}"
+    );
+    assert_whole_files(&src, &dst);
+    tmpfs.remount("nr_inodes=1000");
+    let (code, _, err) = run_bounded(
+        &sshd,
+        &["-quiet", "at", &store, "restore", "-to", &url, &id],
+    );
+    assert_eq!(code, Some(0), "re-run: {err}");
+    assert_same_files(&src, &dst);
+}
+
 /// An SFTP server that refuses writes with "failure" while its disk has room (what OpenSSH
 /// answers for EDQUOT): a backup into a store there exits 11 with one line saying the server
 /// refused the write, quota most likely; no temporary file or snapshot is left; once the
@@ -1908,11 +1947,25 @@ fn sftp_store_refusing_writes_says_quota() {
 /// the likely quota; nothing half-written; the re-run completes exactly.
 #[test]
 fn sftp_restore_destination_refusing_writes_says_quota() {
+    restore_onto_a_destination_refusing_writes(4);
+}
+
+/// The same with small files only: every file is written whole through the pipe, so it is
+/// the pipe's failures that must be told apart as a quota (the room asked of the server once
+/// they are in). It was not: the room was asked on a pooled connection, which this restore
+/// never opened, and a CI run, whose store happened to cut the big files into one chunk each,
+/// said "writing: Failure" and exit 3.
+#[test]
+fn sftp_restore_of_small_files_refused_by_the_destination_says_quota() {
+    restore_onto_a_destination_refusing_writes(0);
+}
+
+fn restore_onto_a_destination_refusing_writes(mib: usize) {
     let Some(sshd) = Sshd::start_hostile() else {
         return;
     };
     sshd.hostile_mode("");
-    let (_top, src, store, id) = local_store_with_a_backup(&sshd, 4);
+    let (_top, src, store, id) = local_store_with_a_backup(&sshd, mib);
     let dst = sshd.remote_dir("quota-dest");
     let url = sshd.url(&dst);
     sshd.hostile_mode("refuse-write");

@@ -44,7 +44,7 @@ use parking_lot::{Mutex, RwLock};
 use ssh2::{FileStat, OpenFlags, OpenType};
 
 use super::backend::refused_write;
-use super::backend::{Server, disk_full, disk_full_or, mkdir_p, read_all_conn, room};
+use super::backend::{Server, disk_full, disk_full_or, mkdir_p, read_all_conn};
 use super::conn::{Conn, Pool, io};
 use super::pipe::{self, Attrs, Meta, Op, Pipe};
 use super::{Location, Options};
@@ -631,16 +631,23 @@ impl SftpDestination {
     }
 
     /// A failed create (of a directory or a file): "disk full" if the filesystem of the root
-    /// has no inodes or bytes left (asked on a handle of the root directory), else `e`.
-    fn create_failed(&self, c: &Conn, e: std::io::Error) -> std::io::Error {
+    /// has no inodes or bytes left ([`Self::room`]), else `e`.
+    fn create_failed(&self, e: std::io::Error) -> std::io::Error {
         if super::transient(&e) || !super::fx_failure(&e) {
             return e;
         }
-        let root = Path::new(&self.loc.path);
-        let Some(r) = c.sftp.opendir(root).ok().as_mut().and_then(room) else {
-            return e;
-        };
-        disk_full(r, root, 0, Server::Destination).unwrap_or(e)
+        let r = self.pipe.read().as_ref().and_then(|p| self.room(p));
+        let Some(r) = r else { return e };
+        disk_full(r, Path::new(&self.loc.path), 0, Server::Destination).unwrap_or(e)
+    }
+
+    /// The room left on the filesystem of the destination's root (free bytes, free inodes),
+    /// by `statvfs@openssh.com` on its path, through the pipe. (No open file to ask
+    /// `fstatvfs` on: OpenSSH answers that on file handles only, not on a directory's, so
+    /// asking on a handle of the root directory always came back empty.) `None` if the
+    /// server cannot say or the pipe has stopped.
+    fn room(&self, p: &Pipe) -> Option<(u64, Option<u64>)> {
+        p.room(self.loc.path.as_bytes().to_vec()).ok()?.ok()
     }
 }
 
@@ -729,7 +736,7 @@ impl Destination for SftpDestination {
                     c.sftp.mkdir(&p, 0o700).map_err(io)
                 }
             }
-            .map_err(|e| self.create_failed(c, e))
+            .map_err(|e| self.create_failed(e))
         })
     }
 
@@ -744,7 +751,7 @@ impl Destination for SftpDestination {
         }
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
-            let mut f = create_new(c, &p, self.fresh()).map_err(|e| self.create_failed(c, e))?;
+            let mut f = create_new(c, &p, self.fresh()).map_err(|e| self.create_failed(e))?;
             if size > 0 {
                 f.setstat(stat_size(size))
                     .map_err(|e| self.write_failed(c, &mut f, size, io(e)))?;
@@ -826,7 +833,7 @@ impl Destination for SftpDestination {
                 )));
             }
             let data = read_all_conn(c, &src)?;
-            let mut f = create_new(c, &dst, false).map_err(|e| self.create_failed(c, e))?;
+            let mut f = create_new(c, &dst, false).map_err(|e| self.create_failed(e))?;
             if let Err(e) = f.write_all(&data) {
                 return Err(self.write_failed(c, &mut f, data.len() as u64, e));
             }
@@ -877,18 +884,7 @@ impl Destination for SftpDestination {
                     return (f.key.clone(), self.lost(&f.key, why, timed_out));
                 }
                 let e = if super::fx_failure(&f.error) {
-                    let r = *room.get_or_insert_with(|| {
-                        self.pool
-                            .run(&self.what(b""), |c| {
-                                Ok(c.sftp
-                                    .opendir(root)
-                                    .ok()
-                                    .as_mut()
-                                    .and_then(super::backend::room))
-                            })
-                            .ok()
-                            .flatten()
-                    });
+                    let r = *room.get_or_insert_with(|| self.room(p));
                     refused_write(r, root, 0, f.error, Server::Destination)
                 } else {
                     f.error
@@ -1059,7 +1055,7 @@ impl Destination for SftpDestination {
         }
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
-            let mut f = create_new(c, &p, self.fresh()).map_err(|e| self.create_failed(c, e))?;
+            let mut f = create_new(c, &p, self.fresh()).map_err(|e| self.create_failed(e))?;
             let need = data.len() as u64;
             if data.iter().all(|&b| b == 0) {
                 if !data.is_empty() {

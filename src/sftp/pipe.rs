@@ -78,6 +78,8 @@ const FXP_HANDLE: u8 = 102;
 const FXP_DATA: u8 = 103;
 const FXP_NAME: u8 = 104;
 const FXP_ATTRS: u8 = 105;
+const FXP_EXTENDED: u8 = 200;
+const FXP_EXTENDED_REPLY: u8 = 201;
 
 const FXF_READ: u32 = 0x01;
 const FXF_WRITE: u32 = 0x02;
@@ -194,6 +196,11 @@ pub enum Op {
     Read {
         len: u32,
         reply: std::sync::mpsc::Sender<std::io::Result<(Vec<u8>, Stat)>>,
+    },
+    /// The room left on the filesystem of the path (`statvfs@openssh.com`): free bytes, and
+    /// free inodes (`None` for a filesystem without an inode count); to `reply`.
+    Room {
+        reply: std::sync::mpsc::Sender<std::io::Result<(u64, Option<u64>)>>,
     },
 }
 
@@ -531,6 +538,21 @@ impl Pipe {
         Ok(answer)
     }
 
+    /// The room left on the filesystem of `path` (absolute), by `statvfs@openssh.com`: free
+    /// bytes, and free inodes (`None` where the filesystem counts none).
+    ///
+    /// # Errors
+    /// The pipe stopped (outer); the server refused or does not know the request (inner).
+    pub fn room(&self, path: Vec<u8>) -> Result<std::io::Result<(u64, Option<u64>)>, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let key = path.clone();
+        self.submit(&key, path, Op::Room { reply })?;
+        answer.recv().map_err(|_| {
+            self.dead()
+                .unwrap_or_else(|| "the SFTP pipe is closed".into())
+        })
+    }
+
     /// Why the pipe stopped, if it has.
     pub fn dead(&self) -> Option<String> {
         self.shared.dead.lock().clone()
@@ -600,6 +622,8 @@ enum Step {
     ReadLink,
     /// READLINK of an [`Op::ReadLink`].
     ReadLinkOne,
+    /// `statvfs@openssh.com` of an [`Op::Room`].
+    Room,
     /// The steps of an [`Op::Read`].
     ReadOpen,
     ReadData,
@@ -620,6 +644,7 @@ impl Step {
             Step::Symlink => "making the symlink",
             Step::OpenDir | Step::ReadDir | Step::CloseDir | Step::ReadLink => "listing it",
             Step::ReadLinkOne => "reading the symlink",
+            Step::Room => "asking for its filesystem's free space",
             Step::ReadOpen | Step::ReadData | Step::ReadStat | Step::ReadClose => "reading it",
         }
     }
@@ -737,7 +762,7 @@ impl Driver {
             // A listing's asker hears it from its reply channel, closed with the job.
             if !matches!(
                 job.op,
-                Op::List { .. } | Op::ReadLink { .. } | Op::Read { .. }
+                Op::List { .. } | Op::ReadLink { .. } | Op::Read { .. } | Op::Room { .. }
             ) {
                 self.shared.failures.lock().push(Failure {
                     key: job.key,
@@ -794,6 +819,7 @@ impl Driver {
             Op::SetStat { .. } => Step::Lstat,
             Op::List { .. } => Step::OpenDir,
             Op::ReadLink { .. } => Step::ReadLinkOne,
+            Op::Room { .. } => Step::Room,
             Op::Read { .. } => Step::ReadOpen,
             Op::Symlink { remove_first, .. } => {
                 if *remove_first {
@@ -841,6 +867,10 @@ impl Driver {
             Step::ReadLinkOne => {
                 self.request(id, Step::ReadLinkOne, FXP_READLINK, |m| m.str(&path))
             }
+            Step::Room => self.request(id, Step::Room, FXP_EXTENDED, |m| {
+                m.str(b"statvfs@openssh.com");
+                m.str(&path);
+            }),
             Step::OpenDir => {
                 if let Some(r) = self.jobs.get_mut(&id) {
                     r.list = Some(Box::default());
@@ -1242,6 +1272,32 @@ impl Driver {
                     let _ = reply.send(Err(e));
                 }
             }
+            (Step::Room, FXP_EXTENDED_REPLY, None) => {
+                // f_bsize, f_frsize, f_blocks, f_bfree, f_bavail, f_files, f_ffree, f_favail
+                // (then fsid, flag and namemax, not needed).
+                let mut v = [0u64; 8];
+                for x in &mut v {
+                    *x = c.u64()?;
+                }
+                let [bsize, frsize, _, _, bavail, files, _, favail] = v;
+                let block = if frsize > 0 { frsize } else { bsize };
+                if let Op::Room { reply } = &run.job.op {
+                    let _ = reply.send(Ok((
+                        bavail.saturating_mul(block),
+                        (files > 0).then_some(favail),
+                    )));
+                }
+            }
+            (Step::Room, FXP_STATUS, Some((code, msg))) => {
+                if let Op::Room { reply } = &run.job.op {
+                    let e = if code == FX_OK {
+                        protocol("statvfs answered OK without figures")
+                    } else {
+                        super::status_error(code, msg)
+                    };
+                    let _ = reply.send(Err(e));
+                }
+            }
             (Step::SetAll, FXP_STATUS, Some((code, _))) => {
                 if code == FX_OK {
                     self.shared.owners_taken.store(1, Ordering::Relaxed);
@@ -1356,7 +1412,7 @@ impl Driver {
                 (None, None) => Err(protocol("a listing that never started")),
             };
             let _ = reply.send(result);
-        } else if let Op::ReadLink { .. } = &run.job.op {
+        } else if let Op::ReadLink { .. } | Op::Room { .. } = &run.job.op {
             // Answered through its reply already (or its reply channel closes with it).
         } else if let Op::Read { reply, .. } = &run.job.op {
             let result = match (run.error, run.read) {
