@@ -313,12 +313,13 @@ fn damaged_cache_files_are_fetched_again() {
     // Fill the cache: index, snapshots, tree packs.
     run(&["ls", "-recursive", &id]).code(0);
     let cache = sshd.home().join(".cache/kloset");
+    // The store's own cache (beside `locations/`, the key files remembered per URL).
     let store_cache = fs::read_dir(&cache)
         .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| !p.ends_with("locations"))
+        .unwrap();
     let mut damaged = Vec::new();
     for sub in ["index", "snapshots", "packs"] {
         for (rel, _) in files(&store_cache.join(sub)) {

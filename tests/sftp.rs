@@ -166,6 +166,7 @@ on_every_server!(
     sync_to_and_from_the_server,
     restore_onto_the_server_keeps_many_requests_in_flight,
     a_remote_source_is_read_ahead_through_the_pipe,
+    key_derivation_starts_during_the_login,
 );
 
 fn store_on_server_round_trip_with_url_and_alias(sshd: Sshd) {
@@ -1168,4 +1169,83 @@ fn a_remote_source_is_read_ahead_through_the_pipe(sshd: Sshd) {
         ],
     );
     assert_same_tree(&data, &to);
+}
+
+/// `kloset ARGS` traced (`KLOSET_TRACE=1`) with the passphrase `pass`: (exit code, stderr).
+fn traced(sshd: &Sshd, pass: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = sshd
+        .cmd(bin())
+        .env("KLOSET_TRACE", "1")
+        .env("KLOSET_PASSPHRASE", pass)
+        .env_remove("XDG_CACHE_HOME")
+        .args(args)
+        .output()
+        .expect("run kloset");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "kloset panicked: {err}");
+    (out.status.code(), err)
+}
+
+/// Did this traced run derive the key during the login (from the remembered key file), or
+/// after reading the store's key files?
+fn derived_early(err: &str) -> (bool, bool) {
+    let early = err.contains("keys: derived during the login");
+    let late = err
+        .lines()
+        .any(|l| l.trim_end().ends_with("key derivation"));
+    (early, late)
+}
+
+/// The second command against a store derives its key while SSH logs in, from the key file
+/// that opened the store the first time; a wrong passphrase still fails (exit 4); a damaged
+/// remembered file, or a new store created at the same URL, costs only the head start.
+fn key_derivation_starts_during_the_login(sshd: Sshd) {
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path());
+    let remote = sshd.remote_dir("early");
+    let url = sshd.url(&remote);
+    let pass = "correct horse battery staple";
+    let (code, err) = traced(&sshd, pass, &["at", &url, "create"]);
+    assert_eq!(code, Some(0), "{err}");
+    let backup = ["-quiet", "at", &url, "backup", src.path().to_str().unwrap()];
+    let (code, err) = traced(&sshd, pass, &backup);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        derived_early(&err),
+        (false, true),
+        "nothing remembered yet: {err}"
+    );
+    let (code, err) = traced(&sshd, pass, &["at", &url, "ls"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(derived_early(&err), (true, false), "{err}");
+
+    // A wrong passphrase: the remembered key does not open, nor does any other.
+    let (code, err) = traced(&sshd, "wrong", &["at", &url, "ls"]);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("wrong passphrase"), "{err}");
+
+    // The remembered file damaged: the keys come from the store, and it is written again.
+    let dir = sshd.home().join(".cache/kloset/locations");
+    let files: Vec<_> = fs::read_dir(&dir).unwrap().flatten().collect();
+    assert_eq!(files.len(), 1, "one store remembered");
+    let meta = files[0].metadata().unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    fs::write(files[0].path(), b"not what kloset wrote").unwrap();
+    let (code, err) = traced(&sshd, pass, &["at", &url, "ls"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(derived_early(&err), (false, true), "{err}");
+    let (code, err) = traced(&sshd, pass, &["at", &url, "ls"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(derived_early(&err), (true, false), "written again: {err}");
+
+    // Another store at the same URL (other config, other keys): opened the usual way.
+    fs::remove_dir_all(&remote).unwrap();
+    let (code, err) = traced(&sshd, "another passphrase", &["at", &url, "create"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = traced(&sshd, "another passphrase", &backup);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(derived_early(&err), (false, true), "{err}");
+    let (code, err) = traced(&sshd, pass, &["at", &url, "ls"]);
+    assert_eq!(code, Some(4), "the old passphrase opens nothing: {err}");
 }

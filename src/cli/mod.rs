@@ -197,13 +197,7 @@ impl Ctx {
     pub fn store_access(&self) -> anyhow::Result<(Arc<dyn Backend>, PassphraseSource)> {
         let r = self.resolve(config::Kind::Store, &self.store_url)?;
         let b = backend_for(&r.location, &r.options)?;
-        let p = PassphraseSource {
-            env: "KLOSET_PASSPHRASE",
-            connector: r.connector,
-            fallback_env: None,
-            label: "passphrase".into(),
-        };
-        Ok((b, p))
+        Ok((b, PassphraseSource::of_store(r.connector)))
     }
 
     /// Open a second store (`sync`'s other side). Its passphrase: `KLOSET_OTHER_PASSPHRASE`
@@ -217,6 +211,7 @@ impl Ctx {
             connector: r.connector,
             fallback_env: Some("KLOSET_PASSPHRASE"),
             label: format!("passphrase of {given}"),
+            found: parking_lot::Mutex::new(None),
         };
         Store::open(b, &|c| p.get(c)).map_err(|e| match e {
             store::Error::WrongPassphrase(_) => ExitWith(
@@ -260,10 +255,20 @@ impl Ctx {
         Ok(Box::new(store::LocalDestination::new(PathBuf::from(p))))
     }
 
-    /// Open the store and load its index.
+    /// Open the store and load its index. For a store on an SFTP server whose passphrase
+    /// comes without a prompt, Argon2id starts from the key file remembered for its URL
+    /// while SSH logs in ([`store::early`]).
     pub fn open(&self) -> anyhow::Result<Store> {
-        let (b, p) = self.store_access()?;
-        Ok(Store::open(b, &|c| p.get(c))?)
+        let r = self.resolve(config::Kind::Store, &self.store_url)?;
+        let p = PassphraseSource::of_store(r.connector);
+        let early = r
+            .location
+            .starts_with("sftp://")
+            .then(|| sftp::Location::parse(&r.location).ok())
+            .flatten()
+            .and_then(|l| store::early::EarlyKeys::start(&l.url(), p.unprompted()?));
+        let b = backend_for(&r.location, &r.options)?;
+        Ok(Store::open_early(b, &|c| p.get(c), early)?)
     }
 
     pub fn progress(&self) -> bool {
@@ -286,11 +291,44 @@ pub struct PassphraseSource {
     connector: Option<config::Connector>,
     fallback_env: Option<&'static str>,
     label: String,
+    /// What [`PassphraseSource::unprompted`] found, so a `passphrase_cmd` runs once.
+    found: parking_lot::Mutex<Option<Vec<u8>>>,
 }
 
 impl PassphraseSource {
+    /// The passphrase of the store given with `at` (`KLOSET_PASSPHRASE`), with its named
+    /// store's connector.
+    fn of_store(connector: Option<config::Connector>) -> PassphraseSource {
+        PassphraseSource {
+            env: "KLOSET_PASSPHRASE",
+            connector,
+            fallback_env: None,
+            label: "passphrase".into(),
+            found: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// The passphrase if it comes without asking anyone (environment, file, the named
+    /// store's `passphrase` or `passphrase_cmd`); `None` if it would be a prompt or fails
+    /// (then [`PassphraseSource::get`] says why, in its turn).
+    pub fn unprompted(&self) -> Option<Vec<u8>> {
+        let p = match env_passphrase(self.env) {
+            Some(p) => p.ok()?,
+            None => match self.connector.as_ref().map(|c| c.secret()) {
+                Some(Ok(Some(p))) => p,
+                Some(Err(_)) => return None,
+                _ => self.fallback_env.and_then(env_passphrase)?.ok()?,
+            },
+        };
+        *self.found.lock() = Some(p.clone());
+        Some(p)
+    }
+
     /// The passphrase (asked twice on a terminal when `confirm`).
     pub fn get(&self, confirm: bool) -> store::Result<Vec<u8>> {
+        if !confirm && let Some(p) = self.found.lock().clone() {
+            return Ok(p);
+        }
         if let Some(p) = env_passphrase(self.env) {
             return p;
         }

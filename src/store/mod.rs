@@ -14,6 +14,7 @@ pub mod check;
 pub mod crypto;
 pub mod destination;
 pub mod dirfd;
+pub mod early;
 pub mod error;
 pub mod format;
 pub mod index;

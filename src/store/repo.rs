@@ -18,6 +18,7 @@ use super::backend::Listed;
 use super::backend::{Backend, FileType};
 use super::cache::Cache;
 use super::crypto::{BlobId, Crypto, KdfParams, KeyFile, MasterKeys};
+use super::early::{self, EarlyKeys};
 use super::error::{Error, Result};
 use super::format::{self, *};
 use super::tree::{Node, NodeKind, Tree, components};
@@ -317,9 +318,10 @@ pub(super) fn open_condemned(crypto: &Crypto, b: &[u8], name: &str) -> Result<Co
     open_record(crypto, AAD_CONDEMNED, b, &file)
 }
 
-fn read_config(backend: &dyn Backend) -> Result<Config> {
+/// The store's config, and its bytes as stored.
+fn read_config_bytes(backend: &dyn Backend) -> Result<(Config, Vec<u8>)> {
     match backend.read(FileType::Config, "config") {
-        Ok(b) => unframe(MAGIC_CONFIG, &b, "config"),
+        Ok(b) => Ok((unframe(MAGIC_CONFIG, &b, "config")?, b)),
         Err(e) if e.is_not_found() => Err(Error::NoStore(backend.location())),
         Err(e) => Err(e),
     }
@@ -420,21 +422,32 @@ impl Store {
     /// Open an existing store and load its index. The index files are listed and read (from
     /// the local cache for remote stores) while Argon2id derives the key on another thread.
     pub fn open(backend: Arc<dyn Backend>, passphrase: PassphraseFn) -> Result<Store> {
-        Store::open_with(backend, passphrase, true)
+        Store::open_with(backend, passphrase, true, None)
+    }
+
+    /// [`Store::open`] with a key derivation started before the login ([`EarlyKeys`]), used if
+    /// the store still serves what it was started from.
+    pub fn open_early(
+        backend: Arc<dyn Backend>,
+        passphrase: PassphraseFn,
+        early: Option<EarlyKeys>,
+    ) -> Result<Store> {
+        Store::open_with(backend, passphrase, true, early)
     }
 
     /// Open an existing store without loading the index.
     pub fn open_no_index(backend: Arc<dyn Backend>, passphrase: PassphraseFn) -> Result<Store> {
-        Store::open_with(backend, passphrase, false)
+        Store::open_with(backend, passphrase, false, None)
     }
 
     fn open_with(
         backend: Arc<dyn Backend>,
         passphrase: PassphraseFn,
         with_index: bool,
+        early: Option<EarlyKeys>,
     ) -> Result<Store> {
         let t = crate::trace::span("open store (config, keys)");
-        let config = read_config(backend.as_ref())?;
+        let (config, config_bytes) = read_config_bytes(backend.as_ref())?;
         let cache = cache_for(backend.as_ref(), &config);
         let read_files = || with_index.then(|| IndexFiles::read(backend.as_ref(), cache.as_ref()));
         let mut index_files = None;
@@ -445,40 +458,38 @@ impl Store {
                 if files.is_empty() {
                     return Err(Error::damaged("keys/", "the store has no key file"));
                 }
-                let mut parsed = Vec::new();
-                let mut damaged = Vec::new();
-                for f in &files {
-                    match backend
-                        .read(FileType::Key, &f.name)
-                        .and_then(|b| parse_key_file(&b, &f.name))
-                    {
-                        Ok(k) => parsed.push(k),
-                        Err(e) => damaged.push(e),
-                    }
-                }
-                if parsed.is_empty() {
-                    return Err(damaged.remove(0));
-                }
-                let pass = passphrase(false)?;
-                // Argon2id is CPU only: the index files come over the connection meanwhile.
-                let found = std::thread::scope(|s| {
-                    let derive = s.spawn(|| {
-                        let _t = crate::trace::span("key derivation");
-                        for k in &parsed {
-                            if let Some(keys) = k.unwrap(&pass, &config.id)? {
-                                return Ok(Some(keys));
-                            }
+                // The key derived during the login, from the key file that opened this
+                // store last time, if the store still serves the same config and that key.
+                let mut tried = None;
+                let mut ahead = None;
+                match early {
+                    Some(e) if e.still_valid(&config_bytes, &files) => {
+                        tried = Some(e.key_name().to_string());
+                        index_files = read_files();
+                        ahead = e.join();
+                        if ahead.is_some() {
+                            crate::trace::note(|| "keys: derived during the login".into());
                         }
-                        Ok::<_, Error>(None)
-                    });
-                    index_files = read_files();
-                    derive
-                        .join()
-                        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-                })?;
-                match found {
+                    }
+                    // Stale: its Argon2id ends before another starts (one 64 MiB at a time).
+                    Some(e) => drop(e.join()),
+                    None => {}
+                }
+                match ahead {
                     Some(k) => k,
-                    None => return Err(Error::WrongPassphrase(files.len())),
+                    None => Store::derive_keys(
+                        backend.as_ref(),
+                        &config,
+                        &config_bytes,
+                        &files,
+                        tried.as_deref(),
+                        passphrase,
+                        || {
+                            if index_files.is_none() {
+                                index_files = read_files();
+                            }
+                        },
+                    )?,
                 }
             }
         };
@@ -504,6 +515,60 @@ impl Store {
             store.load_index_from(files)?;
         }
         Ok(store)
+    }
+
+    /// Read the key files `files` (all but `tried`, already tried) and find the one that
+    /// opens with the passphrase, deriving on another thread while `meanwhile` runs; a remote
+    /// store's config and that key file are remembered for the next command ([`early`]).
+    fn derive_keys(
+        backend: &dyn Backend,
+        config: &Config,
+        config_bytes: &[u8],
+        files: &[Listed],
+        tried: Option<&str>,
+        passphrase: PassphraseFn,
+        meanwhile: impl FnOnce(),
+    ) -> Result<MasterKeys> {
+        let mut parsed = Vec::new();
+        let mut damaged = Vec::new();
+        for f in files.iter().filter(|f| Some(f.name.as_str()) != tried) {
+            match backend
+                .read(FileType::Key, &f.name)
+                .and_then(|b| parse_key_file(&b, &f.name).map(|k| (k, b)))
+            {
+                Ok((k, b)) => parsed.push((k, &f.name, b)),
+                Err(e) => damaged.push(e),
+            }
+        }
+        if parsed.is_empty() && tried.is_none() {
+            return Err(damaged.remove(0));
+        }
+        let pass = passphrase(false)?;
+        // Argon2id is CPU only: the index files come over the connection meanwhile.
+        let found = std::thread::scope(|s| {
+            let derive = s.spawn(|| {
+                let _t = crate::trace::span("key derivation");
+                for (k, name, bytes) in &parsed {
+                    if let Some(keys) = k.unwrap(&pass, &config.id)? {
+                        return Ok(Some((keys, *name, bytes)));
+                    }
+                }
+                Ok::<_, Error>(None)
+            });
+            meanwhile();
+            derive
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })?;
+        match found {
+            Some((keys, name, bytes)) => {
+                if backend.is_remote() && config.compute_auth(&keys.id) == config.auth {
+                    early::remember(&backend.location(), config_bytes, name, bytes);
+                }
+                Ok(keys)
+            }
+            None => Err(Error::WrongPassphrase(files.len())),
+        }
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
