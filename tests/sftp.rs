@@ -655,6 +655,38 @@ fn packs_are_listed_over_several_connections(sshd: Sshd) {
     assert!(backend.pool().take_idle().is_none());
     assert_eq!(list(), want);
     backend.pool().give_back(held);
+
+    // Several types at once (through one pipe), as each alone: a missing directory
+    // (`condemned/`) is an empty list, upload temporaries are left out.
+    fs::create_dir_all(dir.join("index")).unwrap();
+    for i in 0..40u32 {
+        fs::write(
+            dir.join("index").join(format!("{i:064x}")),
+            vec![1u8; i as usize],
+        )
+        .unwrap();
+    }
+    fs::write(dir.join("index/.tmp-upload"), b"partial").unwrap();
+    let types = [
+        FileType::Index,
+        FileType::Condemned,
+        FileType::Pack,
+        FileType::Index,
+    ];
+    let alone: Vec<_> = types.iter().map(|t| backend.list(*t).unwrap()).collect();
+    assert_eq!(alone[0].len(), 40);
+    assert!(alone[1].is_empty());
+    let together: Vec<_> = backend
+        .list_several(&types)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let names = |v: &Vec<Vec<kloset::store::backend::Listed>>| -> Vec<Vec<(String, u64)>> {
+        v.iter()
+            .map(|l| l.iter().map(|f| (f.name.clone(), f.size)).collect())
+            .collect()
+    };
+    assert_eq!(names(&together), names(&alone));
 }
 
 /// Issue 15, `rm`: on an SFTP store, a keep policy removes the snapshots it does not keep (and

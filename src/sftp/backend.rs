@@ -33,6 +33,9 @@ pub struct SftpBackend {
 const PACKS_LISTED: usize = 4_000_000;
 const PACKS_LISTED_BYTES: usize = 512 << 20;
 
+/// A directory's names and attributes, as the pipe lists them.
+type Entries = Vec<(Vec<u8>, pipe::Stat)>;
+
 /// Listing `packs/` goes on over all of the pool's connections once it has taken this long.
 const FAN_OUT_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -83,11 +86,17 @@ impl SftpBackend {
         }
     }
 
-    /// [`SftpBackend::list_packs`] through a pipe ([`super::pipe`]) on a pooled connection
-    /// idle now: `packs/`, then all its subdirectories at once, a few round trips in all
-    /// instead of about four per directory. `None`: no connection idle, the server refused
-    /// the pipe's channel, or the connection was lost (the caller lists the usual way).
+    /// [`SftpBackend::list_packs`] through a pipe ([`SftpBackend::with_pipe`]): `packs/`,
+    /// then all its subdirectories at once, a few round trips in all instead of about four
+    /// per directory.
     fn list_packs_piped(&self, what: &str) -> Option<Result<Vec<Listed>>> {
+        self.with_pipe(|pipe| self.list_packs_through(pipe, what))
+    }
+
+    /// Run `f` with a pipe ([`super::pipe`]) on a pooled connection idle now. `None`: no
+    /// connection idle, the server refused the pipe's channel, or the connection was lost on
+    /// the way (the caller does the work the usual way, which retries on new connections).
+    fn with_pipe<T>(&self, f: impl FnOnce(&Pipe) -> T) -> Option<T> {
         if std::env::var_os("KLOSET_SFTP_PIPE").is_some_and(|v| v == "0") {
             return None;
         }
@@ -102,10 +111,10 @@ impl SftpBackend {
                 return None;
             }
         };
-        let r = self.list_packs_through(&pipe, what);
+        let r = f(&pipe);
         crate::trace::note(|| {
             format!(
-                "sftp store: packs listed through the pipe, at most {} requests in flight",
+                "sftp store: listed through the pipe, at most {} requests in flight",
                 pipe.most_in_flight()
             )
         });
@@ -117,17 +126,86 @@ impl SftpBackend {
                 self.pool.give_back(c);
             }
         }
-        // The connection lost on the way: listed again the usual way, which retries on new
-        // connections.
         (!dead).then_some(r)
     }
 
-    fn list_packs_through(&self, pipe: &Pipe, what: &str) -> Result<Vec<Listed>> {
-        let lost = |why: String| -> crate::store::Error {
-            super::Error::Connect(self.pool.target().display(), format!("{what}: {why}")).into()
-        };
-        // A directory's names, or `None` for one that is not there.
-        let names = |d: &Path, a: std::io::Result<pipe::Listed>| match a {
+    /// [`Backend::list_several`] through one pipe: every type's directory at once, then the
+    /// subdirectories of `packs/` at once.
+    fn list_several_through(&self, pipe: &Pipe, types: &[FileType]) -> Vec<Result<Vec<Listed>>> {
+        let url = self.loc.url();
+        let flat: Vec<FileType> = types
+            .iter()
+            .copied()
+            .filter(|t| !matches!(t, FileType::Config | FileType::Pack))
+            .collect();
+        let dirs: Vec<PathBuf> = flat.iter().map(|t| self.dir(t.dir())).collect();
+        let answers = pipe.list_many(
+            dirs.iter()
+                .map(|d| d.as_os_str().as_bytes().to_vec())
+                .collect(),
+            PACKS_LISTED,
+            PACKS_LISTED_BYTES,
+            false,
+        );
+        let mut flat_lists: Vec<(FileType, Result<Vec<Listed>>)> = Vec::new();
+        match answers {
+            Ok(answers) => {
+                for ((t, d), a) in flat.iter().zip(&dirs).zip(answers) {
+                    let what = format!("{url}/{}", t.dir());
+                    let r = self.piped_names(&what, d, a).map(|entries| {
+                        let entries = entries
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(n, st)| {
+                                (d.join(std::ffi::OsStr::from_bytes(&n)), st.file_stat())
+                            })
+                            .collect();
+                        let mut v = files_of(*t, t.dir(), entries);
+                        v.sort_by(|a, b| a.name.cmp(&b.name));
+                        v
+                    });
+                    flat_lists.push((*t, r));
+                }
+            }
+            Err(why) => {
+                for t in &flat {
+                    flat_lists.push((*t, Err(self.lost(&format!("{url}/{}", t.dir()), &why))));
+                }
+            }
+        }
+        types
+            .iter()
+            .map(|t| match t {
+                FileType::Config => self.list(*t),
+                FileType::Pack => {
+                    let what = format!("{url}/packs");
+                    self.list_packs_through(pipe, &what).map(|mut v| {
+                        v.sort_by(|a, b| a.name.cmp(&b.name));
+                        v
+                    })
+                }
+                t => match flat_lists.iter().position(|(f, _)| f == t) {
+                    Some(i) => flat_lists.swap_remove(i).1,
+                    None => self.list(*t),
+                },
+            })
+            .collect()
+    }
+
+    /// The pipe stopped while doing `what`.
+    fn lost(&self, what: &str, why: &str) -> crate::store::Error {
+        super::Error::Connect(self.pool.target().display(), format!("{what}: {why}")).into()
+    }
+
+    /// A directory's names and attributes from the pipe's answer, or `None` for one that is
+    /// not there.
+    fn piped_names(
+        &self,
+        what: &str,
+        d: &Path,
+        a: std::io::Result<pipe::Listed>,
+    ) -> Result<Option<Entries>> {
+        match a {
             Ok(pipe::Listed::Entries { entries, .. }) => Ok(Some(entries)),
             Ok(pipe::Listed::TooBig) => Err(crate::store::Error::Other(format!(
                 "{what}: {} lists more than {PACKS_LISTED} entries or {} MiB of names; refusing it",
@@ -136,7 +214,12 @@ impl SftpBackend {
             ))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(crate::store::Error::io(what.to_string(), e)),
-        };
+        }
+    }
+
+    fn list_packs_through(&self, pipe: &Pipe, what: &str) -> Result<Vec<Listed>> {
+        let lost = |why: String| self.lost(what, &why);
+        let names = |d: &Path, a| self.piped_names(what, d, a);
         let top = self.dir("packs");
         let listed = pipe
             .list(
@@ -749,6 +832,11 @@ impl Backend for SftpBackend {
             }
             Ok(())
         })
+    }
+
+    fn list_several(&self, types: &[FileType]) -> Vec<Result<Vec<Listed>>> {
+        self.with_pipe(|p| self.list_several_through(p, types))
+            .unwrap_or_else(|| types.iter().map(|t| self.list(*t)).collect())
     }
 
     fn list(&self, t: FileType) -> Result<Vec<Listed>> {

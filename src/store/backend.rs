@@ -187,6 +187,11 @@ pub trait Backend: Send + Sync {
     /// # Errors
     /// I/O errors; a missing type directory is an empty list.
     fn list(&self, t: FileType) -> Result<Vec<Listed>>;
+    /// [`Backend::list`] of each of `types`, in the same order: a remote store lists them
+    /// all at once.
+    fn list_several(&self, types: &[FileType]) -> Vec<Result<Vec<Listed>>> {
+        types.iter().map(|t| self.list(*t)).collect()
+    }
     /// The whole file.
     fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>>;
     /// `len` bytes from `offset` into `buf` (replacing its content), reusing its memory. Fails

@@ -173,7 +173,12 @@ impl LockGuard {
             }
             Ok(None)
         };
-        if let Some((who, file)) = conflicts(None)? {
+        // Looked for before writing only where other locks are likely to stop this one
+        // (exclusive locks and maintenance's): a shared lock, which only an exclusive lock
+        // stops, is written first and checked once, as the protocol needs, which spares a
+        // backup a listing and a read per lock over the network (docs/FORMAT.md §12).
+        let wary = exclusive || command == MAINTENANCE;
+        if wary && let Some((who, file)) = conflicts(None)? {
             return Err(Error::Locked(who, file));
         }
         let name = super::crypto::random_hex(16);

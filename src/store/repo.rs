@@ -168,8 +168,26 @@ struct IndexFiles {
 
 impl IndexFiles {
     fn read(backend: &dyn Backend, cache: Option<&Cache>) -> Result<IndexFiles> {
+        let mut l = backend
+            .list_several(&[FileType::Index, FileType::Condemned, FileType::Pack])
+            .into_iter();
+        let mut next = || {
+            l.next()
+                .unwrap_or_else(|| Err(Error::Other("a listing went missing".into())))
+        };
+        let (index, marks, packs) = (next()?, next()?, next()?);
+        IndexFiles::fetch(backend, cache, index, marks, packs)
+    }
+
+    /// [`IndexFiles::read`] from the listings of `index/`, `condemned/` and `packs/`.
+    fn fetch(
+        backend: &dyn Backend,
+        cache: Option<&Cache>,
+        listed: Vec<Listed>,
+        marks: Vec<Listed>,
+        packs: Vec<Listed>,
+    ) -> Result<IndexFiles> {
         let _t = crate::trace::span("read index files");
-        let listed = backend.list(FileType::Index)?;
         if let Some(c) = cache {
             c.retain(
                 FileType::Index,
@@ -186,7 +204,6 @@ impl IndexFiles {
                 .collect()
         };
         let index = fetch_all(FileType::Index, listed);
-        let marks = backend.list(FileType::Condemned)?;
         if let Some(c) = cache {
             c.retain(
                 FileType::Condemned,
@@ -194,10 +211,6 @@ impl IndexFiles {
             );
         }
         let condemned = fetch_all(FileType::Condemned, marks);
-        let packs = {
-            let _t = crate::trace::span("list packs");
-            backend.list(FileType::Pack)?
-        };
         if let Some(c) = cache {
             // Packs deleted by maintenance leave the local cache.
             c.retain(
@@ -449,12 +462,44 @@ impl Store {
         let t = crate::trace::span("open store (config, keys)");
         let (config, config_bytes) = read_config_bytes(backend.as_ref())?;
         let cache = cache_for(backend.as_ref(), &config);
-        let read_files = || with_index.then(|| IndexFiles::read(backend.as_ref(), cache.as_ref()));
+        let encrypted = config.encrypted || config.plain_keys.is_none();
+        // The key files and the index's directories listed all at once (a remote store's
+        // round trips overlap), the index files fetched while the key is derived.
+        let mut listed = match (encrypted, with_index) {
+            (true, true) => backend
+                .list_several(&[
+                    FileType::Key,
+                    FileType::Index,
+                    FileType::Condemned,
+                    FileType::Pack,
+                ])
+                .into_iter(),
+            (true, false) => vec![backend.list(FileType::Key)].into_iter(),
+            (false, _) => Vec::new().into_iter(),
+        };
+        let key_files = listed.next();
+        let mut index_listed = with_index.then(|| listed.collect::<Vec<_>>());
+        let mut read_files = || {
+            with_index.then(|| {
+                match index_listed
+                    .take()
+                    .map(<[Result<Vec<Listed>>; 3]>::try_from)
+                {
+                    Some(Ok([index, marks, packs])) => {
+                        IndexFiles::fetch(backend.as_ref(), cache.as_ref(), index?, marks?, packs?)
+                    }
+                    _ => IndexFiles::read(backend.as_ref(), cache.as_ref()),
+                }
+            })
+        };
         let mut index_files = None;
         let keys = match &config.plain_keys {
             Some(k) if !config.encrypted => k.clone(),
             _ => {
-                let files = backend.list(FileType::Key)?;
+                let files = match key_files {
+                    Some(f) => f?,
+                    None => backend.list(FileType::Key)?,
+                };
                 if files.is_empty() {
                     return Err(Error::damaged("keys/", "the store has no key file"));
                 }
