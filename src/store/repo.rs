@@ -129,6 +129,9 @@ pub struct Store {
     cache: Option<Cache>,
     /// The `condemned/` files read when the index was last loaded, by name.
     marks: Mutex<Vec<String>>,
+    /// `snapshots/` as listed with the index's directories when the store was opened, for the
+    /// first look at the snapshots (taken once: later looks list again).
+    listed_snapshots: Mutex<Option<Vec<Listed>>>,
     /// The lock this process holds on the store, if any ([`Store::lock`]).
     lease: Mutex<Option<Arc<super::lock::Lease>>>,
 }
@@ -428,6 +431,7 @@ impl Store {
             recovered: Mutex::new(HashMap::new()),
             has_recovered: AtomicBool::new(false),
             marks: Mutex::new(Vec::new()),
+            listed_snapshots: Mutex::new(None),
             lease: Mutex::new(None),
         }
     }
@@ -472,13 +476,15 @@ impl Store {
                     FileType::Index,
                     FileType::Condemned,
                     FileType::Pack,
+                    FileType::Snapshot,
                 ])
                 .into_iter(),
             (true, false) => vec![backend.list(FileType::Key)].into_iter(),
             (false, _) => Vec::new().into_iter(),
         };
         let key_files = listed.next();
-        let mut index_listed = with_index.then(|| listed.collect::<Vec<_>>());
+        let mut index_listed = with_index.then(|| listed.by_ref().take(3).collect::<Vec<_>>());
+        let snapshots_listed = listed.next().and_then(|r| r.ok());
         let mut read_files = || {
             with_index.then(|| {
                 match index_listed
@@ -551,6 +557,7 @@ impl Store {
             ));
         }
         let store = Store::with_cache(backend, config, keys, cache);
+        *store.listed_snapshots.lock() = snapshots_listed;
         drop(t);
         if with_index {
             let files = match index_files {
@@ -1113,11 +1120,20 @@ impl Store {
         self.crypto.seal_in_place(&id.0, out);
     }
 
+    /// The snapshot files: the listing made when the store was opened if nothing has looked
+    /// at it yet, else a new one.
+    fn list_snapshots(&self) -> Result<Vec<Listed>> {
+        match self.listed_snapshots.lock().take() {
+            Some(l) => Ok(l),
+            None => self.backend.list(FileType::Snapshot),
+        }
+    }
+
     /// All snapshots, oldest first. Damaged snapshot files are returned separately.
     pub fn snapshots(&self) -> Result<(Vec<SnapshotEntry>, Vec<Error>)> {
         let mut out = Vec::new();
         let mut bad = Vec::new();
-        let listed = self.backend.list(FileType::Snapshot)?;
+        let listed = self.list_snapshots()?;
         if let Some(c) = &self.cache {
             c.retain(
                 FileType::Snapshot,
@@ -1152,13 +1168,15 @@ impl Store {
     pub fn write_snapshot(&self, snap: &Snapshot) -> Result<String> {
         let b = seal_record(&self.crypto, AAD_SNAPSHOT, snap);
         let id = self.crypto.file_id(&b);
+        // The listing made at open no longer tells every snapshot.
+        *self.listed_snapshots.lock() = None;
         self.store_file(FileType::Snapshot, &id, &b)?;
         Ok(id)
     }
 
     /// Find a snapshot by full id, unique prefix, or `latest`.
     pub fn resolve_snapshot(&self, spec: &str) -> Result<SnapshotEntry> {
-        let names = self.backend.list(FileType::Snapshot)?;
+        let names = self.list_snapshots()?;
         if spec == "latest" {
             let (all, _) = self.snapshots()?;
             return all
@@ -1333,6 +1351,40 @@ mod tests {
         mem.tamper(FileType::Config, "config", |b| {
             *b = frame(MAGIC_CONFIG, &cfg)
         });
+    }
+
+    /// The snapshots listed when the store was opened serve the first look only, and never
+    /// hide a snapshot written or removed since.
+    #[test]
+    fn the_snapshot_listing_made_at_open_is_used_once_and_never_stale() {
+        let mem = Arc::new(MemBackend::new());
+        let pass = |_: bool| Ok(b"pw".to_vec());
+        let s = Store::create(mem.clone(), &opts(true), &pass).unwrap();
+        let snap = |n: i64| Snapshot {
+            time: crate::store::tree::Time { sec: n, nsec: 0 },
+            host: "h".into(),
+            user: "u".into(),
+            source: "/src".into(),
+            path: b"/src".to_vec(),
+            tags: Vec::new(),
+            root: BlobId([0; 32]),
+            parent: None,
+            stats: format::SnapshotStats::default(),
+            errors: Vec::new(),
+            duration_ms: 0,
+        };
+        s.write_snapshot(&snap(1)).unwrap();
+        let s = Store::open(mem.clone(), &pass).unwrap();
+        assert!(s.listed_snapshots.lock().is_some(), "listed at open");
+        // Written after the open: seen.
+        s.write_snapshot(&snap(2)).unwrap();
+        assert_eq!(s.snapshots().unwrap().0.len(), 2);
+        // Removed behind its back after the first look: the next look lists again.
+        let s = Store::open(mem.clone(), &pass).unwrap();
+        assert_eq!(s.snapshots().unwrap().0.len(), 2);
+        let first = mem.list(FileType::Snapshot).unwrap()[0].name.clone();
+        mem.remove(FileType::Snapshot, &first).unwrap();
+        assert_eq!(s.snapshots().unwrap().0.len(), 1);
     }
 
     #[test]
