@@ -34,6 +34,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::store::Store;
 use crate::store::backend::FileType;
 use crate::store::crypto::BlobId;
+use crate::store::stream;
 
 /// A decrypted chunk.
 pub type Chunk = Arc<Vec<u8>>;
@@ -113,8 +114,9 @@ pub struct ChunkCache {
     by_pack: HashMap<String, Vec<(u32, u32, u32, BlobId)>>,
     /// Largest pack range read at once ([`PACK_RANGE`]; smaller in tests).
     range: u64,
-    prefetch_tx: crossbeam_channel::Sender<BlobId>,
-    prefetch_rx: crossbeam_channel::Receiver<BlobId>,
+    /// Prefetch jobs: one chunk, or a run of a file's chunks stored one after another.
+    prefetch_tx: crossbeam_channel::Sender<Vec<BlobId>>,
+    prefetch_rx: crossbeam_channel::Receiver<Vec<BlobId>>,
     /// Pack-range readahead: the first blob of a range read ahead → the first blob of the range
     /// [`READ_AHEAD`] further, queued when a reader gets to the former.
     ahead: Mutex<HashMap<BlobId, BlobId>>,
@@ -188,9 +190,14 @@ impl ChunkCache {
             let weak = Arc::downgrade(self);
             let rx = self.prefetch_rx.clone();
             std::thread::spawn(move || {
-                while let Ok(id) = rx.recv() {
+                while let Ok(ids) = rx.recv() {
                     let Some(c) = weak.upgrade() else { return };
-                    let _ = c.get_as(&id, true, true);
+                    match ids.as_slice() {
+                        [id] => {
+                            let _ = c.get_as(id, true, true);
+                        }
+                        run => c.fetch_run(run),
+                    }
                 }
             });
         }
@@ -201,7 +208,82 @@ impl ChunkCache {
         if self.lru.lock().map.contains(&id) || self.inflight.lock().contains_key(&id) {
             return;
         }
-        let _ = self.prefetch_tx.try_send(id);
+        let _ = self.prefetch_tx.try_send(vec![id]);
+    }
+
+    /// Ask for a run of a file's chunks, stored one after another in a pack, to be fetched in
+    /// the background with one range read (those not held or being fetched already); dropped
+    /// if the queue is full.
+    pub fn prefetch_run(&self, ids: &[BlobId]) {
+        let wanted = {
+            let l = self.lru.lock();
+            let inf = self.inflight.lock();
+            ids.iter()
+                .any(|id| !l.map.contains(id) && !inf.contains_key(id))
+        };
+        if wanted {
+            let _ = self.prefetch_tx.try_send(ids.to_vec());
+        }
+    }
+
+    /// Fetch the chunks of `ids` that nobody holds or fetches, each run of them stored one
+    /// after another in a pack with one range read, into the ring; readers waiting for one
+    /// get it as soon as it is decoded.
+    fn fetch_run(&self, ids: &[BlobId]) {
+        let (mine, flights): (Vec<BlobId>, Vec<Arc<Inflight>>) = {
+            let l = self.lru.lock();
+            let mut inf = self.inflight.lock();
+            let mut claimed = (Vec::new(), Vec::new());
+            for id in ids {
+                if !l.map.contains(id) && !inf.contains_key(id) {
+                    let f = Arc::new(Inflight::default());
+                    inf.insert(*id, f.clone());
+                    claimed.0.push(*id);
+                    claimed.1.push(f);
+                }
+            }
+            claimed
+        };
+        if mine.is_empty() {
+            return;
+        }
+        let answered: Vec<std::cell::Cell<bool>> =
+            mine.iter().map(|_| std::cell::Cell::new(false)).collect();
+        let finish = |k: usize, res: Result<Chunk, String>| {
+            if answered[k].replace(true) {
+                return;
+            }
+            if let Ok(c) = &res {
+                self.insert(mine[k], c.clone(), true);
+            }
+            let f = &flights[k];
+            *f.done.lock() = Some(res);
+            f.cv.notify_all();
+            self.inflight.lock().remove(&mine[k]);
+        };
+        let runs = stream::plan_runs(&self.store, &mine, stream::RUN_BYTES);
+        RANGE_BUF.with(|b| {
+            let mut range_buf = b.borrow_mut();
+            for run in &runs {
+                stream::read_run(
+                    &self.store,
+                    &mine,
+                    run,
+                    &mut range_buf,
+                    &mut |raw| self.buffer_for(raw),
+                    &mut |pos, _, r| {
+                        finish(
+                            run.ids.start + pos,
+                            r.map(Arc::new).map_err(|e| e.to_string()),
+                        )
+                    },
+                );
+            }
+        });
+        // Every claimed chunk is answered, so no reader waits forever.
+        for (k, id) in mine.iter().enumerate() {
+            finish(k, Err(format!("chunk {} was not read", id.short())));
+        }
     }
 
     /// Cache chunk `id`, in the ring or in the LRU proper.

@@ -247,6 +247,10 @@ struct Open {
     offsets: Vec<u64>,
     /// Where the last read ended, to detect sequential reading, and the prefetch window.
     next: Mutex<(u64, usize)>,
+    /// The chunks stored one after another in a pack, each group read ahead as one range
+    /// ([`crate::store::stream::plan_runs`]); fixed at open, so a window sliding over them
+    /// always asks for the same runs.
+    runs: Vec<std::ops::Range<usize>>,
 }
 
 /// Options of a mount.
@@ -804,11 +808,20 @@ impl SnapshotFs {
             }
         }
         offsets.push(off);
+        let runs = crate::store::stream::plan_runs(
+            &self.store,
+            &node.content,
+            crate::store::stream::RUN_BYTES,
+        )
+        .into_iter()
+        .map(|r| r.ids)
+        .collect();
         Ok(Open {
             ino,
             content: node.content.clone(),
             offsets,
             next: Mutex::new((0, 1)),
+            runs,
         })
     }
 
@@ -875,9 +888,12 @@ impl SnapshotFs {
         let mut out = Vec::with_capacity((end - offset) as usize);
         let mut i = first;
         while i < h.content.len() && h.offsets[i] < end {
-            // Start the fetches ahead before waiting on this one.
-            for k in i + 1..(i + 1 + window).min(h.content.len()) {
-                self.cache.prefetch(h.content[k]);
+            // Start the fetches ahead before waiting on this one: the whole runs the window
+            // reaches into, each one range read.
+            let ahead = i + 1..(i + 1 + window).min(h.content.len());
+            let from = h.runs.partition_point(|r| r.end <= ahead.start);
+            for r in h.runs[from..].iter().take_while(|r| r.start < ahead.end) {
+                self.cache.prefetch_run(&h.content[r.clone()]);
             }
             let c = self
                 .cache
@@ -999,7 +1015,7 @@ impl SnapshotFs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::backup::{BackupOptions, Progress};
 
@@ -1020,7 +1036,7 @@ mod tests {
     }
 
     /// A store in memory (fast key derivation) holding one backup of `dir`, index loaded.
-    pub(super) fn memory_store(
+    pub(crate) fn memory_store(
         dir: &std::path::Path,
         tags: Vec<String>,
     ) -> (Arc<Store>, Arc<crate::store::MemBackend>) {
@@ -1123,6 +1139,62 @@ mod tests {
         assert_eq!(fs.readlink(ln.ino).unwrap(), b"a/b/small.txt");
         assert!(matches!(fs.lookup(ROOT, b"nope"), Err(Error::NotFound)));
         assert!(matches!(fs.open(ROOT), Err(Error::IsDir)));
+    }
+
+    /// A cold sequential read of a large file is read ahead in runs of its chunks, each run a
+    /// range read or two, not a read per chunk (a round trip or three each over a network).
+    #[test]
+    fn a_large_file_read_in_order_is_fetched_runs_at_a_time() {
+        let src = tempfile::tempdir().unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let data: Vec<u8> = (0..40 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(src.path().join("big"), &data).unwrap();
+        let (store, mem) = memory_store(src.path(), Vec::new());
+        let fs = SnapshotFs::new(
+            store.clone(),
+            MountConfig {
+                cache_bytes: 256 << 20,
+                root: None,
+            },
+        )
+        .unwrap();
+        let (_, root) = fs.readdir(ROOT).unwrap();
+        let id = root
+            .iter()
+            .find(|e| e.name.len() == 8)
+            .unwrap()
+            .name
+            .to_vec();
+        use std::os::unix::ffi::OsStrExt;
+        let path = [id.as_slice(), src.path().as_os_str().as_bytes(), b"/big"].concat();
+        let f = walk(&fs, ROOT, &path);
+        let chunks = {
+            let snap = store.resolve_snapshot("latest").unwrap();
+            let mut p = src.path().as_os_str().as_bytes().to_vec();
+            p.extend_from_slice(b"/big");
+            store.lookup(&snap, &p).unwrap().content.len() as u64
+        };
+        assert!(chunks >= 20, "{chunks} chunks");
+        let before = mem.range_reads();
+        let mut got = Vec::with_capacity(data.len());
+        while got.len() < data.len() {
+            let b = fs.read_ino(f.ino, got.len() as u64, 256 << 10).unwrap();
+            assert!(!b.is_empty());
+            got.extend(b);
+        }
+        assert!(got == data, "content read in order");
+        let reads = mem.range_reads() - before;
+        assert!(
+            reads * 2 <= chunks,
+            "{reads} pack reads for a file of {chunks} chunks read in order"
+        );
     }
 
     /// A sequential read of a file larger than the cache's ring keeps only the ring of chunks

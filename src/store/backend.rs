@@ -446,6 +446,8 @@ impl Backend for LocalBackend {
 pub struct MemBackend {
     files: Mutex<BTreeMap<(FileType, String), Vec<u8>>>,
     initialised: Mutex<bool>,
+    /// Range reads served (of any file), for tests that count requests.
+    range_reads: std::sync::atomic::AtomicU64,
 }
 
 impl MemBackend {
@@ -459,6 +461,11 @@ impl MemBackend {
         if let Some(v) = files.get_mut(&(t, name.to_string())) {
             f(v)
         }
+    }
+
+    /// Range reads served so far.
+    pub fn range_reads(&self) -> u64 {
+        self.range_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -518,6 +525,8 @@ impl Backend for MemBackend {
         len: u64,
         buf: &mut Vec<u8>,
     ) -> Result<()> {
+        self.range_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let all = self.read(t, name)?;
         let end = offset.saturating_add(len);
         if end > all.len() as u64 {
