@@ -435,6 +435,57 @@ fn a_backup_suspended_past_its_lease_never_commits_missing_data() {
     assert_restores(&sshd, &s.store, &id, s.src.path(), &s.snaps[0].1);
 }
 
+/// A backup that has read the index but not yet taken its lease, while `rm` and
+/// `maintenance -now` (which sees no lease) delete the packs it is about to reuse: once its
+/// lease is live it must see the store changed (the index files rewritten, the marks gone
+/// with the packs) and store those blobs again. It used to look only at `condemned/`, which
+/// -now leaves as it found it, and committed a snapshot of deleted packs.
+#[test]
+fn a_backup_that_read_the_index_before_maintenance_now_stores_its_data_again() {
+    backup_opened_before_maintenance_now(false);
+}
+
+/// The same with packs no index lists (an interrupted backup's), whose blobs the backup took
+/// from their headers: their deletion changes neither `index/` nor `condemned/`.
+#[test]
+fn a_backup_that_read_unindexed_packs_before_maintenance_now_stores_its_data_again() {
+    backup_opened_before_maintenance_now(true);
+}
+
+fn backup_opened_before_maintenance_now(unindexed: bool) {
+    let Some(sshd) = fixture() else { return };
+    let s = setup(&sshd, &format!("opened-{unindexed}"), 1);
+    ok(&sshd, &[], &["-q", "at", &s.store, "rm", &s.snaps[0].0]);
+    if unindexed {
+        for f in fs::read_dir(s.store_dir.join("index")).unwrap() {
+            fs::remove_file(f.unwrap().path()).unwrap();
+        }
+    }
+    let mut b = sshd.cmd(bin());
+    b.env("KLOSET_DEBUG_STOP_AT", "backup-opened")
+        .args([
+            "-q",
+            "at",
+            &s.store,
+            "backup",
+            s.src.path().to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut b = b.spawn().unwrap();
+    wait_stopped(&mut b);
+    // The index is loaded, with every blob of the source in it; no lease yet.
+    let r = maintenance_json(&sshd, &[], &s.store, &["-now", "-max-unused", "0"]);
+    assert!(r["deleted"].as_u64().unwrap() > 0, "{r}");
+    signal(&b, nix::sys::signal::Signal::SIGCONT);
+    let out = b.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "backup failed: {err}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    check_clean(&sshd, &s.store);
+    assert_restores(&sshd, &s.store, &id, s.src.path(), &s.snaps[0].1);
+}
+
 #[test]
 fn two_maintenance_runs_exclude_each_other_and_now_waits_for_leases() {
     let Some(sshd) = fixture() else { return };

@@ -68,6 +68,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     let progress = Arc::new(Progress::default());
     let res = backup::with_lister(source.as_ref(), opts.exclude.as_ref(), |lister| {
         let store = ctx.open()?;
+        crate::store::debug_point("backup-opened");
         let _lock = {
             let _t = crate::trace::span("lock");
             store.lock(false, "backup")?

@@ -129,6 +129,8 @@ pub struct Store {
     cache: Option<Cache>,
     /// The `condemned/` files read when the index was last loaded, by name.
     marks: Mutex<Vec<String>>,
+    /// The `index/` files listed when the index was last loaded, by name, sorted.
+    index_names: Mutex<Vec<String>>,
     /// `snapshots/` as listed with the index's directories when the store was opened, for the
     /// first look at the snapshots (taken once: later looks list again).
     listed_snapshots: Mutex<Option<Vec<Listed>>>,
@@ -431,6 +433,7 @@ impl Store {
             recovered: Mutex::new(HashMap::new()),
             has_recovered: AtomicBool::new(false),
             marks: Mutex::new(Vec::new()),
+            index_names: Mutex::new(Vec::new()),
             listed_snapshots: Mutex::new(None),
             lease: Mutex::new(None),
         }
@@ -649,6 +652,9 @@ impl Store {
     /// [`Store::load_index`] from files already read: authenticate and merge them.
     fn load_index_from(&self, files: IndexFiles) -> Result<()> {
         let _t = crate::trace::span("load index");
+        let mut index_names: Vec<String> =
+            files.index.iter().map(|(f, _)| f.name.clone()).collect();
+        index_names.sort();
         let mut report = IndexLoadReport::default();
         let mut marks = Vec::with_capacity(files.condemned.len());
         let mut mark_names = Vec::with_capacity(files.condemned.len());
@@ -774,24 +780,41 @@ impl Store {
             .store(!recovered.is_empty(), Ordering::Release);
         *self.recovered.lock() = recovered;
         *self.marks.lock() = mark_names;
+        *self.index_names.lock() = index_names;
         Ok(())
     }
 
-    /// Load the index again if a maintenance run condemned packs since it was loaded. Called
-    /// once a writer holds its lock: from then on, maintenance deletes nothing this writer
-    /// could reuse without that being visible here.
+    /// Load the index again if maintenance changed the store since it was loaded: condemned
+    /// packs (`condemned/` changed), or deleted them (`index/` rewritten; `maintenance -now`
+    /// leaves `condemned/` as it found it), or deleted a pack no index listed whose blobs were
+    /// taken from its header. Called once a writer holds its lock: from then on, maintenance
+    /// deletes nothing this writer could reuse without that being visible here. One round of
+    /// listings, at once.
     pub fn refresh_condemned(&self) -> Result<()> {
-        let listed: Vec<String> = self
-            .backend
-            .list(FileType::Condemned)?
-            .into_iter()
-            .map(|f| f.name)
-            .collect();
-        let mut known = self.marks.lock().clone();
-        known.sort();
-        let mut now = listed;
-        now.sort();
-        if now != known {
+        let recovered: Vec<String> = if self.has_recovered.load(Ordering::Acquire) {
+            self.recovered.lock().keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let mut types = vec![FileType::Condemned, FileType::Index];
+        if !recovered.is_empty() {
+            types.push(FileType::Pack);
+        }
+        let mut listings = Vec::with_capacity(types.len());
+        for l in self.backend.list_several(&types) {
+            let mut names: Vec<String> = l?.into_iter().map(|f| f.name).collect();
+            names.sort();
+            listings.push(names);
+        }
+        let (Some(marks), Some(index)) = (listings.first(), listings.get(1)) else {
+            return Err(Error::Other("a listing went missing".into()));
+        };
+        let mut known_marks = self.marks.lock().clone();
+        known_marks.sort();
+        let packs_gone = listings
+            .get(2)
+            .is_some_and(|packs| recovered.iter().any(|p| packs.binary_search(p).is_err()));
+        if *marks != known_marks || *index != *self.index_names.lock() || packs_gone {
             self.load_index()?;
         }
         Ok(())
