@@ -71,10 +71,10 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         crate::store::debug_point("backup-opened");
         let _lock = {
             let _t = crate::trace::span("lock");
-            store.lock(false, "backup")?
+            // Packs condemned or deleted between opening the store and taking the lock are
+            // not reused: the store is looked at again with the lock's own listing.
+            store.lock_for_writing("backup")?
         };
-        // Packs condemned between opening the store and taking the lock are not reused.
-        store.refresh_condemned()?;
         let bar = {
             let p = progress.clone();
             Bar::bytes(ctx.progress(), "backup", move || {

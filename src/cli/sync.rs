@@ -89,11 +89,10 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     let (specs, dir, other_spec) = parse(&a.words)?;
     let this = ctx.open()?;
     let other = ctx.open_other(&other_spec)?;
-    let _l1 = this.lock(false, "sync")?;
-    let _l2 = other.lock(false, "sync")?;
-    // Packs condemned between opening the stores and taking the locks are not reused.
-    this.refresh_condemned()?;
-    other.refresh_condemned()?;
+    // Packs condemned or deleted between opening the stores and taking the locks are not
+    // reused: each store is looked at again with its lock's own listing.
+    let _l1 = this.lock_for_writing("sync")?;
+    let _l2 = other.lock_for_writing("sync")?;
     let named = !specs.is_empty();
     // (sending store, receiving store, selection) for each direction.
     let mut legs: Vec<(&Store, &Store, Option<Vec<SnapshotEntry>>)> = Vec::new();

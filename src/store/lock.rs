@@ -127,8 +127,17 @@ fn conflicts_with(rec: &LockRecord, exclusive: bool, command: &str) -> bool {
 /// The live locks of a store but `mine` (a lock file name), with their file names. Lock files
 /// that cannot be read or parsed are ignored.
 pub fn live_leases(backend: &dyn Backend, mine: Option<&str>) -> Result<Vec<(String, LockRecord)>> {
+    live_leases_of(backend, backend.list(FileType::Lock)?, mine)
+}
+
+/// [`live_leases`] from a listing of `locks/` already made.
+fn live_leases_of(
+    backend: &dyn Backend,
+    listed: Vec<super::backend::Listed>,
+    mine: Option<&str>,
+) -> Result<Vec<(String, LockRecord)>> {
     let mut out = Vec::new();
-    for f in backend.list(FileType::Lock)? {
+    for f in listed {
         if Some(f.name.as_str()) == mine {
             continue;
         }
@@ -156,8 +165,21 @@ impl LockGuard {
         exclusive: bool,
         command: &str,
     ) -> Result<LockGuard> {
-        let conflicts = |mine: Option<&str>| -> Result<Option<(String, String)>> {
-            for (name, rec) in live_leases(backend.as_ref(), mine)? {
+        Self::take_listing(backend, exclusive, command, &[]).map(|(g, _)| g)
+    }
+
+    /// [`LockGuard::take`], listing the directories of `also` together with `locks/` once
+    /// the lock file is written (one round over a network instead of two); their listings.
+    pub(super) fn take_listing(
+        backend: Arc<dyn Backend>,
+        exclusive: bool,
+        command: &str,
+        also: &[FileType],
+    ) -> Result<(LockGuard, Vec<Result<Vec<super::backend::Listed>>>)> {
+        let conflicts_in = |listed: Vec<super::backend::Listed>,
+                            mine: Option<&str>|
+         -> Result<Option<(String, String)>> {
+            for (name, rec) in live_leases_of(backend.as_ref(), listed, mine)? {
                 if conflicts_with(&rec, exclusive, command) {
                     return Ok(Some((
                         format!(
@@ -173,6 +195,7 @@ impl LockGuard {
             }
             Ok(None)
         };
+        let conflicts = |mine: Option<&str>| conflicts_in(backend.list(FileType::Lock)?, mine);
         // Looked for before writing only where other locks are likely to stop this one
         // (exclusive locks and maintenance's): a shared lock, which only an exclusive lock
         // stops, is written first and checked once, as the protocol needs, which spares a
@@ -214,7 +237,18 @@ impl LockGuard {
             })
         };
         backend.write(FileType::Lock, &name, &bytes)?;
-        if let Some((who, file)) = conflicts(Some(&name))? {
+        let types: Vec<FileType> = std::iter::once(FileType::Lock)
+            .chain(also.iter().copied())
+            .collect();
+        let mut listings = backend.list_several(&types).into_iter();
+        let locks = listings
+            .next()
+            .unwrap_or_else(|| Err(Error::Other("a listing went missing".into())));
+        let found = locks.and_then(|l| conflicts_in(l, Some(&name)));
+        if !matches!(found, Ok(None)) {
+            let _ = backend.remove(FileType::Lock, &name);
+        }
+        if let Some((who, file)) = found? {
             let _ = backend.remove(FileType::Lock, &name);
             return Err(Error::Locked(who, file));
         }
@@ -242,12 +276,15 @@ impl LockGuard {
                 }
             })
         };
-        Ok(LockGuard {
-            lease,
-            stop,
-            thread: Some(thread),
-            _job: job,
-        })
+        Ok((
+            LockGuard {
+                lease,
+                stop,
+                thread: Some(thread),
+                _job: job,
+            },
+            listings.collect(),
+        ))
     }
 
     /// What the store keeps of this lock, to check it before a commit.

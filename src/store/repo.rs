@@ -784,13 +784,23 @@ impl Store {
         Ok(())
     }
 
-    /// Load the index again if maintenance changed the store since it was loaded: condemned
-    /// packs (`condemned/` changed), or deleted them (`index/` rewritten; `maintenance -now`
-    /// leaves `condemned/` as it found it), or deleted a pack no index listed whose blobs were
-    /// taken from its header. Called once a writer holds its lock: from then on, maintenance
-    /// deletes nothing this writer could reuse without that being visible here. One round of
-    /// listings, at once.
-    pub fn refresh_condemned(&self) -> Result<()> {
+    /// Take a shared lock for a writer (`backup`, `sync`), then load the index again if
+    /// maintenance changed the store since it was loaded: condemned packs (`condemned/`
+    /// changed), or deleted them (`index/` rewritten; `maintenance -now` leaves `condemned/`
+    /// as it found it), or deleted a pack no index listed whose blobs were taken from its
+    /// header. Once the lock is live, maintenance deletes nothing this writer could reuse
+    /// without that being visible here. The listings are made at once, with the lock's own
+    /// check of `locks/` (one round over a network).
+    pub fn lock_for_writing(&self, command: &str) -> Result<LockGuard> {
+        let (types, recovered) = self.refresh_listings();
+        let (g, listings) = LockGuard::take_listing(self.backend.clone(), false, command, &types)?;
+        *self.lease.lock() = Some(g.lease());
+        self.refresh_from(listings, &recovered)?;
+        Ok(g)
+    }
+
+    /// What [`Store::lock_for_writing`] lists, and the packs known only from their headers.
+    fn refresh_listings(&self) -> (Vec<FileType>, Vec<String>) {
         let recovered: Vec<String> = if self.has_recovered.load(Ordering::Acquire) {
             self.recovered.lock().keys().cloned().collect()
         } else {
@@ -800,8 +810,12 @@ impl Store {
         if !recovered.is_empty() {
             types.push(FileType::Pack);
         }
-        let mut listings = Vec::with_capacity(types.len());
-        for l in self.backend.list_several(&types) {
+        (types, recovered)
+    }
+
+    fn refresh_from(&self, lists: Vec<Result<Vec<Listed>>>, recovered: &[String]) -> Result<()> {
+        let mut listings = Vec::with_capacity(lists.len());
+        for l in lists {
             let mut names: Vec<String> = l?.into_iter().map(|f| f.name).collect();
             names.sort();
             listings.push(names);
