@@ -58,7 +58,7 @@ enum Read {
 
 /// Split `ids` (in file order) into runs of consecutive chunks, no chunk twice in a run, and
 /// plan each run's reads: its chunks grouped by pack, sorted by offset and merged into ranges
-/// bridging gaps of at most [`MAX_GAP`].
+/// bridging gaps of at most `MAX_GAP` (1 MiB).
 ///
 /// A run ends, once its chunks decode to `max` bytes or more, where it leaves no hole: where
 /// every chunk of the file stored before the last one it took in each pack has been taken,
