@@ -452,6 +452,25 @@ fn a_backup_that_read_unindexed_packs_before_maintenance_now_stores_its_data_aga
     backup_opened_before_maintenance_now(true);
 }
 
+/// A backup of `s`'s source into its store, stopped (SIGSTOP) at debug point `point`, its
+/// output and errors to `out()`.
+fn stopped_backup(sshd: &Sshd, s: &Setup, point: &str, out: fn() -> Stdio) -> Child {
+    let mut b = sshd.cmd(bin());
+    b.env("KLOSET_DEBUG_STOP_AT", point)
+        .args([
+            "-q",
+            "at",
+            &s.store,
+            "backup",
+            s.src.path().to_str().unwrap(),
+        ])
+        .stdout(out())
+        .stderr(out());
+    let mut b = b.spawn().unwrap();
+    wait_stopped(&mut b);
+    b
+}
+
 fn backup_opened_before_maintenance_now(unindexed: bool) {
     let Some(sshd) = fixture() else { return };
     let s = setup(&sshd, &format!("opened-{unindexed}"), 1);
@@ -461,19 +480,7 @@ fn backup_opened_before_maintenance_now(unindexed: bool) {
             fs::remove_file(f.unwrap().path()).unwrap();
         }
     }
-    let mut b = sshd.cmd(bin());
-    b.env("KLOSET_DEBUG_STOP_AT", "backup-opened")
-        .args([
-            "-q",
-            "at",
-            &s.store,
-            "backup",
-            s.src.path().to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut b = b.spawn().unwrap();
-    wait_stopped(&mut b);
+    let b = stopped_backup(&sshd, &s, "backup-opened", Stdio::piped);
     // The index is loaded, with every blob of the source in it; no lease yet.
     let r = maintenance_json(&sshd, &[], &s.store, &["-now", "-max-unused", "0"]);
     assert!(r["deleted"].as_u64().unwrap() > 0, "{r}");
@@ -513,19 +520,7 @@ fn two_maintenance_runs_exclude_each_other_and_now_waits_for_leases() {
     let st = first.wait().unwrap();
     assert!(st.success());
     // A backup that holds its lease makes -now refuse too.
-    let mut b = sshd.cmd(bin());
-    b.env("KLOSET_DEBUG_STOP_AT", "backup-before-commit")
-        .args([
-            "-q",
-            "at",
-            &s.store,
-            "backup",
-            s.src.path().to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut b = b.spawn().unwrap();
-    wait_stopped(&mut b);
+    let mut b = stopped_backup(&sshd, &s, "backup-before-commit", Stdio::null);
     let out = run(&sshd, &[], &["at", &s.store, "maintenance", "-now"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{err}");

@@ -1036,6 +1036,18 @@ pub(crate) mod tests {
     }
 
     /// A store in memory (fast key derivation) holding one backup of `dir`, index loaded.
+    /// `len` incompressible bytes (xorshift from `seed`), the same for the same seed.
+    pub(crate) fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    }
+
     pub(crate) fn memory_store(
         dir: &std::path::Path,
         tags: Vec<String>,
@@ -1146,15 +1158,7 @@ pub(crate) mod tests {
     #[test]
     fn a_large_file_read_in_order_is_fetched_runs_at_a_time() {
         let src = tempfile::tempdir().unwrap();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let data: Vec<u8> = (0..40 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = noise(40 << 20, 0x9e37_79b9_7f4a_7c15);
         std::fs::write(src.path().join("big"), &data).unwrap();
         let (store, mem) = memory_store(src.path(), Vec::new());
         let fs = SnapshotFs::new(

@@ -357,15 +357,7 @@ mod tests {
     /// with the file's chunk ids and content.
     fn store_with_file(mib: usize) -> (Arc<Store>, Arc<MemBackend>, Vec<BlobId>, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let data: Vec<u8> = (0..mib << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = crate::fs::tests::noise(mib << 20, 0x2545_f491_4f6c_dd1d);
         std::fs::write(dir.path().join("big"), &data).unwrap();
         let (store, mem) = crate::fs::tests::memory_store(dir.path(), Vec::new());
         let snap = store.resolve_snapshot("latest").unwrap();
