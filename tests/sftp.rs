@@ -162,6 +162,7 @@ on_every_server!(
     rm_with_a_keep_policy_on_an_sftp_store,
     symlink_order_is_asked_not_assumed,
     a_taken_name_is_not_an_upload_done,
+    small_store_files_go_through_one_kept_pipe,
     racing_creates_make_one_store,
     sync_to_and_from_the_server,
     restore_onto_the_server_keeps_many_requests_in_flight,
@@ -854,6 +855,61 @@ fn a_taken_name_is_not_an_upload_done(sshd: Sshd) {
     assert!(e.contains("with 4 bytes where this write has 6"), "{e}");
     // No temporary file stays behind.
     for d in [dir.clone(), dir.join("keys"), dir.join("packs/ab")] {
+        for e in fs::read_dir(&d).unwrap() {
+            let name = e.unwrap().file_name();
+            assert!(
+                !name.to_string_lossy().starts_with('.'),
+                "{name:?} left in {d:?}"
+            );
+        }
+    }
+}
+
+/// A command's small store files (config, keys, locks, snapshots, index files) are written,
+/// read, listed and removed through one pipe kept for the store's life: whole, with no
+/// temporary file left, refused where the name is taken, a missing file missing, and one
+/// larger than a piped read read whole all the same.
+fn small_store_files_go_through_one_kept_pipe(sshd: Sshd) {
+    use kloset::store::backend::{Backend, FileType};
+    let dir = sshd.remote_dir("kept");
+    let (loc, opts) = location(&sshd, &dir, 2);
+    let b = kloset::sftp::SftpBackend::open(loc, &opts).unwrap();
+    b.init().unwrap();
+    assert!(!b.has_kept_pipe());
+    let lock = "00112233445566778899aabbccddeeff";
+    b.write(FileType::Lock, lock, b"a lock").unwrap();
+    assert!(b.has_kept_pipe(), "the first write started no pipe");
+    // The pool opens another connection in place of the pipe's.
+    assert_eq!(b.pool().connections().0, 0);
+    assert_eq!(fs::read(dir.join("locks").join(lock)).unwrap(), b"a lock");
+    assert_eq!(b.read(FileType::Lock, lock).unwrap(), b"a lock");
+    let names = |t| -> Vec<String> { b.list(t).unwrap().into_iter().map(|l| l.name).collect() };
+    assert_eq!(names(FileType::Lock), vec![lock.to_string()]);
+    // Taken: refused, the file there kept.
+    assert!(b.write(FileType::Lock, lock, b"other").is_err());
+    assert_eq!(fs::read(dir.join("locks").join(lock)).unwrap(), b"a lock");
+    b.remove(FileType::Lock, lock).unwrap();
+    assert!(names(FileType::Lock).is_empty());
+    // Removing what is not there is no error; reading it is.
+    b.remove(FileType::Lock, lock).unwrap();
+    assert!(b.read(FileType::Lock, lock).is_err());
+    // Larger than one piped read, and than one WRITE request: both whole.
+    let big: Vec<u8> = (0..(600u32 << 10))
+        .map(|i| (i * 7 + i / 251) as u8)
+        .collect();
+    let snap = "5".repeat(64);
+    b.write(FileType::Snapshot, &snap, &big).unwrap();
+    assert_eq!(b.read(FileType::Snapshot, &snap).unwrap(), big);
+    let index = "6".repeat(64);
+    b.write(FileType::Index, &index, &big[..100_000]).unwrap();
+    assert_eq!(b.read(FileType::Index, &index).unwrap(), &big[..100_000]);
+    assert!(b.has_kept_pipe());
+    for d in [
+        dir.clone(),
+        dir.join("locks"),
+        dir.join("snapshots"),
+        dir.join("index"),
+    ] {
         for e in fs::read_dir(&d).unwrap() {
             let name = e.unwrap().file_name();
             assert!(

@@ -26,7 +26,17 @@ use crate::store::error::Result;
 pub struct SftpBackend {
     loc: Location,
     pool: Arc<Pool>,
+    /// The pipe ([`super::pipe`]) that carries a command's small requests (listings, the
+    /// config, keys, locks, snapshots, index files), started at the first and kept until the
+    /// store is closed: over a link of 20 ms round trips each new pipe costs three of them.
+    kept: parking_lot::Mutex<Option<Arc<Pipe>>>,
+    /// The server refused the pipe's channel once: the pool does everything.
+    no_pipe: std::sync::atomic::AtomicBool,
 }
+
+/// A small store file is read whole through the pipe when it is shorter than this (one OPEN,
+/// then this many bytes of READs at once); a longer one is read again by the pool.
+const PIPED_READ: usize = 256 << 10;
 
 /// Entries, and bytes of names, accepted from one directory of `packs/` listed through the
 /// pipe (a store of a billion packs would have 4M in each).
@@ -48,7 +58,81 @@ impl SftpBackend {
     /// Connect (checking host key and authentication now) to the store at `loc`.
     pub fn open(loc: Location, opts: &Options) -> Result<SftpBackend> {
         let pool = Pool::open(&loc, opts)?;
-        Ok(SftpBackend { loc, pool })
+        Ok(SftpBackend {
+            loc,
+            pool,
+            kept: parking_lot::Mutex::new(None),
+            no_pipe: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The kept pipe, started now on an idle connection if there is none (or it stopped).
+    /// That connection leaves the pool, which may open another in its place. `None`: pipes
+    /// are turned off (`KLOSET_SFTP_PIPE=0`), no connection is idle, or the server refused.
+    fn pipe(&self) -> Option<Arc<Pipe>> {
+        use std::sync::atomic::Ordering;
+        if self.no_pipe.load(Ordering::Relaxed)
+            || std::env::var_os("KLOSET_SFTP_PIPE").is_some_and(|v| v == "0")
+        {
+            return None;
+        }
+        let mut kept = self.kept.lock();
+        if let Some(p) = kept.as_ref() {
+            if p.dead().is_none() {
+                return Some(p.clone());
+            }
+            *kept = None;
+        }
+        let c = self.pool.take_idle()?;
+        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _t = crate::trace::span("sftp store: pipe start");
+        match Pipe::start(c, refused) {
+            Ok(p) => {
+                self.pool.detach();
+                let p = Arc::new(p);
+                *kept = Some(p.clone());
+                Some(p)
+            }
+            Err((c, _)) => {
+                if let Some(c) = c {
+                    self.pool.give_back(c);
+                }
+                self.no_pipe.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Is a pipe kept now (and not stopped)?
+    pub fn has_kept_pipe(&self) -> bool {
+        self.kept
+            .lock()
+            .as_ref()
+            .is_some_and(|p| p.dead().is_none())
+    }
+
+    /// `path` read whole through the kept pipe; `None` to read it the usual way (no pipe,
+    /// the pipe stopped, a failure other than a missing file, or a file of [`PIPED_READ`] or
+    /// more).
+    fn read_piped(&self, what: &str, path: &Path) -> Option<Result<Vec<u8>>> {
+        let pipe = self.pipe()?;
+        let answer = pipe
+            .read(path.as_os_str().as_bytes().to_vec(), PIPED_READ as u32)
+            .ok()?
+            .recv()
+            .ok()?;
+        match answer {
+            Ok((data, st))
+                if data.len() < PIPED_READ && st.size.is_none_or(|n| n == data.len() as u64) =>
+            {
+                Some(Ok(data))
+            }
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(Err(crate::store::Error::io(what.to_string(), e)))
+            }
+            Err(_) => None,
+        }
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -97,20 +181,7 @@ impl SftpBackend {
     /// connection idle, the server refused the pipe's channel, or the connection was lost on
     /// the way (the caller does the work the usual way, which retries on new connections).
     fn with_pipe<T>(&self, f: impl FnOnce(&Pipe) -> T) -> Option<T> {
-        if std::env::var_os("KLOSET_SFTP_PIPE").is_some_and(|v| v == "0") {
-            return None;
-        }
-        let c = self.pool.take_idle()?;
-        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let pipe = match Pipe::start(c, refused) {
-            Ok(p) => p,
-            Err((c, _)) => {
-                if let Some(c) = c {
-                    self.pool.give_back(c);
-                }
-                return None;
-            }
-        };
+        let pipe = self.pipe()?;
         let r = f(&pipe);
         crate::trace::note(|| {
             format!(
@@ -118,15 +189,7 @@ impl SftpBackend {
                 pipe.most_in_flight()
             )
         });
-        let dead = pipe.dead().is_some();
-        if let Some(c) = pipe.finish() {
-            if dead {
-                self.pool.give_up(c);
-            } else {
-                self.pool.give_back(c);
-            }
-        }
-        (!dead).then_some(r)
+        pipe.dead().is_none().then_some(r)
     }
 
     /// [`Backend::list_several`] through one pipe: every type's directory at once, then the
@@ -139,8 +202,11 @@ impl SftpBackend {
             .filter(|t| !matches!(t, FileType::Config | FileType::Pack))
             .collect();
         let dirs: Vec<PathBuf> = flat.iter().map(|t| self.dir(t.dir())).collect();
+        // `packs/` itself goes with the others, its subdirectories after.
+        let packs = types.contains(&FileType::Pack).then(|| self.dir("packs"));
         let answers = pipe.list_many(
             dirs.iter()
+                .chain(packs.iter())
                 .map(|d| d.as_os_str().as_bytes().to_vec())
                 .collect(),
             PACKS_LISTED,
@@ -148,8 +214,12 @@ impl SftpBackend {
             false,
         );
         let mut flat_lists: Vec<(FileType, Result<Vec<Listed>>)> = Vec::new();
+        let mut packs_top = None;
         match answers {
-            Ok(answers) => {
+            Ok(mut answers) => {
+                if packs.is_some() {
+                    packs_top = answers.pop();
+                }
                 for ((t, d), a) in flat.iter().zip(&dirs).zip(answers) {
                     let what = format!("{url}/{}", t.dir());
                     let r = self.piped_names(&what, d, a).map(|entries| {
@@ -179,7 +249,11 @@ impl SftpBackend {
                 FileType::Config => self.list(*t),
                 FileType::Pack => {
                     let what = format!("{url}/packs");
-                    self.list_packs_through(pipe, &what).map(|mut v| {
+                    match packs_top.take() {
+                        Some(top) => self.packs_below(pipe, &what, top),
+                        None => self.list_packs_through(pipe, &what),
+                    }
+                    .map(|mut v| {
                         v.sort_by(|a, b| a.name.cmp(&b.name));
                         v
                     })
@@ -218,8 +292,6 @@ impl SftpBackend {
     }
 
     fn list_packs_through(&self, pipe: &Pipe, what: &str) -> Result<Vec<Listed>> {
-        let lost = |why: String| self.lost(what, &why);
-        let names = |d: &Path, a| self.piped_names(what, d, a);
         let top = self.dir("packs");
         let listed = pipe
             .list(
@@ -228,7 +300,21 @@ impl SftpBackend {
                 PACKS_LISTED_BYTES,
                 false,
             )
-            .map_err(lost)?;
+            .map_err(|why| self.lost(what, &why))?;
+        self.packs_below(pipe, what, listed)
+    }
+
+    /// The packs in the subdirectories of `packs/`, whose own listing is `listed`, all listed
+    /// at once through `pipe`.
+    fn packs_below(
+        &self,
+        pipe: &Pipe,
+        what: &str,
+        listed: std::io::Result<pipe::Listed>,
+    ) -> Result<Vec<Listed>> {
+        let lost = |why: String| self.lost(what, &why);
+        let names = |d: &Path, a| self.piped_names(what, d, a);
+        let top = self.dir("packs");
         let Some(entries) = names(&top, listed)? else {
             return Ok(Vec::new());
         };
@@ -840,6 +926,12 @@ impl Backend for SftpBackend {
     }
 
     fn list(&self, t: FileType) -> Result<Vec<Listed>> {
+        if t != FileType::Config
+            && let Some(mut one) = self.with_pipe(|p| self.list_several_through(p, &[t]))
+            && let Some(r) = one.pop()
+        {
+            return r;
+        }
         let what = format!("{}/{}", self.loc.url(), t.dir());
         let mut out = match t {
             FileType::Config => self.pool.run(&what, |c| {
@@ -864,6 +956,12 @@ impl Backend for SftpBackend {
 
     fn read(&self, t: FileType, name: &str) -> Result<Vec<u8>> {
         let p = self.path(t, name);
+        // Files that are small (an index file may not be; the local cache has most of them).
+        if !matches!(t, FileType::Pack | FileType::Index)
+            && let Some(r) = self.read_piped(&t.path(name), &p)
+        {
+            return r;
+        }
         self.pool
             .run(&t.path(name), |c| read_all_conn_max(c, &p, MAX_STORE_FILE))
     }
@@ -900,6 +998,26 @@ impl Backend for SftpBackend {
                 }
             })
         };
+        // Through the kept pipe (three round trips, where libssh2 waits five); packs go over
+        // the pool's connections, many at once. Any failure is left to the usual way, which
+        // also tells a name already taken by this very upload, a full disk, a missing
+        // directory, and retries on new connections.
+        if t != FileType::Pack
+            && let Some(pipe) = self.pipe()
+        {
+            let tmp = temp_name(&p);
+            tmps.lock().push(tmp.clone());
+            let done = crate::store::interrupt::creating(|| {
+                pipe.upload(
+                    p.as_os_str().as_bytes().to_vec(),
+                    tmp.as_os_str().as_bytes().to_vec(),
+                    data.to_vec(),
+                )
+            });
+            if matches!(done, Ok(Ok(()))) {
+                return Ok(());
+            }
+        }
         self.pool.run(&t.path(name), |c| {
             let tmp = temp_name(&p);
             tmps.lock().push(tmp.clone());
@@ -918,6 +1036,13 @@ impl Backend for SftpBackend {
 
     fn remove(&self, t: FileType, name: &str) -> Result<()> {
         let p = self.path(t, name);
+        if let Some(pipe) = self.pipe() {
+            match pipe.remove(p.as_os_str().as_bytes().to_vec()) {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                _ => {}
+            }
+        }
         self.pool.run(&t.path(name), |c| match c.sftp.unlink(&p) {
             Ok(()) => Ok(()),
             Err(e) => missing_is(e, ()),

@@ -816,6 +816,14 @@ impl Pool {
         self.idle.lock().pop()
     }
 
+    /// A connection taken with [`Pool::take_idle`] no longer counts as the pool's (another
+    /// user keeps it, and drops it): the pool may open another in its place.
+    pub fn detach(&self) {
+        let mut n = self.count.lock();
+        *n = n.saturating_sub(1);
+        self.freed.notify_one();
+    }
+
     pub fn give_back(&self, c: Conn) {
         if c.is_broken() {
             self.discard(c)

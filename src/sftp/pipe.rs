@@ -24,7 +24,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, sync_channel};
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
@@ -53,6 +53,10 @@ const EXTRA_READDIRS: usize = 128;
 const RECEIVE_WINDOW: u32 = 64 << 20;
 /// READLINKs in flight for one listing (an answer is a path: 512 of them, a few MiB at worst).
 const READLINKS_AHEAD: usize = 512;
+/// How long the driver waits for new work while only answers nobody waits for are in
+/// flight ([`Step::lingers`]), before it reads them: an asker's next requests, sent on the
+/// answer it just had, go out at once rather than a round trip later.
+const LINGER_WAIT: std::time::Duration = std::time::Duration::from_millis(3);
 /// Data per WRITE request: every server takes 32 KiB.
 const WRITE_SIZE: usize = 32 << 10;
 
@@ -71,6 +75,7 @@ const FXP_OPENDIR: u8 = 11;
 const FXP_READDIR: u8 = 12;
 const FXP_FSTAT: u8 = 8;
 const FXP_MKDIR: u8 = 14;
+const FXP_RENAME: u8 = 18;
 const FXP_READLINK: u8 = 19;
 const FXP_SYMLINK: u8 = 20;
 const FXP_STATUS: u8 = 101;
@@ -95,6 +100,7 @@ const ATTR_EXTENDED: u32 = 0x8000_0000;
 const FX_OK: u32 = 0;
 const FX_EOF: u32 = 1;
 const FX_PERMISSION_DENIED: u32 = 3;
+const FX_OP_UNSUPPORTED: u32 = 8;
 
 const S_IFMT: u32 = 0o170000;
 const S_IFLNK: u32 = 0o120000;
@@ -202,6 +208,30 @@ pub enum Op {
     Room {
         reply: std::sync::mpsc::Sender<std::io::Result<(u64, Option<u64>)>>,
     },
+    /// A store file put in place whole: `data` written to the temporary name `tmp` (created
+    /// exclusively, mode 0600), `fsync@openssh.com` (a server without it is let off), CLOSE,
+    /// and only once all of those succeeded a plain RENAME to the path, which never replaces
+    /// a file on OpenSSH. If anything fails the temporary file is removed; the first error
+    /// (the rename's, with its status, when the name is taken) goes to `reply`.
+    Upload {
+        data: Vec<u8>,
+        tmp: Vec<u8>,
+        reply: std::sync::mpsc::Sender<std::io::Result<()>>,
+    },
+    /// REMOVE the path; the server's answer to `reply`.
+    Remove {
+        reply: std::sync::mpsc::Sender<std::io::Result<()>>,
+    },
+}
+
+/// Where an [`Op::Upload`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpStage {
+    /// OPEN, then the writes, sync and close.
+    Writing,
+    Renaming,
+    /// REMOVE of the temporary file after a failure.
+    Cleaning,
 }
 
 /// Where the answer to [`Pipe::read`] comes.
@@ -283,7 +313,7 @@ struct ListState {
 impl Op {
     fn bytes(&self) -> usize {
         match self {
-            Op::Write { data, .. } => data.len(),
+            Op::Write { data, .. } | Op::Upload { data, .. } => data.len(),
             _ => 0,
         }
     }
@@ -396,6 +426,7 @@ impl Pipe {
                     next_id: 0,
                     next_job: 0,
                     in_flight: 0,
+                    lingering: 0,
                     extra_readdirs: 0,
                     out: Vec::new(),
                 };
@@ -553,6 +584,42 @@ impl Pipe {
         })
     }
 
+    /// Put `data` at `path` (absolute) through the temporary name `tmp` ([`Op::Upload`]);
+    /// waits for the outcome.
+    ///
+    /// # Errors
+    /// The pipe stopped (outer); the server's error for the upload (inner).
+    pub fn upload(
+        &self,
+        path: Vec<u8>,
+        tmp: Vec<u8>,
+        data: Vec<u8>,
+    ) -> Result<std::io::Result<()>, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let key = path.clone();
+        self.submit(&key, path, Op::Upload { data, tmp, reply })?;
+        self.answer_of(&answer)
+    }
+
+    /// REMOVE `path` (absolute); waits for the server's answer.
+    ///
+    /// # Errors
+    /// The pipe stopped (outer); the server's error (inner).
+    pub fn remove(&self, path: Vec<u8>) -> Result<std::io::Result<()>, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let key = path.clone();
+        self.submit(&key, path, Op::Remove { reply })?;
+        self.answer_of(&answer)
+    }
+
+    /// The answer on `answer`, or why the pipe stopped before giving one.
+    fn answer_of<T>(&self, answer: &std::sync::mpsc::Receiver<T>) -> Result<T, String> {
+        answer.recv().map_err(|_| {
+            self.dead()
+                .unwrap_or_else(|| "the SFTP pipe is closed".into())
+        })
+    }
+
     /// Why the pipe stopped, if it has.
     pub fn dead(&self) -> Option<String> {
         self.shared.dead.lock().clone()
@@ -629,9 +696,25 @@ enum Step {
     ReadData,
     ReadStat,
     ReadClose,
+    /// The steps of an [`Op::Upload`].
+    UpOpen,
+    UpWrite,
+    UpSync,
+    UpClose,
+    UpRename,
+    UpClean,
+    /// REMOVE of an [`Op::Remove`].
+    RemoveOne,
 }
 
 impl Step {
+    /// A request whose answer changes nothing for the asker: the CLOSE of a directory or of a
+    /// file read. The asker has its answer without waiting for it, and the driver waits for
+    /// new work rather than for these answers.
+    fn lingers(self) -> bool {
+        matches!(self, Step::CloseDir | Step::ReadClose)
+    }
+
     fn doing(self) -> &'static str {
         match self {
             Step::Clear => "removing what was there",
@@ -646,6 +729,13 @@ impl Step {
             Step::ReadLinkOne => "reading the symlink",
             Step::Room => "asking for its filesystem's free space",
             Step::ReadOpen | Step::ReadData | Step::ReadStat | Step::ReadClose => "reading it",
+            Step::UpOpen => "creating its temporary file",
+            Step::UpWrite => "writing it",
+            Step::UpSync => "syncing it to disk",
+            Step::UpClose => "closing it",
+            Step::UpRename => "renaming it into place",
+            Step::UpClean => "removing its temporary file",
+            Step::RemoveOne => "removing it",
         }
     }
 }
@@ -657,6 +747,13 @@ struct Running {
     error: Option<Failure>,
     list: Option<Box<ListState>>,
     read: Option<Box<ReadState>>,
+    /// An [`Op::Upload`]'s stage, and whether its temporary file was created.
+    upload: Option<(UpStage, bool)>,
+    /// Requests of this job in flight whose answers nobody waits for (see [`Step::lingers`]).
+    lingering: usize,
+    /// The asker has its answer (a listing's or a read's, given before their CLOSE is
+    /// answered).
+    replied: bool,
 }
 
 struct Driver {
@@ -669,6 +766,8 @@ struct Driver {
     next_id: u32,
     next_job: u64,
     in_flight: usize,
+    /// Requests in flight that [`Step::lingers`].
+    lingering: usize,
     /// READDIRs in flight beyond each listing's first (see [`EXTRA_READDIRS`]).
     extra_readdirs: usize,
     /// Requests built and not written yet (written together).
@@ -698,6 +797,18 @@ impl Driver {
             }
             if let Err(e) = self.flush() {
                 return self.die(e, rx);
+            }
+            // Only answers nobody waits for in flight: new work that comes at once (the asker's
+            // next requests, sent on its answer) goes first, before they are read.
+            if self.in_flight > 0 && self.in_flight == self.lingering && !closed {
+                match rx.recv_timeout(LINGER_WAIT) {
+                    Ok(j) => {
+                        queued.push_back(j);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => closed = true,
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
             }
             if self.in_flight == 0 {
                 if closed {
@@ -755,6 +866,7 @@ impl Driver {
         }
         self.waiting.clear();
         self.in_flight = 0;
+        self.lingering = 0;
         // Whatever is still queued or comes later fails the same way.
         self.shared.changed.notify_all();
         while let Ok(job) = rx.recv() {
@@ -762,7 +874,12 @@ impl Driver {
             // A listing's asker hears it from its reply channel, closed with the job.
             if !matches!(
                 job.op,
-                Op::List { .. } | Op::ReadLink { .. } | Op::Read { .. } | Op::Room { .. }
+                Op::List { .. }
+                    | Op::ReadLink { .. }
+                    | Op::Read { .. }
+                    | Op::Room { .. }
+                    | Op::Upload { .. }
+                    | Op::Remove { .. }
             ) {
                 self.shared.failures.lock().push(Failure {
                     key: job.key,
@@ -786,8 +903,14 @@ impl Driver {
         self.out.extend_from_slice(&m.finish());
         self.waiting.insert(id, (job, step));
         self.in_flight += 1;
+        if step.lingers() {
+            self.lingering += 1;
+        }
         if let Some(r) = self.jobs.get_mut(&job) {
             r.waiting += 1;
+            if step.lingers() {
+                r.lingering += 1;
+            }
         }
         let mut most = self.shared.most_in_flight.lock();
         *most = (*most).max(self.in_flight);
@@ -821,6 +944,8 @@ impl Driver {
             Op::ReadLink { .. } => Step::ReadLinkOne,
             Op::Room { .. } => Step::Room,
             Op::Read { .. } => Step::ReadOpen,
+            Op::Upload { .. } => Step::UpOpen,
+            Op::Remove { .. } => Step::RemoveOne,
             Op::Symlink { remove_first, .. } => {
                 if *remove_first {
                     Step::Clear
@@ -845,6 +970,9 @@ impl Driver {
                 error: None,
                 list: None,
                 read: None,
+                upload: None,
+                lingering: 0,
+                replied: false,
             },
         );
         match first {
@@ -866,6 +994,26 @@ impl Driver {
             }),
             Step::ReadLinkOne => {
                 self.request(id, Step::ReadLinkOne, FXP_READLINK, |m| m.str(&path))
+            }
+            Step::RemoveOne => self.request(id, Step::RemoveOne, FXP_REMOVE, |m| m.str(&path)),
+            Step::UpOpen => {
+                let Some(run) = self.jobs.get_mut(&id) else {
+                    return;
+                };
+                run.upload = Some((UpStage::Writing, false));
+                let Op::Upload { tmp, .. } = &run.job.op else {
+                    return;
+                };
+                let tmp = tmp.clone();
+                self.request(id, Step::UpOpen, FXP_OPEN, |m| {
+                    m.str(&tmp);
+                    m.u32(FXF_WRITE | FXF_CREAT | FXF_EXCL);
+                    Attrs {
+                        perm: Some(0o600),
+                        ..Attrs::default()
+                    }
+                    .put(m);
+                });
             }
             Step::Room => self.request(id, Step::Room, FXP_EXTENDED, |m| {
                 m.str(b"statvfs@openssh.com");
@@ -895,6 +1043,19 @@ impl Driver {
             }
             .put(m);
         });
+    }
+
+    /// The WRITE requests that put `data` at the start of the file open as `handle`.
+    fn writes(&mut self, job: u64, step: Step, handle: &[u8], data: &[u8]) {
+        let mut off = 0u64;
+        for piece in data.chunks(WRITE_SIZE) {
+            self.request(job, step, FXP_WRITE, |m| {
+                m.str(handle);
+                m.u64(off);
+                m.str(piece);
+            });
+            off += piece.len() as u64;
+        }
     }
 
     fn symlink(&mut self, job: u64, link: &[u8], target: &[u8], target_first: bool) {
@@ -944,6 +1105,10 @@ impl Driver {
             return Err(protocol(format!("request {id} belongs to no operation")));
         };
         run.waiting -= 1;
+        if step.lingers() {
+            self.lingering -= 1;
+            run.lingering -= 1;
+        }
         let status = if kind == FXP_STATUS {
             let code = c.u32()?;
             let msg = c.string(MAX_ANSWER)?;
@@ -994,15 +1159,7 @@ impl Driver {
                     size
                 };
                 if !zeros {
-                    let mut off = 0u64;
-                    for piece in data.chunks(WRITE_SIZE) {
-                        self.request(job, Step::Write, FXP_WRITE, |m| {
-                            m.str(&handle);
-                            m.u64(off);
-                            m.str(piece);
-                        });
-                        off += piece.len() as u64;
-                    }
+                    self.writes(job, Step::Write, &handle, &data);
                 }
                 if size > 0 {
                     self.request(job, Step::SetRest, FXP_FSETSTAT, |m| {
@@ -1020,6 +1177,41 @@ impl Driver {
                 self.request(job, Step::Close, FXP_CLOSE, |m| m.str(&handle));
                 self.release(data.len());
                 return self.maybe_done(job);
+            }
+            (Step::UpOpen, FXP_HANDLE, None) => {
+                let handle = c.string(MAX_HANDLE)?.to_vec();
+                let data = match &mut run.job.op {
+                    Op::Upload { data, .. } => std::mem::take(data),
+                    _ => return Err(protocol("a handle for an operation that uploads nothing")),
+                };
+                run.upload = Some((UpStage::Writing, true));
+                self.jobs.insert(job, run);
+                self.writes(job, Step::UpWrite, &handle, &data);
+                self.request(job, Step::UpSync, FXP_EXTENDED, |m| {
+                    m.str(b"fsync@openssh.com");
+                    m.str(&handle);
+                });
+                self.request(job, Step::UpClose, FXP_CLOSE, |m| m.str(&handle));
+                self.release(data.len());
+                return self.maybe_done(job);
+            }
+            // A server without `fsync@openssh.com` is let off (as the pool's uploads do).
+            (Step::UpSync, FXP_STATUS, Some((code, msg))) => {
+                if code != FX_OK && code != FX_OP_UNSUPPORTED {
+                    failed(&mut run, step, code, msg);
+                }
+            }
+            (Step::UpSync, FXP_EXTENDED_REPLY, None) => {}
+            // Whatever the clean-up says, the upload's own error stands.
+            (Step::UpClean, FXP_STATUS, Some(_)) => {}
+            (Step::RemoveOne, FXP_STATUS, Some((code, msg))) => {
+                if let Op::Remove { reply } = &run.job.op {
+                    let _ = reply.send(if code == FX_OK {
+                        Ok(())
+                    } else {
+                        Err(super::status_error(code, msg))
+                    });
+                }
             }
             (Step::Lstat, FXP_ATTRS, None) => {
                 let flags = c.u32()?;
@@ -1389,7 +1581,15 @@ impl Driver {
     }
 
     fn maybe_done(&mut self, job: u64) -> std::io::Result<()> {
+        if let Some(run) = self.jobs.get_mut(&job)
+            && run.waiting > 0
+            && run.waiting == run.lingering
+            && !run.replied
+        {
+            Self::reply(run);
+        }
         if self.jobs.get(&job).is_some_and(|r| r.waiting == 0)
+            && !self.next_upload_step(job)
             && let Some(run) = self.jobs.remove(&job)
         {
             self.done(run);
@@ -1397,12 +1597,17 @@ impl Driver {
         Ok(())
     }
 
-    fn done(&mut self, run: Running) {
-        let bytes = run.job.op.bytes();
+    /// Give a listing's or a read's asker its answer (once).
+    fn reply(run: &mut Running) {
+        if run.replied || !matches!(run.job.op, Op::List { .. } | Op::Read { .. }) {
+            return;
+        }
+        run.replied = true;
+        // An error goes to the asker, not to the failures.
+        let error = run.error.take().map(|f| f.error);
         if let Op::List { reply, .. } = &run.job.op {
-            // The listing goes to whoever asked, not to the failures.
-            let result = match (run.error, run.list) {
-                (Some(f), _) => Err(f.error),
+            let result = match (error, run.list.take()) {
+                (Some(e), _) => Err(e),
                 (None, Some(l)) if l.too_big => Ok(Listed::TooBig),
                 (None, Some(l)) => Ok(Listed::Entries {
                     entries: l.entries,
@@ -1412,11 +1617,9 @@ impl Driver {
                 (None, None) => Err(protocol("a listing that never started")),
             };
             let _ = reply.send(result);
-        } else if let Op::ReadLink { .. } | Op::Room { .. } = &run.job.op {
-            // Answered through its reply already (or its reply channel closes with it).
         } else if let Op::Read { reply, .. } = &run.job.op {
-            let result = match (run.error, run.read) {
-                (Some(f), _) => Err(f.error),
+            let result = match (error, run.read.take()) {
+                (Some(e), _) => Err(e),
                 (None, Some(r)) => {
                     let mut r = *r;
                     if let Some(end) = r.end {
@@ -1427,6 +1630,56 @@ impl Driver {
                 (None, None) => Err(protocol("a read that never started")),
             };
             let _ = reply.send(result);
+        }
+    }
+
+    /// Every request of upload `job` so far answered: rename it into place once written,
+    /// remove its temporary file once something failed. Did it send another request?
+    fn next_upload_step(&mut self, job: u64) -> bool {
+        let Some(run) = self.jobs.get_mut(&job) else {
+            return false;
+        };
+        let (Some((stage, created)), Op::Upload { tmp, .. }) = (run.upload, &run.job.op) else {
+            return false;
+        };
+        let tmp = tmp.clone();
+        let path = run.job.path.clone();
+        let failed = run.error.is_some();
+        match stage {
+            UpStage::Writing | UpStage::Renaming if failed && created => {
+                run.upload = Some((UpStage::Cleaning, created));
+                self.request(job, Step::UpClean, FXP_REMOVE, |m| m.str(&tmp));
+                true
+            }
+            UpStage::Writing if !failed => {
+                run.upload = Some((UpStage::Renaming, created));
+                self.request(job, Step::UpRename, FXP_RENAME, |m| {
+                    m.str(&tmp);
+                    m.str(&path);
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn done(&mut self, mut run: Running) {
+        let bytes = run.job.op.bytes();
+        if let Op::List { .. } | Op::Read { .. } = &run.job.op {
+            // Its answer goes to whoever asked (if it has not already), not to the failures.
+            Self::reply(&mut run);
+        } else if let Op::Upload { reply, .. } = &run.job.op {
+            let _ = reply.send(match run.error {
+                Some(f) => Err(f.error),
+                None => Ok(()),
+            });
+        } else if let Op::Remove { reply } = &run.job.op {
+            // Answered through its reply already, unless the connection failed first.
+            if let Some(f) = run.error {
+                let _ = reply.send(Err(f.error));
+            }
+        } else if let Op::ReadLink { .. } | Op::Room { .. } = &run.job.op {
+            // Answered through its reply already (or its reply channel closes with it).
         } else if let Some(f) = run.error {
             self.shared.failures.lock().push(f);
         }

@@ -467,25 +467,40 @@ impl Store {
         early: Option<EarlyKeys>,
     ) -> Result<Store> {
         let t = crate::trace::span("open store (config, keys)");
-        let (config, config_bytes) = read_config_bytes(backend.as_ref())?;
-        let cache = cache_for(backend.as_ref(), &config);
-        let encrypted = config.encrypted || config.plain_keys.is_none();
-        // The key files and the index's directories listed all at once (a remote store's
-        // round trips overlap), the index files fetched while the key is derived.
-        let mut listed = match (encrypted, with_index) {
-            (true, true) => backend
-                .list_several(&[
+        // The key files and the index's directories listed all at once, and (for a remote
+        // store) while the config is read: their round trips overlap. The index files are
+        // fetched while the key is derived.
+        let list = || {
+            if with_index {
+                backend.list_several(&[
                     FileType::Key,
                     FileType::Index,
                     FileType::Condemned,
                     FileType::Pack,
                     FileType::Snapshot,
                 ])
-                .into_iter(),
-            (true, false) => vec![backend.list(FileType::Key)].into_iter(),
-            (false, _) => Vec::new().into_iter(),
+            } else {
+                vec![backend.list(FileType::Key)]
+            }
         };
-        let key_files = listed.next();
+        let (config, listed) = if backend.is_remote() {
+            std::thread::scope(|s| {
+                let listing = s.spawn(list);
+                let config = read_config_bytes(backend.as_ref());
+                let listed = listing
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                (config, listed)
+            })
+        } else {
+            let config = read_config_bytes(backend.as_ref());
+            let listed = if config.is_ok() { list() } else { Vec::new() };
+            (config, listed)
+        };
+        let (config, config_bytes) = config?;
+        let cache = cache_for(backend.as_ref(), &config);
+        let mut listed = listed.into_iter();
+        let mut key_files = listed.next();
         let mut index_listed = with_index.then(|| listed.by_ref().take(3).collect::<Vec<_>>());
         let snapshots_listed = listed.next().and_then(|r| r.ok());
         let mut read_files = || {
@@ -505,7 +520,7 @@ impl Store {
         let keys = match &config.plain_keys {
             Some(k) if !config.encrypted => k.clone(),
             _ => {
-                let files = match key_files {
+                let files = match key_files.take() {
                     Some(f) => f?,
                     None => backend.list(FileType::Key)?,
                 };
@@ -547,7 +562,13 @@ impl Store {
                 }
             }
         };
-        if !config.encrypted && !backend.list(FileType::Key)?.is_empty() {
+        let mut keys_there = || -> Result<bool> {
+            Ok(match key_files.take() {
+                Some(Ok(files)) => !files.is_empty(),
+                _ => !backend.list(FileType::Key)?.is_empty(),
+            })
+        };
+        if !config.encrypted && keys_there()? {
             return Err(Error::damaged(
                 "config",
                 "it says the store is not encrypted, but the store has key files: the config was replaced",
