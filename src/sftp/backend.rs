@@ -202,8 +202,12 @@ impl SftpBackend {
             .filter(|t| !matches!(t, FileType::Config | FileType::Pack))
             .collect();
         let dirs: Vec<PathBuf> = flat.iter().map(|t| self.dir(t.dir())).collect();
-        // `packs/` itself goes with the others, its subdirectories after.
-        let packs = types.contains(&FileType::Pack).then(|| self.dir("packs"));
+        // `packs/` and each of its possible subdirectories go with the others (one round).
+        let packs = if types.contains(&FileType::Pack) {
+            self.packs_paths()
+        } else {
+            Vec::new()
+        };
         let answers = pipe.list_many(
             dirs.iter()
                 .chain(packs.iter())
@@ -214,11 +218,11 @@ impl SftpBackend {
             false,
         );
         let mut flat_lists: Vec<(FileType, Result<Vec<Listed>>)> = Vec::new();
-        let mut packs_top = None;
+        let mut packs_listed = None;
         match answers {
             Ok(mut answers) => {
-                if packs.is_some() {
-                    packs_top = answers.pop();
+                if !packs.is_empty() {
+                    packs_listed = Some(answers.split_off(dirs.len()));
                 }
                 for ((t, d), a) in flat.iter().zip(&dirs).zip(answers) {
                     let what = format!("{url}/{}", t.dir());
@@ -249,8 +253,8 @@ impl SftpBackend {
                 FileType::Config => self.list(*t),
                 FileType::Pack => {
                     let what = format!("{url}/packs");
-                    match packs_top.take() {
-                        Some(top) => self.packs_below(pipe, &what, top),
+                    match packs_listed.take() {
+                        Some(listed) => self.packs_from(&what, listed),
                         None => self.list_packs_through(pipe, &what),
                     }
                     .map(|mut v| {
@@ -292,62 +296,69 @@ impl SftpBackend {
     }
 
     fn list_packs_through(&self, pipe: &Pipe, what: &str) -> Result<Vec<Listed>> {
-        let top = self.dir("packs");
         let listed = pipe
-            .list(
-                top.as_os_str().as_bytes().to_vec(),
-                PACKS_LISTED,
-                PACKS_LISTED_BYTES,
-                false,
-            )
-            .map_err(|why| self.lost(what, &why))?;
-        self.packs_below(pipe, what, listed)
-    }
-
-    /// The packs in the subdirectories of `packs/`, whose own listing is `listed`, all listed
-    /// at once through `pipe`.
-    fn packs_below(
-        &self,
-        pipe: &Pipe,
-        what: &str,
-        listed: std::io::Result<pipe::Listed>,
-    ) -> Result<Vec<Listed>> {
-        let lost = |why: String| self.lost(what, &why);
-        let names = |d: &Path, a| self.piped_names(what, d, a);
-        let top = self.dir("packs");
-        let Some(entries) = names(&top, listed)? else {
-            return Ok(Vec::new());
-        };
-        let dirs: Vec<(PathBuf, String)> = entries
-            .into_iter()
-            .filter_map(|(name, st)| {
-                let sub = expected_pack_dir(&name, st.file_stat().is_dir())?;
-                Some((
-                    top.join(std::ffi::OsStr::from_bytes(&name)),
-                    format!("packs/{sub}"),
-                ))
-            })
-            .collect();
-        let answers = pipe
             .list_many(
-                dirs.iter()
-                    .map(|(d, _)| d.as_os_str().as_bytes().to_vec())
+                self.packs_paths()
+                    .iter()
+                    .map(|d| d.as_os_str().as_bytes().to_vec())
                     .collect(),
                 PACKS_LISTED,
                 PACKS_LISTED_BYTES,
                 false,
             )
-            .map_err(lost)?;
+            .map_err(|why| self.lost(what, &why))?;
+        self.packs_from(what, listed)
+    }
+
+    /// `packs/`, then each directory it may hold (`packs/00` to `packs/ff`): listed all at
+    /// once, those missing answer "no such file" in the same round, where listing `packs/`
+    /// first and then what it holds took two rounds.
+    fn packs_paths(&self) -> Vec<PathBuf> {
+        let top = self.dir("packs");
+        std::iter::once(top.clone())
+            .chain((0..=255u8).map(|i| top.join(format!("{i:02x}"))))
+            .collect()
+    }
+
+    /// The packs from the answers to listing [`SftpBackend::packs_paths`]: the directories
+    /// `packs/` lists (others are warned of, once), each from its own answer.
+    fn packs_from(
+        &self,
+        what: &str,
+        mut listed: Vec<std::io::Result<pipe::Listed>>,
+    ) -> Result<Vec<Listed>> {
+        let names = |d: &Path, a| self.piped_names(what, d, a);
+        let top = self.dir("packs");
+        if listed.len() != 257 {
+            return Err(self.lost(what, "a listing went missing"));
+        }
+        let below = listed.split_off(1);
+        let Some(top_listed) = listed.pop() else {
+            return Err(self.lost(what, "a listing went missing"));
+        };
+        let Some(entries) = names(&top, top_listed)? else {
+            return Ok(Vec::new());
+        };
+        let wanted: std::collections::BTreeSet<String> = entries
+            .into_iter()
+            .filter_map(|(name, st)| expected_pack_dir(&name, st.file_stat().is_dir()))
+            .collect();
         let mut out = Vec::new();
-        for ((d, rel), a) in dirs.iter().zip(answers) {
-            let Some(entries) = names(d, a)? else {
+        for (i, a) in below.into_iter().enumerate() {
+            let sub = format!("{i:02x}");
+            if !wanted.contains(&sub) {
+                continue;
+            }
+            let d = top.join(&sub);
+            // Made after `packs/` was read, or gone since: nothing to list.
+            let Some(entries) = names(&d, a)? else {
                 continue;
             };
             let entries = entries
                 .into_iter()
                 .map(|(n, st)| (d.join(std::ffi::OsStr::from_bytes(&n)), st.file_stat()))
                 .collect();
-            out.extend(files_of(FileType::Pack, rel, entries));
+            out.extend(files_of(FileType::Pack, &format!("packs/{sub}"), entries));
         }
         Ok(out)
     }
@@ -872,6 +883,16 @@ pub(crate) fn disk_full(
             server.advice(false)
         ),
     ))
+}
+
+impl Drop for SftpBackend {
+    fn drop(&mut self) {
+        // The kept pipe's connection closes at once when the pipe stops (the last user lets
+        // go of it), without a round trip for each channel.
+        if let Some(p) = self.kept.get_mut().take() {
+            p.quit_when_stopped();
+        }
+    }
 }
 
 impl Backend for SftpBackend {

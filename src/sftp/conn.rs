@@ -215,6 +215,20 @@ impl Conn {
         e
     }
 
+    /// Close at once, as an SSH client does: a DISCONNECT, then the socket shut, waiting for
+    /// nothing (libssh2 closing each channel politely waits a round trip for each). Only for
+    /// a connection with nothing under way.
+    pub fn quit(&self) {
+        if !self.is_broken() {
+            let _ = self.sess.disconnect(
+                Some(ssh2::DisconnectCode::ByApplication),
+                "kloset is done",
+                None,
+            );
+        }
+        self.kill();
+    }
+
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)
     }
@@ -844,9 +858,14 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        if self.failed.load(Ordering::Relaxed) {
-            for c in self.idle.get_mut().iter() {
+        // Idle connections have nothing under way: closed at once (and those of a pool that
+        // saw a failure are not even told, the server may be stuck).
+        let failed = self.failed.load(Ordering::Relaxed);
+        for c in self.idle.get_mut().iter() {
+            if failed {
                 c.kill();
+            } else {
+                c.quit();
             }
         }
     }

@@ -349,6 +349,8 @@ struct Shared {
     owners_taken: AtomicU8,
     /// Most requests in flight at once (for `KLOSET_TRACE`).
     most_in_flight: Mutex<usize>,
+    /// Once stopped, close the connection at once ([`Pipe::quit_when_stopped`]).
+    quit: AtomicBool,
 }
 
 /// The pipeline: submit operations, then [`Pipe::settle`] for their failures.
@@ -410,9 +412,11 @@ impl Pipe {
             owners_refused,
             owners_taken: AtomicU8::new(0),
             most_in_flight: Mutex::new(0),
+            quit: AtomicBool::new(false),
         });
         let (tx, rx) = sync_channel::<Job>(MAX_IN_FLIGHT);
         let sh = shared.clone();
+        let quit = shared.clone();
         let driver = std::thread::Builder::new()
             .name("sftp-pipe".into())
             .spawn(move || {
@@ -432,6 +436,9 @@ impl Pipe {
                 };
                 d.run(rx);
                 drop(d);
+                if quit.quit.load(Ordering::Relaxed) {
+                    conn.quit();
+                }
                 drop(channel);
                 conn
             })
@@ -618,6 +625,12 @@ impl Pipe {
             self.dead()
                 .unwrap_or_else(|| "the SFTP pipe is closed".into())
         })
+    }
+
+    /// When the pipe stops (everything submitted done), close its connection at once
+    /// ([`Conn::quit`]) instead of giving it back: for a pipe kept to the end of a command.
+    pub fn quit_when_stopped(&self) {
+        self.shared.quit.store(true, Ordering::Relaxed);
     }
 
     /// Why the pipe stopped, if it has.
