@@ -17,7 +17,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     let Some(path) = path else {
         anyhow::bail!("cat needs SNAP:PATH, e.g. latest:/etc/hosts");
     };
-    let store = ctx.open()?;
+    let store = ctx.open_for_reading()?;
     let s = store.resolve_snapshot(snap)?;
     let node = store.lookup(&s, path.as_bytes())?;
     if node.kind != NodeKind::File {

@@ -39,10 +39,10 @@ pub enum Overwrite {
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     let (snap, path) = split_snap(&a.target);
-    let store = ctx.open()?;
-    // The pack reads run on several connections: they log in while the snapshot is read,
-    // the lock taken and the trees loaded, not after (a login is ~10 round trips).
-    store.backend().warm_up();
+    // The pack reads run on several connections: they log in while the store opens, the
+    // snapshot is read, the lock taken and the trees loaded, not after (a login is ~10 round
+    // trips).
+    let store = ctx.open_for_reading()?;
     let s = store.resolve_snapshot(snap)?;
     let to = a.to.unwrap_or_else(|| ".".into());
     let dest = ctx.destination(&to)?;

@@ -904,6 +904,9 @@ impl Backend for SftpBackend {
         true
     }
     fn warm_up(&self) {
+        // The kept pipe takes the connection the pool has: started first (the open needs it
+        // anyway), so that the pool opens all of its own beside it.
+        let _ = self.pipe();
         self.pool.warm();
     }
 
