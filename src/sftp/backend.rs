@@ -88,6 +88,7 @@ impl SftpBackend {
         let _t = crate::trace::span("sftp store: pipe start");
         match Pipe::start(c, refused) {
             Ok(p) => {
+                p.wait_for_work();
                 self.pool.detach();
                 let p = Arc::new(p);
                 *kept = Some(p.clone());

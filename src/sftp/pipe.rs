@@ -351,6 +351,9 @@ struct Shared {
     most_in_flight: Mutex<usize>,
     /// Once stopped, close the connection at once ([`Pipe::quit_when_stopped`]).
     quit: AtomicBool,
+    /// Wait [`LINGER_WAIT`] for new work before reading answers nobody waits for
+    /// ([`Pipe::wait_for_work`]).
+    linger: AtomicBool,
 }
 
 /// The pipeline: submit operations, then [`Pipe::settle`] for their failures.
@@ -413,6 +416,7 @@ impl Pipe {
             owners_taken: AtomicU8::new(0),
             most_in_flight: Mutex::new(0),
             quit: AtomicBool::new(false),
+            linger: AtomicBool::new(false),
         });
         let (tx, rx) = sync_channel::<Job>(MAX_IN_FLIGHT);
         let sh = shared.clone();
@@ -627,6 +631,13 @@ impl Pipe {
         })
     }
 
+    /// While only answers nobody waits for are in flight, wait a little for new work before
+    /// reading them (for a pipe whose asker sends its next requests on each answer: the
+    /// store's small requests). Off by default.
+    pub fn wait_for_work(&self) {
+        self.shared.linger.store(true, Ordering::Relaxed);
+    }
+
     /// When the pipe stops (everything submitted done), close its connection at once
     /// ([`Conn::quit`]) instead of giving it back: for a pipe kept to the end of a command.
     pub fn quit_when_stopped(&self) {
@@ -813,7 +824,11 @@ impl Driver {
             }
             // Only answers nobody waits for in flight: new work that comes at once (the asker's
             // next requests, sent on its answer) goes first, before they are read.
-            if self.in_flight > 0 && self.in_flight == self.lingering && !closed {
+            if self.in_flight > 0
+                && self.in_flight == self.lingering
+                && !closed
+                && self.shared.linger.load(Ordering::Relaxed)
+            {
                 match rx.recv_timeout(LINGER_WAIT) {
                     Ok(j) => {
                         queued.push_back(j);
