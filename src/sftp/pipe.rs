@@ -589,10 +589,7 @@ impl Pipe {
         let (reply, answer) = std::sync::mpsc::channel();
         let key = path.clone();
         self.submit(&key, path, Op::Room { reply })?;
-        answer.recv().map_err(|_| {
-            self.dead()
-                .unwrap_or_else(|| "the SFTP pipe is closed".into())
-        })
+        self.answer_of(&answer)
     }
 
     /// Put `data` at `path` (absolute) through the temporary name `tmp` ([`Op::Upload`]);
