@@ -1049,28 +1049,61 @@ fn create_refuses_a_server_whose_rename_replaces() {
     assert!(left.is_empty(), "left in the store directory: {left:?}");
 }
 
-/// The most requests the restore's SFTP pipe had in flight at once, from its trace lines.
-fn most_in_flight(stderr: &str) -> Option<usize> {
+/// The largest count in the trace lines of `stderr` that stands between `before` and `after`.
+fn trace_count(stderr: &str, before: &str, after: &str) -> Option<usize> {
     stderr
         .lines()
-        .filter_map(|l| {
-            l.split("at most ")
-                .nth(1)?
-                .strip_suffix(" requests in flight in the pipe")
-        })
+        .filter_map(|l| l.split(before).nth(1)?.split_once(after).map(|(n, _)| n))
         .map(|n| n.trim().parse().expect("a count"))
         .max()
 }
 
-/// A restore onto the server sends its directories, small files, symlinks and metadata
-/// through one pipelined channel (`sftp::pipe`), many requests in flight rather than one
-/// round trip after another; the result is the same tree as without the pipe, on a new
+/// The most requests the restore's SFTP pipe had in flight at once, from its trace lines.
+fn most_in_flight(stderr: &str) -> Option<usize> {
+    trace_count(stderr, "at most ", " requests in flight in the pipe")
+}
+
+/// How many pieces of larger files the restore wrote through its SFTP pipes, from its trace.
+fn pieces_piped(stderr: &str) -> Option<usize> {
+    trace_count(
+        stderr,
+        "in the pipe; ",
+        " pieces of larger files written through it",
+    )
+}
+
+/// A restore onto the server sends its directories, small files, the pieces of larger ones,
+/// symlinks and metadata through one pipelined channel (`sftp::pipe`), many requests in
+/// flight rather than one round trip after another; the result is the same tree as without
+/// the pipe (each larger file's mode and mtime set after all its pieces landed), on a new
 /// destination and over an existing one (where each file is removed and created anew). On
 /// loopback the server answers about as fast as the restore asks, so only a few are in flight
 /// at once; tests/faults.rs checks the depth through a link with latency.
 fn restore_onto_the_server_keeps_many_requests_in_flight(sshd: Sshd) {
     let src = tempfile::tempdir().unwrap();
     sample_tree(src.path());
+    // Files of many chunks, with modes and old mtimes that their writes would spoil.
+    for (i, mib) in [(0u64, 9usize), (1, 5)] {
+        let p = src.path().join(format!("large{i}"));
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ i;
+        let data: Vec<u8> = (0..mib << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        fs::write(&p, &data).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000 + i);
+        fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
     for d in 0..8 {
         let dir = src.path().join(format!("d{d}"));
         fs::create_dir(&dir).unwrap();
@@ -1105,24 +1138,33 @@ fn restore_onto_the_server_keeps_many_requests_in_flight(sshd: Sshd) {
         c.args(&args).env("KLOSET_TRACE", "1");
         if !pipe {
             c.env("KLOSET_SFTP_PIPE", "0");
+        } else {
+            // As on a far server: loopback would write the pieces on the pool's connections.
+            c.env("KLOSET_SFTP_WRITE_PIPES", "3");
         }
         let out = c.output().expect("run kloset");
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
         assert_same_tree(src.path(), dst);
-        most_in_flight(&err)
+        (most_in_flight(&err), pieces_piped(&err))
     };
     let dst = sshd.remote_dir("piped");
-    let most = restore(&dst, true, &[]).expect("the restore used the pipe");
+    let (most, pieces) = restore(&dst, true, &[]);
+    let most = most.expect("the restore used the pipe");
     assert!(most >= 2, "at most {most} requests in flight");
+    // big.bin, large0 and large1 are of several chunks each.
+    assert!(pieces.is_some_and(|n| n >= 10), "{pieces:?} pieces piped");
     // Over what is there: every file removed and made again, through the pipe too.
     fs::write(dst.join("d0/f0"), b"changed on the server").unwrap();
-    let most = restore(&dst, true, &["-overwrite", "always"]).expect("the pipe again");
+    fs::write(dst.join("large0"), b"changed on the server").unwrap();
+    let (most, pieces) = restore(&dst, true, &["-overwrite", "always"]);
+    let most = most.expect("the pipe again");
     assert!(most >= 2, "at most {most} requests in flight");
+    assert!(pieces.is_some_and(|n| n >= 10), "{pieces:?} pieces piped");
     // Without the pipe (one request at a time on pooled connections): the same tree.
     let plain = sshd.remote_dir("plain");
-    assert_eq!(restore(&plain, false, &[]), None);
+    assert_eq!(restore(&plain, false, &[]), (None, None));
 }
 
 /// A directory of 20,000 symlinks listed through the restore's pipe: their READLINKs go a

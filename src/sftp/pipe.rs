@@ -174,6 +174,15 @@ pub enum Op {
     },
     /// A file created exclusively at `size` (its data comes later by other means).
     Create { size: u64, remove_first: bool },
+    /// `data` written at `offset` of a file already there (one [`Op::Create`] made): OPEN
+    /// for writing (no create, no truncation), WRITEs, CLOSE. A file's pieces may go through
+    /// several pipes; `file` counts those not done, and the pipe that finishes the last one
+    /// sets the metadata left there ([`FileWrites`]).
+    WriteAt {
+        offset: u64,
+        data: Vec<u8>,
+        file: Option<Arc<FileWrites>>,
+    },
     /// Set `meta` by path after an LSTAT shows it is no symlink (SETSTAT follows one).
     SetStat { meta: Meta },
     /// A symlink to `target`, REMOVE-ing what is there first if asked. `target_first`: the
@@ -222,6 +231,40 @@ pub enum Op {
     Remove {
         reply: std::sync::mpsc::Sender<std::io::Result<()>>,
     },
+}
+
+/// The pieces of one file written through pipes ([`Op::WriteAt`]) and not done yet, and the
+/// metadata to set once they all are: whoever comes last, the writer asking for the metadata
+/// or the pipe finishing the last piece, sets it, so it lands after every write of the file
+/// (a write changes the mtime) whichever pipes they went through.
+#[derive(Debug, Default)]
+pub struct FileWrites {
+    state: Mutex<(usize, Option<Meta>)>,
+}
+
+impl FileWrites {
+    /// One more piece on its way.
+    pub fn add(&self) {
+        self.state.lock().0 += 1;
+    }
+
+    /// Set `meta` once every piece is done: `Some(meta)` back when they all are already (the
+    /// caller sets it now), `None` when the last piece's pipe will.
+    pub fn then_set(&self, meta: Meta) -> Option<Meta> {
+        let mut s = self.state.lock();
+        if s.0 == 0 {
+            return Some(meta);
+        }
+        s.1 = Some(meta);
+        None
+    }
+
+    /// A piece done: the metadata to set now, if it was the last and the metadata is known.
+    fn finished(&self) -> Option<Meta> {
+        let mut s = self.state.lock();
+        s.0 = s.0.saturating_sub(1);
+        if s.0 == 0 { s.1.take() } else { None }
+    }
 }
 
 /// Where an [`Op::Upload`] is.
@@ -313,7 +356,9 @@ struct ListState {
 impl Op {
     fn bytes(&self) -> usize {
         match self {
-            Op::Write { data, .. } | Op::Upload { data, .. } => data.len(),
+            Op::Write { data, .. } | Op::Upload { data, .. } | Op::WriteAt { data, .. } => {
+                data.len()
+            }
             _ => 0,
         }
     }
@@ -354,6 +399,12 @@ struct Shared {
     /// Wait [`LINGER_WAIT`] for new work before reading answers nobody waits for
     /// ([`Pipe::wait_for_work`]).
     linger: AtomicBool,
+    /// New operations start while fewer requests than this are in flight
+    /// ([`MAX_IN_FLIGHT`] unless [`Pipe::allow_in_flight`] says otherwise).
+    max_in_flight: std::sync::atomic::AtomicUsize,
+    /// Bytes of file data queued or in flight before submitting waits
+    /// ([`MAX_QUEUED_BYTES`] unless [`Pipe::limit_queued`] says otherwise).
+    max_queued: std::sync::atomic::AtomicUsize,
 }
 
 /// The pipeline: submit operations, then [`Pipe::settle`] for their failures.
@@ -361,6 +412,10 @@ pub struct Pipe {
     tx: Option<SyncSender<Job>>,
     shared: Arc<Shared>,
     driver: Option<JoinHandle<Conn>>,
+    /// The server's window for this channel when it opened: bytes it takes before it must
+    /// say it has room for more (OpenSSH's: 2 MiB), which bounds what one channel moves per
+    /// round trip.
+    window: u32,
 }
 
 impl Pipe {
@@ -383,6 +438,10 @@ impl Pipe {
                 .channel_open("session", RECEIVE_WINDOW, 32 << 10, None)
                 .map_err(super::io_error)?;
             channel.subsystem("sftp").map_err(super::io_error)?;
+            // What the server lets us send before its first adjustment (libssh2 leaves the
+            // "initial" figure at 0).
+            let ww = channel.write_window();
+            let window = ww.remaining.max(ww.window_size_initial);
             let mut w = channel.stream(0);
             let mut r = BufReader::with_capacity(64 << 10, channel.stream(0));
             let mut m = Msg::new(FXP_INIT);
@@ -400,9 +459,9 @@ impl Pipe {
                     "the server speaks SFTP version {version}"
                 )));
             }
-            Ok((channel, w, r))
+            Ok((channel, w, r, window))
         })();
-        let (channel, w, r) = match opened {
+        let (channel, w, r, window) = match opened {
             Ok(o) => o,
             Err(e) => return Err((Some(conn), e)),
         };
@@ -417,6 +476,8 @@ impl Pipe {
             most_in_flight: Mutex::new(0),
             quit: AtomicBool::new(false),
             linger: AtomicBool::new(false),
+            max_in_flight: std::sync::atomic::AtomicUsize::new(MAX_IN_FLIGHT),
+            max_queued: std::sync::atomic::AtomicUsize::new(MAX_QUEUED_BYTES),
         });
         let (tx, rx) = sync_channel::<Job>(MAX_IN_FLIGHT);
         let sh = shared.clone();
@@ -437,6 +498,7 @@ impl Pipe {
                     lingering: 0,
                     extra_readdirs: 0,
                     out: Vec::new(),
+                    ready: VecDeque::new(),
                 };
                 d.run(rx);
                 drop(d);
@@ -452,6 +514,7 @@ impl Pipe {
             tx: Some(tx),
             shared,
             driver: Some(driver),
+            window,
         })
     }
 
@@ -461,7 +524,8 @@ impl Pipe {
         let bytes = op.bytes();
         {
             let mut p = self.shared.pending.lock();
-            while p.1 > 0 && p.1 + bytes > MAX_QUEUED_BYTES {
+            let most = self.shared.max_queued.load(Ordering::Relaxed);
+            while p.1 > 0 && p.1 + bytes > most {
                 if let Some(why) = self.dead() {
                     return Err(why);
                 }
@@ -635,6 +699,23 @@ impl Pipe {
         self.shared.linger.store(true, Ordering::Relaxed);
     }
 
+    /// Start new operations while fewer than `n` requests are in flight (instead of
+    /// [`MAX_IN_FLIGHT`]): for a pipe of many small writes whose answers are all small (a
+    /// restore's), where [`MAX_IN_FLIGHT`] requests are a small part of what fits in one round
+    /// trip. Not for a pipe that reads files: their answers in flight must stay well within
+    /// [`RECEIVE_WINDOW`].
+    pub fn allow_in_flight(&self, n: usize) {
+        self.shared.max_in_flight.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Let at most `bytes` of file data wait in this pipe (instead of [`MAX_QUEUED_BYTES`]):
+    /// for pipes that share that bound.
+    pub fn limit_queued(&self, bytes: usize) {
+        self.shared
+            .max_queued
+            .store(bytes.max(1), Ordering::Relaxed);
+    }
+
     /// When the pipe stops (everything submitted done), close its connection at once
     /// ([`Conn::quit`]) instead of giving it back: for a pipe kept to the end of a command.
     pub fn quit_when_stopped(&self) {
@@ -659,6 +740,11 @@ impl Pipe {
         }
         drop(p);
         std::mem::take(&mut *self.shared.failures.lock())
+    }
+
+    /// The server's window for the channel when it opened (see [`Pipe::window`]'s field).
+    pub fn window(&self) -> u32 {
+        self.window
     }
 
     /// Most requests that were in flight at once.
@@ -696,6 +782,8 @@ enum Step {
     Open,
     Mkdir,
     Write,
+    /// OPEN of an [`Op::WriteAt`].
+    AtOpen,
     /// Owners, mode and times: refused when we are not root there.
     SetAll,
     /// Mode and times (or the size): must succeed.
@@ -742,6 +830,7 @@ impl Step {
             Step::Open => "creating it",
             Step::Mkdir => "making the directory",
             Step::Write => "writing",
+            Step::AtOpen => "opening it to write",
             Step::SetAll | Step::SetRest => "setting its metadata",
             Step::Close => "closing it",
             Step::Lstat => "looking at it",
@@ -793,6 +882,9 @@ struct Driver {
     extra_readdirs: usize,
     /// Requests built and not written yet (written together).
     out: Vec<u8>,
+    /// Metadata to set now that a file's last piece is written ([`FileWrites`]), started
+    /// before anything newer.
+    ready: VecDeque<Job>,
 }
 
 impl Driver {
@@ -801,8 +893,8 @@ impl Driver {
         let mut closed = false;
         loop {
             // Start what fits.
-            while self.in_flight < MAX_IN_FLIGHT {
-                let job = match queued.pop_front() {
+            while self.in_flight < self.shared.max_in_flight.load(Ordering::Relaxed) {
+                let job = match self.ready.pop_front().or_else(|| queued.pop_front()) {
                     Some(j) => j,
                     None if closed => break,
                     None => match rx.try_recv() {
@@ -881,7 +973,7 @@ impl Driver {
             if let Some(mut run) = self.jobs.remove(&id) {
                 if run.error.is_none() {
                     run.error = Some(Failure {
-                        key: std::mem::take(&mut run.job.key),
+                        key: run.job.key.clone(),
                         doing: "waiting for the server",
                         error: std::io::Error::new(lost, why.clone()),
                     });
@@ -892,31 +984,37 @@ impl Driver {
         self.waiting.clear();
         self.in_flight = 0;
         self.lingering = 0;
-        // Whatever is still queued or comes later fails the same way.
+        // Whatever is ready, still queued or comes later fails the same way.
         self.shared.changed.notify_all();
-        while let Ok(job) = rx.recv() {
-            let bytes = job.op.bytes();
-            // A listing's asker hears it from its reply channel, closed with the job.
-            if !matches!(
-                job.op,
-                Op::List { .. }
-                    | Op::ReadLink { .. }
-                    | Op::Read { .. }
-                    | Op::Room { .. }
-                    | Op::Upload { .. }
-                    | Op::Remove { .. }
-            ) {
-                self.shared.failures.lock().push(Failure {
-                    key: job.key,
-                    doing: "waiting for the server",
-                    error: std::io::Error::new(lost, why.clone()),
-                });
-            }
-            let mut p = self.shared.pending.lock();
-            p.0 -= 1;
-            p.1 -= bytes;
-            self.shared.changed.notify_all();
+        let ready: Vec<Job> = self.ready.drain(..).collect();
+        for job in ready.into_iter().chain(rx) {
+            self.never_started(job, lost, &why);
         }
+    }
+
+    /// A job the pipe stopped before starting fails with `why`.
+    fn never_started(&self, job: Job, lost: std::io::ErrorKind, why: &str) {
+        let bytes = job.op.bytes();
+        // A listing's asker hears it from its reply channel, closed with the job.
+        if !matches!(
+            job.op,
+            Op::List { .. }
+                | Op::ReadLink { .. }
+                | Op::Read { .. }
+                | Op::Room { .. }
+                | Op::Upload { .. }
+                | Op::Remove { .. }
+        ) {
+            self.shared.failures.lock().push(Failure {
+                key: job.key,
+                doing: "waiting for the server",
+                error: std::io::Error::new(lost, why.to_string()),
+            });
+        }
+        let mut p = self.shared.pending.lock();
+        p.0 -= 1;
+        p.1 -= bytes;
+        self.shared.changed.notify_all();
     }
 
     fn request(&mut self, job: u64, step: Step, kind: u8, body: impl FnOnce(&mut Msg)) {
@@ -965,6 +1063,7 @@ impl Driver {
                 }
             }
             Op::SetStat { .. } => Step::Lstat,
+            Op::WriteAt { .. } => Step::AtOpen,
             Op::List { .. } => Step::OpenDir,
             Op::ReadLink { .. } => Step::ReadLinkOne,
             Op::Room { .. } => Step::Room,
@@ -1012,6 +1111,12 @@ impl Driver {
             Step::Clear => self.request(id, Step::Clear, FXP_REMOVE, |m| m.str(&path)),
             Step::Open => self.open(id, &path),
             Step::Lstat => self.request(id, Step::Lstat, FXP_LSTAT, |m| m.str(&path)),
+            // For writing only: no create (it is there), no truncation (other pieces are).
+            Step::AtOpen => self.request(id, Step::AtOpen, FXP_OPEN, |m| {
+                m.str(&path);
+                m.u32(FXF_WRITE);
+                Attrs::default().put(m);
+            }),
             Step::ReadOpen => self.request(id, Step::ReadOpen, FXP_OPEN, |m| {
                 m.str(&path);
                 m.u32(FXF_READ);
@@ -1070,9 +1175,8 @@ impl Driver {
         });
     }
 
-    /// The WRITE requests that put `data` at the start of the file open as `handle`.
-    fn writes(&mut self, job: u64, step: Step, handle: &[u8], data: &[u8]) {
-        let mut off = 0u64;
+    /// The WRITE requests that put `data` at `off` in the file open as `handle`.
+    fn writes(&mut self, job: u64, step: Step, handle: &[u8], mut off: u64, data: &[u8]) {
         for piece in data.chunks(WRITE_SIZE) {
             self.request(job, step, FXP_WRITE, |m| {
                 m.str(handle);
@@ -1184,7 +1288,7 @@ impl Driver {
                     size
                 };
                 if !zeros {
-                    self.writes(job, Step::Write, &handle, &data);
+                    self.writes(job, Step::Write, &handle, 0, &data);
                 }
                 if size > 0 {
                     self.request(job, Step::SetRest, FXP_FSETSTAT, |m| {
@@ -1203,6 +1307,18 @@ impl Driver {
                 self.release(data.len());
                 return self.maybe_done(job);
             }
+            (Step::AtOpen, FXP_HANDLE, None) => {
+                let handle = c.string(MAX_HANDLE)?.to_vec();
+                let (offset, data) = match &mut run.job.op {
+                    Op::WriteAt { offset, data, .. } => (*offset, std::mem::take(data)),
+                    _ => return Err(protocol("a handle for an operation that writes nothing")),
+                };
+                self.jobs.insert(job, run);
+                self.writes(job, Step::Write, &handle, offset, &data);
+                self.request(job, Step::Close, FXP_CLOSE, |m| m.str(&handle));
+                self.release(data.len());
+                return self.maybe_done(job);
+            }
             (Step::UpOpen, FXP_HANDLE, None) => {
                 let handle = c.string(MAX_HANDLE)?.to_vec();
                 let data = match &mut run.job.op {
@@ -1211,7 +1327,7 @@ impl Driver {
                 };
                 run.upload = Some((UpStage::Writing, true));
                 self.jobs.insert(job, run);
-                self.writes(job, Step::UpWrite, &handle, &data);
+                self.writes(job, Step::UpWrite, &handle, 0, &data);
                 self.request(job, Step::UpSync, FXP_EXTENDED, |m| {
                     m.str(b"fsync@openssh.com");
                     m.str(&handle);
@@ -1690,6 +1806,19 @@ impl Driver {
 
     fn done(&mut self, mut run: Running) {
         let bytes = run.job.op.bytes();
+        // A file's last piece: its metadata goes next.
+        if let Op::WriteAt {
+            file: Some(file), ..
+        } = &run.job.op
+            && let Some(meta) = file.finished()
+        {
+            self.shared.pending.lock().0 += 1;
+            self.ready.push_back(Job {
+                key: run.job.key.clone(),
+                path: run.job.path.clone(),
+                op: Op::SetStat { meta },
+            });
+        }
         if let Op::List { .. } | Op::Read { .. } = &run.job.op {
             // Its answer goes to whoever asked (if it has not already), not to the failures.
             Self::reply(&mut run);

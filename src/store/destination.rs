@@ -32,7 +32,10 @@ pub trait Destination: Send + Sync {
     fn mkdir(&self, path: &[u8]) -> Result<()>;
     /// Create (or truncate) a regular file of `size` bytes, all holes.
     fn create_file(&self, path: &[u8], size: u64) -> Result<()>;
-    /// Write `data` at `offset` of a file made by `create_file`.
+    /// Write `data` at `offset` of a file made by `create_file` (and settled). A destination
+    /// that pipelines may answer while the write is under way (see
+    /// [`Destination::settle`]); a `set_metadata` of the path called after it still takes
+    /// effect after it.
     fn write_at(&self, path: &[u8], offset: u64, data: &[u8]) -> Result<()>;
     fn symlink(&self, path: &[u8], target: &[u8]) -> Result<()>;
     fn hardlink(&self, existing: &[u8], path: &[u8]) -> Result<()>;

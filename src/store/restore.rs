@@ -469,11 +469,10 @@ pub fn run(
             .collect();
         let mut errs = errors.lock();
         for (rel, err) in unsettled {
-            // A whole file failed is removed, as when its write fails at once; a larger one
-            // has its data, only its metadata failed.
-            if let Some(&i) = by_path.get(rel.as_slice())
-                && entries[i].node.content.len() == 1
-            {
+            // A file that failed (a write of one of its pieces, or its metadata) is removed,
+            // as when a write fails at once: no file is left with wrong content under its
+            // real name, and a re-run restores it.
+            if let Some(&i) = by_path.get(rel.as_slice()) {
                 failed[i].store(true, Ordering::Relaxed);
             }
             let msg = full_or_string(&fatal, err);
