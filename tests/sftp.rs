@@ -1153,15 +1153,16 @@ fn restore_onto_the_server_keeps_many_requests_in_flight(sshd: Sshd) {
     let (most, pieces) = restore(&dst, true, &[]);
     let most = most.expect("the restore used the pipe");
     assert!(most >= 2, "at most {most} requests in flight");
-    // big.bin, large0 and large1 are of several chunks each.
-    assert!(pieces.is_some_and(|n| n >= 10), "{pieces:?} pieces piped");
+    // large0 (9 MiB) is of two chunks at least (8 MiB the largest); big.bin and large1 are
+    // of several in most stores (1 MiB on average, cut where each store's seed says).
+    assert!(pieces.is_some_and(|n| n >= 2), "{pieces:?} pieces piped");
     // Over what is there: every file removed and made again, through the pipe too.
     fs::write(dst.join("d0/f0"), b"changed on the server").unwrap();
     fs::write(dst.join("large0"), b"changed on the server").unwrap();
     let (most, pieces) = restore(&dst, true, &["-overwrite", "always"]);
     let most = most.expect("the pipe again");
     assert!(most >= 2, "at most {most} requests in flight");
-    assert!(pieces.is_some_and(|n| n >= 10), "{pieces:?} pieces piped");
+    assert!(pieces.is_some_and(|n| n >= 2), "{pieces:?} pieces piped");
     // Without the pipe (one request at a time on pooled connections): the same tree.
     let plain = sshd.remote_dir("plain");
     assert_eq!(restore(&plain, false, &[]), (None, None));
