@@ -1033,9 +1033,13 @@ impl Destination for SftpDestination {
             .collect();
         self.asked.store(0, Ordering::Relaxed);
         let next = AtomicUsize::new(0);
-        // Through the pipe a listing holds no connection: many at once.
+        // Through the pipe a listing holds no connection: many at once, but not too many: a
+        // listing whose parents are not checked yet takes a pooled connection for their
+        // LSTATs, and the pipe's answers come slower under more listings at once. Re-running
+        // a restore of man (113 directories, one of 17,852 entries) over a complete
+        // destination at 20 ms: 32 threads 3.7-3.8 s, 16 2.1-2.2 s, 8 1.4-2.5 s, 4 3.4 s.
         let threads = if self.piped() {
-            32
+            16
         } else {
             self.pool.target().connections.clamp(1, 8)
         };
