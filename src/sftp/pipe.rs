@@ -703,12 +703,12 @@ impl Pipe {
     /// [`MAX_IN_FLIGHT`]): for a pipe of many small writes whose answers are all small (a
     /// restore's), where [`MAX_IN_FLIGHT`] requests are a small part of what fits in one round
     /// trip. Not for a pipe that reads files: their answers in flight must stay well within
-    /// [`RECEIVE_WINDOW`].
+    /// `RECEIVE_WINDOW` (64 MiB).
     pub fn allow_in_flight(&self, n: usize) {
         self.shared.max_in_flight.store(n.max(1), Ordering::Relaxed);
     }
 
-    /// Let at most `bytes` of file data wait in this pipe (instead of [`MAX_QUEUED_BYTES`]):
+    /// Let at most `bytes` of file data wait in this pipe (instead of `MAX_QUEUED_BYTES`, 32 MiB):
     /// for pipes that share that bound.
     pub fn limit_queued(&self, bytes: usize) {
         self.shared
