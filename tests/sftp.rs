@@ -1085,16 +1085,7 @@ fn restore_onto_the_server_keeps_many_requests_in_flight(sshd: Sshd) {
     // Files of many chunks, with modes and old mtimes that their writes would spoil.
     for (i, mib) in [(0u64, 9usize), (1, 5)] {
         let p = src.path().join(format!("large{i}"));
-        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ i;
-        let data: Vec<u8> = (0..mib << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        fs::write(&p, &data).unwrap();
+        fs::write(&p, common::tree::pseudo_random(i, mib << 20)).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000 + i);
         fs::File::options()

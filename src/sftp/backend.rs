@@ -313,7 +313,10 @@ impl SftpBackend {
 
     /// `packs/`, then each directory it may hold (`packs/00` to `packs/ff`): listed all at
     /// once, those missing answer "no such file" in the same round, where listing `packs/`
-    /// first and then what it holds took two rounds.
+    /// first and then what it holds took two rounds. The server lists whatever stands at
+    /// those names, a symlink's target too; only the answers of names that `packs/`'s own
+    /// listing shows as real directories are used ([`SftpBackend::packs_from`]), the rest
+    /// are dropped unread.
     fn packs_paths(&self) -> Vec<PathBuf> {
         let top = self.dir("packs");
         std::iter::once(top.clone())
@@ -330,7 +333,7 @@ impl SftpBackend {
     ) -> Result<Vec<Listed>> {
         let names = |d: &Path, a| self.piped_names(what, d, a);
         let top = self.dir("packs");
-        if listed.len() != 257 {
+        if listed.len() != 1 + 256 {
             return Err(self.lost(what, "a listing went missing"));
         }
         let below = listed.split_off(1);
