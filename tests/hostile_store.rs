@@ -167,6 +167,14 @@ fn plant_strays(store: &Path, snapshot_id: &str) -> Vec<(PathBuf, String)> {
     file(store.join("locks/x"), "locks/x");
     fs::create_dir_all(store.join("packs/zz")).unwrap();
     planted.push((store.join("packs/zz"), "packs/zz".into()));
+    // A pack directory's name that is a symlink to a directory elsewhere holding a file of a
+    // pack's name: warned of, never listed through (the SFTP store asks the server for every
+    // `packs/XX` at once and must drop that answer); `check` would fail on the fake pack.
+    let elsewhere = store.parent().unwrap().join("packs-elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::write(elsewhere.join("ab".repeat(32)), b"not a pack").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, store.join("packs/ab")).unwrap();
+    planted.push((store.join("packs/ab"), "packs/ab".into()));
     // Temporary files of unfinished writes stay silent.
     fs::write(d0.join(".tmp-1-0123456789abcdef"), b"partial").unwrap();
     planted
