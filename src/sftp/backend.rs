@@ -38,6 +38,12 @@ pub struct SftpBackend {
 /// then this many bytes of READs at once); a longer one is read again by the pool.
 const PIPED_READ: usize = 256 << 10;
 
+/// A pack shorter than this is written through the pipe too (three round trips), like the
+/// other store files; a longer one over the pool's connections, many at once. An unchanged
+/// backup with a few new trees wrote its one small pack over a pool connection opened for it
+/// at the end: 2.65 s of 5.6 s at 100 ms round trips (docs/PERFORMANCE.md).
+const PIPED_PACK: usize = 1 << 20;
+
 /// Entries, and bytes of names, accepted from one directory of `packs/` listed through the
 /// pipe (a store of a billion packs would have 4M in each).
 const PACKS_LISTED: usize = 4_000_000;
@@ -1026,11 +1032,11 @@ impl Backend for SftpBackend {
                 }
             })
         };
-        // Through the kept pipe (three round trips, where libssh2 waits five); packs go over
-        // the pool's connections, many at once. Any failure is left to the usual way, which
-        // also tells a name already taken by this very upload, a full disk, a missing
-        // directory, and retries on new connections.
-        if t != FileType::Pack
+        // Through the kept pipe (three round trips, where libssh2 waits five); packs but
+        // small ones ([`PIPED_PACK`]) go over the pool's connections, many at once. Any
+        // failure is left to the usual way, which also tells a name already taken by this
+        // very upload, a full disk, a missing directory, and retries on new connections.
+        if (t != FileType::Pack || data.len() < PIPED_PACK)
             && let Some(pipe) = self.pipe()
         {
             let tmp = temp_name(&p);
