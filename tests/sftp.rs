@@ -892,6 +892,15 @@ fn small_store_files_go_through_one_kept_pipe(sshd: Sshd) {
     let small: Vec<u8> = (0..200_000u32).map(|i| (i * 13 + i / 7) as u8).collect();
     b.write(FileType::Pack, &pack, &small).unwrap();
     assert_eq!(fs::read(xx.join(&pack)).unwrap(), small);
+    // And where its `packs/XX` is not there yet: made through the pipe too, mode 0700.
+    let pack = format!("cd{}", "8".repeat(62));
+    b.write(FileType::Pack, &pack, &small[..1000]).unwrap();
+    let xx = dir.join("packs").join("cd");
+    assert_eq!(fs::read(xx.join(&pack)).unwrap(), &small[..1000]);
+    assert_eq!(
+        fs::metadata(&xx).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     assert_eq!(
         b.pool().connections().0,
         0,
@@ -926,6 +935,7 @@ fn small_store_files_go_through_one_kept_pipe(sshd: Sshd) {
         dir.join("snapshots"),
         dir.join("index"),
         dir.join("packs").join("ab"),
+        dir.join("packs").join("cd"),
     ] {
         for e in fs::read_dir(&d).unwrap() {
             let name = e.unwrap().file_name();

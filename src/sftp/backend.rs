@@ -1039,15 +1039,30 @@ impl Backend for SftpBackend {
         if (t != FileType::Pack || data.len() < PIPED_PACK)
             && let Some(pipe) = self.pipe()
         {
-            let tmp = temp_name(&p);
-            tmps.lock().push(tmp.clone());
-            let done = crate::store::interrupt::creating(|| {
-                pipe.upload(
-                    p.as_os_str().as_bytes().to_vec(),
-                    tmp.as_os_str().as_bytes().to_vec(),
-                    data.to_vec(),
+            let upload = || {
+                let tmp = temp_name(&p);
+                tmps.lock().push(tmp.clone());
+                crate::store::interrupt::creating(|| {
+                    pipe.upload(
+                        p.as_os_str().as_bytes().to_vec(),
+                        tmp.as_os_str().as_bytes().to_vec(),
+                        data.to_vec(),
+                    )
+                })
+            };
+            let mut done = upload();
+            // A pack's `packs/XX` not made yet (a young store has few of the 256): made
+            // through the pipe too, then the upload once more.
+            if t == FileType::Pack
+                && matches!(&done, Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound)
+                && let Some(dir) = p.parent()
+                && matches!(
+                    pipe.make_dir(dir.as_os_str().as_bytes().to_vec()),
+                    Ok(Ok(()))
                 )
-            });
+            {
+                done = upload();
+            }
             if matches!(done, Ok(Ok(()))) {
                 return Ok(());
             }

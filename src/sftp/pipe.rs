@@ -231,6 +231,11 @@ pub enum Op {
     Remove {
         reply: std::sync::mpsc::Sender<std::io::Result<()>>,
     },
+    /// MKDIR the path with mode 0700; the server's answer to `reply` (unlike [`Op::Mkdir`],
+    /// whose failures come back from [`Pipe::settle`]).
+    MakeDir {
+        reply: std::sync::mpsc::Sender<std::io::Result<()>>,
+    },
 }
 
 /// The pieces of one file written through pipes ([`Op::WriteAt`]) and not done yet, and the
@@ -684,6 +689,17 @@ impl Pipe {
         self.answer_of(&answer)
     }
 
+    /// MKDIR `path` (absolute) with mode 0700; waits for the server's answer.
+    ///
+    /// # Errors
+    /// The pipe stopped (outer); the server's error (inner).
+    pub fn make_dir(&self, path: Vec<u8>) -> Result<std::io::Result<()>, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let key = path.clone();
+        self.submit(&key, path, Op::MakeDir { reply })?;
+        self.answer_of(&answer)
+    }
+
     /// The answer on `answer`, or why the pipe stopped before giving one.
     fn answer_of<T>(&self, answer: &std::sync::mpsc::Receiver<T>) -> Result<T, String> {
         answer.recv().map_err(|_| {
@@ -814,6 +830,8 @@ enum Step {
     UpClean,
     /// REMOVE of an [`Op::Remove`].
     RemoveOne,
+    /// MKDIR of an [`Op::MakeDir`].
+    MakeDirOne,
 }
 
 impl Step {
@@ -846,6 +864,7 @@ impl Step {
             Step::UpRename => "renaming it into place",
             Step::UpClean => "removing its temporary file",
             Step::RemoveOne => "removing it",
+            Step::MakeDirOne => "making the directory",
         }
     }
 }
@@ -1004,6 +1023,7 @@ impl Driver {
                 | Op::Room { .. }
                 | Op::Upload { .. }
                 | Op::Remove { .. }
+                | Op::MakeDir { .. }
         ) {
             self.shared.failures.lock().push(Failure {
                 key: job.key,
@@ -1070,6 +1090,7 @@ impl Driver {
             Op::Read { .. } => Step::ReadOpen,
             Op::Upload { .. } => Step::UpOpen,
             Op::Remove { .. } => Step::RemoveOne,
+            Op::MakeDir { .. } => Step::MakeDirOne,
             Op::Symlink { remove_first, .. } => {
                 if *remove_first {
                     Step::Clear
@@ -1100,7 +1121,9 @@ impl Driver {
             },
         );
         match first {
-            Step::Mkdir => self.request(id, Step::Mkdir, FXP_MKDIR, |m| {
+            // MKDIR with mode 0700 (the final mode is set with the directory's metadata, or
+            // stays so for a store's directory).
+            Step::Mkdir | Step::MakeDirOne => self.request(id, first, FXP_MKDIR, |m| {
                 m.str(&path);
                 Attrs {
                     perm: Some(0o700),
@@ -1345,8 +1368,8 @@ impl Driver {
             (Step::UpSync, FXP_EXTENDED_REPLY, None) => {}
             // Whatever the clean-up says, the upload's own error stands.
             (Step::UpClean, FXP_STATUS, Some(_)) => {}
-            (Step::RemoveOne, FXP_STATUS, Some((code, msg))) => {
-                if let Op::Remove { reply } = &run.job.op {
+            (Step::RemoveOne | Step::MakeDirOne, FXP_STATUS, Some((code, msg))) => {
+                if let Op::Remove { reply } | Op::MakeDir { reply } = &run.job.op {
                     let _ = reply.send(if code == FX_OK {
                         Ok(())
                     } else {
@@ -1827,7 +1850,7 @@ impl Driver {
                 Some(f) => Err(f.error),
                 None => Ok(()),
             });
-        } else if let Op::Remove { reply } = &run.job.op {
+        } else if let Op::Remove { reply } | Op::MakeDir { reply } = &run.job.op {
             // Answered through its reply already, unless the connection failed first.
             if let Some(f) = run.error {
                 let _ = reply.send(Err(f.error));
