@@ -906,6 +906,15 @@ fn small_store_files_go_through_one_kept_pipe(sshd: Sshd) {
         0,
         "a pool connection for a small pack"
     );
+    // A file where a `packs/XX` directory should be (a broken or hostile server): the write
+    // fails, once the pipe's MKDIR and the pool's way have both been refused, and leaves
+    // nothing behind.
+    let xx = dir.join("packs").join("ef");
+    fs::write(&xx, b"not a directory").unwrap();
+    let pack = format!("ef{}", "9".repeat(62));
+    assert!(b.write(FileType::Pack, &pack, &small[..1000]).is_err());
+    assert_eq!(fs::read(&xx).unwrap(), b"not a directory");
+    fs::remove_file(&xx).unwrap();
     assert_eq!(fs::read(dir.join("locks").join(lock)).unwrap(), b"a lock");
     assert_eq!(b.read(FileType::Lock, lock).unwrap(), b"a lock");
     let names = |t| -> Vec<String> { b.list(t).unwrap().into_iter().map(|l| l.name).collect() };
