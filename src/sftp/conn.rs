@@ -13,7 +13,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use ssh2::{CheckResult, HashType, KnownHostFileKind, MethodType, Session, Sftp};
@@ -658,11 +658,21 @@ pub struct Pool {
     /// Connections in existence (idle or checked out).
     count: Mutex<usize>,
     freed: Condvar,
+    /// When an operation last gave up because no connection could be made; cleared by the
+    /// next connection made. See [`STILL_DOWN`].
+    unreachable_since: Mutex<Option<Instant>>,
 }
 
 /// Attempts of one operation, and the first backoff delay (doubling).
 const ATTEMPTS: u32 = 6;
 const BACKOFF: Duration = Duration::from_millis(250);
+
+/// For this long after an operation gave up because the server could not be reached (a whole
+/// schedule of [`ATTEMPTS`], 7.75 s), an operation that cannot connect gives up at once instead
+/// of waiting through the schedule again: a mount's reads while the server is down each fail in
+/// moments, not one schedule per chunk or per retry of the kernel's, and the first connection
+/// made ends it. A connection that was made and then fails is still retried as usual.
+const STILL_DOWN: Duration = Duration::from_secs(60);
 
 impl Pool {
     pub fn new(target: Target) -> Arc<Pool> {
@@ -672,7 +682,37 @@ impl Pool {
             failed: AtomicBool::new(false),
             count: Mutex::new(0),
             freed: Condvar::new(),
+            unreachable_since: Mutex::new(None),
         })
+    }
+
+    /// A new connection, counted already in `count`; the server is reachable again if made.
+    fn connect_counted(&self) -> Result<Conn, Error> {
+        match connect(&self.target) {
+            Ok(c) => {
+                *self.unreachable_since.lock() = None;
+                Ok(c)
+            }
+            Err(e) => {
+                *self.count.lock() -= 1;
+                self.freed.notify_one();
+                Err(e)
+            }
+        }
+    }
+
+    /// Did an operation give up on reaching the server less than [`STILL_DOWN`] ago, with no
+    /// connection made since?
+    fn still_down(&self) -> bool {
+        self.unreachable_since
+            .lock()
+            .is_some_and(|t| t.elapsed() < STILL_DOWN)
+    }
+
+    /// An operation gave up because no connection could be made: the window of
+    /// [`STILL_DOWN`] starts again from now.
+    fn gave_up_unreachable(&self) {
+        *self.unreachable_since.lock() = Some(Instant::now());
     }
 
     /// Connect once now, so that host key and authentication errors surface before any work.
@@ -697,10 +737,7 @@ impl Pool {
                 if *n < self.target.connections.max(1) {
                     *n += 1;
                     drop(n);
-                    return connect(&self.target).inspect_err(|_| {
-                        *self.count.lock() -= 1;
-                        self.freed.notify_one();
-                    });
+                    return self.connect_counted();
                 }
                 self.freed.wait_for(&mut n, Duration::from_millis(50));
             }
@@ -727,13 +764,9 @@ impl Pool {
                     }
                     *n += 1;
                 }
-                match connect(&p.target) {
-                    Ok(c) => p.checkin(c),
-                    Err(_) => {
-                        // Whoever needs a connection will try again and report the error.
-                        *p.count.lock() -= 1;
-                        p.freed.notify_one();
-                    }
+                // On failure, whoever needs a connection will try again and report the error.
+                if let Ok(c) = p.connect_counted() {
+                    p.checkin(c);
                 }
             });
         }
@@ -762,16 +795,23 @@ impl Pool {
     ) -> crate::store::Result<T> {
         let mut delay = BACKOFF;
         let mut last_err = String::new();
+        let mut tried = 0;
+        let mut unreachable = false;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 std::thread::sleep(delay);
                 delay *= 2;
             }
+            tried += 1;
             let c = match self.checkout() {
                 Ok(c) => c,
                 Err(Error::Connect(_, why)) => {
                     // The server is named once, by the error below.
                     last_err = why;
+                    unreachable = true;
+                    if self.still_down() {
+                        break;
+                    }
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -790,6 +830,7 @@ impl Pool {
                 }
                 Err(e) if transient(&e) || !alive(&c) => {
                     last_err = e.to_string();
+                    unreachable = false;
                     self.discard(c);
                 }
                 Err(e) => {
@@ -798,9 +839,13 @@ impl Pool {
                 }
             }
         }
+        if unreachable {
+            self.gave_up_unreachable();
+        }
+        let attempts = if tried == 1 { "attempt" } else { "attempts" };
         Err(Error::Connect(
             self.target.display(),
-            format!("{what}: gave up after {ATTEMPTS} attempts: {last_err}"),
+            format!("{what}: gave up after {tried} {attempts}: {last_err}"),
         )
         .into())
     }
@@ -817,10 +862,16 @@ impl Pool {
             }
             match self.checkout() {
                 Ok(c) => return Ok(c),
-                Err(e @ Error::Connect(..)) => last = Some(e),
+                Err(e @ Error::Connect(..)) => {
+                    last = Some(e);
+                    if self.still_down() {
+                        break;
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
         }
+        self.gave_up_unreachable();
         Err(last.expect("at least one attempt").into())
     }
 
