@@ -1201,13 +1201,8 @@ fn restore_onto_an_sftp_destination_over_a_link_cut_at_seeded_points() {
     assert!(proxy.stats().cuts() >= 2, "too few cuts landed");
 }
 
-/// A restore of many small files onto a server behind a 20 ms round trip keeps many requests
-/// in flight on its pipelined channel (`sftp::pipe`) instead of waiting out a round trip per
-/// request: before the pipe, each small file cost four round trips on one of four connections.
-#[test]
-fn a_restore_onto_a_distant_server_keeps_many_requests_in_flight() {
-    let Some(sshd) = Sshd::start() else { return };
-    let proxy = proxy_for(&sshd);
+/// Every connection through `proxy` delayed 10 ms each way, nothing else.
+fn twenty_ms_round_trips(proxy: &Proxy) {
     let ten = Duration::from_millis(10);
     proxy.set_plan(common::faultproxy::Plan {
         all: (
@@ -1216,6 +1211,109 @@ fn a_restore_onto_a_distant_server_keeps_many_requests_in_flight() {
         ),
         ..Default::default()
     });
+}
+
+/// A store behind a 20 ms round trip has its pack ranges read through the kept pipe (an OPEN,
+/// then every READ of a range at once, the CLOSE not waited for), several ranges in flight,
+/// where the pool's connections each wait three round trips or more a range: `cat` and a
+/// restore give every byte, and packs cut short on the server fail `cat` as they do over a
+/// near link (the short answer is not taken for the file's end).
+#[test]
+fn a_distant_store_reads_pack_ranges_through_the_pipe() {
+    let Some(sshd) = Sshd::start() else { return };
+    let (proxy, top, src, store) = backed_up_behind_a_proxy(&sshd, "far-ranges", 12);
+    twenty_ms_round_trips(&proxy);
+    let traced = |args: &[&str]| {
+        let out = sshd
+            .cmd(bin())
+            .env("KLOSET_TRACE", "1")
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out, err)
+    };
+    let piped = |err: &str| -> u64 {
+        err.lines()
+            .filter_map(|l| {
+                l.split("sftp store: ")
+                    .nth(1)?
+                    .split_once(" pack ranges read through the pipe")
+                    .map(|(n, _)| n.trim().parse::<u64>().unwrap())
+            })
+            .sum()
+    };
+    let f = src.join("f00.bin");
+    let file = format!("latest:{}", f.display());
+    let (out, err) = traced(&["at", &store, "cat", &file]);
+    assert!(out.status.success(), "{err}");
+    assert!(out.stdout == fs::read(&f).unwrap(), "cat gave other bytes");
+    assert!(piped(&err) >= 1, "no range read through the pipe: {err}");
+
+    let dst = top.path().join("dst");
+    let (out, err) = traced(&[
+        "at",
+        &store,
+        "restore",
+        "-to",
+        dst.to_str().unwrap(),
+        "latest",
+    ]);
+    assert!(out.status.success(), "{err}");
+    assert_same_files(&src, &dst);
+    assert!(piped(&err) >= 1, "no range read through the pipe: {err}");
+
+    // Every pack cut to its first KiB on the server.
+    let repo = PathBuf::from(
+        store
+            .split_once(&format!(":{}", proxy.port()))
+            .map(|(_, p)| p)
+            .unwrap(),
+    );
+    let mut cut = 0;
+    for d in fs::read_dir(repo.join("packs")).unwrap() {
+        for p in fs::read_dir(d.unwrap().path()).unwrap() {
+            let p = p.unwrap().path();
+            let len = fs::metadata(&p).unwrap().len();
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(len.min(1 << 10))
+                .unwrap();
+            cut += 1;
+        }
+    }
+    assert!(cut > 0);
+    let (far, far_err) = traced(&["at", &store, "cat", &file]);
+    let (near, near_err) = traced(&["at", &sshd.url(&repo), "cat", &file]);
+    assert!(
+        !far.status.success(),
+        "cat of a cut pack succeeded: {far_err}"
+    );
+    assert_eq!(
+        far.status.code(),
+        near.status.code(),
+        "far: {far_err}\nnear: {near_err}"
+    );
+    let last = |e: &str| {
+        e.lines()
+            .rfind(|l| !l.starts_with("trace:"))
+            .unwrap_or("")
+            .to_string()
+    };
+    eprintln!("far: {}\nnear: {}", last(&far_err), last(&near_err));
+    assert!(last(&far_err).contains("pack"), "{far_err}");
+}
+
+/// A restore of many small files onto a server behind a 20 ms round trip keeps many requests
+/// in flight on its pipelined channel (`sftp::pipe`) instead of waiting out a round trip per
+/// request: before the pipe, each small file cost four round trips on one of four connections.
+#[test]
+fn a_restore_onto_a_distant_server_keeps_many_requests_in_flight() {
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    twenty_ms_round_trips(&proxy);
     let top = tempfile::tempdir().unwrap();
     let src = top.path().join("src");
     for d in 0..6 {

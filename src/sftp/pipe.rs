@@ -206,9 +206,10 @@ pub enum Op {
     ReadLink {
         reply: std::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
     },
-    /// The first `len` bytes of a file (fewer if it ends before), and its attributes after
-    /// the reads (FSTAT on the handle): OPEN, READs of 32 KiB at once, FSTAT, CLOSE.
+    /// `len` bytes of a file from `offset` (fewer if it ends before), and its attributes
+    /// after the reads (FSTAT on the handle): OPEN, READs of 32 KiB all at once, FSTAT, CLOSE.
     Read {
+        offset: u64,
         len: u32,
         reply: std::sync::mpsc::Sender<std::io::Result<(Vec<u8>, Stat)>>,
     },
@@ -643,9 +644,18 @@ impl Pipe {
     /// # Errors
     /// The pipe stopped.
     pub fn read(&self, path: Vec<u8>, len: u32) -> Result<ReadAnswer, String> {
+        self.read_at(path, 0, len)
+    }
+
+    /// [`Pipe::read`] of `len` bytes from `offset`: one round trip for the OPEN, one for all
+    /// the READs (the CLOSE's answer is not waited for).
+    ///
+    /// # Errors
+    /// The pipe stopped.
+    pub fn read_at(&self, path: Vec<u8>, offset: u64, len: u32) -> Result<ReadAnswer, String> {
         let (reply, answer) = std::sync::mpsc::channel();
         let key = path.clone();
-        self.submit(&key, path, Op::Read { len, reply })?;
+        self.submit(&key, path, Op::Read { offset, len, reply })?;
         Ok(answer)
     }
 
@@ -1540,7 +1550,7 @@ impl Driver {
             }
             (Step::ReadOpen, FXP_HANDLE, None) => {
                 let handle = c.string(MAX_HANDLE)?.to_vec();
-                let Op::Read { len, .. } = run.job.op else {
+                let Op::Read { offset, len, .. } = run.job.op else {
                     return Err(protocol("a handle for an operation that reads nothing"));
                 };
                 let mut st = Box::new(ReadState {
@@ -1554,7 +1564,7 @@ impl Driver {
                     let id = self.next_id;
                     self.request(job, Step::ReadData, FXP_READ, |m| {
                         m.str(&handle);
-                        m.u64(off);
+                        m.u64(offset.saturating_add(off));
                         m.u32(n);
                     });
                     st.offsets.insert(id, off);

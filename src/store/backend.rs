@@ -170,6 +170,12 @@ pub trait Backend: Send + Sync {
     fn is_remote(&self) -> bool {
         false
     }
+    /// Range reads worth having in flight at once for one reader streaming a file (`cat`):
+    /// [`super::stream::READERS`], or more where each read waits long round trips for no
+    /// connection of its own.
+    fn ranges_at_once(&self) -> usize {
+        super::stream::READERS
+    }
     /// Many reads are about to run in parallel: open what they need (connections) now, in
     /// the background, so they do not all wait for it then.
     fn warm_up(&self) {}

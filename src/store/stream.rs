@@ -5,8 +5,8 @@
 //! each run is read with one range read per pack region it lies in ([`read_run`]), as a
 //! restore merges its ranges: backup writes a file's chunks near each other in a pack, though
 //! not always in file order (chunks are compressed on several threads). `cat` keeps a fixed
-//! window ([`AHEAD`] runs waiting, [`READERS`] being read), so a file of any size streams in
-//! the same memory.
+//! window (as many runs waiting as being read, [`READERS`] or what the backend asks for), so
+//! a file of any size streams in the same memory.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -20,10 +20,12 @@ use super::format::BlobKind;
 use super::index::{Index, Loc};
 use super::repo::Store;
 
-/// Runs read and waiting for the writer, at most.
-pub const AHEAD: usize = 4;
-/// Threads fetching runs: the SFTP connection pool's default size (`connections=4`).
+/// Threads fetching runs: the SFTP connection pool's default size (`connections=4`); a
+/// backend may ask for more ([`super::backend::Backend::ranges_at_once`]). Runs read and
+/// waiting for the writer: as many, at most.
 pub const READERS: usize = 4;
+/// Readers at most, whatever a backend asks for (memory: two runs of up to 16 MiB each).
+const MAX_READERS: usize = 16;
 /// A run's decoded chunks, at least (where the layout allows; at most twice this).
 pub const RUN_BYTES: u64 = 4 << 20;
 /// Largest gap between two chunks read through in one range (other data, dropped): about what
@@ -284,7 +286,7 @@ fn read_whole_run(store: &Store, ids: &[BlobId], run: &Run, range_buf: &mut Vec<
 }
 
 /// Pass the content of each chunk of `ids` to `out`, in order, reading runs ahead on
-/// [`READERS`] threads. Stops at the first error of a read or of `out`, after passing every
+/// [`Backend::ranges_at_once`](super::backend::Backend::ranges_at_once) threads. Stops at the first error of a read or of `out`, after passing every
 /// chunk before it.
 pub fn each_chunk(
     store: &Store,
@@ -307,10 +309,11 @@ pub fn each_chunk(
     }
     type Slot = Sender<RunRead>;
     let (work_tx, work_rx) = unbounded::<(usize, Slot)>();
-    let (order_tx, order_rx) = bounded::<Receiver<RunRead>>(AHEAD);
+    let readers = store.backend().ranges_at_once().clamp(1, MAX_READERS);
+    let (order_tx, order_rx) = bounded::<Receiver<RunRead>>(readers);
     let runs = &runs;
     std::thread::scope(move |s| {
-        for _ in 0..READERS.min(runs.len()) {
+        for _ in 0..readers.min(runs.len()) {
             let work_rx = work_rx.clone();
             s.spawn(move || {
                 let mut range_buf = Vec::new();
@@ -321,7 +324,7 @@ pub fn each_chunk(
             });
         }
         drop(work_rx);
-        // The runs in order, each with the slot its reader fills; waits while AHEAD are
+        // The runs in order, each with the slot its reader fills; waits while `readers` are
         // waiting to be written, and stops once the writer has stopped.
         s.spawn(move || {
             for k in 0..runs.len() {
