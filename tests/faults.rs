@@ -1215,8 +1215,8 @@ fn twenty_ms_round_trips(proxy: &Proxy) {
 
 /// A store behind a 20 ms round trip has its pack ranges read through the kept pipe (an OPEN,
 /// then every READ of a range at once, the CLOSE not waited for), several ranges in flight,
-/// where the pool's connections each wait three round trips or more a range: `cat` and a
-/// restore give every byte, and packs cut short on the server fail `cat` as they do over a
+/// where the pool's connections each wait three round trips or more a range: `cat`, a
+/// restore and reads through a mount give every byte, and packs cut short on the server fail `cat` as they do over a
 /// near link (the short answer is not taken for the file's end).
 #[test]
 fn a_distant_store_reads_pack_ranges_through_the_pipe() {
@@ -1262,6 +1262,22 @@ fn a_distant_store_reads_pack_ranges_through_the_pipe() {
     assert!(out.status.success(), "{err}");
     assert_same_files(&src, &dst);
     assert!(piped(&err) >= 1, "no range read through the pipe: {err}");
+
+    // Through a mount: its prefetch threads read ahead through the pipe too.
+    if let Some(m) = Mounted::start(
+        &sshd,
+        &[],
+        &store,
+        &format!("latest:{}", src.display()),
+        &top.path().join("mnt"),
+    ) {
+        for f in ["f01.bin", "f02.bin"] {
+            let (r, took) = read_bounded(&m.mnt.join(f), Duration::from_secs(60));
+            let data = r.unwrap_or_else(|e| panic!("{f} through the mount: {e}"));
+            assert!(data == fs::read(src.join(f)).unwrap(), "{f} differs");
+            eprintln!("{f} through the mount at 20 ms in {took:?}");
+        }
+    }
 
     // Every pack cut to its first KiB on the server.
     let repo = PathBuf::from(
