@@ -450,3 +450,59 @@ fn an_sftp_restore_replaces_hard_linked_files_instead_of_writing_through_them() 
     assert_eq!(fs::read(dst.join("big")).unwrap(), big);
     assert_eq!(fs::metadata(dst.join("big")).unwrap().nlink(), 1);
 }
+
+/// SFTP sessions the hostile relay has started so far.
+fn sessions(sshd: &Sshd) -> usize {
+    fs::read_to_string(sshd.hostile_ctl().join("sessions"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// The connection a store command keeps as its pipe starts one SFTP session, the pipe's own:
+/// libssh2's, three more round trips at each command's start, is started only on connections
+/// the pool hands out. Every connection made starts exactly one session.
+#[test]
+fn a_store_command_starts_one_sftp_session_per_connection() {
+    let Some(sshd) = Sshd::start_hostile() else {
+        return;
+    };
+    let repo = sshd.remote_dir("store");
+    let url = sshd.url(&repo);
+    ok(&sshd, &["at", &url, "create"]);
+    let src = source_tree(&sshd);
+    for args in [
+        vec!["at", &url, "ls"],
+        vec!["at", &url, "backup", src.to_str().unwrap()],
+        vec!["at", &url, "check"],
+    ] {
+        let before = sessions(&sshd);
+        let mut cmd = sshd.cmd(bin());
+        cmd.env("KLOSET_TRACE", "1").args(&args);
+        let r = run_within(cmd, Duration::from_secs(120));
+        assert_eq!(r.code, Some(0), "{args:?}: {}", r.stderr);
+        let connects = r.stderr.matches("  ssh connect").count();
+        let started = sessions(&sshd) - before;
+        eprintln!("{args:?}: {connects} connections, {started} SFTP sessions");
+        assert!(connects >= 1, "{}", r.stderr);
+        assert_eq!(started, connects, "{args:?}: {}", r.stderr);
+    }
+}
+
+/// A server whose SFTP subsystem will not start: a store command fails at once, exit 9, one
+/// line that says so and where to look, without retrying for seconds.
+#[test]
+fn a_server_whose_sftp_subsystem_will_not_start_fails_at_once() {
+    let Some(sshd) = Sshd::start_hostile() else {
+        return;
+    };
+    let repo = sshd.remote_dir("store");
+    let url = sshd.url(&repo);
+    ok(&sshd, &["at", &url, "create"]);
+    sshd.hostile_mode("refuse");
+    let r = kloset(&sshd, &["at", &url, "ls"]);
+    sshd.hostile_mode("");
+    assert_eq!(r.code, Some(9), "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("SFTP subsystem"), "{}", r.stderr);
+    assert!(r.took < Duration::from_secs(5), "took {:?}", r.took);
+}

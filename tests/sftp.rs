@@ -587,7 +587,7 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh(sshd: Sshd) {
         .collect();
     // Writes of many sizes, so packets of many lengths cross the wire in both directions.
     let path = dir.join("blob");
-    let mut f = c.sftp.create(&sshd.server_path(&path)).unwrap();
+    let mut f = c.sftp().unwrap().create(&sshd.server_path(&path)).unwrap();
     let mut off = 0;
     for (i, step) in [1usize, 7, 4096, 32_768, 100_000, 1 << 20]
         .iter()
@@ -605,7 +605,7 @@ fn chacha20_poly1305_with_libcrypto_talks_to_openssh(sshd: Sshd) {
     assert_eq!(fs::read(&path).unwrap(), data, "written through SFTP");
     let mut back = Vec::new();
     std::io::Read::read_to_end(
-        &mut c.sftp.open(sshd.server_path(&path)).unwrap(),
+        &mut c.sftp().unwrap().open(sshd.server_path(&path)).unwrap(),
         &mut back,
     )
     .unwrap();

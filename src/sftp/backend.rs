@@ -231,7 +231,11 @@ impl SftpBackend {
         if super::transient(&e) || no_room(&e) {
             return e;
         }
-        let Ok(mut f) = c.sftp.open(self.path(FileType::Config, "config")) else {
+        let Some(mut f) = c
+            .sftp()
+            .ok()
+            .and_then(|s| s.open(self.path(FileType::Config, "config")).ok())
+        else {
             return e;
         };
         refused_write(
@@ -506,7 +510,7 @@ impl SftpBackend {
 
 /// The entries of a directory with their attributes; a missing directory is empty.
 fn dir_entries(c: &Conn, d: &Path) -> std::io::Result<Vec<(PathBuf, ssh2::FileStat)>> {
-    match c.sftp.readdir(d) {
+    match c.sftp()?.readdir(d) {
         Ok(v) => Ok(v),
         Err(e) => missing_is(e, Vec::new()),
     }
@@ -547,7 +551,7 @@ pub fn read_range_conn_into(
     len: u64,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<()> {
-    let mut f = c.sftp.open(path).map_err(io)?;
+    let mut f = c.sftp()?.open(path).map_err(io)?;
     if offset > 0 {
         f.seek(SeekFrom::Start(offset))?;
     }
@@ -581,7 +585,7 @@ const MAX_PREALLOC: u64 = 64 << 20;
 /// a server reports only sizes the first allocation (at most [`MAX_PREALLOC`]), and a server
 /// that sends more than it said cannot make kloset hold more than `max`.
 fn read_all_conn_max(c: &Conn, path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
-    let mut f = c.sftp.open(path).map_err(io)?;
+    let mut f = c.sftp()?.open(path).map_err(io)?;
     let size = f.stat().ok().and_then(|s| s.size).unwrap_or(0);
     if size > max {
         return Err(too_large(path, max));
@@ -614,20 +618,20 @@ fn too_large(path: &Path, max: u64) -> std::io::Error {
 
 /// Create the directory `path` and its missing parents (the last with `mode`).
 pub fn mkdir_p(c: &Conn, path: &Path, mode: i32) -> std::io::Result<()> {
-    if c.sftp.stat(path).is_ok_and(|s| s.is_dir()) {
+    if c.sftp()?.stat(path).is_ok_and(|s| s.is_dir()) {
         return Ok(());
     }
     let mut cur = PathBuf::from("/");
     let comps: Vec<_> = path.components().skip(1).collect();
     for (i, comp) in comps.iter().enumerate() {
         cur.push(comp);
-        if c.sftp.stat(&cur).is_ok_and(|s| s.is_dir()) {
+        if c.sftp()?.stat(&cur).is_ok_and(|s| s.is_dir()) {
             continue;
         }
         let m = if i + 1 == comps.len() { mode } else { 0o755 };
-        if let Err(e) = c.sftp.mkdir(&cur, m) {
+        if let Err(e) = c.sftp()?.mkdir(&cur, m) {
             // Another connection may have made it meanwhile.
-            if !c.sftp.stat(&cur).is_ok_and(|s| s.is_dir()) {
+            if !c.sftp()?.stat(&cur).is_ok_and(|s| s.is_dir()) {
                 return Err(std::io::Error::new(
                     io(e).kind(),
                     format!("cannot create directory {}", cur.display()),
@@ -694,8 +698,9 @@ fn upload_conn_via(
 ) -> std::io::Result<()> {
     let dir = tmp.parent().unwrap_or(Path::new("/"));
     let res = (|| -> std::io::Result<()> {
+        let sftp = c.sftp()?;
         let mut f = crate::store::interrupt::creating(|| {
-            c.sftp.open_mode(
+            sftp.open_mode(
                 tmp,
                 OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
                 mode,
@@ -734,11 +739,11 @@ fn upload_conn_via(
         // Closed explicitly, so that an error the server reports only at close (NFS, quotas)
         // is seen too; dropping the handle would ignore it.
         f.close().map_err(io)?;
-        match c.sftp.rename(tmp, path, None) {
+        match c.sftp()?.rename(tmp, path, None) {
             Ok(()) => Ok(()),
-            Err(e) => match c.sftp.stat(path) {
+            Err(e) => match c.sftp()?.stat(path) {
                 Ok(st) => {
-                    let _ = c.sftp.unlink(tmp);
+                    let _ = c.sftp()?.unlink(tmp);
                     already_there(c, path, st.size, data, named)
                 }
                 Err(_) => Err(io(e)),
@@ -746,7 +751,7 @@ fn upload_conn_via(
         }
     })();
     if res.is_err() {
-        let _ = c.sftp.unlink(tmp);
+        let _ = c.sftp()?.unlink(tmp);
     }
     res
 }
@@ -764,9 +769,10 @@ fn rename_keeps_targets(c: &Conn, dir: &Path) -> std::io::Result<()> {
     );
     let (a, b) = (dir.join(format!("{stem}.a")), dir.join(format!("{stem}.b")));
     let probe = || -> std::io::Result<bool> {
+        let sftp = c.sftp()?;
         for (p, data) in [(&a, b"a"), (&b, b"b")] {
             let mut f = crate::store::interrupt::creating(|| {
-                c.sftp.open_mode(
+                sftp.open_mode(
                     p,
                     OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
                     0o600,
@@ -777,12 +783,12 @@ fn rename_keeps_targets(c: &Conn, dir: &Path) -> std::io::Result<()> {
             f.write_all(data)?;
             f.close().map_err(io)?;
         }
-        let renamed = c.sftp.rename(&a, &b, None).is_ok();
+        let renamed = c.sftp()?.rename(&a, &b, None).is_ok();
         Ok(renamed || read_all_conn_max(c, &b, 1)? != b"b")
     };
     let replaced = probe();
     for p in [&a, &b] {
-        let _ = c.sftp.unlink(p);
+        let _ = c.sftp()?.unlink(p);
     }
     if replaced? {
         return Err(std::io::Error::new(
@@ -1007,16 +1013,17 @@ impl Backend for SftpBackend {
 
     fn root_exists(&self) -> Result<bool> {
         let p = self.dir("");
-        self.pool.run(&self.loc.url(), |c| match c.sftp.stat(&p) {
-            Ok(s) => Ok(s.is_dir()),
-            Err(e) => missing_is(e, false),
-        })
+        self.pool
+            .run(&self.loc.url(), |c| match c.sftp()?.stat(&p) {
+                Ok(s) => Ok(s.is_dir()),
+                Err(e) => missing_is(e, false),
+            })
     }
 
     fn root_entries(&self) -> Result<Vec<String>> {
         let p = self.dir("");
         self.pool
-            .run(&self.loc.url(), |c| match c.sftp.readdir(&p) {
+            .run(&self.loc.url(), |c| match c.sftp()?.readdir(&p) {
                 Ok(v) => Ok(v
                     .into_iter()
                     .filter_map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -1054,7 +1061,7 @@ impl Backend for SftpBackend {
         let what = format!("{}/{}", self.loc.url(), t.dir());
         let mut out = match t {
             FileType::Config => self.pool.run(&what, |c| {
-                Ok(match c.sftp.stat(&self.path(t, "config")) {
+                Ok(match c.sftp()?.stat(&self.path(t, "config")) {
                     Ok(st) => vec![Listed {
                         name: "config".into(),
                         size: st.size.unwrap_or(0),
@@ -1113,7 +1120,7 @@ impl Backend for SftpBackend {
             crate::store::interrupt::on_interrupt(move || {
                 for tmp in tmps.lock().iter() {
                     let _ = pool.run("removing a temporary upload", |c| {
-                        match c.sftp.unlink(tmp) {
+                        match c.sftp()?.unlink(tmp) {
                             Ok(()) => Ok(()),
                             Err(e) => missing_is(e, ()),
                         }
@@ -1181,10 +1188,11 @@ impl Backend for SftpBackend {
                 _ => {}
             }
         }
-        self.pool.run(&t.path(name), |c| match c.sftp.unlink(&p) {
-            Ok(()) => Ok(()),
-            Err(e) => missing_is(e, ()),
-        })
+        self.pool
+            .run(&t.path(name), |c| match c.sftp()?.unlink(&p) {
+                Ok(()) => Ok(()),
+                Err(e) => missing_is(e, ()),
+            })
     }
 }
 

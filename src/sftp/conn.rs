@@ -183,10 +183,12 @@ impl Target {
     }
 }
 
-/// One SSH connection with its SFTP channel.
+/// One SSH connection, and its SFTP channel once started ([`Conn::start_sftp`]): the pool
+/// starts it on every connection it hands out; a connection taken for a pipe
+/// ([`Pool::take_idle`]) opens its own channel instead and never pays the three round trips.
 pub struct Conn {
     pub sess: Session,
-    pub sftp: Sftp,
+    sftp: std::sync::OnceLock<Sftp>,
     /// The session's socket (a second handle to it), to cut it when the connection is known
     /// broken.
     tcp: Option<TcpStream>,
@@ -194,6 +196,43 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The connection's SFTP session.
+    ///
+    /// # Errors
+    /// None was started ([`Conn::start_sftp`]; the pool starts one on every connection it
+    /// hands out).
+    pub fn sftp(&self) -> std::io::Result<&Sftp> {
+        self.sftp.get().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "no SFTP session was started on this connection",
+            )
+        })
+    }
+
+    /// Start the SFTP subsystem on the connection to `t`, if not yet (three round trips: the
+    /// channel, the subsystem request, SFTP's INIT).
+    pub fn start_sftp(&self, t: &Target) -> Result<(), Error> {
+        if self.sftp.get().is_some() {
+            return Ok(());
+        }
+        let _t = crate::trace::span("sftp start");
+        let sftp = self.sess.sftp().map_err(|e| {
+            if e.code() == ssh2::ErrorCode::Session(-9) {
+                Error::Timeout(t.display(), "starting the SFTP subsystem".into(), t.timeout)
+            } else if self.tcp.as_ref().is_some_and(socket_gone) {
+                Error::Connect(
+                    t.display(),
+                    format!("the connection was lost while starting the SFTP subsystem: {e}"),
+                )
+            } else {
+                Error::NoSftp(t.display(), e.to_string())
+            }
+        })?;
+        let _ = self.sftp.set(sftp);
+        Ok(())
+    }
+
     /// Mark the connection broken and shut its socket down at once, so whatever libssh2 still
     /// does with it (closing handles and the channel, the SFTP shutdown when it is dropped)
     /// fails at once instead of waiting for a server that may never answer.
@@ -619,24 +658,9 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
     let keepalive = keepalive.max(t.timeout.as_secs() + 1).min(u32::MAX as u64) as u32;
     sess.set_keepalive(false, keepalive);
     sess.set_timeout(t.timeout.as_millis().min(u32::MAX as u128) as u32);
-    let sftp = sess.sftp().map_err(|e| {
-        if e.code() == ssh2::ErrorCode::Session(-9) {
-            Error::Timeout(t.display(), "starting the SFTP subsystem".into(), t.timeout)
-        } else if cut.as_ref().is_some_and(socket_gone) {
-            Error::Connect(
-                t.display(),
-                format!("the connection was lost while starting the SFTP subsystem: {e}"),
-            )
-        } else {
-            Error::Connect(
-                t.display(),
-                format!("cannot start the SFTP subsystem (is it enabled on the server?): {e}"),
-            )
-        }
-    })?;
     Ok(Conn {
         sess,
-        sftp,
+        sftp: std::sync::OnceLock::new(),
         tcp: cut,
         broken: AtomicBool::new(false),
     })
@@ -645,7 +669,7 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
 /// Does this connection still answer? ssh2's `Read`/`Write` impls turn libssh2 errors into
 /// plain `io::Error`s that hide whether the connection died, so after a failure we ask.
 pub fn alive(c: &Conn) -> bool {
-    c.sftp.stat(Path::new("/")).is_ok()
+    c.sftp().is_ok_and(|s| s.stat(Path::new("/")).is_ok())
 }
 
 /// A pool of connections to one target.
@@ -716,9 +740,12 @@ impl Pool {
     }
 
     /// Connect once now, so that host key and authentication errors surface before any work.
+    /// That connection's SFTP session is not started yet: the first to take it for a pipe
+    /// ([`Pool::take_idle`]) never needs one, anyone else checking it out starts it.
     pub fn open(loc: &Location, opts: &Options) -> Result<Arc<Pool>, Error> {
         let p = Pool::new(Target::resolve(loc, opts)?);
-        let c = p.checkout()?;
+        *p.count.lock() += 1;
+        let c = p.connect_counted()?;
         p.checkin(c);
         Ok(p)
     }
@@ -727,7 +754,20 @@ impl Pool {
         &self.target
     }
 
+    /// A connection with its SFTP session started: an idle one, or a new one.
     fn checkout(&self) -> Result<Conn, Error> {
+        let c = self.checkout_any()?;
+        match c.start_sftp(&self.target) {
+            Ok(()) => Ok(c),
+            Err(e) => {
+                self.discard(c);
+                Err(e)
+            }
+        }
+    }
+
+    /// An idle connection or a new one, its SFTP session started or not.
+    fn checkout_any(&self) -> Result<Conn, Error> {
         loop {
             if let Some(c) = self.idle.lock().pop() {
                 return Ok(c);
@@ -766,7 +806,10 @@ impl Pool {
                 }
                 // On failure, whoever needs a connection will try again and report the error.
                 if let Ok(c) = p.connect_counted() {
-                    p.checkin(c);
+                    match c.start_sftp(&p.target) {
+                        Ok(()) => p.checkin(c),
+                        Err(_) => p.discard(c),
+                    }
                 }
             });
         }

@@ -232,16 +232,17 @@ impl SymlinkOrder {
             ".kloset-symlink-probe-{}",
             crate::store::crypto::random_hex(8)
         ));
-        c.sftp.mkdir(&probe, 0o700).map_err(io)?;
+        let sftp = c.sftp()?;
+        sftp.mkdir(&probe, 0o700).map_err(io)?;
         let (first, second) = (probe.join("first"), probe.join("second"));
         // ssh2's `symlink(path, target)` sends `path` first, then `target`.
-        let made = c.sftp.symlink(&first, &second).map_err(io);
-        let is_link = |p: &Path| c.sftp.lstat(p).is_ok_and(|st| st.file_type().is_symlink());
+        let made = sftp.symlink(&first, &second).map_err(io);
+        let is_link = |p: &Path| sftp.lstat(p).is_ok_and(|st| st.file_type().is_symlink());
         let found = (is_link(&second), is_link(&first));
         for p in [&first, &second] {
-            let _ = c.sftp.unlink(p);
+            let _ = sftp.unlink(p);
         }
-        let _ = c.sftp.rmdir(&probe);
+        let _ = sftp.rmdir(&probe);
         made?;
         match found {
             (true, false) => Ok(SymlinkOrder::TargetFirst),
@@ -255,11 +256,13 @@ impl SymlinkOrder {
     }
 
     /// Make the symlink `link` → `target` on a server that reads SSH_FXP_SYMLINK this way.
-    fn symlink(self, c: &Conn, target: &Path, link: &Path) -> Result<(), ssh2::Error> {
+    fn symlink(self, c: &Conn, target: &Path, link: &Path) -> std::io::Result<()> {
+        let sftp = c.sftp()?;
         match self {
-            SymlinkOrder::TargetFirst => c.sftp.symlink(target, link),
-            SymlinkOrder::LinkFirst => c.sftp.symlink(link, target),
+            SymlinkOrder::TargetFirst => sftp.symlink(target, link),
+            SymlinkOrder::LinkFirst => sftp.symlink(link, target),
         }
+        .map_err(io)
     }
 }
 
@@ -389,7 +392,7 @@ impl SftpDestination {
                         None => return Ok(Some(Listed::empty())),
                     }
                 } else if !rel.is_empty() {
-                    match c.sftp.lstat(&p).map_err(io) {
+                    match c.sftp()?.lstat(&p).map_err(io) {
                         Ok(st) if st.is_dir() => {}
                         Ok(_) => return Ok(None),
                         Err(e) if not_found(&e) => return Ok(Some(Listed::empty())),
@@ -399,7 +402,7 @@ impl SftpDestination {
                 if let Some(listed) = self.list_piped(&p) {
                     return listed;
                 }
-                let mut dir = c.sftp.opendir(&p).map_err(io)?;
+                let mut dir = c.sftp()?.opendir(&p).map_err(io)?;
                 let mut out = HashMap::new();
                 let mut bytes = 0;
                 loop {
@@ -425,7 +428,7 @@ impl SftpDestination {
                         continue;
                     }
                     let at = p.join(std::ffi::OsStr::from_bytes(name));
-                    match c.sftp.readlink(&at) {
+                    match c.sftp()?.readlink(&at) {
                         Ok(t) => {
                             let t = t.as_os_str().as_bytes().to_vec();
                             bytes += t.len();
@@ -507,7 +510,7 @@ impl SftpDestination {
                 continue;
             }
             let p = self.path(dir);
-            let st = c.sftp.lstat(&p).map_err(io)?;
+            let st = c.sftp()?.lstat(&p).map_err(io)?;
             if st.file_type().is_symlink() {
                 return Err(std::io::Error::other(format!(
                     "{} is a symlink on the server; not going through it (remove it, or restore elsewhere)",
@@ -766,7 +769,7 @@ impl Destination for SftpDestination {
         let root = self.path(b"");
         self.pool
             .run(&self.what(b""), |c| {
-                if c.sftp.stat(&root).is_ok_and(|s| s.is_dir()) {
+                if c.sftp()?.stat(&root).is_ok_and(|s| s.is_dir()) {
                     return Ok(false);
                 }
                 mkdir_p(c, &root, 0o755)?;
@@ -784,7 +787,7 @@ impl Destination for SftpDestination {
         }
         let p = self.path(path);
         self.pool
-            .run(&self.what(path), |c| Ok(c.sftp.lstat(&p).ok()))
+            .run(&self.what(path), |c| Ok(c.sftp()?.lstat(&p).ok()))
             .ok()
             .flatten()
             .is_some_and(|st| {
@@ -818,24 +821,24 @@ impl Destination for SftpDestination {
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             // In a root this restore created, nobody else can have swapped what it makes.
-            if fresh && c.sftp.mkdir(&p, 0o700).is_ok() {
+            if fresh && c.sftp()?.mkdir(&p, 0o700).is_ok() {
                 self.touch(path);
                 self.dirs.lock().insert(path.to_vec());
                 return Ok(());
             }
-            match c.sftp.lstat(&p) {
+            match c.sftp()?.lstat(&p) {
                 Ok(st) if st.is_dir() && !st.file_type().is_symlink() => {
                     self.dirs.lock().insert(path.to_vec());
                     Ok(())
                 }
                 Ok(_) => {
                     self.touch(path);
-                    c.sftp.unlink(&p).map_err(io)?;
-                    c.sftp.mkdir(&p, 0o700).map_err(io)
+                    c.sftp()?.unlink(&p).map_err(io)?;
+                    c.sftp()?.mkdir(&p, 0o700).map_err(io)
                 }
                 Err(_) => {
                     self.touch(path);
-                    c.sftp.mkdir(&p, 0o700).map_err(io)
+                    c.sftp()?.mkdir(&p, 0o700).map_err(io)
                 }
             }
             .map_err(|e| self.create_failed(e))
@@ -883,7 +886,7 @@ impl Destination for SftpDestination {
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             let mut f = c
-                .sftp
+                .sftp()?
                 .open_mode(&p, OpenFlags::WRITE, 0o600, OpenType::File)
                 .map_err(io)?;
             f.seek(SeekFrom::Start(offset)).map_err(|e| c.fail(e))?;
@@ -928,7 +931,7 @@ impl Destination for SftpDestination {
                 return Ok(());
             }
             clear(c, &p)?;
-            order.symlink(c, &t, &p).map_err(io)
+            order.symlink(c, &t, &p)
         })
     }
 
@@ -939,7 +942,7 @@ impl Destination for SftpDestination {
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, existing)?;
             self.check_parents(c, path)?;
-            let st = c.sftp.lstat(&src).map_err(io)?;
+            let st = c.sftp()?.lstat(&src).map_err(io)?;
             if !st.is_file() {
                 return Err(std::io::Error::other(format!(
                     "{} is no longer a regular file; the hard link is not copied",
@@ -1122,7 +1125,7 @@ impl Destination for SftpDestination {
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
             // SETSTAT follows a symlink: only set what LSTAT shows is not one.
-            if c.sftp.lstat(&p).map_err(io)?.file_type().is_symlink() {
+            if c.sftp()?.lstat(&p).map_err(io)?.file_type().is_symlink() {
                 return Err(std::io::Error::other(format!(
                     "{} is a symlink on the server now; its metadata is not set through it",
                     p.display()
@@ -1130,11 +1133,11 @@ impl Destination for SftpDestination {
             }
             // Owners, mode and times in one request; where the server refuses the owners (we
             // are not root there), mode and times alone.
-            match c.sftp.setstat(&p, stat_all(node)).map_err(io) {
+            match c.sftp()?.setstat(&p, stat_all(node)).map_err(io) {
                 Ok(()) => {
                     // OpenSSH applies the owner last, and chown clears setuid/setgid bits.
                     if node.mode & 0o6000 != 0 {
-                        c.sftp.setstat(&p, stat_mode(node)).map_err(io)?;
+                        c.sftp()?.setstat(&p, stat_mode(node)).map_err(io)?;
                     }
                     return Ok(());
                 }
@@ -1142,7 +1145,7 @@ impl Destination for SftpDestination {
                 Err(e) if super::timed_out(&e) => return Err(e),
                 Err(_) => {}
             }
-            let refused = c.sftp.setstat(&p, stat_mode_times(node));
+            let refused = c.sftp()?.setstat(&p, stat_mode_times(node));
             if refused.is_ok() {
                 self.owners_refused.store(true, Ordering::Relaxed);
             }
@@ -1162,7 +1165,7 @@ impl Destination for SftpDestination {
         self.touch(path);
         self.pool.run(&self.what(path), |c| {
             self.check_parents(c, path)?;
-            match c.sftp.unlink(&p) {
+            match c.sftp()?.unlink(&p) {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     let e = io(e);
@@ -1344,16 +1347,16 @@ fn stat_mode_times(node: &Node) -> FileStat {
 /// Remove whatever is at `p` (a file, a symlink, a hard link to anywhere, an empty
 /// directory), never following it.
 fn clear(c: &Conn, p: &Path) -> std::io::Result<()> {
-    match c.sftp.lstat(p) {
+    match c.sftp()?.lstat(p) {
         Ok(st) if st.is_dir() && !st.file_type().is_symlink() => {
-            c.sftp.rmdir(p).map_err(|e| {
+            c.sftp()?.rmdir(p).map_err(|e| {
                 std::io::Error::other(format!(
                     "{} is a directory that is not empty, where the snapshot has no directory; remove it first ({e})",
                     p.display()
                 ))
             })
         }
-        Ok(_) => c.sftp.unlink(p).map_err(io),
+        Ok(_) => c.sftp()?.unlink(p).map_err(io),
         Err(_) => Ok(()),
     }
 }
@@ -1364,8 +1367,9 @@ fn clear(c: &Conn, p: &Path) -> std::io::Result<()> {
 /// anything else) is removed first, never opened and truncated. In a `fresh` root the create
 /// is tried before any look at what is there.
 fn create_new(c: &Conn, p: &Path, fresh: bool) -> std::io::Result<ssh2::File> {
+    let sftp = c.sftp()?;
     let excl = || {
-        c.sftp.open_mode(
+        sftp.open_mode(
             p,
             OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
             0o600,

@@ -47,6 +47,10 @@ pub enum Error {
     #[error("authentication to {0} failed: {1}")]
     Auth(String, String),
     #[error(
+        "cannot start the SFTP subsystem on {0} (is it enabled on the server? `Subsystem sftp` in sshd_config): {1}"
+    )]
+    NoSftp(String, String),
+    #[error(
         "{} did not answer for {} ({}); the server or the network is stuck (if it is only slow, raise -o timeout=DURATION)",
         .0, humantime::format_duration(*.2), .1
     )]
@@ -60,7 +64,9 @@ impl From<Error> for crate::store::Error {
         use crate::store::ErrorKind;
         let kind = match &e {
             Error::UnknownHostKey(_) | Error::ChangedHostKey(_) => ErrorKind::HostKey,
-            Error::Connect(..) | Error::Auth(..) | Error::Timeout(..) => ErrorKind::Unreachable,
+            Error::Connect(..) | Error::Auth(..) | Error::Timeout(..) | Error::NoSftp(..) => {
+                ErrorKind::Unreachable
+            }
             _ => ErrorKind::Other,
         };
         crate::store::Error::Connector(e.to_string(), kind)

@@ -208,12 +208,12 @@ impl Source for SftpSource {
             .unwrap_or_else(|| b"/".to_vec());
         let what = format!("{}: {}", self.loc.url(), p.display());
         self.pool.run(&what, |c| {
-            let st = c.sftp.lstat(&p).map_err(io)?;
+            let st = c.sftp()?.lstat(&p).map_err(io)?;
             let mut n = node_from_stat(name.clone(), &st).ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::InvalidData, "unknown file type")
             })?;
             if n.kind == NodeKind::Symlink {
-                n.target = bytes(&c.sftp.readlink(&p).map_err(io)?);
+                n.target = bytes(&c.sftp()?.readlink(&p).map_err(io)?);
                 n.size = n.target.len() as u64;
             }
             Ok(n)
@@ -230,7 +230,7 @@ impl Source for SftpSource {
             return r;
         }
         self.pool.run(&what, |c| {
-            let mut dir = c.sftp.opendir(&p).map_err(io)?;
+            let mut dir = c.sftp()?.opendir(&p).map_err(io)?;
             let mut out = Vec::new();
             let (mut dot, mut dotdot) = (false, false);
             let mut listed = 0usize;
@@ -262,7 +262,7 @@ impl Source for SftpSource {
             for (n, why) in out.iter_mut().zip(verdicts) {
                 if why.is_none() && n.kind == NodeKind::Symlink {
                     n.target = bytes(
-                        &c.sftp
+                        &c.sftp()?
                             .readlink(&p.join(OsStr::from_bytes(&n.name)))
                             .map_err(|e| c.fail(io(e)))?,
                     );
@@ -388,7 +388,7 @@ impl RemoteReader {
             let kind = e.kind();
             lost(Error::Connector(format!("{}: {e}", self.what), kind))
         })?;
-        match c.sftp.open(&self.path) {
+        match c.sftp()?.open(&self.path) {
             Ok(mut f) => {
                 if self.pos > 0
                     && let Err(e) = f.seek(SeekFrom::Start(self.pos))

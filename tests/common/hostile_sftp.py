@@ -2,7 +2,8 @@
 """A misbehaving SFTP server for the tests: OpenSSH's sftp-server behind a relay that can lie.
 
 sshd runs it as the sftp subsystem (`Subsystem sftp python3 hostile_sftp.py CTL`). The file
-CTL/mode chooses what it does, read at every request so a test can switch it between commands:
+CTL/mode chooses what it does, read at every request so a test can switch it between commands
+(every session also appends its process id to CTL/sessions, so a test can count them):
 
 - empty or missing: relay every packet unchanged.
 - `inject DIR TARGET`: the first READDIR reply (SSH_FXP_NAME) for the directory DIR gets extra
@@ -16,6 +17,8 @@ CTL/mode chooses what it does, read at every request so a test can switch it bet
 - `silent ROOT`: like `drop ROOT`, but the session stops answering without ever closing the
   channel, and every later session does the same (CTL/state = silent). Such sessions give up
   after 120 s.
+- `refuse`: every session exits at once, before SFTP's INIT is answered: a server whose SFTP
+  subsystem cannot start.
 - `refuse-write`: every WRITE is answered SSH_FX_FAILURE ("Failure") and not passed on, as
   OpenSSH's sftp-server answers a write that fails with EDQUOT (an exceeded disk quota),
   while its `statvfs@openssh.com` still shows the disk with room to spare.
@@ -162,6 +165,10 @@ def from_server(server_out, client_out):
 
 
 def main():
+    with open(os.path.join(CTL, "sessions"), "a") as f:
+        f.write(f"{os.getpid()}\n")
+    if ctl("mode") == "refuse":
+        os._exit(1)
     obey_state()
     server = subprocess.Popen([SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     client_in, client_out = 0, 1
