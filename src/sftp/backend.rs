@@ -160,13 +160,13 @@ impl SftpBackend {
             .is_some_and(|p| p.dead().is_none())
     }
 
-    /// Is the server [`FAR`], as the kept pipe's start measured it (started now if need be)?
-    fn far(&self) -> bool {
-        self.pipe().is_some()
-            && std::time::Duration::from_micros(
-                self.round_trip_us
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            ) >= FAR
+    /// The kept pipe (started now if need be) if its start measured the server [`FAR`].
+    fn far_pipe(&self) -> Option<Arc<Pipe>> {
+        let pipe = self.pipe()?;
+        let rtt = self
+            .round_trip_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (std::time::Duration::from_micros(rtt) >= FAR).then_some(pipe)
     }
 
     /// `len` bytes of `path` from `offset` read through the kept pipe when the server is
@@ -181,10 +181,10 @@ impl SftpBackend {
         len: u64,
     ) -> Option<Result<Vec<u8>>> {
         let len32 = u32::try_from(len).ok()?;
-        if len > PIPED_RANGE_BYTES || !self.far() {
+        if len > PIPED_RANGE_BYTES {
             return None;
         }
-        let pipe = self.pipe()?;
+        let pipe = self.far_pipe()?;
         let _in_flight = self.piped_range_room(len);
         let answer = pipe
             .read_at(path.as_os_str().as_bytes().to_vec(), offset, len32)
@@ -642,20 +642,21 @@ fn too_large(path: &Path, max: u64) -> std::io::Error {
 
 /// Create the directory `path` and its missing parents (the last with `mode`).
 pub fn mkdir_p(c: &Conn, path: &Path, mode: i32) -> std::io::Result<()> {
-    if c.sftp()?.stat(path).is_ok_and(|s| s.is_dir()) {
+    let sftp = c.sftp()?;
+    if sftp.stat(path).is_ok_and(|s| s.is_dir()) {
         return Ok(());
     }
     let mut cur = PathBuf::from("/");
     let comps: Vec<_> = path.components().skip(1).collect();
     for (i, comp) in comps.iter().enumerate() {
         cur.push(comp);
-        if c.sftp()?.stat(&cur).is_ok_and(|s| s.is_dir()) {
+        if sftp.stat(&cur).is_ok_and(|s| s.is_dir()) {
             continue;
         }
         let m = if i + 1 == comps.len() { mode } else { 0o755 };
-        if let Err(e) = c.sftp()?.mkdir(&cur, m) {
+        if let Err(e) = sftp.mkdir(&cur, m) {
             // Another connection may have made it meanwhile.
-            if !c.sftp()?.stat(&cur).is_ok_and(|s| s.is_dir()) {
+            if !sftp.stat(&cur).is_ok_and(|s| s.is_dir()) {
                 return Err(std::io::Error::new(
                     io(e).kind(),
                     format!("cannot create directory {}", cur.display()),
@@ -721,8 +722,8 @@ fn upload_conn_via(
     named: Named,
 ) -> std::io::Result<()> {
     let dir = tmp.parent().unwrap_or(Path::new("/"));
+    let sftp = c.sftp()?;
     let res = (|| -> std::io::Result<()> {
-        let sftp = c.sftp()?;
         let mut f = crate::store::interrupt::creating(|| {
             sftp.open_mode(
                 tmp,
@@ -763,11 +764,11 @@ fn upload_conn_via(
         // Closed explicitly, so that an error the server reports only at close (NFS, quotas)
         // is seen too; dropping the handle would ignore it.
         f.close().map_err(io)?;
-        match c.sftp()?.rename(tmp, path, None) {
+        match sftp.rename(tmp, path, None) {
             Ok(()) => Ok(()),
-            Err(e) => match c.sftp()?.stat(path) {
+            Err(e) => match sftp.stat(path) {
                 Ok(st) => {
-                    let _ = c.sftp()?.unlink(tmp);
+                    let _ = sftp.unlink(tmp);
                     already_there(c, path, st.size, data, named)
                 }
                 Err(_) => Err(io(e)),
@@ -775,7 +776,7 @@ fn upload_conn_via(
         }
     })();
     if res.is_err() {
-        let _ = c.sftp()?.unlink(tmp);
+        let _ = sftp.unlink(tmp);
     }
     res
 }
@@ -792,8 +793,8 @@ fn rename_keeps_targets(c: &Conn, dir: &Path) -> std::io::Result<()> {
         crate::store::crypto::random_hex(8)
     );
     let (a, b) = (dir.join(format!("{stem}.a")), dir.join(format!("{stem}.b")));
+    let sftp = c.sftp()?;
     let probe = || -> std::io::Result<bool> {
-        let sftp = c.sftp()?;
         for (p, data) in [(&a, b"a"), (&b, b"b")] {
             let mut f = crate::store::interrupt::creating(|| {
                 sftp.open_mode(
@@ -807,12 +808,12 @@ fn rename_keeps_targets(c: &Conn, dir: &Path) -> std::io::Result<()> {
             f.write_all(data)?;
             f.close().map_err(io)?;
         }
-        let renamed = c.sftp()?.rename(&a, &b, None).is_ok();
+        let renamed = sftp.rename(&a, &b, None).is_ok();
         Ok(renamed || read_all_conn_max(c, &b, 1)? != b"b")
     };
     let replaced = probe();
     for p in [&a, &b] {
-        let _ = c.sftp()?.unlink(p);
+        let _ = sftp.unlink(p);
     }
     if replaced? {
         return Err(std::io::Error::new(
@@ -1035,7 +1036,11 @@ impl Backend for SftpBackend {
     /// trips `kloset cat` of a 384 MiB file took 7.28 s with 4, 5.25 s with 8, 4.91 s with 12
     /// (peak RSS 77, 108, 139 MB).
     fn ranges_at_once(&self) -> usize {
-        if self.far() { 2 * READERS } else { READERS }
+        if self.far_pipe().is_some() {
+            2 * READERS
+        } else {
+            READERS
+        }
     }
 
     fn is_remote(&self) -> bool {
