@@ -170,11 +170,16 @@ fn plant_strays(store: &Path, snapshot_id: &str) -> Vec<(PathBuf, String)> {
     // A pack directory's name that is a symlink to a directory elsewhere holding a file of a
     // pack's name: warned of, never listed through (the SFTP store asks the server for every
     // `packs/XX` at once and must drop that answer); `check` would fail on the fake pack.
+    // The first such name the store's own packs do not use (a real pack's id may start so).
+    let xx = (0..=255u8)
+        .map(|b| format!("{b:02x}"))
+        .find(|xx| !store.join("packs").join(xx).exists())
+        .unwrap();
     let elsewhere = store.parent().unwrap().join("packs-elsewhere");
     fs::create_dir_all(&elsewhere).unwrap();
-    fs::write(elsewhere.join("ab".repeat(32)), b"not a pack").unwrap();
-    std::os::unix::fs::symlink(&elsewhere, store.join("packs/ab")).unwrap();
-    planted.push((store.join("packs/ab"), "packs/ab".into()));
+    fs::write(elsewhere.join(xx.repeat(32)), b"not a pack").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, store.join("packs").join(&xx)).unwrap();
+    planted.push((store.join("packs").join(&xx), format!("packs/{xx}")));
     // Temporary files of unfinished writes stay silent.
     fs::write(d0.join(".tmp-1-0123456789abcdef"), b"partial").unwrap();
     planted
