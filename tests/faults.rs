@@ -2288,3 +2288,102 @@ fn a_lock_left_by_a_killed_process_is_removed_by_the_next_command() {
     );
     ok(&sshd, &["at", store_s, "check"]);
 }
+
+/// The kept pipe takes new work while it waits for answers: an operation submitted while
+/// another's answer is on its way goes to the server at once. It used to wait, blocked in
+/// a read, for the next answer: a round trip lost whenever a store command's next step
+/// (a backup's lock after the store's opening) came a moment after the previous one went.
+/// Answers are held back 1.5 s here; the second request must reach the server long before
+/// the first answer can come back.
+#[test]
+fn the_pipe_sends_new_work_while_it_waits_for_answers() {
+    use common::faultproxy::{Plan, Rules};
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let dir = sshd.remote_dir("pipe-parks");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("a"), b"first file").unwrap();
+    fs::write(dir.join("b"), b"second file").unwrap();
+    let pipe = pipe_through(&sshd, &proxy, &dir);
+    proxy.set_plan(Plan {
+        all: (
+            Rules::default(),
+            Rules::latency(Duration::from_millis(1500)),
+        ),
+        ..Default::default()
+    });
+    let path = |n: &str| dir.join(n).into_os_string().into_encoded_bytes();
+    let a = pipe.read(path("a"), 100).unwrap();
+    // The first OPEN is on its way and the driver waits for its answer.
+    std::thread::sleep(Duration::from_millis(200));
+    let up = proxy.stats().bytes(Dir::Up);
+    let b = pipe.read(path("b"), 100).unwrap();
+    // No answer can come back before 1.5 s after the first OPEN left; the second OPEN must
+    // leave well before (at once: within 1 s, where the old driver waited 1.3 s).
+    let began = Instant::now();
+    while proxy.stats().bytes(Dir::Up) == up && began.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the second request left {took:?} after it was submitted: only once the first answer had come"
+    );
+    let got = |r: kloset::sftp::pipe::ReadAnswer| r.recv().unwrap().unwrap().0;
+    assert_eq!(got(a), b"first file");
+    assert_eq!(got(b), b"second file");
+    drop(pipe);
+}
+
+/// More operations than the pipe lets in flight, then the connection cut: every asker gets
+/// its answer (an error), none waits for ever. The driver, waiting for answers with no room
+/// to start more, once kept taking new operations off its queue into a list of its own,
+/// which it forgot when the connection died: a restore whose connections were killed hung
+/// on such a read (seen once in `connections_killed_mid_backup_and_restore`).
+#[test]
+fn operations_beyond_the_pipes_room_all_fail_when_its_connection_is_cut() {
+    use common::faultproxy::{Plan, Rules};
+    let Some(sshd) = Sshd::start() else { return };
+    let proxy = proxy_for(&sshd);
+    let dir = sshd.remote_dir("pipe-full");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("a"), b"a file").unwrap();
+    let pipe = pipe_through(&sshd, &proxy, &dir);
+    proxy.set_plan(Plan {
+        all: (Rules::default(), Rules::latency(Duration::from_secs(3))),
+        ..Default::default()
+    });
+    let path = dir.join("a").into_os_string().into_encoded_bytes();
+    let n = kloset::sftp::pipe::MAX_IN_FLIGHT + 100;
+    let answers: Vec<_> = (0..n)
+        .map(|_| pipe.read(path.clone(), 6).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.cut_all();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, a) in answers.into_iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match a.recv_timeout(left) {
+            Ok(Ok(_)) => panic!("read {i} succeeded through a cut connection"),
+            Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("read {i} of {n} never got an answer after the cut")
+            }
+        }
+    }
+}
+
+/// A pipe (the library's, as a store or destination uses it) on a connection through `proxy`
+/// to `sshd`, logged in as a library user would.
+fn pipe_through(sshd: &Sshd, proxy: &Proxy, dir: &Path) -> kloset::sftp::pipe::Pipe {
+    use kloset::sftp::{Location, Options, conn, pipe::Pipe};
+    let loc = Location::parse(&proxy_url(proxy, dir)).unwrap();
+    let mut opts = Options::default();
+    opts.set("identity", sshd.ssh_file("id_ed25519").to_str().unwrap())
+        .unwrap();
+    opts.set("insecure_ignore_host_key", "true").unwrap();
+    let target = conn::Target::resolve(&loc, &opts).unwrap();
+    Pipe::start(conn::connect(&target).unwrap(), Default::default())
+        .map_err(|(_, e)| e)
+        .unwrap()
+}

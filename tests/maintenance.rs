@@ -431,6 +431,16 @@ fn a_backup_suspended_past_its_lease_never_commits_missing_data() {
     assert!(out.status.success(), "backup failed: {err}");
     assert!(err.contains("condemned or deleted by maintenance"), "{err}");
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // The snapshot sent while the check failed (to a temporary name) is gone: only the one
+    // of the second walk is there.
+    let names: Vec<String> = fs::read_dir(s.store_dir.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.len() == 1 && names[0].starts_with(&id),
+        "{id}: {names:?}"
+    );
     check_clean(&sshd, &s.store);
     assert_restores(&sshd, &s.store, &id, s.src.path(), &s.snaps[0].1);
 }
@@ -439,7 +449,9 @@ fn a_backup_suspended_past_its_lease_never_commits_missing_data() {
 /// `maintenance -now` (which sees no lease) delete the packs it is about to reuse: once its
 /// lease is live it must see the store changed (the index files rewritten, the marks gone
 /// with the packs) and store those blobs again. It used to look only at `condemned/`, which
-/// -now leaves as it found it, and committed a snapshot of deleted packs.
+/// -now leaves as it found it, and committed a snapshot of deleted packs. (A backup of a
+/// remote store writes its lease while it opens the store; this takes the lock after the
+/// opening, as a local store's backup and one whose early lock failed do.)
 #[test]
 fn a_backup_that_read_the_index_before_maintenance_now_stores_its_data_again() {
     backup_opened_before_maintenance_now(false);
@@ -455,8 +467,20 @@ fn a_backup_that_read_unindexed_packs_before_maintenance_now_stores_its_data_aga
 /// A backup of `s`'s source into its store, stopped (SIGSTOP) at debug point `point`, its
 /// output and errors to `out()`.
 fn stopped_backup(sshd: &Sshd, s: &Setup, point: &str, out: fn() -> Stdio) -> Child {
+    stopped_backup_env(sshd, s, point, out, &[])
+}
+
+/// [`stopped_backup`] with `env` added.
+fn stopped_backup_env(
+    sshd: &Sshd,
+    s: &Setup,
+    point: &str,
+    out: fn() -> Stdio,
+    env: &[(&str, &str)],
+) -> Child {
     let mut b = sshd.cmd(bin());
-    b.env("KLOSET_DEBUG_STOP_AT", point)
+    b.envs(env.iter().copied())
+        .env("KLOSET_DEBUG_STOP_AT", point)
         .args([
             "-q",
             "at",
@@ -480,7 +504,8 @@ fn backup_opened_before_maintenance_now(unindexed: bool) {
             fs::remove_file(f.unwrap().path()).unwrap();
         }
     }
-    let b = stopped_backup(&sshd, &s, "backup-opened", Stdio::piped);
+    let late = [("KLOSET_DEBUG_LATE_LOCK", "1")];
+    let b = stopped_backup_env(&sshd, &s, "backup-opened", Stdio::piped, &late);
     // The index is loaded, with every blob of the source in it; no lease yet.
     let r = maintenance_json(&sshd, &[], &s.store, &["-now", "-max-unused", "0"]);
     assert!(r["deleted"].as_u64().unwrap() > 0, "{r}");
@@ -489,6 +514,37 @@ fn backup_opened_before_maintenance_now(unindexed: bool) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "backup failed: {err}");
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    check_clean(&sshd, &s.store);
+    assert_restores(&sshd, &s.store, &id, s.src.path(), &s.snaps[0].1);
+}
+
+/// A backup of a remote store writes its lease while it opens the store (their round trips
+/// overlap): once the store is open the lease is there, so `maintenance -now`, which deletes
+/// at once only where no lease is live, refuses rather than delete what the backup read;
+/// the backup then completes and restores exactly, and leaves no lock behind. (Before, the
+/// lease was written only after the opening, and -now went ahead.)
+#[test]
+fn a_backup_holds_its_lease_once_the_store_is_open() {
+    let Some(sshd) = fixture() else { return };
+    let s = setup(&sshd, "early-lease", 1);
+    ok(&sshd, &[], &["-q", "at", &s.store, "rm", &s.snaps[0].0]);
+    let b = stopped_backup(&sshd, &s, "backup-opened", Stdio::piped);
+    let locks = || fs::read_dir(s.store_dir.join("locks")).unwrap().count();
+    assert_eq!(
+        locks(),
+        1,
+        "the backup's lease is there once the store is open"
+    );
+    let out = run(&sshd, &[], &["at", &s.store, "maintenance", "-now"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("backup (pid"), "{err}");
+    signal(&b, nix::sys::signal::Signal::SIGCONT);
+    let out = b.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "backup failed: {err}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(locks(), 0, "the backup left its lock behind");
     check_clean(&sshd, &s.store);
     assert_restores(&sshd, &s.store, &id, s.src.path(), &s.snaps[0].1);
 }

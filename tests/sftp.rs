@@ -1381,6 +1381,12 @@ fn key_derivation_starts_during_the_login(sshd: Sshd) {
     let (code, err) = traced(&sshd, "wrong", &["at", &url, "ls"]);
     assert_eq!(code, Some(4), "{err}");
     assert!(err.contains("wrong passphrase"), "{err}");
+    // A backup writes its lock while the store opens: with the wrong passphrase it fails
+    // the same way and takes its lock file away.
+    let (code, err) = traced(&sshd, "wrong", &backup);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("wrong passphrase"), "{err}");
+    assert_eq!(fs::read_dir(remote.join("locks")).unwrap().count(), 0);
 
     // The remembered file damaged: the keys come from the store, and it is written again.
     let dir = sshd.home().join(".cache/kloset/locations");
@@ -1406,4 +1412,31 @@ fn key_derivation_starts_during_the_login(sshd: Sshd) {
     assert_eq!(derived_early(&err), (false, true), "{err}");
     let (code, err) = traced(&sshd, pass, &["at", &url, "ls"]);
     assert_eq!(code, Some(4), "the old passphrase opens nothing: {err}");
+}
+
+/// A backup writes its lock while it opens the store: pointed at a path where no store is
+/// (nothing there, or a directory of someone's files), it says so (exit 5, one line) and
+/// leaves the server as it was: no `locks/` made, no lock file, nothing else.
+#[test]
+fn a_backup_into_no_store_leaves_nothing_on_the_server() {
+    let Some(sshd) = Sshd::start() else { return };
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("f"), b"data").unwrap();
+    let src = src.path().to_str().unwrap();
+    let missing = sshd.remote_dir("no-store-here");
+    let _ = fs::remove_dir_all(&missing);
+    let err = fails(&sshd, &["at", &sshd.url(&missing), "backup", src], 5);
+    assert!(err.contains("no kloset store"), "{err}");
+    assert!(!missing.exists(), "the backup made {}", missing.display());
+    let other = sshd.remote_dir("someones-files");
+    fs::create_dir_all(other.join("docs")).unwrap();
+    fs::write(other.join("docs/a.txt"), b"keep").unwrap();
+    let err = fails(&sshd, &["at", &sshd.url(&other), "backup", src], 5);
+    assert!(err.contains("no kloset store"), "{err}");
+    let mut left: Vec<String> = fs::read_dir(&other)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["docs"]);
 }

@@ -67,13 +67,13 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     };
     let progress = Arc::new(Progress::default());
     let res = backup::with_lister(source.as_ref(), opts.exclude.as_ref(), |lister| {
-        let store = ctx.open()?;
+        let (store, early_lock) = ctx.open_for_writing("backup")?;
         crate::store::debug_point("backup-opened");
         let _lock = {
             let _t = crate::trace::span("lock");
             // Packs condemned or deleted between opening the store and taking the lock are
             // not reused: the store is looked at again with the lock's own listing.
-            store.lock_for_writing("backup")?
+            store.lock_for_writing_early(early_lock, "backup")?
         };
         let bar = {
             let p = progress.clone();

@@ -270,6 +270,42 @@ impl Ctx {
     }
 
     fn open_warm(&self, warm: bool) -> anyhow::Result<Store> {
+        let (b, p, early) = self.connect_store()?;
+        if warm {
+            b.warm_up();
+        }
+        Ok(Store::open_early(b, &|c| p.get(c), early)?)
+    }
+
+    /// [`Ctx::open`] for a writer (`backup`): a remote store gets its lock file written while
+    /// it opens (three round trips that overlap the opening's instead of following them),
+    /// for [`Store::lock_for_writing_early`] to check. An opening that fails removes it.
+    pub fn open_for_writing(
+        &self,
+        command: &str,
+    ) -> anyhow::Result<(Store, Option<store::Result<store::LockGuard>>)> {
+        let (b, p, early) = self.connect_store()?;
+        if !b.is_remote() || std::env::var_os("KLOSET_DEBUG_LATE_LOCK").is_some() {
+            return Ok((Store::open_early(b, &|c| p.get(c), early)?, None));
+        }
+        let (store, lock) = std::thread::scope(|s| {
+            let lock = s.spawn(|| store::write_early_lock(b.clone(), command));
+            let store = Store::open_early(b.clone(), &|c| p.get(c), early);
+            let lock = lock.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (store, lock)
+        });
+        Ok((store?, Some(lock)))
+    }
+
+    /// The store's backend (logged in), where its passphrase comes from, and the key
+    /// derivation started before the login.
+    fn connect_store(
+        &self,
+    ) -> anyhow::Result<(
+        Arc<dyn Backend>,
+        PassphraseSource,
+        Option<store::early::EarlyKeys>,
+    )> {
         let r = self.resolve(config::Kind::Store, &self.store_url)?;
         let p = PassphraseSource::of_store(r.connector);
         let early = r
@@ -279,10 +315,7 @@ impl Ctx {
             .flatten()
             .and_then(|l| store::early::EarlyKeys::start(&l.url(), p.unprompted()?));
         let b = backend_for(&r.location, &r.options)?;
-        if warm {
-            b.warm_up();
-        }
-        Ok(Store::open_early(b, &|c| p.get(c), early)?)
+        Ok((b, p, early))
     }
 
     pub fn progress(&self) -> bool {

@@ -136,7 +136,6 @@ impl SftpBackend {
                     u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX),
                     Ordering::Relaxed,
                 );
-                p.wait_for_work();
                 self.pool.detach();
                 let p = Arc::new(p);
                 *kept = Some(p.clone());
@@ -299,6 +298,92 @@ impl SftpBackend {
             )
         });
         pipe.dead().is_none().then_some(r)
+    }
+
+    /// Remove the file at `p` (called `what`): through the pipe, else the pool's way.
+    fn remove_path(&self, what: &str, p: &Path) -> Result<()> {
+        if let Some(pipe) = self.pipe() {
+            match pipe.remove(p.as_os_str().as_bytes().to_vec()) {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                _ => {}
+            }
+        }
+        self.pool.run(what, |c| match c.sftp()?.unlink(p) {
+            Ok(()) => Ok(()),
+            Err(e) => missing_is(e, ()),
+        })
+    }
+
+    /// [`Backend::write`]; a missing directory is made only with `make_dirs`.
+    fn write_with(&self, t: FileType, name: &str, data: &[u8], make_dirs: bool) -> Result<()> {
+        let p = self.path(t, name);
+        // Every attempt's temporary name (a retry on a new connection takes a fresh one), for
+        // an interruption to remove (over any free connection).
+        let tmps = Arc::new(parking_lot::Mutex::new(Vec::<PathBuf>::new()));
+        let _job = {
+            let (pool, tmps) = (self.pool.clone(), tmps.clone());
+            crate::store::interrupt::on_interrupt(move || {
+                for tmp in tmps.lock().iter() {
+                    let _ = pool.run("removing a temporary upload", |c| {
+                        match c.sftp()?.unlink(tmp) {
+                            Ok(()) => Ok(()),
+                            Err(e) => missing_is(e, ()),
+                        }
+                    });
+                }
+            })
+        };
+        // Through the kept pipe (three round trips, where libssh2 waits five); packs but
+        // small ones ([`PIPED_PACK`]) go over the pool's connections, many at once. Any
+        // failure is left to the usual way, which also tells a name already taken by this
+        // very upload, a full disk, a missing directory, and retries on new connections.
+        if (t != FileType::Pack || data.len() < PIPED_PACK)
+            && let Some(pipe) = self.pipe()
+        {
+            let upload = || {
+                let tmp = temp_name(&p);
+                tmps.lock().push(tmp.clone());
+                crate::store::interrupt::creating(|| {
+                    pipe.upload(
+                        p.as_os_str().as_bytes().to_vec(),
+                        tmp.as_os_str().as_bytes().to_vec(),
+                        data.to_vec(),
+                    )
+                })
+            };
+            let mut done = upload();
+            // A pack's `packs/XX` not made yet (a young store has few of the 256): made
+            // through the pipe too, then the upload once more.
+            if t == FileType::Pack
+                && make_dirs
+                && matches!(&done, Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound)
+                && let Some(dir) = p.parent()
+                && matches!(
+                    pipe.make_dir(dir.as_os_str().as_bytes().to_vec()),
+                    Ok(Ok(()))
+                )
+            {
+                done = upload();
+            }
+            if matches!(done, Ok(Ok(()))) {
+                return Ok(());
+            }
+        }
+        self.pool.run(&t.path(name), |c| {
+            let tmp = temp_name(&p);
+            tmps.lock().push(tmp.clone());
+            let named = Named::of(t);
+            match upload_conn_via(c, &p, &tmp, data, 0o600, named) {
+                Err(e) if make_dirs && e.kind() == std::io::ErrorKind::NotFound => {
+                    // The directory is missing (e.g. a new packs/XX): make it and try again.
+                    mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)
+                        .and_then(|()| upload_conn_via(c, &p, &tmp, data, 0o600, named))
+                }
+                r => r,
+            }
+            .map_err(|e| self.disk_full_or_probe(c, data.len() as u64, e))
+        })
     }
 
     /// [`Backend::list_several`] through one pipe: every type's directory at once, then the
@@ -1153,88 +1238,76 @@ impl Backend for SftpBackend {
     }
 
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+        self.write_with(t, name, data, true)
+    }
+
+    fn write_where_there(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+        self.write_with(t, name, data, false)
+    }
+
+    fn write_if(
+        &self,
+        t: FileType,
+        name: &str,
+        data: &[u8],
+        check: &mut (dyn FnMut() -> Result<bool> + Send),
+    ) -> Result<bool> {
+        let pipe = self.pipe().filter(|_| t != FileType::Pack);
+        let Some(pipe) = pipe else {
+            if !check()? {
+                return Ok(false);
+            }
+            return self.write(t, name, data).map(|()| true);
+        };
         let p = self.path(t, name);
-        // Every attempt's temporary name (a retry on a new connection takes a fresh one), for
-        // an interruption to remove (over any free connection).
-        let tmps = Arc::new(parking_lot::Mutex::new(Vec::<PathBuf>::new()));
+        let tmp = temp_name(&p);
+        let (path_b, tmp_b) = (
+            p.as_os_str().as_bytes().to_vec(),
+            tmp.as_os_str().as_bytes().to_vec(),
+        );
+        // Removed if the process is interrupted before it is renamed into place.
         let _job = {
-            let (pool, tmps) = (self.pool.clone(), tmps.clone());
+            let (pool, tmp) = (self.pool.clone(), tmp.clone());
             crate::store::interrupt::on_interrupt(move || {
-                for tmp in tmps.lock().iter() {
-                    let _ = pool.run("removing a temporary upload", |c| {
-                        match c.sftp()?.unlink(tmp) {
-                            Ok(()) => Ok(()),
-                            Err(e) => missing_is(e, ()),
-                        }
-                    });
-                }
+                let _ = pool.run("removing a temporary upload", |c| {
+                    match c.sftp()?.unlink(&tmp) {
+                        Ok(()) => Ok(()),
+                        Err(e) => missing_is(e, ()),
+                    }
+                });
             })
         };
-        // Through the kept pipe (three round trips, where libssh2 waits five); packs but
-        // small ones ([`PIPED_PACK`]) go over the pool's connections, many at once. Any
-        // failure is left to the usual way, which also tells a name already taken by this
-        // very upload, a full disk, a missing directory, and retries on new connections.
-        if (t != FileType::Pack || data.len() < PIPED_PACK)
-            && let Some(pipe) = self.pipe()
-        {
-            let upload = || {
-                let tmp = temp_name(&p);
-                tmps.lock().push(tmp.clone());
-                crate::store::interrupt::creating(|| {
-                    pipe.upload(
-                        p.as_os_str().as_bytes().to_vec(),
-                        tmp.as_os_str().as_bytes().to_vec(),
-                        data.to_vec(),
-                    )
-                })
-            };
-            let mut done = upload();
-            // A pack's `packs/XX` not made yet (a young store has few of the 256): made
-            // through the pipe too, then the upload once more.
-            if t == FileType::Pack
-                && matches!(&done, Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound)
-                && let Some(dir) = p.parent()
-                && matches!(
-                    pipe.make_dir(dir.as_os_str().as_bytes().to_vec()),
-                    Ok(Ok(()))
-                )
-            {
-                done = upload();
-            }
-            if matches!(done, Ok(Ok(()))) {
-                return Ok(());
-            }
+        // The data goes to its temporary name (OPEN, then WRITE, fsync and CLOSE: two round
+        // trips) while `check` runs; the RENAME only if it says yes.
+        let (staged, checked) = std::thread::scope(|s| {
+            let checked = s.spawn(check);
+            let staged = crate::store::interrupt::creating(|| {
+                pipe.stage(path_b.clone(), tmp_b.clone(), data.to_vec())
+            });
+            let checked = checked
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (matches!(staged, Ok(Ok(()))), checked)
+        });
+        let placed = staged
+            && matches!(checked, Ok(true))
+            && matches!(pipe.rename(tmp_b.clone(), path_b), Ok(Ok(())));
+        if placed {
+            return Ok(true);
         }
-        self.pool.run(&t.path(name), |c| {
-            let tmp = temp_name(&p);
-            tmps.lock().push(tmp.clone());
-            let named = Named::of(t);
-            match upload_conn_via(c, &p, &tmp, data, 0o600, named) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    // The directory is missing (e.g. a new packs/XX): make it and try again.
-                    mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)
-                        .and_then(|()| upload_conn_via(c, &p, &tmp, data, 0o600, named))
-                }
-                r => r,
-            }
-            .map_err(|e| self.disk_full_or_probe(c, data.len() as u64, e))
-        })
+        if staged {
+            let _ = self.remove_path(&t.path(name), &tmp);
+        }
+        // No, or the check's error; else any failure of the pipe's way is left to the usual
+        // one, which tells it.
+        if !checked? {
+            return Ok(false);
+        }
+        self.write(t, name, data).map(|()| true)
     }
 
     fn remove(&self, t: FileType, name: &str) -> Result<()> {
-        let p = self.path(t, name);
-        if let Some(pipe) = self.pipe() {
-            match pipe.remove(p.as_os_str().as_bytes().to_vec()) {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                _ => {}
-            }
-        }
-        self.pool
-            .run(&t.path(name), |c| match c.sftp()?.unlink(&p) {
-                Ok(()) => Ok(()),
-                Err(e) => missing_is(e, ()),
-            })
+        self.remove_path(&t.path(name), &self.path(t, name))
     }
 }
 

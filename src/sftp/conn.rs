@@ -196,6 +196,12 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The connection's socket, to wait on (`None` when its second handle could not be made).
+    pub fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.tcp.as_ref().map(|t| t.as_fd())
+    }
+
     /// The connection's SFTP session.
     ///
     /// # Errors

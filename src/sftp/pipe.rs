@@ -24,7 +24,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
@@ -32,7 +32,7 @@ use parking_lot::{Condvar, Mutex};
 use super::conn::Conn;
 
 /// Requests sent and not answered yet, at most (new operations wait beyond this).
-pub const MAX_IN_FLIGHT: usize = 256;
+pub const MAX_IN_FLIGHT: usize = 512;
 /// Bytes of file data queued or in flight, at most: submitting more waits.
 const MAX_QUEUED_BYTES: usize = 32 << 20;
 /// The longest answer accepted: OpenSSH's limit for any SFTP message (256 KiB), and a little.
@@ -53,10 +53,12 @@ const EXTRA_READDIRS: usize = 128;
 const RECEIVE_WINDOW: u32 = 64 << 20;
 /// READLINKs in flight for one listing (an answer is a path: 512 of them, a few MiB at worst).
 const READLINKS_AHEAD: usize = 512;
-/// How long the driver waits for new work while only answers nobody waits for are in
-/// flight ([`Step::lingers`]), before it reads them: an asker's next requests, sent on the
-/// answer it just had, go out at once rather than a round trip later.
-const LINGER_WAIT: std::time::Duration = std::time::Duration::from_millis(3);
+/// While it waits for answers, the driver also takes new work as it comes ([`Driver::park`]):
+/// an operation submitted while the answers of others are on their way goes out at once,
+/// not when the next answer comes (a round trip later when only one was in flight). It
+/// waits this long at most before it reads as it used to (blocking, within the session's
+/// timeout), should libssh2 hold answers where neither its channel nor the socket shows them.
+const PARK_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 /// Data per WRITE request: every server takes 32 KiB.
 const WRITE_SIZE: usize = 32 << 10;
 
@@ -220,12 +222,20 @@ pub enum Op {
     },
     /// A store file put in place whole: `data` written to the temporary name `tmp` (created
     /// exclusively, mode 0600), `fsync@openssh.com` (a server without it is let off), CLOSE,
-    /// and only once all of those succeeded a plain RENAME to the path, which never replaces
-    /// a file on OpenSSH. If anything fails the temporary file is removed; the first error
-    /// (the rename's, with its status, when the name is taken) goes to `reply`.
+    /// and only once all of those succeeded (and if `rename`) a plain RENAME to the path,
+    /// which never replaces a file on OpenSSH. If anything fails the temporary file is
+    /// removed; the first error (the rename's, with its status, when the name is taken) goes
+    /// to `reply`. Without `rename` the file stays under `tmp`, for an [`Op::Rename`] or a
+    /// removal once the asker has decided.
     Upload {
         data: Vec<u8>,
         tmp: Vec<u8>,
+        rename: bool,
+        reply: std::sync::mpsc::Sender<std::io::Result<()>>,
+    },
+    /// A plain RENAME of the path to `to`; the server's answer to `reply`.
+    Rename {
+        to: Vec<u8>,
         reply: std::sync::mpsc::Sender<std::io::Result<()>>,
     },
     /// REMOVE the path; the server's answer to `reply`.
@@ -402,9 +412,10 @@ struct Shared {
     most_in_flight: Mutex<usize>,
     /// Once stopped, close the connection at once ([`Pipe::quit_when_stopped`]).
     quit: AtomicBool,
-    /// Wait [`LINGER_WAIT`] for new work before reading answers nobody waits for
-    /// ([`Pipe::wait_for_work`]).
-    linger: AtomicBool,
+    /// The driver waits on the socket and [`Shared::waker`]: a submitter wakes it.
+    parked: AtomicBool,
+    /// Written to wake a parked driver (the driver reads the other end).
+    waker: Option<std::os::unix::net::UnixStream>,
     /// New operations start while fewer requests than this are in flight
     /// ([`MAX_IN_FLIGHT`] unless [`Pipe::allow_in_flight`] says otherwise).
     max_in_flight: std::sync::atomic::AtomicUsize,
@@ -471,6 +482,13 @@ impl Pipe {
             Ok(o) => o,
             Err(e) => return Err((Some(conn), e)),
         };
+        // Without a socket pair the driver reads as it used to, blocking.
+        let (waker, woken) = match std::os::unix::net::UnixStream::pair() {
+            Ok((a, b)) if a.set_nonblocking(true).is_ok() && b.set_nonblocking(true).is_ok() => {
+                (Some(a), Some(b))
+            }
+            _ => (None, None),
+        };
         let shared = Arc::new(Shared {
             pending: Mutex::new((0, 0)),
             changed: Condvar::new(),
@@ -481,7 +499,8 @@ impl Pipe {
             owners_taken: AtomicU8::new(0),
             most_in_flight: Mutex::new(0),
             quit: AtomicBool::new(false),
-            linger: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
+            waker,
             max_in_flight: std::sync::atomic::AtomicUsize::new(MAX_IN_FLIGHT),
             max_queued: std::sync::atomic::AtomicUsize::new(MAX_QUEUED_BYTES),
         });
@@ -501,12 +520,12 @@ impl Pipe {
                     next_id: 0,
                     next_job: 0,
                     in_flight: 0,
-                    lingering: 0,
                     extra_readdirs: 0,
                     out: Vec::new(),
                     ready: VecDeque::new(),
+                    woken,
                 };
-                d.run(rx);
+                d.run(rx, &conn, &channel);
                 drop(d);
                 if quit.quit.load(Ordering::Relaxed) {
                     conn.quit();
@@ -549,6 +568,7 @@ impl Pipe {
             op,
         };
         let sent = self.tx.as_ref().map(|tx| tx.send(job).is_ok());
+        self.wake();
         if sent != Some(true) {
             let mut p = self.shared.pending.lock();
             p.0 -= 1;
@@ -682,9 +702,51 @@ impl Pipe {
         tmp: Vec<u8>,
         data: Vec<u8>,
     ) -> Result<std::io::Result<()>, String> {
+        self.upload_as(path, tmp, data, true)
+    }
+
+    /// [`Pipe::upload`] up to the RENAME: `data` is left, synced, under `tmp` (absolute; on
+    /// failure it is removed), for [`Pipe::rename`].
+    ///
+    /// # Errors
+    /// The pipe stopped (outer); the server's error (inner).
+    pub fn stage(
+        &self,
+        path: Vec<u8>,
+        tmp: Vec<u8>,
+        data: Vec<u8>,
+    ) -> Result<std::io::Result<()>, String> {
+        self.upload_as(path, tmp, data, false)
+    }
+
+    fn upload_as(
+        &self,
+        path: Vec<u8>,
+        tmp: Vec<u8>,
+        data: Vec<u8>,
+        rename: bool,
+    ) -> Result<std::io::Result<()>, String> {
         let (reply, answer) = std::sync::mpsc::channel();
         let key = path.clone();
-        self.submit(&key, path, Op::Upload { data, tmp, reply })?;
+        let op = Op::Upload {
+            data,
+            tmp,
+            rename,
+            reply,
+        };
+        self.submit(&key, path, op)?;
+        self.answer_of(&answer)
+    }
+
+    /// RENAME `from` to `to` (absolute; OpenSSH's never replaces a file); waits for the
+    /// server's answer.
+    ///
+    /// # Errors
+    /// The pipe stopped (outer); the server's error (inner).
+    pub fn rename(&self, from: Vec<u8>, to: Vec<u8>) -> Result<std::io::Result<()>, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let key = to.clone();
+        self.submit(&key, from, Op::Rename { to, reply })?;
         self.answer_of(&answer)
     }
 
@@ -718,11 +780,14 @@ impl Pipe {
         })
     }
 
-    /// While only answers nobody waits for are in flight, wait a little for new work before
-    /// reading them (for a pipe whose asker sends its next requests on each answer: the
-    /// store's small requests). Off by default.
-    pub fn wait_for_work(&self) {
-        self.shared.linger.store(true, Ordering::Relaxed);
+    /// Wake the driver if it is parked ([`Driver::park`]): new work, or the pipe closing.
+    fn wake(&self) {
+        if self.shared.parked.load(Ordering::SeqCst)
+            && let Some(w) = &self.shared.waker
+        {
+            // Full: a wake is already on its way.
+            let _ = (&*w).write(&[1]);
+        }
     }
 
     /// Start new operations while fewer than `n` requests are in flight (instead of
@@ -786,6 +851,7 @@ impl Pipe {
 
     fn stop(&mut self) -> Option<Conn> {
         self.tx = None;
+        self.wake();
         let conn = self.driver.take()?.join().ok()?;
         if self.dead().is_some() {
             conn.kill();
@@ -840,14 +906,15 @@ enum Step {
     UpClean,
     /// REMOVE of an [`Op::Remove`].
     RemoveOne,
+    /// RENAME of an [`Op::Rename`].
+    RenameOne,
     /// MKDIR of an [`Op::MakeDir`].
     MakeDirOne,
 }
 
 impl Step {
     /// A request whose answer changes nothing for the asker: the CLOSE of a directory or of a
-    /// file read. The asker has its answer without waiting for it, and the driver waits for
-    /// new work rather than for these answers.
+    /// file read. The asker has its answer without waiting for it.
     fn lingers(self) -> bool {
         matches!(self, Step::CloseDir | Step::ReadClose)
     }
@@ -874,6 +941,7 @@ impl Step {
             Step::UpRename => "renaming it into place",
             Step::UpClean => "removing its temporary file",
             Step::RemoveOne => "removing it",
+            Step::RenameOne => "renaming it",
             Step::MakeDirOne => "making the directory",
         }
     }
@@ -905,8 +973,6 @@ struct Driver {
     next_id: u32,
     next_job: u64,
     in_flight: usize,
-    /// Requests in flight that [`Step::lingers`].
-    lingering: usize,
     /// READDIRs in flight beyond each listing's first (see [`EXTRA_READDIRS`]).
     extra_readdirs: usize,
     /// Requests built and not written yet (written together).
@@ -914,10 +980,21 @@ struct Driver {
     /// Metadata to set now that a file's last piece is written ([`FileWrites`]), started
     /// before anything newer.
     ready: VecDeque<Job>,
+    /// The end of [`Shared::waker`] the driver waits on.
+    woken: Option<std::os::unix::net::UnixStream>,
+}
+
+/// Why a parked driver woke ([`Driver::park`]).
+enum Woke {
+    Job(Job),
+    /// No more work can come.
+    Closed,
+    /// Something came from the server, or it waited [`PARK_MAX`].
+    Read,
 }
 
 impl Driver {
-    fn run(&mut self, rx: Receiver<Job>) {
+    fn run(&mut self, rx: Receiver<Job>, conn: &Conn, channel: &ssh2::Channel) {
         let mut queued: VecDeque<Job> = VecDeque::new();
         let mut closed = false;
         loop {
@@ -938,22 +1015,19 @@ impl Driver {
                 self.start(job);
             }
             if let Err(e) = self.flush() {
-                return self.die(e, rx);
+                return self.die(e, rx, queued);
             }
-            // Only answers nobody waits for in flight: new work that comes at once (the asker's
-            // next requests, sent on its answer) goes first, before they are read.
-            if self.in_flight > 0
-                && self.in_flight == self.lingering
-                && !closed
-                && self.shared.linger.load(Ordering::Relaxed)
-            {
-                match rx.recv_timeout(LINGER_WAIT) {
-                    Ok(j) => {
+            // Answers on their way: new work that comes before them goes out at once (if it
+            // can start: with no room, the answers are what it waits for).
+            let room = self.in_flight < self.shared.max_in_flight.load(Ordering::Relaxed);
+            if self.in_flight > 0 && !closed && room {
+                match self.park(&rx, conn, channel) {
+                    Woke::Job(j) => {
                         queued.push_back(j);
                         continue;
                     }
-                    Err(RecvTimeoutError::Disconnected) => closed = true,
-                    Err(RecvTimeoutError::Timeout) => {}
+                    Woke::Closed => closed = true,
+                    Woke::Read => {}
                 }
             }
             if self.in_flight == 0 {
@@ -970,17 +1044,55 @@ impl Driver {
             match read_packet(&mut self.r) {
                 Ok((kind, body)) => {
                     if let Err(e) = self.answer(kind, &body) {
-                        return self.die(e, rx);
+                        return self.die(e, rx, queued);
                     }
                 }
-                Err(e) => return self.die(e, rx),
+                Err(e) => return self.die(e, rx, queued),
             }
         }
     }
 
+    /// Wait for whichever comes first: new work, or something from the server to read (then
+    /// [`Woke::Read`] at once if an answer is already at hand, in the reader's buffer or
+    /// libssh2's). Reading blocks, so a job submitted meanwhile would wait for the next
+    /// answer: up to a round trip.
+    fn park(&mut self, rx: &Receiver<Job>, conn: &Conn, channel: &ssh2::Channel) -> Woke {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        if !self.r.buffer().is_empty() || channel.read_window().available > 0 {
+            return Woke::Read;
+        }
+        let (Some(woken), Some(socket)) = (&self.woken, conn.socket()) else {
+            return Woke::Read;
+        };
+        let took = |rx: &Receiver<Job>| match rx.try_recv() {
+            Ok(j) => Some(Woke::Job(j)),
+            Err(TryRecvError::Disconnected) => Some(Woke::Closed),
+            Err(TryRecvError::Empty) => None,
+        };
+        // Parked before looking at the queue: a job sent after this look sees the flag and
+        // wakes the poll.
+        self.shared.parked.store(true, Ordering::SeqCst);
+        if let Some(w) = took(rx) {
+            self.shared.parked.store(false, Ordering::SeqCst);
+            return w;
+        }
+        let mut fds = [
+            PollFd::new(socket, PollFlags::POLLIN),
+            PollFd::new(woken.as_fd(), PollFlags::POLLIN),
+        ];
+        let wait = PollTimeout::try_from(PARK_MAX).unwrap_or(PollTimeout::MAX);
+        let _ = poll(&mut fds, wait);
+        self.shared.parked.store(false, Ordering::SeqCst);
+        // Emptied (it is non-blocking): each wake is one byte.
+        let mut sink = [0u8; 64];
+        while matches!((&*woken).read(&mut sink), Ok(n) if n > 0) {}
+        took(rx).unwrap_or(Woke::Read)
+    }
+
     /// The connection is gone or the server broke the protocol: every operation not finished,
     /// and every one submitted from now on, fails with `e`.
-    fn die(&mut self, e: std::io::Error, rx: Receiver<Job>) {
+    fn die(&mut self, e: std::io::Error, rx: Receiver<Job>, queued: VecDeque<Job>) {
         let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
         // What every unfinished operation fails with: a lost connection, whatever libssh2
         // called it ("failure while draining incoming flow" is an `Other`), so callers treat
@@ -1012,11 +1124,10 @@ impl Driver {
         }
         self.waiting.clear();
         self.in_flight = 0;
-        self.lingering = 0;
         // Whatever is ready, still queued or comes later fails the same way.
         self.shared.changed.notify_all();
         let ready: Vec<Job> = self.ready.drain(..).collect();
-        for job in ready.into_iter().chain(rx) {
+        for job in ready.into_iter().chain(queued).chain(rx) {
             self.never_started(job, lost, &why);
         }
     }
@@ -1033,6 +1144,7 @@ impl Driver {
                 | Op::Room { .. }
                 | Op::Upload { .. }
                 | Op::Remove { .. }
+                | Op::Rename { .. }
                 | Op::MakeDir { .. }
         ) {
             self.shared.failures.lock().push(Failure {
@@ -1056,9 +1168,6 @@ impl Driver {
         self.out.extend_from_slice(&m.finish());
         self.waiting.insert(id, (job, step));
         self.in_flight += 1;
-        if step.lingers() {
-            self.lingering += 1;
-        }
         if let Some(r) = self.jobs.get_mut(&job) {
             r.waiting += 1;
             if step.lingers() {
@@ -1100,6 +1209,7 @@ impl Driver {
             Op::Read { .. } => Step::ReadOpen,
             Op::Upload { .. } => Step::UpOpen,
             Op::Remove { .. } => Step::RemoveOne,
+            Op::Rename { .. } => Step::RenameOne,
             Op::MakeDir { .. } => Step::MakeDirOne,
             Op::Symlink { remove_first, .. } => {
                 if *remove_first {
@@ -1159,6 +1269,16 @@ impl Driver {
                 self.request(id, Step::ReadLinkOne, FXP_READLINK, |m| m.str(&path))
             }
             Step::RemoveOne => self.request(id, Step::RemoveOne, FXP_REMOVE, |m| m.str(&path)),
+            Step::RenameOne => {
+                let Some(Op::Rename { to, .. }) = self.jobs.get(&id).map(|r| &r.job.op) else {
+                    return;
+                };
+                let to = to.clone();
+                self.request(id, Step::RenameOne, FXP_RENAME, |m| {
+                    m.str(&path);
+                    m.str(&to);
+                });
+            }
             Step::UpOpen => {
                 let Some(run) = self.jobs.get_mut(&id) else {
                     return;
@@ -1268,7 +1388,6 @@ impl Driver {
         };
         run.waiting -= 1;
         if step.lingers() {
-            self.lingering -= 1;
             run.lingering -= 1;
         }
         let status = if kind == FXP_STATUS {
@@ -1378,8 +1497,14 @@ impl Driver {
             (Step::UpSync, FXP_EXTENDED_REPLY, None) => {}
             // Whatever the clean-up says, the upload's own error stands.
             (Step::UpClean, FXP_STATUS, Some(_)) => {}
-            (Step::RemoveOne | Step::MakeDirOne, FXP_STATUS, Some((code, msg))) => {
-                if let Op::Remove { reply } | Op::MakeDir { reply } = &run.job.op {
+            (
+                Step::RemoveOne | Step::MakeDirOne | Step::RenameOne,
+                FXP_STATUS,
+                Some((code, msg)),
+            ) => {
+                if let Op::Remove { reply } | Op::MakeDir { reply } | Op::Rename { reply, .. } =
+                    &run.job.op
+                {
                     let _ = reply.send(if code == FX_OK {
                         Ok(())
                     } else {
@@ -1813,9 +1938,11 @@ impl Driver {
         let Some(run) = self.jobs.get_mut(&job) else {
             return false;
         };
-        let (Some((stage, created)), Op::Upload { tmp, .. }) = (run.upload, &run.job.op) else {
+        let (Some((stage, created)), Op::Upload { tmp, rename, .. }) = (run.upload, &run.job.op)
+        else {
             return false;
         };
+        let rename = *rename;
         let tmp = tmp.clone();
         let path = run.job.path.clone();
         let failed = run.error.is_some();
@@ -1825,7 +1952,7 @@ impl Driver {
                 self.request(job, Step::UpClean, FXP_REMOVE, |m| m.str(&tmp));
                 true
             }
-            UpStage::Writing if !failed => {
+            UpStage::Writing if !failed && rename => {
                 run.upload = Some((UpStage::Renaming, created));
                 self.request(job, Step::UpRename, FXP_RENAME, |m| {
                     m.str(&tmp);
@@ -1860,7 +1987,9 @@ impl Driver {
                 Some(f) => Err(f.error),
                 None => Ok(()),
             });
-        } else if let Op::Remove { reply } | Op::MakeDir { reply } = &run.job.op {
+        } else if let Op::Remove { reply } | Op::MakeDir { reply } | Op::Rename { reply, .. } =
+            &run.job.op
+        {
             // Answered through its reply already, unless the connection failed first.
             if let Some(f) = run.error {
                 let _ = reply.send(Err(f.error));

@@ -218,6 +218,29 @@ pub trait Backend: Send + Sync {
     }
     /// Create a file atomically with this content.
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()>;
+    /// [`Backend::write`] that never makes a missing directory (it fails instead): for a
+    /// file written while the store is opened, before it is known to be there. Only a
+    /// pack's directory is ever made by [`Backend::write`] here, so the same but for packs.
+    fn write_where_there(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+        debug_assert!(t != FileType::Pack);
+        self.write(t, name, data)
+    }
+    /// [`Backend::write`] of a file that must appear only if `check` says so: `Ok(false)`,
+    /// and nothing written, when it says no. A remote store runs `check` while it sends the
+    /// data under a temporary name, so their round trips overlap.
+    fn write_if(
+        &self,
+        t: FileType,
+        name: &str,
+        data: &[u8],
+        check: &mut (dyn FnMut() -> Result<bool> + Send),
+    ) -> Result<bool> {
+        if !check()? {
+            return Ok(false);
+        }
+        self.write(t, name, data)?;
+        Ok(true)
+    }
     /// Remove a file; removing a missing file is not an error.
     fn remove(&self, t: FileType, name: &str) -> Result<()>;
 }

@@ -836,11 +836,18 @@ fn walk_and_commit(
         // its lock, deleted) packs this snapshot reuses: then their blobs are stored again,
         // by walking once more with the index as it now is.
         super::debug_point("backup-before-commit");
-        let bad = store.verify_dependencies(&deps)?;
-        if bad.is_empty() {
-            snapshot.duration_ms = started.elapsed().as_millis() as u64;
+        snapshot.duration_ms = started.elapsed().as_millis() as u64;
+        let mut bad = Vec::new();
+        let written = {
             let _t = crate::trace::span("write the snapshot");
-            let id = store.write_snapshot(&snapshot)?;
+            // The snapshot is sent while its dependencies are checked; it appears only if
+            // they pass.
+            store.write_snapshot_if(&snapshot, &mut || {
+                bad = store.verify_dependencies(&deps)?;
+                Ok(bad.is_empty())
+            })?
+        };
+        if let Some(id) = written {
             return Ok(BackupResult { id, snapshot });
         }
         if walks >= MAX_WALKS {

@@ -159,6 +159,32 @@ fn live_leases_of(
     Ok(out)
 }
 
+/// The first live lock of `listed` (a listing of `locks/`) but `mine` that stands in the way
+/// of a wanted lock: who holds it, and its file.
+fn conflict_in(
+    backend: &dyn Backend,
+    listed: Vec<super::backend::Listed>,
+    mine: Option<&str>,
+    exclusive: bool,
+    command: &str,
+) -> Result<Option<(String, String)>> {
+    for (name, rec) in live_leases_of(backend, listed, mine)? {
+        if conflicts_with(&rec, exclusive, command) {
+            return Ok(Some((
+                format!(
+                    "{} (pid {} on {}, {})",
+                    rec.command,
+                    rec.pid,
+                    rec.host,
+                    if rec.exclusive { "exclusive" } else { "shared" }
+                ),
+                FileType::Lock.path(&name),
+            )));
+        }
+    }
+    Ok(None)
+}
+
 impl LockGuard {
     pub(super) fn take(
         backend: Arc<dyn Backend>,
@@ -176,34 +202,35 @@ impl LockGuard {
         command: &str,
         also: &[FileType],
     ) -> Result<(LockGuard, Vec<Result<Vec<super::backend::Listed>>>)> {
-        let conflicts_in = |listed: Vec<super::backend::Listed>,
-                            mine: Option<&str>|
-         -> Result<Option<(String, String)>> {
-            for (name, rec) in live_leases_of(backend.as_ref(), listed, mine)? {
-                if conflicts_with(&rec, exclusive, command) {
-                    return Ok(Some((
-                        format!(
-                            "{} (pid {} on {}, {})",
-                            rec.command,
-                            rec.pid,
-                            rec.host,
-                            if rec.exclusive { "exclusive" } else { "shared" }
-                        ),
-                        FileType::Lock.path(&name),
-                    )));
-                }
-            }
-            Ok(None)
-        };
-        let conflicts = |mine: Option<&str>| conflicts_in(backend.list(FileType::Lock)?, mine);
         // Looked for before writing only where other locks are likely to stop this one
         // (exclusive locks and maintenance's): a shared lock, which only an exclusive lock
         // stops, is written first and checked once, as the protocol needs, which spares a
         // backup a listing and a read per lock over the network (docs/FORMAT.md §12).
         let wary = exclusive || command == MAINTENANCE;
-        if wary && let Some((who, file)) = conflicts(None)? {
+        if wary
+            && let Some((who, file)) = conflict_in(
+                backend.as_ref(),
+                backend.list(FileType::Lock)?,
+                None,
+                exclusive,
+                command,
+            )?
+        {
             return Err(Error::Locked(who, file));
         }
+        Self::write(backend, exclusive, command, true)?.confirm(also)
+    }
+
+    /// Write a lock file and start refreshing it, before anything is known of the other
+    /// locks: [`LockGuard::confirm`] must follow before the lock is relied on. Without
+    /// `make_dirs`, a missing `locks/` fails the write rather than being made (for a lock
+    /// written while the store is opened, before it is known to be there).
+    pub(super) fn write(
+        backend: Arc<dyn Backend>,
+        exclusive: bool,
+        command: &str,
+        make_dirs: bool,
+    ) -> Result<LockGuard> {
         let name = super::crypto::random_hex(16);
         let now = super::now_ns();
         let rec = LockRecord {
@@ -236,21 +263,10 @@ impl LockGuard {
                 }
             })
         };
-        backend.write(FileType::Lock, &name, &bytes)?;
-        let types: Vec<FileType> = std::iter::once(FileType::Lock)
-            .chain(also.iter().copied())
-            .collect();
-        let mut listings = backend.list_several(&types).into_iter();
-        let locks = listings
-            .next()
-            .unwrap_or_else(|| Err(Error::Other("a listing went missing".into())));
-        let found = locks.and_then(|l| conflicts_in(l, Some(&name)));
-        if !matches!(found, Ok(None)) {
-            let _ = backend.remove(FileType::Lock, &name);
-        }
-        if let Some((who, file)) = found? {
-            let _ = backend.remove(FileType::Lock, &name);
-            return Err(Error::Locked(who, file));
+        if make_dirs {
+            backend.write(FileType::Lock, &name, &bytes)?;
+        } else {
+            backend.write_where_there(FileType::Lock, &name, &bytes)?;
         }
         let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let thread = {
@@ -276,15 +292,41 @@ impl LockGuard {
                 }
             })
         };
-        Ok((
-            LockGuard {
-                lease,
-                stop,
-                thread: Some(thread),
-                _job: job,
-            },
-            listings.collect(),
-        ))
+        Ok(LockGuard {
+            lease,
+            stop,
+            thread: Some(thread),
+            _job: job,
+        })
+    }
+
+    /// The check a written lock needs ([`LockGuard::write`]): `locks/` listed (with the
+    /// directories of `also`, in the same round) once the lock file is there; a live lock
+    /// this one conflicts with removes it and fails. The guard and the listings of `also`.
+    pub(super) fn confirm(
+        self,
+        also: &[FileType],
+    ) -> Result<(LockGuard, Vec<Result<Vec<super::backend::Listed>>>)> {
+        let (exclusive, command) = {
+            let rec = lock(&self.lease.rec);
+            (rec.exclusive, rec.command.clone())
+        };
+        let backend = self.lease.backend.clone();
+        let types: Vec<FileType> = std::iter::once(FileType::Lock)
+            .chain(also.iter().copied())
+            .collect();
+        let mut listings = backend.list_several(&types).into_iter();
+        let locks = listings
+            .next()
+            .unwrap_or_else(|| Err(Error::Other("a listing went missing".into())));
+        let mine = self.file_name();
+        let found =
+            locks.and_then(|l| conflict_in(backend.as_ref(), l, Some(&mine), exclusive, &command));
+        // On any failure the guard goes, and with it the lock file.
+        if let Some((who, file)) = found? {
+            return Err(Error::Locked(who, file));
+        }
+        Ok((self, listings.collect()))
     }
 
     /// What the store keeps of this lock, to check it before a commit.

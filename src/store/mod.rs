@@ -34,7 +34,8 @@ pub mod tree;
 pub use backend::{Backend, FileType, LocalBackend, MemBackend};
 pub use destination::{Destination, LocalDestination};
 pub use error::{Error, ErrorKind, Result};
-pub use repo::{CreateOptions, SnapshotEntry, Store};
+pub use lock::LockGuard;
+pub use repo::{CreateOptions, SnapshotEntry, Store, write_early_lock};
 pub use source::{LocalSource, Source};
 
 /// Nanoseconds since the Unix epoch.

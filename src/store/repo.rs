@@ -820,6 +820,24 @@ impl Store {
         Ok(g)
     }
 
+    /// [`Store::lock_for_writing`] with the lock file written while the store was opened
+    /// ([`write_early_lock`]): only its check is left (with the same listings, one round).
+    /// Without one, or if its write failed, the lock is taken as usual (which reports why).
+    pub fn lock_for_writing_early(
+        &self,
+        early: Option<Result<LockGuard>>,
+        command: &str,
+    ) -> Result<LockGuard> {
+        let Some(Ok(g)) = early else {
+            return self.lock_for_writing(command);
+        };
+        let (types, recovered) = self.refresh_listings();
+        let (g, listings) = g.confirm(&types)?;
+        *self.lease.lock() = Some(g.lease());
+        self.refresh_from(listings, &recovered)?;
+        Ok(g)
+    }
+
     /// What [`Store::lock_for_writing`] lists, and the packs known only from their headers.
     fn refresh_listings(&self) -> (Vec<FileType>, Vec<String>) {
         let recovered: Vec<String> = if self.has_recovered.load(Ordering::Acquire) {
@@ -1232,6 +1250,26 @@ impl Store {
         Ok(id)
     }
 
+    /// [`Store::write_snapshot`] only if `check` says so (run while the snapshot is sent:
+    /// over a network their round trips overlap): its id, or `None` and nothing written.
+    pub fn write_snapshot_if(
+        &self,
+        snap: &Snapshot,
+        check: &mut (dyn FnMut() -> Result<bool> + Send),
+    ) -> Result<Option<String>> {
+        let b = seal_record(&self.crypto, AAD_SNAPSHOT, snap);
+        let id = self.crypto.file_id(&b);
+        if !self.backend.write_if(FileType::Snapshot, &id, &b, check)? {
+            return Ok(None);
+        }
+        // The listing made at open no longer tells every snapshot.
+        *self.listed_snapshots.lock() = None;
+        if let Some(c) = &self.cache {
+            c.put(FileType::Snapshot, &id, &b);
+        }
+        Ok(Some(id))
+    }
+
     /// Find a snapshot by full id, unique prefix, or `latest`.
     pub fn resolve_snapshot(&self, spec: &str) -> Result<SnapshotEntry> {
         let names = self.list_snapshots()?;
@@ -1359,6 +1397,13 @@ impl Store {
         *self.lease.lock() = Some(g.lease());
         Ok(g)
     }
+}
+
+/// Write a writer's shared lock file for `command` on `backend` while its store is opened
+/// (the round trips of both overlap), making no directory: the store may not be there. Then
+/// [`Store::lock_for_writing_early`]; dropped, the file is removed.
+pub fn write_early_lock(backend: Arc<dyn Backend>, command: &str) -> Result<LockGuard> {
+    LockGuard::write(backend, false, command, false)
 }
 
 /// Convenience for engine tests and small tools: a plaintext or encrypted store in memory.
