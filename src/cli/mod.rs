@@ -284,7 +284,27 @@ impl Ctx {
         &self,
         command: &str,
     ) -> anyhow::Result<(Store, Option<store::Result<store::LockGuard>>)> {
+        self.open_locked(command, false)
+    }
+
+    /// [`Ctx::open_for_reading`] with the lock written as [`Ctx::open_for_writing`] does,
+    /// for [`Store::lock_early`].
+    pub fn open_for_reading_locked(
+        &self,
+        command: &str,
+    ) -> anyhow::Result<(Store, Option<store::Result<store::LockGuard>>)> {
+        self.open_locked(command, true)
+    }
+
+    fn open_locked(
+        &self,
+        command: &str,
+        warm: bool,
+    ) -> anyhow::Result<(Store, Option<store::Result<store::LockGuard>>)> {
         let (b, p, early) = self.connect_store()?;
+        if warm {
+            b.warm_up();
+        }
         if !b.is_remote() || std::env::var_os("KLOSET_DEBUG_LATE_LOCK").is_some() {
             return Ok((Store::open_early(b, &|c| p.get(c), early)?, None));
         }

@@ -42,11 +42,23 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     // The pack reads run on several connections: they log in while the store opens, the
     // snapshot is read, the lock taken and the trees loaded, not after (a login is ~10 round
     // trips).
-    let store = ctx.open_for_reading()?;
-    let s = store.resolve_snapshot(snap)?;
     let to = a.to.unwrap_or_else(|| ".".into());
-    let dest = ctx.destination(&to)?;
-    let _lock = store.lock(false, "restore")?;
+    // A remote destination logs in and gets ready (without changing anything) meanwhile,
+    // and the restore's lock is written while the store opens.
+    let (opened, dest) = std::thread::scope(|sc| {
+        let dest = sc.spawn(|| {
+            let d = ctx.destination(&to)?;
+            d.warm_up();
+            anyhow::Ok(d)
+        });
+        let opened = ctx.open_for_reading_locked("restore");
+        let dest = dest.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (opened, dest)
+    });
+    let (store, early_lock) = opened?;
+    let s = store.resolve_snapshot(snap)?;
+    let dest = dest?;
+    let _lock = store.lock_early(early_lock, "restore")?;
     let progress = Arc::new(RestoreProgress::default());
     let bar = {
         let p = progress.clone();

@@ -60,6 +60,8 @@ pub struct SftpDestination {
     /// The root was created by this restore, so nothing is in the way of what it makes:
     /// directories and files are created without a look first (one round trip each fewer).
     fresh: AtomicBool,
+    /// The root was seen to be a directory by [`Destination::warm_up`].
+    root_there: AtomicBool,
     /// Directories below the root (relative paths) seen to be real directories, not
     /// symlinks: checked once each, the first time an entry goes through them.
     dirs: Mutex<HashSet<Vec<u8>>>,
@@ -74,6 +76,10 @@ pub struct SftpDestination {
     /// furthest place the restore has asked about, which the look-ahead stays near.
     ahead: Mutex<HashMap<Vec<u8>, usize>>,
     asked: AtomicUsize,
+    /// Directories the look-ahead is listing now: one whose parent is among them waits for
+    /// that listing, which says what it is (then it is listed through the pipe, not on a
+    /// pooled connection after LSTATs).
+    listing_now: Mutex<HashSet<Vec<u8>>>,
     /// Listings the restore had to wait for, and listings made ahead of it (for
     /// `KLOSET_TRACE`).
     missed: AtomicUsize,
@@ -273,11 +279,13 @@ impl SftpDestination {
             loc,
             pool,
             fresh: AtomicBool::new(false),
+            root_there: AtomicBool::new(false),
             dirs: Mutex::new(HashSet::new()),
             symlink_order: Mutex::new(None),
             listings: Mutex::new(Listings::new()),
             ahead: Mutex::new(HashMap::new()),
             asked: AtomicUsize::new(0),
+            listing_now: Mutex::new(HashSet::new()),
             missed: AtomicUsize::new(0),
             listed_ahead: AtomicUsize::new(0),
             piped_pieces: AtomicUsize::new(0),
@@ -361,7 +369,7 @@ impl SftpDestination {
         // Through the pipe, when nothing needs a look on a pooled connection first (its
         // parents checked, its parent's listing kept): no pooled connection is held while the
         // listing waits, so many directories can be listed at once.
-        if self.piped() && self.parents_known(rel) {
+        if self.piped() && (self.parents_known(rel) || self.parents_seen(rel)) {
             let is_dir = if rel.is_empty() {
                 true
             } else {
@@ -679,6 +687,19 @@ impl SftpDestination {
             .all(|(i, _)| dirs.contains(&rel[..i]))
     }
 
+    /// Is every directory above `rel` a real directory (no symlink), as checked
+    /// ([`SftpDestination::parents_known`]) or as its own parent's kept listing shows it?
+    fn parents_seen(&self, rel: &[u8]) -> bool {
+        rel.iter()
+            .enumerate()
+            .filter(|&(i, &b)| b == b'/' && i > 0)
+            .all(|(i, _)| {
+                let dir = &rel[..i];
+                self.dirs.lock().contains(dir)
+                    || matches!(self.cached_seen(dir), Some(Some(st)) if st.dir && !st.link)
+            })
+    }
+
     /// [`SftpDestination::check_parents`] on a pooled connection, when needed.
     fn ensure_parents(&self, rel: &[u8]) -> Result<()> {
         if self.parents_known(rel) {
@@ -756,6 +777,15 @@ impl SftpDestination {
     }
 }
 
+/// Takes a directory off [`SftpDestination::listing_now`] when its look-ahead is done with it.
+struct ListingNow<'a>(&'a Mutex<HashSet<Vec<u8>>>, &'a [u8]);
+
+impl Drop for ListingNow<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(self.1);
+    }
+}
+
 fn not_found(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::NotFound
 }
@@ -765,7 +795,24 @@ impl Destination for SftpDestination {
         self.loc.url()
     }
 
+    fn warm_up(&self) {
+        let root = self.path(b"");
+        let there = self
+            .pool
+            .run(&self.what(b""), |c| {
+                Ok(c.sftp()?.stat(&root).is_ok_and(|s| s.is_dir()))
+            })
+            .unwrap_or(false);
+        self.root_there.store(there, Ordering::Relaxed);
+        self.start_pipe();
+    }
+
     fn prepare(&self) -> Result<bool> {
+        if self.root_there.load(Ordering::Relaxed) {
+            self.fresh.store(false, Ordering::Relaxed);
+            self.start_pipe();
+            return Ok(false);
+        }
         let root = self.path(b"");
         self.pool
             .run(&self.what(b""), |c| {
@@ -1052,6 +1099,8 @@ impl Destination for SftpDestination {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(dir) = dirs.get(i) else { return };
+                        self.listing_now.lock().insert(dir.clone());
+                        let _listed = ListingNow(&self.listing_now, dir);
                         // Near the restore's questions, so what is listed is still kept
                         // when it asks.
                         while i > self.asked.load(Ordering::Relaxed) + AHEAD {
@@ -1065,6 +1114,17 @@ impl Destination for SftpDestination {
                         }
                         if self.listings.lock().lru.contains(dir.as_slice()) {
                             continue;
+                        }
+                        // Its parent's listing, on its way, says what this one is.
+                        let parent = dir
+                            .iter()
+                            .rposition(|&b| b == b'/')
+                            .map_or(&b""[..], |k| &dir[..k]);
+                        while !dir.is_empty()
+                            && self.listing_now.lock().contains(parent)
+                            && !done.load(Ordering::Relaxed)
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(1));
                         }
                         let l = Arc::new(self.list(dir));
                         self.listed_ahead.fetch_add(1, Ordering::Relaxed);

@@ -24,6 +24,10 @@ use super::tree::{Node, NodeKind};
 
 pub trait Destination: Send + Sync {
     fn describe(&self) -> String;
+    /// Get ready without changing anything (log in, look at the root, open what the restore
+    /// will use), on a thread of its own while the store opens: errors are left for
+    /// [`Destination::prepare`] to meet. The default does nothing.
+    fn warm_up(&self) {}
     /// Create the root if missing; returns whether it was created.
     fn prepare(&self) -> Result<bool>;
     /// Is there already a file at `path` with this size and mtime (an earlier, interrupted

@@ -1397,6 +1397,18 @@ impl Store {
         *self.lease.lock() = Some(g.lease());
         Ok(g)
     }
+
+    /// [`Store::lock`] (shared) with the lock file written while the store was opened
+    /// ([`write_early_lock`]): only its check is left. Without one, or if its write failed,
+    /// the lock is taken as usual.
+    pub fn lock_early(&self, early: Option<Result<LockGuard>>, command: &str) -> Result<LockGuard> {
+        let Some(Ok(g)) = early else {
+            return self.lock(false, command);
+        };
+        let (g, _) = g.confirm(&[])?;
+        *self.lease.lock() = Some(g.lease());
+        Ok(g)
+    }
 }
 
 /// Write a writer's shared lock file for `command` on `backend` while its store is opened
