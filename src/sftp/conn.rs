@@ -877,6 +877,14 @@ impl Pool {
                     self.discard(c);
                     return Err(self.timeout_error(what).into());
                 }
+                // A full disk (or quota) stays full on another connection: not retried. The
+                // connection goes, cut: a write libssh2 gave up on may have left its stream
+                // out of step (`SftpDestination::write_failed`), and a polite close would wait.
+                Err(e) if crate::store::error::no_room(&e) => {
+                    c.kill();
+                    self.discard(c);
+                    return Err(crate::store::Error::io(what.to_string(), e));
+                }
                 Err(e) if transient(&e) || !alive(&c) => {
                     last_err = e.to_string();
                     unreachable = false;

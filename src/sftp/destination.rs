@@ -753,7 +753,27 @@ impl SftpDestination {
         if c.is_broken() {
             return e;
         }
-        disk_full_or(f, Path::new(&self.loc.path), need, e, Server::Destination)
+        // libssh2 keeps several WRITEs of a file in flight, and on a failed one drops the
+        // rest, one of which may be half sent (the server's window ran out in it): the
+        // server then reads whatever comes next on this channel as the rest of that WRITE,
+        // and every later request on it (the room asked on this handle, its CLOSE) waits the
+        // whole timeout. The room is asked through the pipe when there is one, and on a full
+        // disk this connection is cut (a restore onto a full disk once took twice the timeout
+        // here); the pool does not retry that error.
+        let Some(room) = self.pipe.read().as_ref().map(|p| self.room(p)) else {
+            return disk_full_or(f, Path::new(&self.loc.path), need, e, Server::Destination);
+        };
+        let e = refused_write(
+            room,
+            Path::new(&self.loc.path),
+            need,
+            e,
+            Server::Destination,
+        );
+        if crate::store::error::no_room(&e) {
+            c.kill();
+        }
+        e
     }
 
     /// A failed create (of a directory or a file): "disk full" if the filesystem of the root
