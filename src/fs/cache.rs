@@ -17,12 +17,12 @@
 //! may not be read again, and the LRU proper. Chunks read ahead (prefetched, or a range's
 //! neighbours) enter the ring and move to the LRU when a reader that is not streaming reads
 //! them; a sequential reader of a large file streams, its chunks staying in the ring, and the
-//! chunks it has gone past ([`ChunkCache::passed`]) move to the ring's new end. So reading a
-//! file larger than the cache does not push everything else out (the kernel's page cache keeps
-//! what was read), as a database keeps a sequential scan in a small ring of buffers, and what
-//! was read ahead but never wanted (a prefetch that came too late, a range holding chunks a
-//! reader has gone past: a file's chunks are not always in file order in their packs) leaves
-//! with the ring. The buffers of chunks leaving the cache are kept for the next fetches, which
+//! chunks it has gone past ([`ChunkCache::passed`]) move to the part of the ring that leaves
+//! first. So reading a file larger than the cache does not push everything else out (the
+//! kernel's page cache keeps what was read), as a database keeps a sequential scan in a small
+//! ring of buffers, and what was read ahead but never wanted (a prefetch that came too late, a
+//! range holding chunks a reader has gone past: a file's chunks are not always in file order
+//! in their packs) leaves with the ring. The buffers of chunks leaving the cache are kept for the next fetches, which
 //! then decompress into memory that is already mapped instead of faulting in fresh pages.
 
 use std::collections::HashMap;
@@ -75,25 +75,42 @@ struct Lru {
     map: LruCache<BlobId, Chunk>,
     /// Memory held by `map` (buffer capacities).
     bytes: usize,
-    /// The chunks of `map` that are in the ring, oldest first, with their sizes.
+    /// The chunks of `map` that are in the ring, oldest first, with their sizes: those read
+    /// ahead, and (leaving first) those streaming readers have gone past.
     ring: LruCache<BlobId, usize>,
+    passed: LruCache<BlobId, usize>,
+    /// Bytes of both parts of the ring.
     ring_bytes: usize,
 }
 
 impl Lru {
-    /// `id` (of `n` bytes) goes to the ring's new end.
+    /// `id` (of `n` bytes) goes to the new end of the ring's read-ahead part.
     fn ring_push(&mut self, id: BlobId, n: usize) {
-        if let Some(old) = self.ring.put(id, n) {
-            self.ring_bytes -= old;
-        }
+        self.ring_remove(&id);
+        self.ring.put(id, n);
+        self.ring_bytes += n;
+    }
+
+    /// `id`, in the ring, goes to the new end of the part streaming readers have gone past.
+    fn ring_pass(&mut self, id: BlobId, n: usize) {
+        self.ring_remove(&id);
+        self.passed.put(id, n);
         self.ring_bytes += n;
     }
 
     /// `id` leaves the ring (for the LRU proper, or the cache).
     fn ring_remove(&mut self, id: &BlobId) {
-        if let Some(n) = self.ring.pop(id) {
+        if let Some(n) = self.ring.pop(id).or_else(|| self.passed.pop(id)) {
             self.ring_bytes -= n;
         }
+    }
+
+    /// The ring's next chunk to leave: the oldest a reader went past, else the oldest read
+    /// ahead.
+    fn ring_pop(&mut self) -> Option<(BlobId, usize)> {
+        let (k, n) = self.passed.pop_lru().or_else(|| self.ring.pop_lru())?;
+        self.ring_bytes -= n;
+        Some((k, n))
     }
 }
 
@@ -120,6 +137,10 @@ pub struct ChunkCache {
     /// Pack-range readahead: the first blob of a range read ahead → the first blob of the range
     /// [`READ_AHEAD`] further, queued when a reader gets to the former.
     ahead: Mutex<HashMap<BlobId, BlobId>>,
+    /// Chunks of the runs waiting in the prefetch queue, so that a run is queued once: a
+    /// window sliding over a run asked for it again at every read until a thread took it,
+    /// and a late copy read again the chunks the reader had passed since.
+    queued: Mutex<std::collections::HashSet<BlobId>>,
     /// Bytes of the ring ([`STREAM_RING`], at most the cache: a smaller cache is all ring,
     /// as an LRU alone would be, so a reader's window read ahead still fits).
     ring_max: usize,
@@ -168,6 +189,7 @@ impl ChunkCache {
                 map: LruCache::unbounded(),
                 bytes: 0,
                 ring: LruCache::unbounded(),
+                passed: LruCache::unbounded(),
                 ring_bytes: 0,
             }),
             max_bytes,
@@ -177,11 +199,17 @@ impl ChunkCache {
             prefetch_tx: tx,
             prefetch_rx: rx,
             ahead: Mutex::new(HashMap::new()),
+            queued: Mutex::new(std::collections::HashSet::new()),
             ring_max: STREAM_RING.min(max_bytes),
             free: Mutex::new(Vec::new()),
             free_max: FREE_BYTES.min(max_bytes / 8),
             reused: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Bytes of the ring: what streaming readers and read-ahead share.
+    pub fn ring_bytes(&self) -> usize {
+        self.ring_max
     }
 
     /// Start `n` prefetch threads; they end when the cache is dropped.
@@ -215,14 +243,22 @@ impl ChunkCache {
     /// the background with one range read (those not held or being fetched already); dropped
     /// if the queue is full.
     pub fn prefetch_run(&self, ids: &[BlobId]) {
-        let wanted = {
-            let l = self.lru.lock();
-            let inf = self.inflight.lock();
-            ids.iter()
-                .any(|id| !l.map.contains(id) && !inf.contains_key(id))
-        };
-        if wanted {
-            let _ = self.prefetch_tx.try_send(ids.to_vec());
+        let l = self.lru.lock();
+        let inf = self.inflight.lock();
+        let mut queued = self.queued.lock();
+        let wanted: Vec<BlobId> = ids
+            .iter()
+            .filter(|id| !l.map.contains(id) && !inf.contains_key(id) && !queued.contains(id))
+            .copied()
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        queued.extend(wanted.iter().copied());
+        if self.prefetch_tx.try_send(wanted.clone()).is_err() {
+            for id in &wanted {
+                queued.remove(id);
+            }
         }
     }
 
@@ -233,6 +269,11 @@ impl ChunkCache {
         let (mine, flights): (Vec<BlobId>, Vec<Arc<Inflight>>) = {
             let l = self.lru.lock();
             let mut inf = self.inflight.lock();
+            let mut queued = self.queued.lock();
+            for id in ids {
+                queued.remove(id);
+            }
+            drop(queued);
             let mut claimed = (Vec::new(), Vec::new());
             for id in ids {
                 if !l.map.contains(id) && !inf.contains_key(id) {
@@ -305,10 +346,9 @@ impl ChunkCache {
     /// Drop the ring's oldest chunks beyond its size, then the LRU's beyond the cache's.
     fn trim(&self, l: &mut Lru) {
         while l.ring_bytes > self.ring_max {
-            let Some((k, n)) = l.ring.pop_lru() else {
+            let Some((k, _)) = l.ring_pop() else {
                 break;
             };
-            l.ring_bytes -= n;
             if let Some(c) = l.map.pop(&k) {
                 l.bytes -= held(&c);
                 self.recycle(c);
@@ -322,13 +362,16 @@ impl ChunkCache {
         }
     }
 
-    /// A streaming reader has read chunk `id` to its end: it goes to the ring's new end.
+    /// A streaming reader has read chunk `id` to its end: it leaves the ring after the chunks
+    /// passed before it but before anything read ahead (at the ring's new end, the chunks a
+    /// reader had passed since a prefetch outlived the prefetched chunks it had not reached,
+    /// which then went first and were read again).
     pub fn passed(&self, id: &BlobId) {
         let mut l = self.lru.lock();
         let Some(n) = l.map.peek(id).map(held) else {
             return;
         };
-        l.ring_push(*id, n);
+        l.ring_pass(*id, n);
         self.trim(&mut l);
     }
 

@@ -477,6 +477,8 @@ pub struct MemBackend {
     initialised: Mutex<bool>,
     /// Range reads served (of any file), for tests that count requests.
     range_reads: std::sync::atomic::AtomicU64,
+    /// Bytes those range reads asked for.
+    range_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl MemBackend {
@@ -495,6 +497,11 @@ impl MemBackend {
     /// Range reads served so far.
     pub fn range_reads(&self) -> u64 {
         self.range_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes asked for by the range reads served so far.
+    pub fn range_bytes(&self) -> u64 {
+        self.range_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -556,6 +563,8 @@ impl Backend for MemBackend {
     ) -> Result<()> {
         self.range_reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.range_bytes
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         let all = self.read(t, name)?;
         let end = offset.saturating_add(len);
         if end > all.len() as u64 {

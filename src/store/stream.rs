@@ -42,6 +42,19 @@ pub struct Run {
     reads: Vec<Read>,
 }
 
+impl Run {
+    /// Bytes of packs its range reads ask for (chunks not in the index not counted).
+    pub fn range_bytes(&self) -> u64 {
+        self.reads
+            .iter()
+            .map(|r| match r {
+                Read::Range { length, .. } => *length,
+                Read::Lone(_) => 0,
+            })
+            .sum()
+    }
+}
+
 /// One read of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Read {
