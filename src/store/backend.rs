@@ -479,6 +479,18 @@ pub struct MemBackend {
     range_reads: std::sync::atomic::AtomicU64,
     /// Bytes those range reads asked for.
     range_bytes: std::sync::atomic::AtomicU64,
+    /// Pack writes wait while this is `Hold` and fail while it is `Fail` (tests of writers).
+    pack_writes: Mutex<PackWrites>,
+    pack_writes_changed: parking_lot::Condvar,
+}
+
+/// What [`MemBackend`] does with pack writes.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PackWrites {
+    #[default]
+    Store,
+    Hold,
+    Fail,
 }
 
 impl MemBackend {
@@ -497,6 +509,12 @@ impl MemBackend {
     /// Range reads served so far.
     pub fn range_reads(&self) -> u64 {
         self.range_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Store, hold (wait) or fail the pack writes from now on.
+    pub fn pack_writes(&self, w: PackWrites) {
+        *self.pack_writes.lock() = w;
+        self.pack_writes_changed.notify_all();
     }
 
     /// Bytes asked for by the range reads served so far.
@@ -578,6 +596,18 @@ impl Backend for MemBackend {
         Ok(())
     }
     fn write(&self, t: FileType, name: &str, data: &[u8]) -> Result<()> {
+        if t == FileType::Pack {
+            let mut w = self.pack_writes.lock();
+            while *w == PackWrites::Hold {
+                self.pack_writes_changed.wait(&mut w);
+            }
+            if *w == PackWrites::Fail {
+                return Err(Error::io(
+                    t.path(name),
+                    std::io::Error::from(std::io::ErrorKind::StorageFull),
+                ));
+            }
+        }
         self.files
             .lock()
             .entry((t, name.to_string()))
