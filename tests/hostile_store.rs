@@ -550,8 +550,17 @@ fn interrupt_backup(sig: nix::sys::signal::Signal, want: i32) {
         assert!(start.elapsed() < Duration::from_secs(60), "no lock taken");
         std::thread::sleep(Duration::from_millis(2));
     }
-    // Into the pack writing.
-    std::thread::sleep(Duration::from_millis(300));
+    // Into the pack writing: once the first pack is in the store (with the packs uploaded in
+    // the background a fixed 300 ms was once the whole backup).
+    let has_pack = || {
+        walk_all(&store.join("packs"))
+            .iter()
+            .any(|p| p.is_file() && !p.file_name().unwrap().as_bytes().starts_with(b".tmp"))
+    };
+    while !has_pack() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no pack written");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
     let o = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);

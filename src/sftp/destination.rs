@@ -80,10 +80,17 @@ pub struct SftpDestination {
     /// that listing, which says what it is (then it is listed through the pipe, not on a
     /// pooled connection after LSTATs).
     listing_now: Mutex<HashSet<Vec<u8>>>,
+    /// Directories being listed now, by the look-ahead or the restore: whoever else wants one
+    /// waits for that listing ([`SftpDestination::listing_of`]).
+    being_listed: Mutex<HashSet<Vec<u8>>>,
     /// Listings the restore had to wait for, and listings made ahead of it (for
     /// `KLOSET_TRACE`).
     missed: AtomicUsize,
     listed_ahead: AtomicUsize,
+    /// Directories listed so far, and how many of them were listed again (for
+    /// `KLOSET_TRACE`).
+    listed: Mutex<HashSet<Vec<u8>>>,
+    listed_twice: AtomicUsize,
     /// Pieces of files written through the pipes (for `KLOSET_TRACE`).
     piped_pieces: AtomicUsize,
     /// More pipes for the pieces of larger files, on connections of their own (see
@@ -286,8 +293,11 @@ impl SftpDestination {
             ahead: Mutex::new(HashMap::new()),
             asked: AtomicUsize::new(0),
             listing_now: Mutex::new(HashSet::new()),
+            being_listed: Mutex::new(HashSet::new()),
             missed: AtomicUsize::new(0),
             listed_ahead: AtomicUsize::new(0),
+            listed: Mutex::new(HashSet::new()),
+            listed_twice: AtomicUsize::new(0),
             piped_pieces: AtomicUsize::new(0),
             writers_wanted: AtomicUsize::new(0),
             writers_started: AtomicBool::new(false),
@@ -316,12 +326,35 @@ impl SftpDestination {
             Some(l) => l,
             None => {
                 self.missed.fetch_add(1, Ordering::Relaxed);
-                let l = Arc::new(self.list(dir));
-                self.listings.lock().put(dir.to_vec(), l.clone());
-                l
+                self.listing_of(dir).0
             }
         };
         listing.as_ref().as_ref().map(|m| m.seen.get(name).copied())
+    }
+
+    /// `dir`'s listing: kept, or the one another thread is making now (waited for), or made
+    /// now and kept; whether this call made it. The restore and its look-ahead both ask, and
+    /// the first makes it: at 100 ms a re-run's restore listed `man1` (17,852 names) again
+    /// while the look-ahead's listing of it was on its way, and waited 1.6 s longer for its
+    /// own.
+    fn listing_of(&self, dir: &[u8]) -> (Arc<Listing>, bool) {
+        loop {
+            if let Some(l) = self.listings.lock().lru.get(dir).cloned() {
+                return (l, false);
+            }
+            {
+                let mut being = self.being_listed.lock();
+                if !being.contains(dir) {
+                    being.insert(dir.to_vec());
+                    break;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let l = Arc::new(self.list(dir));
+        self.listings.lock().put(dir.to_vec(), l.clone());
+        self.being_listed.lock().remove(dir);
+        (l, true)
     }
 
     /// The listing kept now of `path`'s directory, and `path`'s name in it (`None`: no
@@ -365,6 +398,9 @@ impl SftpDestination {
     /// One READDIR of directory `rel` (a symlink there is not listed through). A directory
     /// not there yet lists as empty.
     fn list(&self, rel: &[u8]) -> Listing {
+        if !self.listed.lock().insert(rel.to_vec()) {
+            self.listed_twice.fetch_add(1, Ordering::Relaxed);
+        }
         let p = self.path(rel);
         // Through the pipe, when nothing needs a look on a pooled connection first (its
         // parents checked, its parent's listing kept): no pooled connection is held while the
@@ -1146,9 +1182,9 @@ impl Destination for SftpDestination {
                         {
                             std::thread::sleep(std::time::Duration::from_millis(1));
                         }
-                        let l = Arc::new(self.list(dir));
-                        self.listed_ahead.fetch_add(1, Ordering::Relaxed);
-                        self.listings.lock().put(dir.clone(), l);
+                        if self.listing_of(dir).1 {
+                            self.listed_ahead.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 });
             }
@@ -1156,9 +1192,10 @@ impl Destination for SftpDestination {
         self.ahead.lock().clear();
         crate::trace::note(|| {
             format!(
-                "sftp destination: {} directories listed ahead on {threads} connections, {} listed while the restore waited",
+                "sftp destination: {} directories listed ahead on {threads} connections, {} listed while the restore waited, {} listed twice",
                 self.listed_ahead.load(Ordering::Relaxed),
-                self.missed.load(Ordering::Relaxed)
+                self.missed.load(Ordering::Relaxed),
+                self.listed_twice.load(Ordering::Relaxed)
             )
         });
     }

@@ -39,12 +39,16 @@ const MAX_QUEUED_BYTES: usize = 32 << 20;
 pub const MAX_ANSWER: usize = (256 << 10) + 1024;
 /// The longest handle accepted (OpenSSH's are 4 bytes; the protocol allows 256).
 const MAX_HANDLE: usize = 256;
-/// READDIRs in flight on one directory handle, at most: one at first, up to four more with
-/// each answer of names (a small directory costs one READDIR and its "end of file", a large
-/// one soon has several on their way). READDIRs in flight beyond each listing's first, over
-/// all listings: at most [`EXTRA_READDIRS`].
+/// READDIRs in flight on one directory handle, at most: two at first (a small directory's
+/// names and its "end of file" come back together), up to four more with each answer that
+/// shows a large directory ([`FULL_READDIR`]). READDIRs in flight beyond each listing's first,
+/// over all listings: at most [`EXTRA_READDIRS`].
 const READDIRS_AHEAD: usize = 16;
 const EXTRA_READDIRS: usize = 128;
+/// A listing's first answer shows a large directory from this many names on (OpenSSH's hold
+/// up to 100); a later one, when it holds as many names as the first (a server answering in
+/// smaller batches).
+const FULL_READDIR: usize = 50;
 /// The channel's receive window. The driver writes requests without reading answers in
 /// between; should the answers in flight outgrow the window while the requests fill the
 /// server's (file data), both sides would wait on each other. Answers are small (a status, a
@@ -362,6 +366,8 @@ struct ListState {
     todo: Vec<Vec<u8>>,
     /// READDIRs sent and not answered.
     readdirs: usize,
+    /// Names in the first READDIR answer.
+    first_answer: Option<usize>,
     /// A READDIR answered "end of file" (or failed): no more are sent.
     ended: bool,
     /// `.` and `..` seen (and left out).
@@ -1546,9 +1552,20 @@ impl Driver {
                     .as_mut()
                     .ok_or_else(|| protocol("a handle unasked"))?;
                 l.handle = handle.clone();
-                l.readdirs = 1;
+                // Two READDIRs at once when there is room: a directory of up to a hundred
+                // names (OpenSSH's most per answer) is then listed in two round trips, not
+                // three.
+                l.readdirs = if self.extra_readdirs < EXTRA_READDIRS {
+                    self.extra_readdirs += 1;
+                    2
+                } else {
+                    1
+                };
+                let n = l.readdirs;
                 self.jobs.insert(job, run);
-                self.request(job, Step::ReadDir, FXP_READDIR, |m| m.str(&handle));
+                for _ in 0..n {
+                    self.request(job, Step::ReadDir, FXP_READDIR, |m| m.str(&handle));
+                }
                 return self.maybe_done(job);
             }
             (Step::ReadDir, FXP_NAME, None) => {
@@ -1594,15 +1611,27 @@ impl Driver {
                 // More READDIRs on the handle at once: the server answers them in order, each
                 // with the next names, then "end of file" to every one after the end. Up to
                 // four more per answer, within [`READDIRS_AHEAD`] and [`EXTRA_READDIRS`]; one
-                // always goes when none is left on its way.
+                // always goes when none is left on its way. Only while the answers come full
+                // ([`FULL_READDIR`]), though: a short one is most likely the last, the READDIR
+                // already on its way then answers "end of file", and more sent on it only added
+                // a round trip of such answers to every small directory.
                 let more = if l.too_big || l.ended {
                     0
                 } else {
                     let room = EXTRA_READDIRS.saturating_sub(self.extra_readdirs);
-                    let want = (READDIRS_AHEAD - l.readdirs).min(4);
+                    let full = match l.first_answer {
+                        None => count as usize >= FULL_READDIR,
+                        Some(first) => count as usize >= first.max(1),
+                    };
+                    let want = if full {
+                        (READDIRS_AHEAD - l.readdirs).min(4)
+                    } else {
+                        0
+                    };
                     let extra_now = if l.readdirs == 0 { 1 } else { 0 };
                     want.min(room + extra_now).max(extra_now)
                 };
+                l.first_answer.get_or_insert(count as usize);
                 for _ in 0..more {
                     if l.readdirs >= 1 {
                         self.extra_readdirs += 1;
