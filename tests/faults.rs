@@ -1322,6 +1322,26 @@ fn a_distant_store_reads_pack_ranges_through_the_pipe() {
     assert!(last(&far_err).contains("pack"), "{far_err}");
 }
 
+/// A local store under `top` holding a backup of `src`, and an empty directory on the server
+/// with its URL through `proxy`: (store, directory, URL).
+fn backed_up_with_a_distant_destination(
+    sshd: &Sshd,
+    proxy: &Proxy,
+    top: &tempfile::TempDir,
+    src: &Path,
+) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let store = top.path().join("store");
+    let store_s = store.to_str().unwrap();
+    ok(sshd, &["at", store_s, "create"]);
+    ok(
+        sshd,
+        &["-quiet", "at", store_s, "backup", src.to_str().unwrap()],
+    );
+    let remote = sshd.remote_dir("far");
+    let dest = proxy_url(proxy, &remote);
+    (store, remote, dest)
+}
+
 /// A restore of many small files onto a server behind a 20 ms round trip keeps many requests
 /// in flight on its pipelined channel (`sftp::pipe`) instead of waiting out a round trip per
 /// request: before the pipe, each small file cost four round trips on one of four connections.
@@ -1343,15 +1363,8 @@ fn a_restore_onto_a_distant_server_keeps_many_requests_in_flight() {
             .unwrap();
         }
     }
-    let store = top.path().join("store");
+    let (store, remote, dest) = backed_up_with_a_distant_destination(&sshd, &proxy, &top, &src);
     let store_s = store.to_str().unwrap();
-    ok(&sshd, &["at", store_s, "create"]);
-    ok(
-        &sshd,
-        &["-quiet", "at", store_s, "backup", src.to_str().unwrap()],
-    );
-    let remote = sshd.remote_dir("far");
-    let dest = proxy_url(&proxy, &remote);
     let out = sshd
         .cmd(bin())
         .env("KLOSET_TRACE", "1")
@@ -1401,15 +1414,8 @@ fn a_restore_re_run_lists_each_destination_directory_once() {
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("f"), format!("{d}\n")).unwrap();
     }
-    let store = top.path().join("store");
+    let (store, remote, dest) = backed_up_with_a_distant_destination(&sshd, &proxy, &top, &src);
     let store_s = store.to_str().unwrap();
-    ok(&sshd, &["at", store_s, "create"]);
-    ok(
-        &sshd,
-        &["-quiet", "at", store_s, "backup", src.to_str().unwrap()],
-    );
-    let remote = sshd.remote_dir("far");
-    let dest = proxy_url(&proxy, &remote);
     ok(
         &sshd,
         &["-quiet", "at", store_s, "restore", "-to", &dest, "latest"],

@@ -1168,9 +1168,6 @@ impl Destination for SftpDestination {
                         if done.load(Ordering::Relaxed) {
                             return;
                         }
-                        if self.listings.lock().lru.contains(dir.as_slice()) {
-                            continue;
-                        }
                         // Its parent's listing, on its way, says what this one is.
                         let parent = dir
                             .iter()
