@@ -691,6 +691,8 @@ pub struct Pool {
     /// When an operation last gave up because no connection could be made; cleared by the
     /// next connection made. See [`STILL_DOWN`].
     unreachable_since: Mutex<Option<Instant>>,
+    /// Connections made so far (for `KLOSET_TRACE`).
+    made: std::sync::atomic::AtomicUsize,
 }
 
 /// Attempts of one operation, and the first backoff delay (doubling).
@@ -713,6 +715,7 @@ impl Pool {
             count: Mutex::new(0),
             freed: Condvar::new(),
             unreachable_since: Mutex::new(None),
+            made: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -721,6 +724,7 @@ impl Pool {
         match connect(&self.target) {
             Ok(c) => {
                 *self.unreachable_since.lock() = None;
+                self.made.fetch_add(1, Ordering::Relaxed);
                 Ok(c)
             }
             Err(e) => {
@@ -788,6 +792,11 @@ impl Pool {
                 self.freed.wait_for(&mut n, Duration::from_millis(50));
             }
         }
+    }
+
+    /// Connections made so far.
+    pub fn connections_made(&self) -> usize {
+        self.made.load(Ordering::Relaxed)
     }
 
     /// Connections open (idle or in use), and of those idle.
@@ -910,6 +919,16 @@ impl Pool {
     /// Check out a connection for a long operation (e.g. reading a whole file); give it back
     /// with [`Pool::give_back`] or drop it with [`Pool::give_up`].
     pub fn take(&self) -> crate::store::Result<Conn> {
+        self.take_with(true)
+    }
+
+    /// [`Pool::take`] for a pipe ([`super::pipe::Pipe::start`]), which opens a channel of its
+    /// own: the connection's SFTP session is not started if it was not (three round trips).
+    pub fn take_for_pipe(&self) -> crate::store::Result<Conn> {
+        self.take_with(false)
+    }
+
+    fn take_with(&self, sftp: bool) -> crate::store::Result<Conn> {
         let mut delay = BACKOFF;
         let mut last = None;
         for attempt in 0..ATTEMPTS {
@@ -917,7 +936,12 @@ impl Pool {
                 std::thread::sleep(delay);
                 delay *= 2;
             }
-            match self.checkout() {
+            let c = if sftp {
+                self.checkout()
+            } else {
+                self.checkout_any()
+            };
+            match c {
                 Ok(c) => return Ok(c),
                 Err(e @ Error::Connect(..)) => {
                     last = Some(e);

@@ -583,7 +583,9 @@ impl SftpDestination {
         if slot.is_some() {
             return;
         }
-        let Ok(c) = self.pool.take() else { return };
+        let Ok(c) = self.pool.take_for_pipe() else {
+            return;
+        };
         let began = std::time::Instant::now();
         match Pipe::start(c, self.owners_refused.clone()) {
             Ok(p) => {
@@ -654,7 +656,7 @@ impl SftpDestination {
             let each: Vec<_> = (0..want)
                 .map(|_| {
                     s.spawn(|| {
-                        let c = self.pool.take().ok()?;
+                        let c = self.pool.take_for_pipe().ok()?;
                         self.pool.detach();
                         match Pipe::start(c, self.owners_refused.clone()) {
                             Ok(p) => {

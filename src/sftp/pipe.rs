@@ -43,12 +43,19 @@ const MAX_HANDLE: usize = 256;
 /// names and its "end of file" come back together), up to four more with each answer that
 /// shows a large directory ([`FULL_READDIR`]). READDIRs in flight beyond each listing's first,
 /// over all listings: at most [`EXTRA_READDIRS`].
-const READDIRS_AHEAD: usize = 16;
+const READDIRS_AHEAD: usize = 64;
 const EXTRA_READDIRS: usize = 128;
 /// A listing's first answer shows a large directory from this many names on (OpenSSH's hold
 /// up to 100); a later one, when it holds as many names as the first (a server answering in
 /// smaller batches).
 const FULL_READDIR: usize = 50;
+/// READDIRs to send at first for a directory of `size` bytes ([`Pipe::list_sized`]).
+fn first_readdirs(size: u64) -> usize {
+    usize::try_from(size / (8 << 10))
+        .unwrap_or(usize::MAX)
+        .clamp(2, READDIRS_AHEAD)
+}
+
 /// The channel's receive window. The driver writes requests without reading answers in
 /// between; should the answers in flight outgrow the window while the requests fill the
 /// server's (file data), both sides would wait on each other. Answers are small (a status, a
@@ -207,6 +214,12 @@ pub enum Op {
         max_entries: usize,
         max_bytes: usize,
         read_links: bool,
+        /// READDIRs sent at once when the directory is open, room allowing.
+        first_readdirs: usize,
+    },
+    /// LSTAT of the path; its attributes (or the server's error) go to `reply`.
+    Stat {
+        reply: std::sync::mpsc::Sender<std::io::Result<Stat>>,
     },
     /// READLINK of the path; the target (or the server's error) goes to `reply`.
     ReadLink {
@@ -299,6 +312,8 @@ enum UpStage {
 
 /// Where the answer to [`Pipe::read`] comes.
 pub type ReadAnswer = std::sync::mpsc::Receiver<std::io::Result<(Vec<u8>, Stat)>>;
+/// The answer to an [`Op::Stat`] queued by [`Pipe::stat_later`].
+pub type StatAnswer = std::sync::mpsc::Receiver<std::io::Result<Stat>>;
 
 /// A read under way.
 #[derive(Debug, Default)]
@@ -325,6 +340,10 @@ pub struct Stat {
 impl Stat {
     pub fn is_symlink(&self) -> bool {
         self.perm.is_some_and(|p| p & S_IFMT == S_IFLNK)
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.perm.is_some_and(|p| p & S_IFMT == 0o040000)
     }
 
     /// The same as libssh2's attributes (without atime), for code written for those.
@@ -598,8 +617,53 @@ impl Pipe {
         max_bytes: usize,
         read_links: bool,
     ) -> Result<std::io::Result<Listed>, String> {
-        let mut one = self.list_many(vec![path], max_entries, max_bytes, read_links)?;
-        Ok(one.pop().expect("one answer"))
+        self.list_sized(path, 0, max_entries, max_bytes, read_links)
+    }
+
+    /// [`Pipe::list`] of a directory whose size (`st_size`, as its parent's listing gave it;
+    /// 0 if unknown) says how many READDIRs to send at first: on ext4 a directory takes a
+    /// 4 KiB block per 50 to 100 names and OpenSSH answers 100 names a READDIR, so one per
+    /// 8 KiB, at least two, at most [`READDIRS_AHEAD`]. A directory of 17,852 names (1.4 MB)
+    /// was listed in six round trips of READDIRs sent four more per answer, three now. More
+    /// than needed costs only "end of file" answers.
+    ///
+    /// # Errors
+    /// The server's error for the directory, or the pipe stopped.
+    pub fn list_sized(
+        &self,
+        path: Vec<u8>,
+        size: u64,
+        max_entries: usize,
+        max_bytes: usize,
+        read_links: bool,
+    ) -> Result<std::io::Result<Listed>, String> {
+        let answer = self.list_later(path, size, max_entries, max_bytes, read_links)?;
+        self.answer_of(&answer)
+    }
+
+    /// Queue a [`Pipe::list_sized`]; its answer comes on the returned channel.
+    fn list_later(
+        &self,
+        path: Vec<u8>,
+        size: u64,
+        max_entries: usize,
+        max_bytes: usize,
+        read_links: bool,
+    ) -> Result<std::sync::mpsc::Receiver<std::io::Result<Listed>>, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let key = path.clone();
+        self.submit(
+            &key,
+            path,
+            Op::List {
+                reply,
+                max_entries,
+                max_bytes,
+                read_links,
+                first_readdirs: first_readdirs(size),
+            },
+        )?;
+        Ok(answer)
     }
 
     /// [`Pipe::list`] of many directories at once: their answers in the same order.
@@ -613,31 +677,11 @@ impl Pipe {
         max_bytes: usize,
         read_links: bool,
     ) -> Result<Vec<std::io::Result<Listed>>, String> {
-        let mut answers = Vec::with_capacity(paths.len());
-        for path in paths {
-            let (reply, answer) = std::sync::mpsc::channel();
-            let key = path.clone();
-            self.submit(
-                &key,
-                path,
-                Op::List {
-                    reply,
-                    max_entries,
-                    max_bytes,
-                    read_links,
-                },
-            )?;
-            answers.push(answer);
-        }
-        answers
+        let answers = paths
             .into_iter()
-            .map(|a| {
-                a.recv().map_err(|_| {
-                    self.dead()
-                        .unwrap_or_else(|| "the SFTP pipe is closed".into())
-                })
-            })
-            .collect()
+            .map(|path| self.list_later(path, 0, max_entries, max_bytes, read_links))
+            .collect::<Result<Vec<_>, _>>()?;
+        answers.iter().map(|a| self.answer_of(a)).collect()
     }
 
     /// The targets of the symlinks `paths` (absolute), asked all at once, in the same order.
@@ -682,6 +726,27 @@ impl Pipe {
         let (reply, answer) = std::sync::mpsc::channel();
         let key = path.clone();
         self.submit(&key, path, Op::Read { offset, len, reply })?;
+        Ok(answer)
+    }
+
+    /// The attributes of `path` (absolute) by LSTAT (a symlink's own); waits for the answer.
+    ///
+    /// # Errors
+    /// The pipe stopped (outer); the server's error (inner).
+    pub fn stat(&self, path: Vec<u8>) -> Result<std::io::Result<Stat>, String> {
+        let answer = self.stat_later(path)?;
+        self.answer_of(&answer)
+    }
+
+    /// Queue an LSTAT of `path` (absolute); its answer comes on the returned channel (closed
+    /// without one if the pipe stops first).
+    ///
+    /// # Errors
+    /// The pipe stopped.
+    pub fn stat_later(&self, path: Vec<u8>) -> Result<StatAnswer, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let key = path.clone();
+        self.submit(&key, path, Op::Stat { reply })?;
         Ok(answer)
     }
 
@@ -896,6 +961,8 @@ enum Step {
     ReadLink,
     /// READLINK of an [`Op::ReadLink`].
     ReadLinkOne,
+    /// LSTAT of an [`Op::Stat`].
+    StatOne,
     /// `statvfs@openssh.com` of an [`Op::Room`].
     Room,
     /// The steps of an [`Op::Read`].
@@ -934,7 +1001,7 @@ impl Step {
             Step::AtOpen => "opening it to write",
             Step::SetAll | Step::SetRest => "setting its metadata",
             Step::Close => "closing it",
-            Step::Lstat => "looking at it",
+            Step::Lstat | Step::StatOne => "looking at it",
             Step::Symlink => "making the symlink",
             Step::OpenDir | Step::ReadDir | Step::CloseDir | Step::ReadLink => "listing it",
             Step::ReadLinkOne => "reading the symlink",
@@ -1146,6 +1213,7 @@ impl Driver {
             job.op,
             Op::List { .. }
                 | Op::ReadLink { .. }
+                | Op::Stat { .. }
                 | Op::Read { .. }
                 | Op::Room { .. }
                 | Op::Upload { .. }
@@ -1211,6 +1279,7 @@ impl Driver {
             Op::WriteAt { .. } => Step::AtOpen,
             Op::List { .. } => Step::OpenDir,
             Op::ReadLink { .. } => Step::ReadLinkOne,
+            Op::Stat { .. } => Step::StatOne,
             Op::Room { .. } => Step::Room,
             Op::Read { .. } => Step::ReadOpen,
             Op::Upload { .. } => Step::UpOpen,
@@ -1271,6 +1340,7 @@ impl Driver {
                 m.u32(FXF_READ);
                 Attrs::default().put(m);
             }),
+            Step::StatOne => self.request(id, Step::StatOne, FXP_LSTAT, |m| m.str(&path)),
             Step::ReadLinkOne => {
                 self.request(id, Step::ReadLinkOne, FXP_READLINK, |m| m.str(&path))
             }
@@ -1554,13 +1624,15 @@ impl Driver {
                 l.handle = handle.clone();
                 // Two READDIRs at once when there is room: a directory of up to a hundred
                 // names (OpenSSH's most per answer) is then listed in two round trips, not
-                // three.
-                l.readdirs = if self.extra_readdirs < EXTRA_READDIRS {
-                    self.extra_readdirs += 1;
-                    2
-                } else {
-                    1
+                // three. More for a directory its size shows large ([`Pipe::list_sized`]).
+                let first = match run.job.op {
+                    Op::List { first_readdirs, .. } => first_readdirs,
+                    _ => 2,
                 };
+                let extra = (first.clamp(1, READDIRS_AHEAD) - 1)
+                    .min(EXTRA_READDIRS.saturating_sub(self.extra_readdirs));
+                self.extra_readdirs += extra;
+                l.readdirs = 1 + extra;
                 let n = l.readdirs;
                 self.jobs.insert(job, run);
                 for _ in 0..n {
@@ -1784,12 +1856,26 @@ impl Driver {
             }
             (Step::ReadLinkOne, FXP_STATUS, Some((code, msg))) => {
                 if let Op::ReadLink { reply } = &run.job.op {
-                    let e = if code == FX_OK {
-                        protocol("READLINK answered OK without a name")
-                    } else {
-                        super::status_error(code, msg)
-                    };
-                    let _ = reply.send(Err(e));
+                    let _ = reply.send(Err(status_answer(
+                        code,
+                        msg,
+                        "READLINK answered OK without a name",
+                    )));
+                }
+            }
+            (Step::StatOne, FXP_ATTRS, None) => {
+                let st = read_attrs(&mut c)?;
+                if let Op::Stat { reply } = &run.job.op {
+                    let _ = reply.send(Ok(st));
+                }
+            }
+            (Step::StatOne, FXP_STATUS, Some((code, msg))) => {
+                if let Op::Stat { reply } = &run.job.op {
+                    let _ = reply.send(Err(status_answer(
+                        code,
+                        msg,
+                        "LSTAT answered OK without attributes",
+                    )));
                 }
             }
             (Step::Room, FXP_EXTENDED_REPLY, None) => {
@@ -1810,12 +1896,11 @@ impl Driver {
             }
             (Step::Room, FXP_STATUS, Some((code, msg))) => {
                 if let Op::Room { reply } = &run.job.op {
-                    let e = if code == FX_OK {
-                        protocol("statvfs answered OK without figures")
-                    } else {
-                        super::status_error(code, msg)
-                    };
-                    let _ = reply.send(Err(e));
+                    let _ = reply.send(Err(status_answer(
+                        code,
+                        msg,
+                        "statvfs answered OK without figures",
+                    )));
                 }
             }
             (Step::SetAll, FXP_STATUS, Some((code, _))) => {
@@ -2023,7 +2108,7 @@ impl Driver {
             if let Some(f) = run.error {
                 let _ = reply.send(Err(f.error));
             }
-        } else if let Op::ReadLink { .. } | Op::Room { .. } = &run.job.op {
+        } else if let Op::ReadLink { .. } | Op::Stat { .. } | Op::Room { .. } = &run.job.op {
             // Answered through its reply already (or its reply channel closes with it).
         } else if let Some(f) = run.error {
             self.shared.failures.lock().push(f);
@@ -2032,6 +2117,16 @@ impl Driver {
         p.0 -= 1;
         p.1 -= bytes;
         self.shared.changed.notify_all();
+    }
+}
+
+/// The error a STATUS answer stands for where another answer was expected: the server's
+/// error, or (an OK status) a protocol error saying `ok_is`.
+fn status_answer(code: u32, msg: String, ok_is: &str) -> std::io::Error {
+    if code == FX_OK {
+        protocol(ok_is)
+    } else {
+        super::status_error(code, msg)
     }
 }
 
@@ -2171,6 +2266,18 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_directory_is_listed_with_many_readdirs_at_first() {
+        // Unknown, and small directories: two (names and "end of file" in one round trip).
+        assert_eq!(first_readdirs(0), 2);
+        assert_eq!(first_readdirs(4096), 2);
+        // ext4's /usr/share/man/man3 (2,723 names, 28 READDIRs of OpenSSH's 100).
+        assert_eq!(first_readdirs(114_688), 14);
+        // man1 (17,852 names): as many as one handle is allowed.
+        assert_eq!(first_readdirs(1_409_024), READDIRS_AHEAD);
+        assert_eq!(first_readdirs(u64::MAX), READDIRS_AHEAD);
+    }
 
     #[test]
     fn attrs_are_laid_out_as_sftp_v3_says() {

@@ -226,6 +226,33 @@ pub struct Lister<'s> {
     ready: parking_lot::Condvar,
     /// Work was queued, or the lister was closed.
     work: parking_lot::Condvar,
+    /// The source's root and the directories above it, looked at while the store opens
+    /// ([`with_lister`]); taken by the first walk.
+    ancestry: Mutex<Ancestry>,
+    ancestry_ready: parking_lot::Condvar,
+}
+
+/// [`Lister::ancestry`]'s state.
+enum Ancestry {
+    NotAsked,
+    Asked,
+    Ready(Vec<Result<Node>>),
+}
+
+/// The source's root and the directories above it, up to the one below `/` (none for `/`).
+fn ancestry(root: &[u8]) -> Vec<Vec<u8>> {
+    let comps = components(root);
+    (1..=comps.len())
+        .rev()
+        .map(|i| {
+            let mut p = Vec::new();
+            for c in &comps[..i] {
+                p.push(b'/');
+                p.extend_from_slice(c);
+            }
+            p
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -257,6 +284,54 @@ impl<'s> Lister<'s> {
             state: Mutex::new(ListerState::default()),
             ready: parking_lot::Condvar::new(),
             work: parking_lot::Condvar::new(),
+            ancestry: Mutex::new(Ancestry::NotAsked),
+            ancestry_ready: parking_lot::Condvar::new(),
+        }
+    }
+
+    /// Look at the source's root and the directories above it, all at once (for a remote
+    /// source, one round trip where one after another took one each), for
+    /// [`Lister::ancestry`]. [`Lister::ask_ancestry`] first.
+    fn stat_ancestry(&self) {
+        /// Should the source panic, the walk waiting for the answer looks again itself.
+        struct Answered<'a, 'b>(&'a Lister<'b>);
+        impl Drop for Answered<'_, '_> {
+            fn drop(&mut self) {
+                let mut a = self.0.ancestry.lock();
+                if matches!(*a, Ancestry::Asked) {
+                    *a = Ancestry::NotAsked;
+                }
+                drop(a);
+                self.0.ancestry_ready.notify_all();
+            }
+        }
+        let answered = Answered(self);
+        let stats = self.source.stat_many(&ancestry(&self.source.root()));
+        *self.ancestry.lock() = Ancestry::Ready(stats);
+        drop(answered);
+    }
+
+    /// [`Lister::stat_ancestry`] is on its way: [`Lister::ancestry`] waits for it.
+    fn ask_ancestry(&self) {
+        *self.ancestry.lock() = Ancestry::Asked;
+    }
+
+    /// What [`Lister::stat_ancestry`] found, once (a later walk looks again itself): the
+    /// root's node, then its parent's, and so on up to the directory below `/`.
+    fn ancestry(&self) -> Vec<Result<Node>> {
+        let mut a = self.ancestry.lock();
+        loop {
+            match std::mem::replace(&mut *a, Ancestry::NotAsked) {
+                Ancestry::Ready(stats) => return stats,
+                Ancestry::Asked => {
+                    *a = Ancestry::Asked;
+                    self.ancestry_ready.wait(&mut a);
+                }
+                Ancestry::NotAsked => {
+                    drop(a);
+                    return self.source.stat_many(&ancestry(&self.source.root()));
+                }
+            }
         }
     }
 
@@ -795,6 +870,8 @@ pub fn with_lister<R>(
         }
         let closing = Closing(&lister);
         lister.request(source.root());
+        lister.ask_ancestry();
+        s.spawn(|| lister.stat_ancestry());
         let r = f(closing.0);
         drop(closing);
         r
@@ -879,7 +956,10 @@ fn walk_and_build(
     let root_path = source.root();
     let describe = source.describe();
     let host = super::hostname();
-    let root_node = source.stat(&root_path)?;
+    // The root, then the directories above it (wrapped around it at the end), looked at
+    // while the store was opened.
+    let mut above = lister.ancestry().into_iter();
+    let root_node = above.next().unwrap_or_else(|| source.stat(&root_path))?;
 
     let t_parent = crate::trace::span("find the parent snapshot");
     let parent: Option<SnapshotEntry> = if opts.no_parent {
@@ -1047,7 +1127,7 @@ fn walk_and_build(
         }
         // A directory above the root that cannot be looked at gets default metadata; a source
         // that is gone ends the backup like anywhere else (no snapshot, exit 9).
-        let mut pn = match source.stat(&parent_path) {
+        let mut pn = match above.next().unwrap_or_else(|| source.stat(&parent_path)) {
             Ok(n) => n,
             Err(e) if source_lost(&e) => return Err(e),
             Err(_) => Node::new(comps[i - 1].clone(), NodeKind::Dir),
@@ -1284,6 +1364,10 @@ mod tests {
         listed: Mutex<Vec<Vec<u8>>>,
         log: Mutex<Vec<Event>>,
         slow_open: std::time::Duration,
+        /// Paths asked of `stat`.
+        single_stats: Mutex<Vec<Vec<u8>>>,
+        /// The lists of paths asked of `stat_many`.
+        many_stats: Mutex<Vec<Vec<Vec<u8>>>>,
     }
 
     impl Recording {
@@ -1293,6 +1377,8 @@ mod tests {
                 listed: Mutex::new(Vec::new()),
                 log: Mutex::new(Vec::new()),
                 slow_open,
+                single_stats: Mutex::default(),
+                many_stats: Mutex::default(),
             }
         }
     }
@@ -1308,7 +1394,12 @@ mod tests {
             true
         }
         fn stat(&self, path: &[u8]) -> Result<Node> {
+            self.single_stats.lock().push(path.to_vec());
             self.inner.stat(path)
+        }
+        fn stat_many(&self, paths: &[Vec<u8>]) -> Vec<Result<Node>> {
+            self.many_stats.lock().push(paths.to_vec());
+            self.inner.stat_many(paths)
         }
         fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>> {
             self.listed.lock().push(path.to_vec());
@@ -1355,6 +1446,44 @@ mod tests {
             listed, want,
             "each directory listed once, the excluded one never"
         );
+    }
+
+    #[test]
+    fn the_root_and_the_directories_above_it_are_looked_at_all_at_once() {
+        assert_eq!(
+            ancestry(b"/a/b/c"),
+            [b"/a/b/c".to_vec(), b"/a/b".to_vec(), b"/a".to_vec()]
+        );
+        assert!(ancestry(b"/").is_empty());
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("x/y");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("f"), b"data").unwrap();
+        let src = Recording::new(&root, std::time::Duration::ZERO);
+        let store = crate::store::repo::open_or_create_mem(false);
+        let r = run(
+            &store,
+            &src,
+            &BackupOptions::default(),
+            &Progress::default(),
+        )
+        .unwrap();
+        assert!(r.snapshot.errors.is_empty());
+        let (single, many) = (src.single_stats.into_inner(), src.many_stats.into_inner());
+        // One request for the root and every directory above it (one round trip for a
+        // remote source); none one by one (a round trip each, the root's first and the
+        // others' after the walk).
+        let above = ancestry(&src.inner.root());
+        assert_eq!(many, std::slice::from_ref(&above));
+        let one_by_one: Vec<_> = single.iter().filter(|p| above.contains(p)).collect();
+        assert!(
+            one_by_one.is_empty(),
+            "looked at one by one: {one_by_one:?}"
+        );
+        // And the snapshot holds the tree at its absolute path.
+        let snap = store.resolve_snapshot("latest").unwrap();
+        let node = store.lookup(&snap, &src.inner.root()).unwrap();
+        assert_eq!(node.kind, NodeKind::Dir);
     }
 
     #[test]

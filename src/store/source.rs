@@ -33,6 +33,11 @@ pub trait Source: Send + Sync {
     /// Metadata of one path, not following a final symlink. The node's name is the last
     /// component of `path`.
     fn stat(&self, path: &[u8]) -> Result<Node>;
+    /// [`Source::stat`] of each path, in the same order: all at once where the source can
+    /// (a remote one: one round trip for all).
+    fn stat_many(&self, paths: &[Vec<u8>]) -> Vec<Result<Node>> {
+        paths.iter().map(|p| self.stat(p)).collect()
+    }
     /// The entries of a directory with their metadata, in any order. Extended attributes may
     /// be left unread: the walk reuses the parent snapshot's for entries whose ctime and inode
     /// have not moved (every change to an attribute moves the ctime) and asks
