@@ -623,7 +623,7 @@ impl Pipe {
     /// [`Pipe::list`] of a directory whose size (`st_size`, as its parent's listing gave it;
     /// 0 if unknown) says how many READDIRs to send at first: on ext4 a directory takes a
     /// 4 KiB block per 50 to 100 names and OpenSSH answers 100 names a READDIR, so one per
-    /// 8 KiB, at least two, at most [`READDIRS_AHEAD`]. A directory of 17,852 names (1.4 MB)
+    /// 8 KiB, at least two, at most `READDIRS_AHEAD` (64). A directory of 17,852 names (1.4 MB)
     /// was listed in six round trips of READDIRs sent four more per answer, three now. More
     /// than needed costs only "end of file" answers.
     ///
