@@ -101,6 +101,16 @@ impl SftpSource {
             .filter(|p| p.dead().is_none())
     }
 
+    /// The error to give at once when the pipe stopped because the server went silent: asking
+    /// again on the pool would wait out the timeout again for each request (a silent server's
+    /// new sessions are silent too), and the listings ahead of the walk made that 21 times.
+    fn silent(&self, what: &str) -> Option<Error> {
+        match self.pipe.get() {
+            Some(Some(p)) if p.timed_out() => Some(self.pool.timeout_error(what).into()),
+            _ => None,
+        }
+    }
+
     /// [`Source::stat_many`] through the pipe, all at once: the pipe holds the connection
     /// the pool opened first, and a stat on the pool would wait for another to be made (five
     /// round trips and more). `None` when there is no pipe, or it stopped (the caller asks the
@@ -307,6 +317,9 @@ impl Source for SftpSource {
             return r;
         }
         let what = format!("{}: {}", self.loc.url(), p.display());
+        if let Some(e) = self.silent(&what) {
+            return Err(e);
+        }
         self.pool.run(&what, |c| {
             let st = c.sftp()?.lstat(&p).map_err(io)?;
             let mut n = node_from_stat(name.clone(), &st).ok_or_else(|| {
@@ -322,7 +335,7 @@ impl Source for SftpSource {
     fn stat_many(&self, paths: &[Vec<u8>]) -> Vec<Result<Node>> {
         match self.stat_piped(paths) {
             Some(r) => r,
-            None => paths.iter().map(|p| self.stat(p)).collect(),
+            None => crate::store::source::stat_each(paths, |p| self.stat(p)),
         }
     }
     /// The entries as the server sent them, in its order, except the directory's own `.` and
@@ -334,6 +347,9 @@ impl Source for SftpSource {
         let what = format!("{}: {}", self.loc.url(), p.display());
         if let Some(r) = self.read_dir_piped(&p, &what) {
             return r;
+        }
+        if let Some(e) = self.silent(&what) {
+            return Err(e);
         }
         self.pool.run(&what, |c| {
             let mut dir = c.sftp()?.opendir(&p).map_err(io)?;
@@ -388,6 +404,10 @@ impl Source for SftpSource {
         } else {
             crate::store::backup::LISTER_THREADS
         }
+    }
+
+    fn is_remote(&self) -> bool {
+        true
     }
 
     fn prefetch(&self, path: &[u8], len: u64) {

@@ -273,6 +273,10 @@ const LIST_AHEAD: usize = 4096;
 /// files would otherwise be a million nodes held.
 const LIST_AHEAD_ENTRIES: usize = 32_768;
 
+/// Entries of the parent snapshot's trees read at most to find the directories a remote
+/// source's listings start with ([`Lister::request_known`]).
+const KNOWN_AHEAD_ENTRIES: usize = 65_536;
+
 /// Threads listing directories: listing is latency-bound (disk or network), not CPU-bound.
 pub const LISTER_THREADS: usize = 4;
 
@@ -350,6 +354,50 @@ impl<'s> Lister<'s> {
         st.slots.insert(path.clone(), None);
         st.stack.push(path);
         true
+    }
+
+    /// Queue the directories the parent snapshot had below `path` (`node` its directory
+    /// there) and not excluded, for listing in the order the walk will reach them: a remote
+    /// source then lists them all at once instead of a level at a time, each level two
+    /// round trips after the one above (/usr/share/man's four levels took eight at 100 ms).
+    /// Reads at most [`KNOWN_AHEAD_ENTRIES`] entries of the parent's trees; a directory gone
+    /// since is listed for nothing (its error is never taken).
+    pub fn request_known(&self, store: &Store, path: &[u8], node: &Node) {
+        let mut order = Vec::new();
+        let mut read = 0;
+        let mut todo = vec![(path.to_vec(), node.subtree)];
+        while let Some((p, id)) = todo.pop() {
+            let Some(id) = id else { continue };
+            let Ok(tree) = store.load_tree(&id) else {
+                continue;
+            };
+            read += tree.nodes.len();
+            if read > KNOWN_AHEAD_ENTRIES {
+                break;
+            }
+            // Children pushed last first, so the first pops first: the walk's order.
+            for n in tree.nodes.iter().rev() {
+                if n.kind != NodeKind::Dir {
+                    continue;
+                }
+                let full = join(&p, &n.name);
+                if !is_excluded(self.exclude, &full, &n.name) {
+                    todo.push((full, n.subtree));
+                }
+            }
+            if p != path {
+                order.push(p);
+            }
+        }
+        let mut st = self.state.lock();
+        let mut queued = false;
+        for p in order.into_iter().rev() {
+            queued |= Self::push(&mut st, p);
+        }
+        drop(st);
+        if queued {
+            self.work.notify_all();
+        }
     }
 
     /// No more work: the listing threads end after the listing in hand; queued directories
@@ -976,6 +1024,11 @@ fn walk_and_build(
         .and_then(|p| store.lookup(p, &root_path).ok());
 
     drop(t_parent);
+    if source.is_remote()
+        && let Some(n) = &parent_node
+    {
+        lister.request_known(store, &root_path, n);
+    }
     let t_walk = crate::trace::span("walk and read files");
     let workers = if opts.workers > 0 {
         opts.workers
@@ -1368,6 +1421,10 @@ mod tests {
         single_stats: Mutex<Vec<Vec<u8>>>,
         /// The lists of paths asked of `stat_many`.
         many_stats: Mutex<Vec<Vec<Vec<u8>>>>,
+        /// Says it is remote, and its root's listing waits (up to 5 s) until this directory's
+        /// listing has started: then `held_saw` is set.
+        remote_holding_root_for: Option<Vec<u8>>,
+        held_saw: std::sync::atomic::AtomicBool,
     }
 
     impl Recording {
@@ -1379,6 +1436,8 @@ mod tests {
                 slow_open,
                 single_stats: Mutex::default(),
                 many_stats: Mutex::default(),
+                remote_holding_root_for: None,
+                held_saw: Default::default(),
             }
         }
     }
@@ -1403,7 +1462,22 @@ mod tests {
         }
         fn read_dir(&self, path: &[u8]) -> Result<Vec<Node>> {
             self.listed.lock().push(path.to_vec());
+            if let Some(deep) = &self.remote_holding_root_for
+                && path == self.root()
+            {
+                let until = Instant::now() + std::time::Duration::from_secs(5);
+                while Instant::now() < until {
+                    if self.listed.lock().contains(deep) {
+                        self.held_saw.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
             self.inner.read_dir(path)
+        }
+        fn is_remote(&self) -> bool {
+            self.remote_holding_root_for.is_some()
         }
         fn load_xattrs(&self, path: &[u8], node: &mut Node) {
             self.inner.load_xattrs(path, node)
@@ -1448,6 +1522,12 @@ mod tests {
         );
     }
 
+    /// A backup of `src` with the default options, which reports no error.
+    fn backed_up(store: &Store, src: &dyn Source) {
+        let r = run(store, src, &BackupOptions::default(), &Progress::default()).unwrap();
+        assert!(r.snapshot.errors.is_empty(), "{:?}", r.snapshot.errors);
+    }
+
     #[test]
     fn the_root_and_the_directories_above_it_are_looked_at_all_at_once() {
         assert_eq!(
@@ -1461,14 +1541,7 @@ mod tests {
         std::fs::write(root.join("f"), b"data").unwrap();
         let src = Recording::new(&root, std::time::Duration::ZERO);
         let store = crate::store::repo::open_or_create_mem(false);
-        let r = run(
-            &store,
-            &src,
-            &BackupOptions::default(),
-            &Progress::default(),
-        )
-        .unwrap();
-        assert!(r.snapshot.errors.is_empty());
+        backed_up(&store, &src);
         let (single, many) = (src.single_stats.into_inner(), src.many_stats.into_inner());
         // One request for the root and every directory above it (one round trip for a
         // remote source); none one by one (a round trip each, the root's first and the
@@ -1484,6 +1557,35 @@ mod tests {
         let snap = store.resolve_snapshot("latest").unwrap();
         let node = store.lookup(&snap, &src.inner.root()).unwrap();
         assert_eq!(node.kind, NodeKind::Dir);
+    }
+
+    #[test]
+    fn a_remote_source_lists_the_parent_snapshots_directories_without_waiting_for_their_parents() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("a/b/c/d")).unwrap();
+        std::fs::create_dir_all(t.path().join("e")).unwrap();
+        std::fs::write(t.path().join("a/b/c/d/f"), b"deep").unwrap();
+        let store = crate::store::repo::open_or_create_mem(false);
+        let first = Recording::new(t.path(), std::time::Duration::ZERO);
+        backed_up(&store, &first);
+        // The next backup, from a "remote" source whose root is slow to list: the deepest
+        // directory of the parent snapshot is asked for meanwhile, not four levels later.
+        let mut src = Recording::new(t.path(), std::time::Duration::ZERO);
+        let deep = [src.root().as_slice(), b"/a/b/c/d"].concat();
+        src.remote_holding_root_for = Some(deep);
+        backed_up(&store, &src);
+        assert!(
+            src.held_saw.load(Ordering::Relaxed),
+            "a/b/c/d was not listed while the root's listing was on its way: {:?}",
+            src.listed.lock()
+        );
+        // Each directory listed once, the walk taking what was listed ahead.
+        let mut listed = src.listed.into_inner();
+        let n = listed.len();
+        listed.sort();
+        listed.dedup();
+        assert_eq!(listed.len(), n, "a directory listed twice");
+        assert_eq!(n, 6);
     }
 
     #[test]

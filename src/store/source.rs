@@ -34,9 +34,10 @@ pub trait Source: Send + Sync {
     /// component of `path`.
     fn stat(&self, path: &[u8]) -> Result<Node>;
     /// [`Source::stat`] of each path, in the same order: all at once where the source can
-    /// (a remote one: one round trip for all).
+    /// (a remote one: one round trip for all). Ends early, after an error saying the source
+    /// cannot be reached ([`stat_each`]).
     fn stat_many(&self, paths: &[Vec<u8>]) -> Vec<Result<Node>> {
-        paths.iter().map(|p| self.stat(p)).collect()
+        stat_each(paths, |p| self.stat(p))
     }
     /// The entries of a directory with their metadata, in any order. Extended attributes may
     /// be left unread: the walk reuses the parent snapshot's for entries whose ctime and inode
@@ -66,6 +67,31 @@ pub trait Source: Send + Sync {
     fn listers(&self) -> usize {
         super::backup::LISTER_THREADS
     }
+    /// Does a listing wait on a network (a round trip or more each)? Then the directories
+    /// of the parent snapshot are listed ahead all at once ([`super::backup::Lister`]),
+    /// rather than each level once the one above it is listed.
+    fn is_remote(&self) -> bool {
+        false
+    }
+}
+
+/// `stat` of each path in turn, up to the first error saying the source cannot be reached
+/// (which ends the backup): on a silent server each of the others would wait out the whole
+/// timeout again.
+pub fn stat_each(
+    paths: &[Vec<u8>],
+    mut stat: impl FnMut(&[u8]) -> Result<Node>,
+) -> Vec<Result<Node>> {
+    let mut out = Vec::with_capacity(paths.len());
+    for p in paths {
+        let r = stat(p);
+        let lost = matches!(&r, Err(e) if e.kind() == super::error::ErrorKind::Unreachable);
+        out.push(r);
+        if lost {
+            break;
+        }
+    }
+    out
 }
 
 pub fn os(path: &[u8]) -> &Path {
