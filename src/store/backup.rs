@@ -360,7 +360,7 @@ impl<'s> Lister<'s> {
     /// there) and not excluded, for listing in the order the walk will reach them: a remote
     /// source then lists them all at once instead of a level at a time, each level two
     /// round trips after the one above (/usr/share/man's four levels took eight at 100 ms).
-    /// Reads at most [`KNOWN_AHEAD_ENTRIES`] entries of the parent's trees; a directory gone
+    /// Reads at most `KNOWN_AHEAD_ENTRIES` (65,536) entries of the parent's trees; a directory gone
     /// since is listed for nothing (its error is never taken).
     pub fn request_known(&self, store: &Store, path: &[u8], node: &Node) {
         let mut order = Vec::new();
