@@ -126,6 +126,8 @@ const MAX_LISTED_BYTES: usize = 4 << 20;
 const MAX_KEPT_BYTES: usize = 64 << 20;
 /// How many directories the look-ahead lists beyond the last one the restore asked about.
 const AHEAD: usize = 256;
+/// Threads of the look-ahead listing through the pipe.
+const LOOK_AHEAD_PIPED: usize = 64;
 
 /// What one READDIR of a directory gave: each name's attributes, and the target of each
 /// symlink among them (one READLINK each).
@@ -1141,13 +1143,14 @@ impl Destination for SftpDestination {
             .collect();
         self.asked.store(0, Ordering::Relaxed);
         let next = AtomicUsize::new(0);
-        // Through the pipe a listing holds no connection: many at once, but not too many: a
-        // listing whose parents are not checked yet takes a pooled connection for their
-        // LSTATs, and the pipe's answers come slower under more listings at once. Re-running
-        // a restore of man (113 directories, one of 17,852 entries) over a complete
-        // destination at 20 ms: 32 threads 3.7-3.8 s, 16 2.1-2.2 s, 8 1.4-2.5 s, 4 3.4 s.
+        // Through the pipe a listing holds no connection and waits on its answer: many at
+        // once. Re-running a restore of share/man + lib.tar (113 directories, one of 17,852
+        // entries) over a complete destination: 16 threads 4.37-5.29 s at 100 ms, 64 3.30-3.48
+        // s (32: 3.76 s); at 20 ms 1.17-1.35 against 1.00-1.06 s; on loopback the same
+        // (0.51-0.60 s). (Before listings went two round trips and READDIRs several at once,
+        // 32 threads measured slower than 16 at 20 ms.)
         let threads = if self.piped() {
-            16
+            LOOK_AHEAD_PIPED
         } else {
             self.pool.target().connections.clamp(1, 8)
         };
