@@ -1205,6 +1205,13 @@ impl Store {
         }
     }
 
+    /// [`Store::snapshots`] from a listing made now, not the one made when the store was
+    /// opened (for maintenance, which lists the index after it).
+    pub fn snapshots_listed_now(&self) -> Result<(Vec<SnapshotEntry>, Vec<Error>)> {
+        *self.listed_snapshots.lock() = None;
+        self.snapshots()
+    }
+
     /// All snapshots, oldest first. Damaged snapshot files are returned separately.
     pub fn snapshots(&self) -> Result<(Vec<SnapshotEntry>, Vec<Error>)> {
         let mut out = Vec::new();
