@@ -312,7 +312,8 @@ enum UpStage {
 
 /// Where the answer to [`Pipe::read`] comes.
 pub type ReadAnswer = std::sync::mpsc::Receiver<std::io::Result<(Vec<u8>, Stat)>>;
-/// The answer to an [`Op::Stat`] queued by [`Pipe::stat_later`].
+/// The answer to an [`Op::Stat`] queued by [`Pipe::stat_later`]: the attributes by LSTAT (a
+/// symlink's own).
 pub type StatAnswer = std::sync::mpsc::Receiver<std::io::Result<Stat>>;
 
 /// A read under way.
@@ -727,15 +728,6 @@ impl Pipe {
         let key = path.clone();
         self.submit(&key, path, Op::Read { offset, len, reply })?;
         Ok(answer)
-    }
-
-    /// The attributes of `path` (absolute) by LSTAT (a symlink's own); waits for the answer.
-    ///
-    /// # Errors
-    /// The pipe stopped (outer); the server's error (inner).
-    pub fn stat(&self, path: Vec<u8>) -> Result<std::io::Result<Stat>, String> {
-        let answer = self.stat_later(path)?;
-        self.answer_of(&answer)
     }
 
     /// Queue an LSTAT of `path` (absolute); its answer comes on the returned channel (closed
