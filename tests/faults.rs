@@ -2224,22 +2224,33 @@ fn sftp_restore_destination_out_of_inodes() {
     assert_same_files(&src, &dst);
 }
 
+/// A store created on the hostile server (tests/common/hostile_sftp.py, relaying honestly
+/// until told otherwise) in its directory `name`, and a [`big_tree`] of `mib` MiB to back up
+/// into it: (the server, the temporary directory, the source, the store's directory, its URL).
+fn store_on_a_hostile_server(
+    mib: usize,
+    name: &str,
+) -> Option<(Sshd, tempfile::TempDir, PathBuf, PathBuf, String)> {
+    let sshd = Sshd::start_hostile()?;
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    big_tree(&src, mib);
+    let repo = sshd.remote_dir(name);
+    let store = sshd.url(&repo);
+    sshd.hostile_mode("");
+    ok(&sshd, &["at", &store, "create"]);
+    Some((sshd, top, src, repo, store))
+}
+
 /// An SFTP server that refuses writes with "failure" while its disk has room (what OpenSSH
 /// answers for EDQUOT): a backup into a store there exits 11 with one line saying the server
 /// refused the write, quota most likely; no temporary file or snapshot is left; once the
 /// server takes writes again the backup completes and `check` passes.
 #[test]
 fn sftp_store_refusing_writes_says_quota() {
-    let Some(sshd) = Sshd::start_hostile() else {
+    let Some((sshd, _top, src, repo, store)) = store_on_a_hostile_server(4, "quota") else {
         return;
     };
-    let top = tempfile::tempdir().unwrap();
-    let src = top.path().join("src");
-    big_tree(&src, 4);
-    let repo = sshd.remote_dir("quota");
-    let store = sshd.url(&repo);
-    sshd.hostile_mode("");
-    ok(&sshd, &["at", &store, "create"]);
     sshd.hostile_mode("refuse-write");
     let (code, _, err) = run_bounded(
         &sshd,
@@ -2257,17 +2268,120 @@ fn sftp_store_refusing_writes_says_quota() {
         Vec::<PathBuf>::new(),
         "temporary files left"
     );
+    no_snapshot_then_completes(&sshd, &store, &src);
+}
+
+/// After a backup into `store` on the hostile server failed: no snapshot was saved, and with
+/// the server relaying honestly again the backup of `src` completes and `check` passes.
+fn no_snapshot_then_completes(sshd: &Sshd, store: &str, src: &Path) {
     sshd.hostile_mode("");
     assert_eq!(
-        ok(&sshd, &["at", &store, "ls"]).trim(),
+        ok(sshd, &["at", store, "ls"]).trim(),
         "",
         "a snapshot was saved"
     );
     ok(
-        &sshd,
-        &["-quiet", "at", &store, "backup", src.to_str().unwrap()],
+        sshd,
+        &["-quiet", "at", store, "backup", src.to_str().unwrap()],
     );
+    ok(sshd, &["at", store, "check"]);
+}
+
+/// `backup src` into `store` with `-o timeout=TIMEOUT`: (exit code, stdout, stderr, time).
+fn backup_within(
+    sshd: &Sshd,
+    store: &str,
+    src: &Path,
+    timeout: &str,
+) -> (Option<i32>, String, String, Duration) {
+    let started = Instant::now();
+    let timeout = format!("timeout={timeout}");
+    let (code, out, err) = run_bounded(
+        sshd,
+        &[
+            "-quiet",
+            "-o",
+            &timeout,
+            "at",
+            store,
+            "backup",
+            src.to_str().unwrap(),
+        ],
+    );
+    (code, out, err, started.elapsed())
+}
+
+/// The hostile server's `refuse-write-once` refused a write (else a test tested nothing).
+fn assert_a_write_was_refused(sshd: &Sshd) {
+    assert_eq!(
+        fs::read_to_string(sshd.hostile_ctl().join("state")).unwrap_or_default(),
+        "refused",
+        "the relay refused no pack write: the test tested nothing"
+    );
+}
+
+/// A pack upload over a pooled connection (packs of 1 MiB and more) whose WRITE is refused,
+/// after which that connection answers nothing more (the state a failed write can leave
+/// libssh2's stream in; a full-disk run was once seen waiting forever in the clean-up's REMOVE
+/// on such a connection): the backup stops with the timeout's one line (exit 9) within the
+/// timeout and a little, not after waiting it out again for each clean-up step on that
+/// connection (closing the handle, removing the temporary file: three timeouts in all,
+/// before); once the server answers again the backup completes.
+#[test]
+fn a_pack_upload_failing_on_a_connection_gone_silent_waits_one_timeout_only() {
+    let Some((sshd, _top, src, _repo, store)) = store_on_a_hostile_server(8, "silent-write") else {
+        return;
+    };
+    sshd.hostile_mode("refuse-write-once /packs/ 1048576");
+    let (code, _, err, took) = backup_within(&sshd, &store, &src, "5s");
+    eprintln!(
+        "backup with a pack write refused on a pooled connection: exit {code:?} in {took:?}: {err}"
+    );
+    assert_a_write_was_refused(&sshd);
+    assert_eq!(code, Some(9), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains("did not answer for 5s"), "{err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    no_snapshot_then_completes(&sshd, &store, &src);
+}
+
+/// A pack small enough to go through the kept pipe whose WRITE is refused, after which the
+/// pipe's connection answers nothing more: the upload is done again over a pooled connection,
+/// the backup completes, and the refused attempt's temporary file is removed over another
+/// connection. Before, the pipe asked for its removal on the connection gone silent, and the
+/// file was left.
+#[test]
+fn a_piped_upload_failing_on_a_connection_gone_silent_is_cleaned_elsewhere() {
+    let mode = "refuse-write-once /packs/";
+    let Some((sshd, top, src, repo, store)) = store_on_a_hostile_server(8, "silent-write") else {
+        return;
+    };
+    sshd.hostile_mode(mode);
+    let (code, out, err, took) = backup_within(&sshd, &store, &src, "3s");
+    eprintln!("backup with one pack write refused ({mode}): exit {code:?} in {took:?}: {err}");
+    assert_a_write_was_refused(&sshd);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        temp_files(&repo),
+        Vec::<PathBuf>::new(),
+        "temporary files left"
+    );
+    sshd.hostile_mode("");
     ok(&sshd, &["at", &store, "check"]);
+    let dst = top.path().join("dst");
+    ok(
+        &sshd,
+        &[
+            "-quiet",
+            "at",
+            &store,
+            "restore",
+            "-to",
+            dst.to_str().unwrap(),
+            out.trim(),
+        ],
+    );
+    assert_same_files(&src, &dst);
 }
 
 /// The same server as a restore destination: exit 11, one line naming the destination and

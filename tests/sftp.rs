@@ -1441,3 +1441,46 @@ fn a_backup_into_no_store_leaves_nothing_on_the_server() {
     left.sort();
     assert_eq!(left, ["docs"]);
 }
+
+/// `Conn::bounded`, the guard on the few calls made on a connection after a failed write: a
+/// call still running a few seconds past the session's timeout has the connection cut under
+/// it (its socket shut, so that a libssh2 wait on it ends at once), and what is asked of the
+/// connection afterwards fails at once.
+#[test]
+fn a_bounded_call_outlasting_the_timeout_has_its_connection_cut() {
+    let Some(sshd) = Sshd::start() else { return };
+    let dir = sshd.remote_dir("bounded");
+    let loc = kloset::sftp::Location::parse(&sshd.url(&dir)).unwrap();
+    let key = format!("identity={}", sshd.ssh_file("id_ed25519").display());
+    let opts =
+        kloset::sftp::Options::parse([key.as_str(), "timeout=1s", "insecure_ignore_host_key=true"])
+            .unwrap();
+    let pool = kloset::sftp::conn::Pool::open(&loc, &opts).unwrap();
+    let c = pool.take().unwrap();
+    // A call that returns in time leaves the connection as it was (the guard has ended when
+    // `bounded` returns).
+    assert!(c.bounded(|| c.sftp().unwrap().stat(Path::new("/")).is_ok()));
+    assert!(!c.is_broken(), "cut after the call had returned");
+    assert!(c.sftp().unwrap().stat(Path::new("/")).is_ok());
+    // One that does not return on its own (it waits for the cut) is cut.
+    let started = std::time::Instant::now();
+    let cut = c.bounded(|| {
+        while !c.is_broken() && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.is_broken()
+    });
+    let took = started.elapsed();
+    assert!(cut, "not cut within {took:?}");
+    assert!(
+        took >= Duration::from_secs(1),
+        "cut before the timeout: {took:?}"
+    );
+    let asked = std::time::Instant::now();
+    assert!(c.sftp().unwrap().stat(Path::new("/")).is_err());
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "a cut connection waited"
+    );
+    pool.give_back(c);
+}

@@ -321,6 +321,8 @@ impl SftpBackend {
         // Every attempt's temporary name (a retry on a new connection takes a fresh one), for
         // an interruption to remove (over any free connection).
         let tmps = Arc::new(parking_lot::Mutex::new(Vec::<PathBuf>::new()));
+        // Those that failed uploads may have left on the server, to remove at the end.
+        let left = parking_lot::Mutex::new(Vec::<PathBuf>::new());
         let _job = {
             let (pool, tmps) = (self.pool.clone(), tmps.clone());
             crate::store::interrupt::on_interrupt(move || {
@@ -352,7 +354,19 @@ impl SftpBackend {
                     )
                 })
             };
+            // A failed upload's temporary file may be left: the pipe removes it when the
+            // server answers the write with an error, but not if the pipe stopped, and a
+            // server may fall silent after the error (then the removal is never answered).
+            // Only a missing directory (answered at OPEN) leaves none.
+            let failed = |done: &Result<std::io::Result<()>, String>| match done {
+                Ok(Ok(())) => false,
+                Ok(Err(e)) => e.kind() != std::io::ErrorKind::NotFound,
+                Err(_) => true,
+            };
             let mut done = upload();
+            if failed(&done) {
+                left.lock().extend(tmps.lock().last().cloned());
+            }
             // A pack's `packs/XX` not made yet (a young store has few of the 256): made
             // through the pipe too, then the upload once more.
             if t == FileType::Pack
@@ -365,25 +379,56 @@ impl SftpBackend {
                 )
             {
                 done = upload();
+                if failed(&done) {
+                    left.lock().extend(tmps.lock().last().cloned());
+                }
             }
             if matches!(done, Ok(Ok(()))) {
                 return Ok(());
             }
         }
-        self.pool.run(&t.path(name), |c| {
+        let res = self.pool.run(&t.path(name), |c| {
             let tmp = temp_name(&p);
             tmps.lock().push(tmp.clone());
             let named = Named::of(t);
-            match upload_conn_via(c, &p, &tmp, data, 0o600, named) {
+            let upload = || {
+                upload_conn_via(c, &p, &tmp, data, 0o600, named).map_err(|f| {
+                    if f.tmp_left {
+                        left.lock().push(tmp.clone());
+                    }
+                    f.error
+                })
+            };
+            match upload() {
                 Err(e) if make_dirs && e.kind() == std::io::ErrorKind::NotFound => {
                     // The directory is missing (e.g. a new packs/XX): make it and try again.
-                    mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700)
-                        .and_then(|()| upload_conn_via(c, &p, &tmp, data, 0o600, named))
+                    mkdir_p(c, p.parent().unwrap_or(Path::new("/")), 0o700).and_then(|()| upload())
                 }
                 r => r,
             }
-            .map_err(|e| self.disk_full_or_probe(c, data.len() as u64, e))
-        })
+            .map_err(|e| {
+                if c.is_broken() {
+                    e
+                } else {
+                    self.disk_full_or_probe(c, data.len() as u64, e)
+                }
+            })
+        });
+        self.remove_left(&left.lock(), &res);
+        res
+    }
+
+    /// Remove the temporary files failed uploads left ([`Failed::tmp_left`]), over other
+    /// connections than the ones that failed; not when the upload gave up on the server
+    /// (unreachable, or silent for the whole timeout), where each attempt would wait as long
+    /// again.
+    fn remove_left(&self, left: &[PathBuf], res: &Result<()>) {
+        if matches!(res, Err(e) if e.kind() == crate::store::ErrorKind::Unreachable) {
+            return;
+        }
+        for tmp in left {
+            let _ = self.remove_path("removing a temporary upload", tmp);
+        }
     }
 
     /// [`Backend::list_several`] through one pipe: every type's directory at once, then the
@@ -775,18 +820,23 @@ impl Named {
     }
 }
 
-/// Upload `data` to `path` through a temporary name. Store files are never replaced: if the
-/// name exists (the plain SFTP rename refuses to replace a file, on OpenSSH as on asyncssh),
-/// the upload counts as done only if that file is this upload ([`Named`]); otherwise it fails
-/// with kind `AlreadyExists`, the file there untouched.
-pub fn upload_conn(
-    c: &Conn,
-    path: &Path,
-    data: &[u8],
-    mode: i32,
-    named: Named,
-) -> std::io::Result<()> {
-    upload_conn_via(c, path, &temp_name(path), data, mode, named)
+/// An upload through one connection that failed ([`upload_conn_via`]).
+struct Failed {
+    error: std::io::Error,
+    /// The temporary file was made and may still be on the server: the write failed, and the
+    /// connection was cut (it may be out of step, or its server silent), so removing the file
+    /// is left to another connection.
+    tmp_left: bool,
+}
+
+impl Failed {
+    /// No temporary file is left: none was made, or it was removed here.
+    fn nothing_left(error: std::io::Error) -> Self {
+        Failed {
+            error,
+            tmp_left: false,
+        }
+    }
 }
 
 /// A fresh temporary name next to `path`: `.tmp-<16 hex>`.
@@ -795,9 +845,18 @@ fn temp_name(path: &Path) -> PathBuf {
     dir.join(format!(".tmp-{}", crate::store::crypto::random_hex(8)))
 }
 
-/// [`upload_conn`] through the temporary name `tmp` (created inside
+/// Upload `data` to `path` over `c` through the temporary name `tmp` (created inside
 /// [`crate::store::interrupt::creating`], so an interruption removes it or keeps it from
-/// being created).
+/// being created). Store files are never replaced: if the name exists (the plain SFTP rename
+/// refuses to replace a file, on OpenSSH as on asyncssh), the upload counts as done only if
+/// that file is this upload ([`Named`]); otherwise it fails with kind `AlreadyExists`, the
+/// file there untouched.
+///
+/// A failed WRITE or fsync may leave the connection out of step (libssh2 gives up on a WRITE
+/// it has half sent) or its server silent: the room is asked once, bounded
+/// ([`Conn::bounded`]), to tell a full disk; then the connection is cut, so that nothing more
+/// waits on it, and the temporary file is left for the caller to remove over another one
+/// ([`Failed::tmp_left`]). Other failures (the server answered) remove it here.
 fn upload_conn_via(
     c: &Conn,
     path: &Path,
@@ -805,47 +864,41 @@ fn upload_conn_via(
     data: &[u8],
     mode: i32,
     named: Named,
-) -> std::io::Result<()> {
+) -> Result<(), Failed> {
     let dir = tmp.parent().unwrap_or(Path::new("/"));
-    let sftp = c.sftp()?;
-    let res = (|| -> std::io::Result<()> {
-        let mut f = crate::store::interrupt::creating(|| {
-            sftp.open_mode(
-                tmp,
-                OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
-                mode,
-                OpenType::File,
-            )
-        })
-        .map_err(io)?;
+    let sftp = c.sftp().map_err(Failed::nothing_left)?;
+    let mut f = crate::store::interrupt::creating(|| {
+        sftp.open_mode(
+            tmp,
+            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+            mode,
+            OpenType::File,
+        )
+    })
+    .map_err(|e| Failed::nothing_left(io(e)))?;
+    let written = (|| -> std::io::Result<()> {
         for chunk in data.chunks(IO_BUF) {
-            if let Err(e) = f.write_all(chunk) {
-                return Err(disk_full_or(
-                    &mut f,
-                    dir,
-                    data.len() as u64,
-                    e,
-                    Server::Store,
-                ));
-            }
+            f.write_all(chunk)?;
         }
-        // fsync@openssh.com: the data is on the server's disk before the name appears. A server
-        // without the extension answers "unsupported" (SSH_FX_OP_UNSUPPORTED), which is no
-        // reason to fail; any other error (a full disk or quota noticed at flush time) is: the
-        // name must never appear on a file that is not whole.
+        // fsync@openssh.com: the data is on the server's disk before the name appears. A
+        // server without the extension answers "unsupported" (SSH_FX_OP_UNSUPPORTED), which is
+        // no reason to fail; any other error (a full disk or quota noticed at flush time) is:
+        // the name must never appear on a file that is not whole.
         match f.fsync() {
-            Ok(()) => {}
-            Err(e) if e.code() == ssh2::ErrorCode::SFTP(8) => {}
-            Err(e) => {
-                return Err(disk_full_or(
-                    &mut f,
-                    dir,
-                    data.len() as u64,
-                    io(e),
-                    Server::Store,
-                ));
-            }
+            Err(e) if e.code() != ssh2::ErrorCode::SFTP(8) => Err(io(e)),
+            _ => Ok(()),
         }
+    })();
+    if let Err(e) = written {
+        let error = c.bounded(|| disk_full_or(&mut f, dir, data.len() as u64, e, Server::Store));
+        c.kill();
+        drop(f);
+        return Err(Failed {
+            error,
+            tmp_left: true,
+        });
+    }
+    let res = (|| -> std::io::Result<()> {
         // Closed explicitly, so that an error the server reports only at close (NFS, quotas)
         // is seen too; dropping the handle would ignore it.
         f.close().map_err(io)?;
@@ -860,14 +913,14 @@ fn upload_conn_via(
             },
         }
     })();
-    if res.is_err() {
+    res.map_err(|error| {
         let _ = sftp.unlink(tmp);
-    }
-    res
+        Failed::nothing_left(error)
+    })
 }
 
 /// Does the server's plain SFTP rename refuse to replace an existing file, as every store
-/// write needs ([`upload_conn`]: an upload is renamed into place and must never replace a
+/// write needs ([`upload_conn_via`]: an upload is renamed into place and must never replace a
 /// file of another writer)? Asked once, when a store is created: two files
 /// `.kloset-rename-probe-<hex>.{a,b}` in `dir`, a rename of the first onto the second, both
 /// removed. A server whose rename replaces (the SFTPv3 draft says it must not; some servers

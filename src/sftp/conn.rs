@@ -277,7 +277,31 @@ impl Conn {
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)
     }
+
+    /// Run `f`, a short exchange with this connection's server (one request and its answer),
+    /// cutting the connection ([`Conn::kill`]) if `f` has not returned five seconds after
+    /// the session's timeout. libssh2 bounds each of its waits by that timeout, but one of its
+    /// calls on a connection a failed write had left behind was once seen waiting on the
+    /// socket for good (docs/RELIABILITY.md); cut, the socket fails whatever still waits on
+    /// it at once. For the rare paths after a failure only: it starts a thread.
+    pub fn bounded<T>(&self, f: impl FnOnce() -> T) -> T {
+        let limit = Duration::from_millis(u64::from(self.sess.timeout())) + BOUND_SLACK;
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                if wait.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    self.kill();
+                }
+            });
+            let r = f();
+            drop(done);
+            r
+        })
+    }
 }
+
+/// How much longer than the session's timeout [`Conn::bounded`] lets a call run.
+const BOUND_SLACK: Duration = Duration::from_secs(5);
 
 impl Drop for Conn {
     fn drop(&mut self) {

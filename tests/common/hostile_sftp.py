@@ -22,6 +22,10 @@ CTL/mode chooses what it does, read at every request so a test can switch it bet
 - `refuse-write`: every WRITE is answered SSH_FX_FAILURE ("Failure") and not passed on, as
   OpenSSH's sftp-server answers a write that fails with EDQUOT (an exceeded disk quota),
   while its `statvfs@openssh.com` still shows the disk with room to spare.
+- `refuse-write-once MARK [OFFSET]`: the first WRITE (of all sessions) to a file whose OPEN
+  path contains MARK, at OFFSET or beyond (default 0), is answered SSH_FX_FAILURE, and that session then answers nothing more,
+  without closing (CTL/state = refused; every other WRITE is passed on): a connection left
+  out of step by a failed write, where anything still asked on it waits out the timeout.
 """
 
 import os
@@ -130,6 +134,8 @@ def injected():
 
 opendir_ids = {}  # request id -> path
 handles = {}  # handle -> path
+open_ids = {}  # request id -> path (files)
+file_handles = {}  # handle -> path (files)
 readdir_ids = {}  # request id -> handle
 done = set()  # handles already lied about
 state_lock = threading.Lock()
@@ -148,6 +154,8 @@ def from_server(server_out, client_out):
             with state_lock:
                 if rid in opendir_ids:
                     handles[handle] = opendir_ids.pop(rid)
+                elif rid in open_ids:
+                    file_handles[handle] = open_ids.pop(rid)
         elif kind == FXP_NAME and mode[:1] == ["inject"] and len(mode) >= 3:
             (rid,) = struct.unpack(">I", body[1:5])
             with state_lock:
@@ -205,10 +213,31 @@ def main():
                 path, _ = get_string(body, 5)
                 with state_lock:
                     opendir_ids[rid] = path
+            elif kind == FXP_OPEN and mode[:1] == ["refuse-write-once"]:
+                path, _ = get_string(body, 5)
+                with state_lock:
+                    open_ids[rid] = path
             elif kind == FXP_READDIR:
                 handle, _ = get_string(body, 5)
                 with state_lock:
                     readdir_ids[rid] = handle
+            elif (
+                kind == FXP_WRITE
+                and mode[:1] == ["refuse-write-once"]
+                and len(mode) >= 2
+                and ctl("state") != "refused"
+            ):
+                handle, off = get_string(body, 5)
+                (offset,) = struct.unpack(">Q", body[off:off + 8])
+                with state_lock:
+                    path = file_handles.get(handle, b"")
+                least = int(mode[2]) if len(mode) >= 3 else 0
+                if mode[1].encode() in path and offset >= least:
+                    set_state("refused")
+                    reply = struct.pack(">BII", FXP_STATUS, rid, FX_FAILURE)
+                    reply += string(b"Failure") + string(b"")
+                    write_packet(client_out, reply)
+                    hang()
             elif kind == FXP_WRITE and mode[:1] == ["refuse-write"]:
                 reply = struct.pack(">BII", FXP_STATUS, rid, FX_FAILURE)
                 reply += string(b"Failure") + string(b"")
