@@ -296,6 +296,17 @@ impl Ctx {
         self.open_locked(command, true)
     }
 
+    /// [`Ctx::open_for_writing`] for a reader that holds a lease while it runs (`mount`):
+    /// the pool's other connections are not logged in while the store opens (their key
+    /// exchanges would take the CPU the key derivation and the index need; the mount warms
+    /// the pool once it is up).
+    pub fn open_leased(
+        &self,
+        command: &str,
+    ) -> anyhow::Result<(Store, Option<store::Result<store::LockGuard>>)> {
+        self.open_locked(command, false)
+    }
+
     fn open_locked(
         &self,
         command: &str,

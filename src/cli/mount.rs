@@ -106,11 +106,13 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
             mountpoint.display()
         );
     }
-    let store = Arc::new(ctx.open()?);
     // A lease for as long as the mount serves: maintenance does not delete packs condemned
-    // after it began (the index in memory may point at them).
+    // after it began (the index in memory may point at them). Its lock file is written while
+    // the store opens (a remote store's round trips overlap).
     // A store this user cannot write to is still mounted, without one.
-    let _lease = match store.lock(false, "mount") {
+    let (store, early_lock) = ctx.open_leased("mount")?;
+    let store = Arc::new(store);
+    let _lease = match store.lock_early(early_lock, "mount") {
         Ok(l) => Some(l),
         Err(e @ crate::store::Error::Locked(..)) => return Err(e.into()),
         Err(e) => {
@@ -137,6 +139,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
             Some((e, path))
         }
     };
+    let t = crate::trace::span("mount: snapshots");
     let fs = SnapshotFs::new(
         store.clone(),
         MountConfig {
@@ -145,6 +148,8 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         },
     )
     .map_err(|e| anyhow::anyhow!("cannot mount: {e}"))?;
+    drop(t);
+    let t = crate::trace::span("mount: the kernel's mount");
 
     let mut cfg = fuser::Config::default();
     cfg.mount_options.extend([
@@ -176,6 +181,9 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         anyhow::anyhow!("cannot mount on {}: {e}{hint}", mountpoint.display())
     })?;
     let bg = session.spawn()?;
+    drop(t);
+    // The pool's other connections log in now, in the background, for the reads to come.
+    store.backend().warm_up();
     if !ctx.quiet {
         eprintln!(
             "kloset: mounted {} on {} (read-only); unmount with `umount {}` or Ctrl-C",

@@ -119,6 +119,33 @@ fn held(c: &Chunk) -> usize {
     c.capacity()
 }
 
+/// Each pack's data blobs, sorted by offset: (offset, sealed length, raw length, id).
+type ByPack = HashMap<String, Vec<(u32, u32, u32, BlobId)>>;
+
+/// [`ChunkCache::by_pack`] made from the store's index.
+fn blobs_by_pack(store: &Store) -> ByPack {
+    let _t = crate::trace::span("mount: blobs by pack");
+    let mut by_pack: HashMap<u32, Vec<(u32, u32, u32, BlobId)>> = HashMap::new();
+    let idx = store.index();
+    for (id, loc) in idx.iter() {
+        if loc.kind == crate::store::format::BlobKind::Data {
+            by_pack.entry(loc.pack).or_default().push((
+                loc.offset,
+                loc.length,
+                loc.raw_length,
+                *id,
+            ));
+        }
+    }
+    by_pack
+        .into_iter()
+        .map(|(n, mut v)| {
+            v.sort_by_key(|b| b.0);
+            (idx.pack_name(n).to_string(), v)
+        })
+        .collect()
+}
+
 pub struct ChunkCache {
     store: Arc<Store>,
     lru: Mutex<Lru>,
@@ -128,7 +155,10 @@ pub struct ChunkCache {
     /// the pack's name: its number in the index can change when the index is loaded again (a
     /// mount sees a new snapshot), and a number from the new index must not find the blobs of
     /// another pack here.
-    by_pack: HashMap<String, Vec<(u32, u32, u32, BlobId)>>,
+    /// Made on first use ([`ChunkCache::by_pack`]), or in the background once the mount is
+    /// up ([`ChunkCache::prepare`]): a million blobs take a tenth of a second, which a mount's
+    /// first listings need not wait for.
+    by_pack: std::sync::OnceLock<ByPack>,
     /// Largest pack range read at once ([`PACK_RANGE`]; smaller in tests).
     range: u64,
     /// Prefetch jobs: one chunk, or a run of a file's chunks stored one after another.
@@ -153,35 +183,27 @@ pub struct ChunkCache {
 }
 
 impl ChunkCache {
+    /// Each pack's data blobs by offset, made now if not yet.
+    fn by_pack(&self) -> &ByPack {
+        self.by_pack.get_or_init(|| blobs_by_pack(&self.store))
+    }
+
+    /// Make [`ChunkCache::by_pack`] on another thread, so that the first small chunk read
+    /// finds it made.
+    pub fn prepare(self: &Arc<Self>) {
+        let cache = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            if let Some(c) = cache.upgrade() {
+                c.by_pack();
+            }
+        });
+    }
+
     pub fn new(store: Arc<Store>, max_bytes: usize) -> Arc<ChunkCache> {
         Self::with_range(store, max_bytes, PACK_RANGE)
     }
 
     fn with_range(store: Arc<Store>, max_bytes: usize, range: u64) -> Arc<ChunkCache> {
-        let mut by_pack: HashMap<u32, Vec<(u32, u32, u32, BlobId)>> = HashMap::new();
-        {
-            let idx = store.index();
-            for (id, loc) in idx.iter() {
-                if loc.kind == crate::store::format::BlobKind::Data {
-                    by_pack.entry(loc.pack).or_default().push((
-                        loc.offset,
-                        loc.length,
-                        loc.raw_length,
-                        *id,
-                    ));
-                }
-            }
-        }
-        for v in by_pack.values_mut() {
-            v.sort_by_key(|b| b.0);
-        }
-        let by_pack: HashMap<String, Vec<(u32, u32, u32, BlobId)>> = {
-            let idx = store.index();
-            by_pack
-                .into_iter()
-                .map(|(n, v)| (idx.pack_name(n).to_string(), v))
-                .collect()
-        };
         let (tx, rx) = crossbeam_channel::bounded(256);
         Arc::new(ChunkCache {
             store,
@@ -194,7 +216,7 @@ impl ChunkCache {
             }),
             max_bytes,
             inflight: Mutex::new(HashMap::new()),
-            by_pack,
+            by_pack: std::sync::OnceLock::new(),
             range,
             prefetch_tx: tx,
             prefetch_rx: rx,
@@ -504,7 +526,7 @@ impl ChunkCache {
                 .map_err(|e| e.to_string());
         }
         // A small blob: read the contiguous run of small blobs from here in one request.
-        let Some(blobs) = self.by_pack.get(&pack) else {
+        let Some(blobs) = self.by_pack().get(&pack) else {
             return self
                 .store
                 .read_blob(id)
@@ -656,7 +678,7 @@ mod tests {
         let cache = ChunkCache::with_range(store.clone(), 256 << 20, range);
         cache.start_prefetchers(2);
         let blobs = cache
-            .by_pack
+            .by_pack()
             .values()
             .max_by_key(|b| b.len())
             .unwrap()

@@ -330,6 +330,7 @@ impl SnapshotFs {
         let cache = ChunkCache::new(store.clone(), cfg.cache_bytes);
         let readers = store.backend().ranges_at_once().clamp(1, MAX_PREFETCHERS);
         cache.start_prefetchers(readers);
+        cache.prepare();
         let ring = cache.ring_bytes();
         let zero = vec![0u8; store.config().chunker.max as usize];
         let zero_chunk = store.crypto().blob_id(&zero);
