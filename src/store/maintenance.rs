@@ -232,6 +232,7 @@ pub fn run(store: &Store, lock: &LockGuard, opts: &Options) -> Result<Report> {
     // snapshot whose trees were in no index read, taken as damage (exit 6; seen once in a
     // full test run of `a_backup_running_while_maintenance_condemns_and_deletes_keeps_its_data`).
     let (snaps, bad) = store.snapshots_listed_now()?;
+    super::debug_point("maintenance-listed-snapshots");
     // Everything the store holds.
     let index_listing = store.backend().list(FileType::Index)?;
     r.bytes_read += index_listing.iter().map(|f| f.size).sum::<u64>();
