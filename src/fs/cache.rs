@@ -188,7 +188,7 @@ impl ChunkCache {
         self.by_pack.get_or_init(|| blobs_by_pack(&self.store))
     }
 
-    /// Make [`ChunkCache::by_pack`] on another thread, so that the first small chunk read
+    /// Make the map of data blobs by pack on another thread, so that the first small chunk read
     /// finds it made.
     pub fn prepare(self: &Arc<Self>) {
         let cache = Arc::downgrade(self);

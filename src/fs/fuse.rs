@@ -77,7 +77,11 @@ impl Filesystem for Fuse {
         // Refused above what the kernel offered, which then stays.
         let _ = config.set_max_readahead(MAX_READAHEAD);
         // READDIRPLUS: a listing carries every entry's attributes, so `ls -l`, `tar` or `cp -r`
-        // need no LOOKUP round trip per file.
+        // need no LOOKUP round trip per file. Always, not READDIRPLUS_AUTO (plus for a
+        // directory's first page only, unless its entries are looked at in between): with it,
+        // `find` over a million entries took 1.2 s instead of 4.1-5.1 s (the kernel makes no
+        // inode per entry), but `tar` of share/man 1.40-1.59 s instead of 1.14-1.37 s (tar
+        // reads a whole directory before it stats any entry: one LOOKUP per file).
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
         // No OPEN/RELEASE round trips: answering the first OPEN with ENOSYS makes the kernel
         // open files by itself from then on, with FOPEN_KEEP_CACHE (snapshots never change).

@@ -75,6 +75,34 @@ pub fn fill_random(buf: &mut [u8]) {
     getrandom::fill(buf).expect("the operating system's random number generator failed");
 }
 
+/// Nonces drawn from the operating system's generator at once ([`fresh_nonce`]).
+const NONCES_AT_ONCE: usize = 64;
+
+/// A random nonce, never handed out before: nonces are drawn from the operating system's
+/// generator [`NONCES_AT_ONCE`] at a time, per thread, and each is used once (a million small
+/// files are a million sealed blobs; one `getrandom` call for each was a system call per file
+/// of a first backup). kloset never forks a process that seals, so no copy of a thread's
+/// unused nonces is ever used twice.
+fn fresh_nonce() -> [u8; NONCE_LEN] {
+    thread_local! {
+        static NONCES: std::cell::RefCell<(usize, [u8; NONCE_LEN * NONCES_AT_ONCE])> =
+            const { std::cell::RefCell::new((NONCES_AT_ONCE, [0; NONCE_LEN * NONCES_AT_ONCE])) };
+    }
+    NONCES.with_borrow_mut(|(next, bytes)| {
+        if *next == NONCES_AT_ONCE {
+            fill_random(bytes);
+            *next = 0;
+        }
+        let at = *next * NONCE_LEN;
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&bytes[at..at + NONCE_LEN]);
+        // Not kept once handed out.
+        bytes[at..at + NONCE_LEN].fill(0);
+        *next += 1;
+        nonce
+    })
+}
+
 pub fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     fill_random(&mut b);
@@ -132,8 +160,7 @@ impl Crypto {
     pub fn seal(&self, aad: &[u8], payload: &[u8]) -> Vec<u8> {
         match &self.cipher {
             Some(c) => {
-                let mut nonce = [0u8; NONCE_LEN];
-                fill_random(&mut nonce);
+                let nonce = fresh_nonce();
                 let ct = c
                     .encrypt(&Nonce::from(nonce), Payload { msg: payload, aad })
                     .expect("AES-GCM encryption of an in-memory buffer cannot fail");
@@ -162,8 +189,7 @@ impl Crypto {
     pub fn seal_in_place(&self, aad: &[u8], buf: &mut Vec<u8>) {
         match &self.cipher {
             Some(c) => {
-                let mut nonce = [0u8; NONCE_LEN];
-                fill_random(&mut nonce);
+                let nonce = fresh_nonce();
                 buf[..NONCE_LEN].copy_from_slice(&nonce);
                 let tag = c
                     .encrypt_inout_detached(
@@ -423,6 +449,32 @@ impl KeyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nonces drawn a batch at a time are never handed out twice: across many batches, on
+    /// several threads, and as the nonces of sealed blobs.
+    #[test]
+    fn nonces_are_never_repeated() {
+        let per_thread = NONCES_AT_ONCE * 20 + 3;
+        let all: Vec<[u8; NONCE_LEN]> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(move || (0..per_thread).map(|_| fresh_nonce()).collect::<Vec<_>>())
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect()
+        });
+        let distinct: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len());
+        assert!(!distinct.contains(&[0u8; NONCE_LEN]));
+        let c = Crypto::new(MasterKeys::random(), true);
+        let sealed: std::collections::HashSet<Vec<u8>> = (0..NONCES_AT_ONCE * 3)
+            .map(|_| c.seal(b"aad", b"same payload")[..NONCE_LEN].to_vec())
+            .collect();
+        assert_eq!(sealed.len(), NONCES_AT_ONCE * 3);
+    }
 
     #[test]
     fn seal_roundtrip_and_tamper() {
