@@ -792,3 +792,74 @@ fn maintenance_deletes_nothing_from_a_store_whose_files_are_damaged() {
         "maintenance deleted data"
     );
 }
+
+/// Temporary files that unfinished uploads left (a writer killed, or cut off from the server,
+/// in the middle of one) are removed by maintenance once older than the grace period (an
+/// hour at least, 24 h by default) and than every live lease; a fresh one (an upload that may be under way)
+/// and other hidden files are left alone; `-dry-run` only counts them. On an SFTP store and
+/// a local one (each backend finds them in its own listings).
+#[test]
+fn maintenance_removes_what_unfinished_uploads_left() {
+    let Some(sshd) = fixture() else { return };
+    let s = setup(&sshd, "temporaries", 1);
+    leftover_temporaries_are_removed(&sshd, &s.store, &s.store_dir);
+    let local = tempfile::tempdir().unwrap();
+    let dir = local.path().join("store");
+    let store = dir.to_str().unwrap();
+    ok(&sshd, &[], &["-q", "at", store, "create"]);
+    backup(&sshd, &[], store, s.src.path());
+    leftover_temporaries_are_removed(&sshd, store, &dir);
+}
+
+fn leftover_temporaries_are_removed(sshd: &Sshd, store: &str, dir: &Path) {
+    let sub = fs::read_dir(dir.join("packs"))
+        .unwrap()
+        .next()
+        .expect("a packs/xx directory")
+        .unwrap()
+        .path();
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    let put = |p: PathBuf, old: bool| {
+        fs::write(&p, vec![7u8; 1000]).unwrap();
+        if old {
+            fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+        p
+    };
+    let old_pack = put(sub.join(".tmp-0123456789abcdef"), true);
+    let old_index = put(dir.join("index").join(".tmp-4242-00aa11bb22cc33dd"), true);
+    let fresh = put(sub.join(".tmp-fedcba9876543210"), false);
+    let other = put(sub.join(".not-an-upload"), true);
+    // Two hours old is not older than the default grace period (24 h).
+    let plan = maintenance_json(sshd, &[], store, &["-dry-run"]);
+    assert_eq!(plan["temporaries"], 0, "{plan}");
+    let plan = maintenance_json(sshd, &[], store, &["-dry-run", "-grace", "0"]);
+    assert_eq!(plan["temporaries"], 2, "{plan}");
+    assert_eq!(plan["temporary_bytes"], 2000, "{plan}");
+    let text = ok(
+        sshd,
+        &[],
+        &["at", store, "maintenance", "-dry-run", "-grace", "1h"],
+    );
+    assert!(
+        text.contains("to remove:   2 temporary files of unfinished uploads"),
+        "{text}"
+    );
+    assert!(
+        old_pack.exists() && old_index.exists(),
+        "a dry run removed them"
+    );
+    let done = maintenance_json(sshd, &[], store, &["-grace", "0"]);
+    assert_eq!(done["temporaries"], 2, "{done}");
+    assert!(!old_pack.exists() && !old_index.exists(), "left: {done}");
+    assert!(fresh.exists(), "a fresh temporary was removed");
+    assert!(other.exists(), "a hidden file of another name was removed");
+    check_clean(sshd, store);
+    let again = maintenance_json(sshd, &[], store, &["-grace", "0"]);
+    assert_eq!(again["temporaries"], 0, "{again}");
+}

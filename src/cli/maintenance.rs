@@ -147,6 +147,14 @@ pub fn summary(r: &Report) -> String {
         r.deleted,
         bytes(r.deleted_bytes)
     );
+    if r.temporaries > 0 {
+        s += &format!(
+            "{} {} temporary files of unfinished uploads, {}\n",
+            verb("removed:    ", "to remove:  "),
+            r.temporaries,
+            bytes(r.temporary_bytes)
+        );
+    }
     if r.waiting > 0 {
         let when = r
             .earliest_delete_ns

@@ -19,7 +19,8 @@ use super::conn::{Conn, Pool, io};
 use super::pipe::{self, Pipe};
 use super::{Location, Options};
 use crate::store::backend::{
-    Backend, FileType, Listed, MAX_STORE_FILE, expected_entry, expected_pack_dir,
+    Backend, FileType, Listed, MAX_STORE_FILE, TemporariesSeen, Temporary, expected_entry,
+    expected_pack_dir, temporary_path_ok,
 };
 use crate::store::error::Result;
 use crate::store::stream::READERS;
@@ -42,6 +43,8 @@ pub struct SftpBackend {
     /// ([`PIPED_RANGE_BYTES`]), and a signal when some were.
     piped_bytes: parking_lot::Mutex<u64>,
     piped_freed: parking_lot::Condvar,
+    /// Upload temporaries the listings came across.
+    temporaries: TemporariesSeen,
 }
 
 /// Bytes of pack ranges in flight through the pipe, at most: half its 64 MiB receive window,
@@ -97,6 +100,7 @@ impl SftpBackend {
             piped_ranges: std::sync::atomic::AtomicU64::new(0),
             piped_bytes: parking_lot::Mutex::new(0),
             piped_freed: parking_lot::Condvar::new(),
+            temporaries: TemporariesSeen::default(),
         })
     }
 
@@ -276,6 +280,36 @@ impl SftpBackend {
         } else {
             Path::new(&self.loc.path).join(sub)
         }
+    }
+
+    /// The files of type `t` among `entries` of the store directory `rel` (`index`,
+    /// `packs/d0`): dot files (uploads in progress) are skipped silently, anything not of the
+    /// type's shape with a warning ([`expected_entry`]). Upload temporaries are noted for
+    /// [`Backend::temporaries_seen`].
+    fn files_of(
+        &self,
+        t: FileType,
+        rel: &str,
+        entries: Vec<(PathBuf, ssh2::FileStat)>,
+    ) -> Vec<Listed> {
+        entries
+            .into_iter()
+            .filter_map(|(p, st)| {
+                let raw = p.file_name()?.as_bytes();
+                self.temporaries.note(
+                    rel,
+                    raw,
+                    st.is_file(),
+                    st.size.unwrap_or(0),
+                    st.mtime.map_or(i64::MAX, |m| m as i64),
+                );
+                let name = expected_entry(t, rel, raw, st.is_file())?;
+                Some(Listed {
+                    name,
+                    size: st.size.unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     /// [`SftpBackend::list_packs`] through a pipe ([`SftpBackend::with_pipe`]): `packs/`,
@@ -473,7 +507,7 @@ impl SftpBackend {
                                 (d.join(std::ffi::OsStr::from_bytes(&n)), st.file_stat())
                             })
                             .collect();
-                        let mut v = files_of(*t, t.dir(), entries);
+                        let mut v = self.files_of(*t, t.dir(), entries);
                         v.sort_by(|a, b| a.name.cmp(&b.name));
                         v
                     });
@@ -600,7 +634,7 @@ impl SftpBackend {
                 .into_iter()
                 .map(|(n, st)| (d.join(std::ffi::OsStr::from_bytes(&n)), st.file_stat()))
                 .collect();
-            out.extend(files_of(FileType::Pack, &format!("packs/{sub}"), entries));
+            out.extend(self.files_of(FileType::Pack, &format!("packs/{sub}"), entries));
         }
         Ok(out)
     }
@@ -634,7 +668,7 @@ impl SftpBackend {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some((d, rel)) = dirs.get(i) else { break };
                 let r = self.pool.run(what, |c| {
-                    Ok(files_of(FileType::Pack, rel, dir_entries(c, d)?))
+                    Ok(self.files_of(FileType::Pack, rel, dir_entries(c, d)?))
                 });
                 let failed = r.is_err();
                 lists.lock().push(r);
@@ -668,22 +702,6 @@ fn dir_entries(c: &Conn, d: &Path) -> std::io::Result<Vec<(PathBuf, ssh2::FileSt
         Ok(v) => Ok(v),
         Err(e) => missing_is(e, Vec::new()),
     }
-}
-
-/// The files of type `t` among `entries` of the store directory `rel` (`index`,
-/// `packs/d0`): dot files (uploads in progress) are skipped silently, anything not of the
-/// type's shape with a warning ([`expected_entry`]).
-fn files_of(t: FileType, rel: &str, entries: Vec<(PathBuf, ssh2::FileStat)>) -> Vec<Listed> {
-    entries
-        .into_iter()
-        .filter_map(|(p, st)| {
-            let name = expected_entry(t, rel, p.file_name()?.as_bytes(), st.is_file())?;
-            Some(Listed {
-                name,
-                size: st.size.unwrap_or(0),
-            })
-        })
-        .collect()
 }
 
 /// An SFTP error as an I/O error, except "no such file", which means `missing`.
@@ -1166,6 +1184,22 @@ impl Drop for SftpBackend {
 }
 
 impl Backend for SftpBackend {
+    fn temporaries_seen(&self) -> Vec<Temporary> {
+        self.temporaries.take()
+    }
+
+    fn remove_temporary(&self, path: &str) -> Result<()> {
+        if !temporary_path_ok(path) {
+            return Err(crate::store::Error::Other(format!(
+                "{path}: not a temporary file's path"
+            )));
+        }
+        self.remove_path(
+            &format!("{}/{path}", self.loc.url()),
+            &self.dir("").join(path),
+        )
+    }
+
     fn location(&self) -> String {
         self.loc.url()
     }
@@ -1252,8 +1286,9 @@ impl Backend for SftpBackend {
             FileType::Pack => self.list_packs(&what)?,
             _ => {
                 let d = self.dir(t.dir());
-                self.pool
-                    .run(&what, |c| Ok(files_of(t, t.dir(), dir_entries(c, &d)?)))?
+                self.pool.run(&what, |c| {
+                    Ok(self.files_of(t, t.dir(), dir_entries(c, &d)?))
+                })?
             }
         };
         out.sort_by(|a, b| a.name.cmp(&b.name));

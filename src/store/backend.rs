@@ -157,6 +157,81 @@ pub struct Listed {
     pub size: u64,
 }
 
+/// The temporary file of an upload (`.tmp-…`, renamed to its name once whole) that a listing
+/// of a store directory came across ([`Backend::temporaries_seen`]). One left by an upload
+/// that never finished (a writer killed, a connection lost) is removed by maintenance once
+/// no live writer can still be writing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Temporary {
+    /// Its path from the store's root: `packs/ab/.tmp-…`.
+    pub path: String,
+    pub size: u64,
+    /// Its last modification, in seconds since the epoch.
+    pub mtime: i64,
+}
+
+/// Is `name` (as listed in a store directory) an upload's temporary file?
+pub fn is_temporary(name: &[u8]) -> bool {
+    name.starts_with(b".tmp-") && !name.contains(&b'/') && name.len() <= 64
+}
+
+/// The temporaries a backend's listings have seen, kept for [`Backend::temporaries_seen`]
+/// (at most [`TEMPORARIES_KEPT`]).
+#[derive(Default)]
+pub struct TemporariesSeen(parking_lot::Mutex<Vec<Temporary>>);
+
+/// Temporaries remembered from listings, at most: more are left for a later maintenance run.
+pub const TEMPORARIES_KEPT: usize = 4096;
+
+impl TemporariesSeen {
+    /// Remember the regular file `name` of the store directory `rel` if it is a temporary.
+    pub fn note(&self, rel: &str, name: &[u8], is_file: bool, size: u64, mtime: i64) {
+        if !is_file || !is_temporary(name) {
+            return;
+        }
+        let Ok(name) = std::str::from_utf8(name) else {
+            return;
+        };
+        let mut seen = self.0.lock();
+        if seen.len() < TEMPORARIES_KEPT {
+            seen.push(Temporary {
+                path: format!("{rel}/{name}"),
+                size,
+                mtime,
+            });
+        }
+    }
+
+    /// What was noted, each path once (the last listing's view of it), and forget it.
+    pub fn take(&self) -> Vec<Temporary> {
+        let mut seen = std::mem::take(&mut *self.0.lock());
+        seen.reverse();
+        seen.sort_by(|a, b| a.path.cmp(&b.path));
+        seen.dedup_by(|a, b| a.path == b.path);
+        seen
+    }
+}
+
+/// Is `path` one that [`TemporariesSeen::note`] makes: a temporary's name in a store
+/// directory (`index`, `snapshots`, `condemned`, `packs/xx`)? Checked before removing one.
+pub fn temporary_path_ok(path: &str) -> bool {
+    let Some((dir, name)) = path.rsplit_once('/') else {
+        return false;
+    };
+    let dir_ok = match dir.strip_prefix("packs/") {
+        Some(sub) => {
+            sub.len() == 2
+                && sub
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }
+        None => FileType::ALL
+            .iter()
+            .any(|t| *t != FileType::Config && *t != FileType::Pack && t.dir() == dir),
+    };
+    dir_ok && is_temporary(name.as_bytes())
+}
+
 /// Where a store's files are kept.
 ///
 /// Contract: `write` creates the file atomically (readers see nothing or all of it) and never
@@ -243,16 +318,33 @@ pub trait Backend: Send + Sync {
     }
     /// Remove a file; removing a missing file is not an error.
     fn remove(&self, t: FileType, name: &str) -> Result<()>;
+    /// The upload temporaries (`.tmp-…` regular files) that listings of this backend came
+    /// across since the last call, with their size and modification time; forgotten once
+    /// returned. Backends that keep none return nothing.
+    fn temporaries_seen(&self) -> Vec<Temporary> {
+        Vec::new()
+    }
+    /// Remove a temporary [`Backend::temporaries_seen`] returned (`path` from the store's
+    /// root; one of another shape is refused). Gone already is done.
+    fn remove_temporary(&self, path: &str) -> Result<()> {
+        Err(Error::Other(format!(
+            "{path}: this store cannot remove temporary files"
+        )))
+    }
 }
 
 /// A store in a local directory.
 pub struct LocalBackend {
     root: PathBuf,
+    temporaries: TemporariesSeen,
 }
 
 impl LocalBackend {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalBackend { root: root.into() }
+        LocalBackend {
+            root: root.into(),
+            temporaries: TemporariesSeen::default(),
+        }
     }
 
     fn file(&self, t: FileType, name: &str) -> PathBuf {
@@ -371,6 +463,18 @@ impl Backend for LocalBackend {
                 let e = e.at(&d)?;
                 let raw = e.file_name();
                 if is_hidden(raw.as_bytes()) {
+                    if is_temporary(raw.as_bytes())
+                        && let Ok(m) = e.metadata()
+                    {
+                        use std::os::unix::fs::MetadataExt;
+                        self.temporaries.note(
+                            &rel,
+                            raw.as_bytes(),
+                            m.is_file(),
+                            m.len(),
+                            m.mtime(),
+                        );
+                    }
                     continue;
                 }
                 // Not followed: a symlink is not a store file.
@@ -462,6 +566,22 @@ impl Backend for LocalBackend {
 
     fn remove(&self, t: FileType, name: &str) -> Result<()> {
         let p = self.file(t, name);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io_path(&p, e)),
+        }
+    }
+
+    fn temporaries_seen(&self) -> Vec<Temporary> {
+        self.temporaries.take()
+    }
+
+    fn remove_temporary(&self, path: &str) -> Result<()> {
+        if !temporary_path_ok(path) {
+            return Err(Error::Other(format!("{path}: not a temporary file's path")));
+        }
+        let p = self.root.join(path);
         match fs::remove_file(&p) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -623,6 +743,56 @@ impl Backend for MemBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only an upload temporary's name in a store directory can be removed as one; what the
+    /// listings note is a temporary's, each path once.
+    #[test]
+    fn temporaries_are_told_by_name_and_place() {
+        for ok in [
+            "packs/ab/.tmp-0123456789abcdef",
+            "index/.tmp-42-00aa",
+            "snapshots/.tmp-1",
+            "condemned/.tmp-1",
+            "locks/.tmp-1",
+        ] {
+            assert!(temporary_path_ok(ok), "{ok}");
+        }
+        for bad in [
+            "packs/ab/0123",
+            "packs/zz/.tmp-1",
+            "packs/.tmp-1",
+            "../index/.tmp-1",
+            "index/../../etc/.tmp-1",
+            ".tmp-1",
+            "config/.tmp-1",
+            "index/.tmpfoo",
+            "index/.hidden",
+        ] {
+            assert!(!temporary_path_ok(bad), "{bad}");
+        }
+        let seen = TemporariesSeen::default();
+        seen.note("index", b".tmp-1", true, 5, 10);
+        seen.note("index", b".tmp-1", true, 7, 20);
+        seen.note("index", b".tmp-2", false, 5, 10);
+        seen.note("index", b".other", true, 5, 10);
+        seen.note("packs/ab", b".tmp-3", true, 1, 1);
+        assert_eq!(
+            seen.take(),
+            vec![
+                Temporary {
+                    path: "index/.tmp-1".into(),
+                    size: 7,
+                    mtime: 20
+                },
+                Temporary {
+                    path: "packs/ab/.tmp-3".into(),
+                    size: 1,
+                    mtime: 1
+                },
+            ]
+        );
+        assert!(seen.take().is_empty());
+    }
 
     #[test]
     fn names_of_each_type_have_one_shape() {

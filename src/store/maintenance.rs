@@ -93,11 +93,50 @@ pub struct Report {
     pub earliest_delete_ns: Option<i64>,
     pub index_files_written: usize,
     pub index_files_removed: usize,
+    /// Upload temporaries left by unfinished uploads, removed (or to remove), and their bytes.
+    pub temporaries: usize,
+    pub temporary_bytes: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
     /// Other processes' live leases seen at the start: `command (pid on host)`.
     pub live_leases: Vec<String>,
     pub duration_ms: u64,
+}
+
+/// Upload temporaries (`.tmp-…`) are removed once older than this, whatever `-grace` says.
+pub const TEMPORARY_MIN_AGE: Duration = Duration::from_secs(3600);
+
+/// Remove the upload temporaries this run's listings came across that no writer can still
+/// rename into place: last written before the grace period ([`TEMPORARY_MIN_AGE`] at least)
+/// and before every live lease began ([`LEASE_MARGIN`] earlier still: a writer takes its
+/// lease before it uploads anything). They are what a writer killed, or cut off from the
+/// server, in the middle of an upload left; nothing names them.
+fn remove_temporaries(
+    store: &Store,
+    opts: &Options,
+    now_ns: i64,
+    grace_ns: i64,
+    oldest_lease_ns: Option<i64>,
+    r: &mut Report,
+) -> Result<()> {
+    let min_age = TEMPORARY_MIN_AGE.as_nanos() as i64;
+    let margin = LEASE_MARGIN.as_nanos() as i64;
+    let mut before = now_ns.saturating_sub(grace_ns.max(min_age));
+    if let Some(l) = oldest_lease_ns {
+        before = before.min(l.saturating_sub(margin));
+    }
+    let before_s = before.div_euclid(1_000_000_000);
+    for t in store.backend().temporaries_seen() {
+        if t.mtime >= before_s {
+            continue;
+        }
+        if !opts.dry_run {
+            store.backend().remove_temporary(&t.path)?;
+        }
+        r.temporaries += 1;
+        r.temporary_bytes += t.size;
+    }
+    Ok(())
 }
 
 /// What becomes of a pack.
@@ -418,6 +457,7 @@ pub fn run(store: &Store, lock: &LockGuard, opts: &Options) -> Result<Report> {
     let now = super::now_ns();
     let grace = opts.grace.as_nanos().min(i64::MAX as u128) as i64;
     let margin = LEASE_MARGIN.as_nanos() as i64;
+    remove_temporaries(store, opts, now, grace, oldest_lease, &mut r)?;
     let deletable = |since: i64| {
         opts.now
             || (since.saturating_add(grace) <= now
