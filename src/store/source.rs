@@ -110,6 +110,8 @@ pub struct LocalSource {
     /// (instead of opening and checking them again: two system calls of the 13 a small file
     /// cost, and the prefetcher's close); at most [`OPENED_AHEAD`], the oldest closed first.
     opened: parking_lot::Mutex<std::collections::VecDeque<(Vec<u8>, Regular)>>,
+    /// How many `opened` may hold: [`OPENED_AHEAD`], less under a low open-file limit.
+    opened_max: usize,
     /// Files opened ahead, and read through that open (for `KLOSET_TRACE`).
     opened_ahead: std::sync::atomic::AtomicUsize,
     read_as_opened: std::sync::atomic::AtomicUsize,
@@ -128,8 +130,19 @@ impl Drop for LocalSource {
 }
 
 /// Files [`LocalSource`] keeps open between their prefetch and their read: twice the
-/// backup's prefetch depth, so that one read late is still found open.
+/// backup's prefetch depth, so that one read late is still found open; at most a quarter of
+/// the process's open-file limit ([`opened_max`]).
 const OPENED_AHEAD: usize = 2 * super::backup::PREFETCH_FILES;
+
+/// [`OPENED_AHEAD`], or a quarter of the soft open-file limit (`ulimit -n`) if that is less:
+/// the files kept open must never be what makes another open fail.
+fn opened_max() -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => OPENED_AHEAD.min(usize::try_from(soft / 4).unwrap_or(usize::MAX)),
+        Err(_) => OPENED_AHEAD / 4,
+    }
+}
 
 impl LocalSource {
     /// A source rooted at `path`, made absolute against the current directory.
@@ -158,6 +171,7 @@ impl LocalSource {
             root,
             tree: std::sync::OnceLock::new(),
             opened: Default::default(),
+            opened_max: opened_max(),
             opened_ahead: Default::default(),
             read_as_opened: Default::default(),
         })
@@ -500,10 +514,12 @@ impl Source for LocalSource {
             self.opened_ahead
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut opened = self.opened.lock();
-            if opened.len() == OPENED_AHEAD {
+            if opened.len() >= self.opened_max {
                 opened.pop_front();
             }
-            opened.push_back((path.to_vec(), f));
+            if self.opened_max > 0 {
+                opened.push_back((path.to_vec(), f));
+            }
         }
     }
 }
@@ -627,6 +643,7 @@ mod tests {
             std::fs::write(t.path().join(format!("f{i}")), b"x").unwrap();
             src.prefetch(&path(&format!("f{i}")), 1);
         }
-        assert_eq!(src.opened.lock().len(), OPENED_AHEAD);
+        assert_eq!(src.opened.lock().len(), opened_max());
+        assert!(opened_max() <= OPENED_AHEAD);
     }
 }
