@@ -2341,7 +2341,8 @@ fn a_pack_upload_failing_on_a_connection_gone_silent_waits_one_timeout_only() {
     assert_eq!(code, Some(9), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
     assert!(err.contains("did not answer for 5s"), "{err}");
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // Three timeouts and more before (15.6 s); one and the backup itself now (5.5 s).
+    assert!(took < Duration::from_secs(12), "took {took:?}");
     no_snapshot_then_completes(&sshd, &store, &src);
 }
 
