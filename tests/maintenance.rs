@@ -795,9 +795,10 @@ fn maintenance_deletes_nothing_from_a_store_whose_files_are_damaged() {
 
 /// Temporary files that unfinished uploads left (a writer killed, or cut off from the server,
 /// in the middle of one) are removed by maintenance once older than the grace period (an
-/// hour at least, 24 h by default) and than every live lease; a fresh one (an upload that may be under way)
-/// and other hidden files are left alone; `-dry-run` only counts them. On an SFTP store and
-/// a local one (each backend finds them in its own listings).
+/// hour at least, 24 h by default) and than every live lease; a fresh one (an upload that may
+/// be under way), other hidden files, and what is not a regular file (a symlink of such a name
+/// to a file outside the store, a directory) are left alone; `-dry-run` only counts them. On
+/// an SFTP store and a local one (each backend finds them in its own listings).
 #[test]
 fn maintenance_removes_what_unfinished_uploads_left() {
     let Some(sshd) = fixture() else { return };
@@ -835,6 +836,13 @@ fn leftover_temporaries_are_removed(sshd: &Sshd, store: &str, dir: &Path) {
     let old_index = put(dir.join("index").join(".tmp-4242-00aa11bb22cc33dd"), true);
     let fresh = put(sub.join(".tmp-fedcba9876543210"), false);
     let other = put(sub.join(".not-an-upload"), true);
+    // Not regular files: a symlink of a temporary's name to a file outside the store (old,
+    // like the leftovers), and a directory of one. Neither is followed nor removed.
+    let outside = put(dir.with_extension("outside"), true);
+    let link = sub.join(".tmp-1111111111111111");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let tmp_dir = dir.join("index").join(".tmp-2222222222222222");
+    fs::create_dir(&tmp_dir).unwrap();
     // Two hours old is not older than the default grace period (24 h).
     let plan = maintenance_json(sshd, &[], store, &["-dry-run"]);
     assert_eq!(plan["temporaries"], 0, "{plan}");
@@ -859,6 +867,9 @@ fn leftover_temporaries_are_removed(sshd: &Sshd, store: &str, dir: &Path) {
     assert!(!old_pack.exists() && !old_index.exists(), "left: {done}");
     assert!(fresh.exists(), "a fresh temporary was removed");
     assert!(other.exists(), "a hidden file of another name was removed");
+    assert!(outside.exists(), "a file outside the store was removed");
+    assert!(link.symlink_metadata().is_ok(), "a symlink was removed");
+    assert!(tmp_dir.is_dir(), "a directory was removed");
     check_clean(sshd, store);
     let again = maintenance_json(sshd, &[], store, &["-grace", "0"]);
     assert_eq!(again["temporaries"], 0, "{again}");
