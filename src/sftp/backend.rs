@@ -19,8 +19,8 @@ use super::conn::{Conn, Pool, io};
 use super::pipe::{self, Pipe};
 use super::{Location, Options};
 use crate::store::backend::{
-    Backend, FileType, Listed, MAX_STORE_FILE, TemporariesSeen, Temporary, expected_entry,
-    expected_pack_dir, temporary_path_ok,
+    Backend, FileType, Listed, MAX_STORE_FILE, TemporariesSeen, Temporary, check_temporary_path,
+    expected_entry, expected_pack_dir,
 };
 use crate::store::error::Result;
 use crate::store::stream::READERS;
@@ -380,27 +380,28 @@ impl SftpBackend {
             let upload = || {
                 let tmp = temp_name(&p);
                 tmps.lock().push(tmp.clone());
-                crate::store::interrupt::creating(|| {
+                let done = crate::store::interrupt::creating(|| {
                     pipe.upload(
                         p.as_os_str().as_bytes().to_vec(),
                         tmp.as_os_str().as_bytes().to_vec(),
                         data.to_vec(),
                     )
-                })
-            };
-            // A failed upload's temporary file may be left: the pipe removes it when the
-            // server answers the write with an error, but not if the pipe stopped, and a
-            // server may fall silent after the error (then the removal is never answered).
-            // Only a missing directory (answered at OPEN) leaves none.
-            let failed = |done: &Result<std::io::Result<()>, String>| match done {
-                Ok(Ok(())) => false,
-                Ok(Err(e)) => e.kind() != std::io::ErrorKind::NotFound,
-                Err(_) => true,
+                });
+                // A failed upload's temporary file may be left: the pipe removes it when the
+                // server answers the write with an error, but not if the pipe stopped, and a
+                // server may fall silent after the error (then the removal is never
+                // answered). Only a missing directory (answered at OPEN) leaves none.
+                let failed = match &done {
+                    Ok(Ok(())) => false,
+                    Ok(Err(e)) => e.kind() != std::io::ErrorKind::NotFound,
+                    Err(_) => true,
+                };
+                if failed {
+                    left.lock().push(tmp);
+                }
+                done
             };
             let mut done = upload();
-            if failed(&done) {
-                left.lock().extend(tmps.lock().last().cloned());
-            }
             // A pack's `packs/XX` not made yet (a young store has few of the 256): made
             // through the pipe too, then the upload once more.
             if t == FileType::Pack
@@ -413,9 +414,6 @@ impl SftpBackend {
                 )
             {
                 done = upload();
-                if failed(&done) {
-                    left.lock().extend(tmps.lock().last().cloned());
-                }
             }
             if matches!(done, Ok(Ok(()))) {
                 return Ok(());
@@ -1189,11 +1187,7 @@ impl Backend for SftpBackend {
     }
 
     fn remove_temporary(&self, path: &str) -> Result<()> {
-        if !temporary_path_ok(path) {
-            return Err(crate::store::Error::Other(format!(
-                "{path}: not a temporary file's path"
-            )));
-        }
+        check_temporary_path(path)?;
         self.remove_path(
             &format!("{}/{path}", self.loc.url()),
             &self.dir("").join(path),

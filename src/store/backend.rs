@@ -232,6 +232,15 @@ pub fn temporary_path_ok(path: &str) -> bool {
     dir_ok && is_temporary(name.as_bytes())
 }
 
+/// [`temporary_path_ok`] as the error a backend's `remove_temporary` refuses a path with.
+pub fn check_temporary_path(path: &str) -> Result<()> {
+    if temporary_path_ok(path) {
+        Ok(())
+    } else {
+        Err(Error::Other(format!("{path}: not a temporary file's path")))
+    }
+}
+
 /// Where a store's files are kept.
 ///
 /// Contract: `write` creates the file atomically (readers see nothing or all of it) and never
@@ -578,9 +587,7 @@ impl Backend for LocalBackend {
     }
 
     fn remove_temporary(&self, path: &str) -> Result<()> {
-        if !temporary_path_ok(path) {
-            return Err(Error::Other(format!("{path}: not a temporary file's path")));
-        }
+        check_temporary_path(path)?;
         let p = self.root.join(path);
         match fs::remove_file(&p) {
             Ok(()) => Ok(()),

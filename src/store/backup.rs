@@ -1087,7 +1087,7 @@ fn walk_and_build(
             for (id, path, len) in prefetch_rx.iter() {
                 match taken.wait_near(id) {
                     None => break,
-                    Some(ahead) if ahead && len > 0 => source.prefetch(&path, len),
+                    Some(true) if len > 0 => source.prefetch(&path, len),
                     Some(_) => {}
                 }
             }
@@ -1592,15 +1592,21 @@ mod tests {
         assert_eq!(n, 6);
     }
 
+    /// A directory of `n` small files `f0000`… (`file 0`, `file 1`, …).
+    fn small_files(n: usize) -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        for i in 0..n {
+            std::fs::write(t.path().join(format!("f{i:04}")), format!("file {i}")).unwrap();
+        }
+        t
+    }
+
     /// A prefetcher that falls behind the workers skips the files they have taken already
     /// (it used to ask for every file, opening each again after it had been read).
     #[test]
     fn files_the_workers_have_taken_are_not_prefetched() {
-        let t = tempfile::tempdir().unwrap();
         let n = 3 * PREFETCH_FILES;
-        for i in 0..n {
-            std::fs::write(t.path().join(format!("f{i:04}")), format!("file {i}")).unwrap();
-        }
+        let t = small_files(n);
         let mut src = Recording::new(t.path(), std::time::Duration::ZERO);
         src.slow_prefetch = std::time::Duration::from_millis(2);
         let store = crate::store::repo::open_or_create_mem(false);
@@ -1638,11 +1644,8 @@ mod tests {
     /// [`PREFETCH_FILES`] ahead.
     #[test]
     fn files_are_prefetched_once_and_not_too_far_ahead() {
-        let t = tempfile::tempdir().unwrap();
         let n = 3 * PREFETCH_FILES;
-        for i in 0..n {
-            std::fs::write(t.path().join(format!("f{i:04}")), format!("file {i}")).unwrap();
-        }
+        let t = small_files(n);
         std::fs::write(t.path().join("empty"), b"").unwrap();
         let big = vec![7u8; PREFETCH_BYTES as usize + 1];
         std::fs::write(t.path().join("big"), &big).unwrap();

@@ -586,12 +586,7 @@ mod tests {
         let src = LocalSource::new(t.path()).unwrap();
         let path = |name: &str| t.path().join(name).as_os_str().as_bytes().to_vec();
         std::fs::write(t.path().join("file"), b"data").unwrap();
-        let mut got = Vec::new();
-        src.open(&path("file"), 4)
-            .unwrap()
-            .read_to_end(&mut got)
-            .unwrap();
-        assert_eq!(got, b"data");
+        assert_eq!(read_whole(&src, &path("file")), b"data");
 
         // What the walk saw as files, replaced since: open must fail at once.
         rustix::fs::mknodat(
@@ -612,6 +607,13 @@ mod tests {
         assert!(src.opened.lock().is_empty());
     }
 
+    /// What `open` of `path` reads, whole.
+    fn read_whole(src: &LocalSource, path: &[u8]) -> Vec<u8> {
+        let mut got = Vec::new();
+        src.open(path, 0).unwrap().read_to_end(&mut got).unwrap();
+        got
+    }
+
     /// A file the prefetch hint opened is read through that open file (not opened again):
     /// replaced at its path in between, it still reads as it was when prefetched, and the
     /// check after the read tells it changed. At most [`OPENED_AHEAD`] files stay open.
@@ -625,20 +627,10 @@ mod tests {
         src.prefetch(&path("file"), 6);
         std::fs::write(t.path().join("new"), b"after!").unwrap();
         std::fs::rename(t.path().join("new"), t.path().join("file")).unwrap();
-        let mut got = Vec::new();
-        src.open(&path("file"), 6)
-            .unwrap()
-            .read_to_end(&mut got)
-            .unwrap();
-        assert_eq!(got, b"before");
+        assert_eq!(read_whole(&src, &path("file")), b"before");
         assert!(src.changed(&path("file"), &seen).unwrap().is_some());
         // Taken once: the next open opens the file there now.
-        got.clear();
-        src.open(&path("file"), 6)
-            .unwrap()
-            .read_to_end(&mut got)
-            .unwrap();
-        assert_eq!(got, b"after!");
+        assert_eq!(read_whole(&src, &path("file")), b"after!");
         for i in 0..OPENED_AHEAD + 10 {
             std::fs::write(t.path().join(format!("f{i}")), b"x").unwrap();
             src.prefetch(&path(&format!("f{i}")), 1);
