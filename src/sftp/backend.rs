@@ -251,6 +251,27 @@ impl SftpBackend {
         Path::new(&self.loc.path).join(t.path(name))
     }
 
+    /// A pack upload's failed WRITE (or fsync) of `need` bytes, its connection cut
+    /// ([`upload_conn_via`]): a full disk, or a write refused with room to spare, told apart
+    /// by the room on the store's filesystem ([`refused_write`]) asked over another
+    /// connection: the kept pipe, else one made for it ([`Pool::aside`]).
+    fn write_failed(&self, need: u64, e: std::io::Error) -> std::io::Error {
+        if super::transient(&e) || no_room(&e) {
+            return e;
+        }
+        let root = Path::new(&self.loc.path);
+        let through_pipe = self
+            .pipe()
+            .and_then(|p| p.room(root.as_os_str().as_bytes().to_vec()).ok()?.ok());
+        let room = through_pipe.or_else(|| {
+            let config = self.path(FileType::Config, "config");
+            self.pool
+                .aside(|c| room(&mut c.sftp().ok()?.open(&config).ok()?))
+                .flatten()
+        });
+        refused_write(room, root, need, e, Server::Store)
+    }
+
     /// [`disk_full_or`] for a failure before the upload had a file open (creating the
     /// temporary file or a `packs/XX` directory, out of inodes or blocks): the store's `config`
     /// is opened for the `statvfs@openssh.com` query instead.
@@ -427,6 +448,7 @@ impl SftpBackend {
                 upload_conn_via(c, &p, &tmp, data, 0o600, named).map_err(|f| {
                     if f.tmp_left {
                         left.lock().push(tmp.clone());
+                        return self.write_failed(data.len() as u64, f.error);
                     }
                     f.error
                 })
@@ -869,10 +891,12 @@ fn temp_name(path: &Path) -> PathBuf {
 /// file there untouched.
 ///
 /// A failed WRITE or fsync may leave the connection out of step (libssh2 gives up on a WRITE
-/// it has half sent) or its server silent: the room is asked once, bounded
-/// ([`Conn::bounded`]), to tell a full disk; then the connection is cut, so that nothing more
-/// waits on it, and the temporary file is left for the caller to remove over another one
-/// ([`Failed::tmp_left`]). Other failures (the server answered) remove it here.
+/// it has half sent, and the server reads the next request as the rest of it) or its server
+/// silent: nothing more is asked on it. The connection is cut, and the room on the server (to
+/// tell a full disk) and the removal of the temporary file are left to the caller, over
+/// another connection ([`Failed::tmp_left`]). (The room asked on the failed handle, even
+/// bounded, waited the whole timeout in one CI run of a full disk out of three.) Other
+/// failures (the server answered) remove it here.
 fn upload_conn_via(
     c: &Conn,
     path: &Path,
@@ -881,7 +905,6 @@ fn upload_conn_via(
     mode: i32,
     named: Named,
 ) -> Result<(), Failed> {
-    let dir = tmp.parent().unwrap_or(Path::new("/"));
     let sftp = c.sftp().map_err(Failed::nothing_left)?;
     let mut f = crate::store::interrupt::creating(|| {
         sftp.open_mode(
@@ -905,8 +928,7 @@ fn upload_conn_via(
             _ => Ok(()),
         }
     })();
-    if let Err(e) = written {
-        let error = c.bounded(|| disk_full_or(&mut f, dir, data.len() as u64, e, Server::Store));
+    if let Err(error) = written {
         c.kill();
         drop(f);
         return Err(Failed {

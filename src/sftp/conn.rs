@@ -818,6 +818,19 @@ impl Pool {
         }
     }
 
+    /// Run `f` on a connection of its own, made now beside the pool's (not counted, so it
+    /// never waits for one of them to come free) and closed after: for a question that must
+    /// not go over a connection that failed, asked while the pool's may all be in use.
+    /// Bounded by [`Conn::bounded`]; `None` if no connection could be made.
+    pub fn aside<T>(&self, f: impl FnOnce(&Conn) -> T) -> Option<T> {
+        let c = connect(&self.target).ok()?;
+        self.made.fetch_add(1, Ordering::Relaxed);
+        c.start_sftp(&self.target).ok()?;
+        let r = c.bounded(|| f(&c));
+        c.quit();
+        Some(r)
+    }
+
     /// Connections made so far.
     pub fn connections_made(&self) -> usize {
         self.made.load(Ordering::Relaxed)

@@ -801,7 +801,14 @@ impl SftpDestination {
         // disk this connection is cut (a restore onto a full disk once took twice the timeout
         // here); the pool does not retry that error.
         let Some(room) = self.pipe.read().as_ref().map(|p| self.room(p)) else {
-            return disk_full_or(f, Path::new(&self.loc.path), need, e, Server::Destination);
+            // No pipe: asked on this handle, bounded ([`Conn::bounded`]).
+            let e = c.bounded(|| {
+                disk_full_or(f, Path::new(&self.loc.path), need, e, Server::Destination)
+            });
+            if crate::store::error::no_room(&e) {
+                c.kill();
+            }
+            return e;
         };
         let e = refused_write(
             room,

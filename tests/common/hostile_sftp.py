@@ -26,6 +26,10 @@ CTL/mode chooses what it does, read at every request so a test can switch it bet
   path contains MARK, at OFFSET or beyond (default 0), is answered SSH_FX_FAILURE, and that session then answers nothing more,
   without closing (CTL/state = refused; every other WRITE is passed on): a connection left
   out of step by a failed write, where anything still asked on it waits out the timeout.
+- `refuse-write-deaf MARK [OFFSET]`: the same WRITE refused, after which that session reads
+  every request and answers none (the answers of those already passed on still come):
+  OpenSSH reading the requests after a WRITE libssh2 half sent as the rest of that WRITE.
+  Unlike `refuse-write-once`, the client's own sending is never held up.
 """
 
 import os
@@ -184,6 +188,7 @@ def main():
         target=from_server, args=(server.stdout.fileno(), client_out), daemon=True
     )
     t.start()
+    deaf = False
     while True:
         body = read_packet(client_in)
         if body is None:
@@ -192,6 +197,8 @@ def main():
             t.join(5)
             os._exit(0)
         obey_state()
+        if deaf:
+            continue
         kind = body[0]
         mode = ctl("mode").split()
         if mode[:1] in (["drop"], ["drop-read"], ["silent"]) and len(mode) >= 2:
@@ -213,7 +220,7 @@ def main():
                 path, _ = get_string(body, 5)
                 with state_lock:
                     opendir_ids[rid] = path
-            elif kind == FXP_OPEN and mode[:1] == ["refuse-write-once"]:
+            elif kind == FXP_OPEN and mode[:1] in (["refuse-write-once"], ["refuse-write-deaf"]):
                 path, _ = get_string(body, 5)
                 with state_lock:
                     open_ids[rid] = path
@@ -223,7 +230,7 @@ def main():
                     readdir_ids[rid] = handle
             elif (
                 kind == FXP_WRITE
-                and mode[:1] == ["refuse-write-once"]
+                and mode[:1] in (["refuse-write-once"], ["refuse-write-deaf"])
                 and len(mode) >= 2
                 and ctl("state") != "refused"
             ):
@@ -237,7 +244,10 @@ def main():
                     reply = struct.pack(">BII", FXP_STATUS, rid, FX_FAILURE)
                     reply += string(b"Failure") + string(b"")
                     write_packet(client_out, reply)
-                    hang()
+                    if mode[0] == "refuse-write-once":
+                        hang()
+                    deaf = True
+                    continue
             elif kind == FXP_WRITE and mode[:1] == ["refuse-write"]:
                 reply = struct.pack(">BII", FXP_STATUS, rid, FX_FAILURE)
                 reply += string(b"Failure") + string(b"")
