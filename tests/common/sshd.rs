@@ -661,13 +661,15 @@ impl Agent {
             .unwrap_or_else(|e| panic!("spawn ssh-agent: {e}"));
         let mut agent = Agent { dir, sock, child };
         let deadline = Instant::now() + START_TIMEOUT;
-        while !agent.sock.exists() {
+        // The socket file appears at bind(), before the agent listens: a connect in between
+        // is refused (ssh-add failed so in one full run), so wait until one is taken.
+        while std::os::unix::net::UnixStream::connect(&agent.sock).is_err() {
             if let Some(status) = agent.child.try_wait().unwrap() {
                 panic!("ssh-agent exited during startup: {status}");
             }
             assert!(
                 Instant::now() < deadline,
-                "ssh-agent socket {} did not appear",
+                "ssh-agent socket {} did not take a connection",
                 agent.sock.display()
             );
             sleep(Duration::from_millis(10));
