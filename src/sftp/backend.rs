@@ -23,7 +23,7 @@ use crate::store::backend::{
     expected_entry, expected_pack_dir,
 };
 use crate::store::error::Result;
-use crate::store::stream::READERS;
+use crate::store::stream::{READERS, RUN_BYTES};
 
 pub struct SftpBackend {
     loc: Location,
@@ -47,11 +47,13 @@ pub struct SftpBackend {
     temporaries: TemporariesSeen,
 }
 
-/// Bytes of pack ranges in flight through the pipe, at most: half its 64 MiB receive window,
+/// Bytes of pack ranges in flight through the pipe, at most: half its 128 MiB receive window,
 /// so that the answers of reads can never fill the window while an upload's writes fill the
-/// server's (each side would then wait on the other); at 100 ms round trips it still moves
-/// 320 MB/s. A longer range is read over the pool's connections.
-const PIPED_RANGE_BYTES: u64 = 32 << 20;
+/// server's (each side would then wait on the other). A range waits two round trips, so at
+/// 100 ms this is 335 MB/s at most; at 32 MiB (a 64 MiB window) it held `kloset cat` of a
+/// 384 MiB file at 100 ms to 4.77 s with 14 readers, 3.85 s now. A longer range is read over
+/// the pool's connections.
+const PIPED_RANGE_BYTES: u64 = 64 << 20;
 
 /// From this round trip on, ranges of packs are read through the kept pipe: its OPEN, then
 /// every READ of the range at once in one more round trip, the CLOSE not waited for, and as
@@ -60,6 +62,41 @@ const PIPED_RANGE_BYTES: u64 = 32 << 20;
 /// three round trips or more a range, on at most `connections` ranges at once. Nearer (on
 /// loopback), the pool's connections spread the server's work over several processes.
 const FAR: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Round trips a range read through the pipe waits before its data comes: the OPEN's, then
+/// the READs' (the CLOSE is not waited for).
+const RANGE_ROUND_TRIPS: u32 = 2;
+
+/// What a run costs besides those round trips: its bytes coming over the link and its chunks
+/// checked, decrypted and decompressed, on a machine also writing out the runs before it.
+/// Fitted to what measured best here (2 cores, `kloset cat` of a 384 MiB file): at 20 ms,
+/// 8 readers 1.79-1.83 s, 6 1.89-2.06 s, 4 2.05-2.27 s (4 readers moved 175 MB/s: 96 ms a
+/// run, 40 ms of it round trips); at 100 ms 16 readers 3.82 s, 14 3.85 s, 8 4.73 s.
+const RUN_WORK: std::time::Duration = std::time::Duration::from_millis(80);
+
+/// Readers at most (each holds up to two runs, 8 MiB each at most): 16 is 256 MiB at worst.
+const MAX_RANGE_READERS: usize = 16;
+
+/// Range reads to keep in flight through the pipe at round trip `rtt`: a run of
+/// [`RUN_BYTES`] takes [`RANGE_ROUND_TRIPS`] round trips and [`RUN_WORK`], and enough runs
+/// must be under way to carry [`super::SIZED_RATE`] meanwhile (the bandwidth-delay product
+/// in runs); [`READERS`] at least, [`MAX_RANGE_READERS`] at most: 6 at 2 ms, 8 at 20 ms, 11 at
+/// 50 ms, 16 at 100 ms (docs/PERFORMANCE.md has the measurements). `KLOSET_SFTP_READERS=N`
+/// sets it (to measure).
+fn readers_for(rtt: std::time::Duration) -> usize {
+    if let Some(n) = std::env::var("KLOSET_SFTP_READERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        return n.clamp(1, MAX_RANGE_READERS);
+    }
+    let run = rtt
+        .saturating_mul(RANGE_ROUND_TRIPS)
+        .saturating_add(RUN_WORK);
+    let runs = (run.as_secs_f64() * super::SIZED_RATE / RUN_BYTES as f64).ceil();
+    // `as` saturates: a round trip of hours is still MAX_RANGE_READERS.
+    (runs as usize).clamp(READERS, MAX_RANGE_READERS)
+}
 
 /// A small store file is read whole through the pipe when it is shorter than this (one OPEN,
 /// then this many bytes of READs at once); a longer one is read again by the pool.
@@ -1220,14 +1257,15 @@ impl Backend for SftpBackend {
         self.loc.url()
     }
 
-    /// Twice [`READERS`] where ranges go through the pipe (`FAR`): at 100 ms round
-    /// trips `kloset cat` of a 384 MiB file took 7.28 s with 4, 5.25 s with 8, 4.91 s with 12
-    /// (peak RSS 77, 108, 139 MB).
+    /// `readers_for` the round trip the kept pipe's start measured, where ranges go through
+    /// the pipe (a server `FAR`); [`READERS`] nearer, one range per pool connection.
     fn ranges_at_once(&self) -> usize {
-        if self.far_pipe().is_some() {
-            2 * READERS
-        } else {
-            READERS
+        match self.far_pipe() {
+            Some(_) => readers_for(std::time::Duration::from_micros(
+                self.round_trip_us
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )),
+            None => READERS,
         }
     }
 
@@ -1419,6 +1457,30 @@ impl Backend for SftpBackend {
 mod tests {
     use super::*;
     use std::io::ErrorKind;
+
+    /// Readers follow the round trip: more the longer each range waits, never fewer than
+    /// [`READERS`] nor more than [`MAX_RANGE_READERS`].
+    #[test]
+    fn readers_follow_the_round_trip() {
+        if std::env::var_os("KLOSET_SFTP_READERS").is_some() {
+            eprintln!("skipped: KLOSET_SFTP_READERS is set");
+            return;
+        }
+        let ms = |n| readers_for(std::time::Duration::from_millis(n));
+        assert_eq!(ms(0), 5);
+        assert_eq!(ms(2), 6);
+        assert_eq!(ms(20), 8);
+        assert_eq!(ms(50), 11);
+        assert_eq!(ms(100), 16);
+        assert_eq!(ms(1000), MAX_RANGE_READERS);
+        assert_eq!(readers_for(std::time::Duration::MAX), MAX_RANGE_READERS);
+        let mut last = 0;
+        for n in 0..400 {
+            let r = ms(n);
+            assert!(r >= last, "fewer readers at {n} ms than before");
+            last = r;
+        }
+    }
 
     /// What OpenSSH's sftp-server answers for ENOSPC, EDQUOT and most other errors, as a
     /// request's error ([`io`]) or as `ssh2::File`'s `Write` impl returns it (the message

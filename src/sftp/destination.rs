@@ -1385,11 +1385,9 @@ const WRITER_QUEUED: usize = 8 << 20;
 /// Pipes the pieces of larger files go through, at most (the first is the pipe everything
 /// else goes through; see [`write_pipes`]).
 const MAX_WRITE_PIPES: usize = 4;
-/// The rate those pipes are sized for: about what a restore decodes on a small machine.
-const WRITE_RATE: f64 = 256e6;
 
 /// How many pipes to write pieces through: a channel moves at most the server's window
-/// (`window` bytes) per round trip, so a far server needs several to carry [`WRITE_RATE`]
+/// (`window` bytes) per round trip, so a far server needs several to carry [`super::SIZED_RATE`]
 /// (the bandwidth-delay product over the window), from one on a near server to
 /// [`MAX_WRITE_PIPES`] (which with the pool stays under OpenSSH's MaxStartups).
 /// `KLOSET_SFTP_WRITE_PIPES=N` sets it (to measure).
@@ -1401,7 +1399,7 @@ fn write_pipes(rtt: std::time::Duration, window: u32) -> usize {
         return n.clamp(1, MAX_WRITE_PIPES);
     }
     let per_pipe = f64::from(window.max(32 << 10));
-    ((rtt.as_secs_f64() * WRITE_RATE / per_pipe).ceil() as usize).clamp(1, MAX_WRITE_PIPES)
+    ((rtt.as_secs_f64() * super::SIZED_RATE / per_pipe).ceil() as usize).clamp(1, MAX_WRITE_PIPES)
 }
 
 /// A node's metadata as the pipe sets it.

@@ -16,6 +16,10 @@ pub mod source;
 
 use std::collections::BTreeMap;
 
+/// The rate a far server's pipes and readers are sized for (the bandwidth-delay product is
+/// this times the measured round trip): about what a restore decodes on a small machine.
+pub(crate) const SIZED_RATE: f64 = 256e6;
+
 pub use backend::SftpBackend;
 pub use conn::Pool;
 pub use destination::SftpDestination;

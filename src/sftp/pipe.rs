@@ -61,7 +61,7 @@ fn first_readdirs(size: u64) -> usize {
 /// server's (file data), both sides would wait on each other. Answers are small (a status, a
 /// handle) but for READDIR's: OpenSSH's hold at most 100 names, tens of KiB, and
 /// [`EXTRA_READDIRS`] plus one per listing of them fit here many times over.
-const RECEIVE_WINDOW: u32 = 64 << 20;
+const RECEIVE_WINDOW: u32 = 128 << 20;
 /// READLINKs in flight for one listing (an answer is a path: 512 of them, a few MiB at worst).
 const READLINKS_AHEAD: usize = 512;
 /// While it waits for answers, the driver also takes new work as it comes ([`Driver::park`]):
@@ -857,7 +857,7 @@ impl Pipe {
     /// [`MAX_IN_FLIGHT`]): for a pipe of many small writes whose answers are all small (a
     /// restore's), where [`MAX_IN_FLIGHT`] requests are a small part of what fits in one round
     /// trip. Not for a pipe that reads files: their answers in flight must stay well within
-    /// `RECEIVE_WINDOW` (64 MiB).
+    /// `RECEIVE_WINDOW` (128 MiB).
     pub fn allow_in_flight(&self, n: usize) {
         self.shared.max_in_flight.store(n.max(1), Ordering::Relaxed);
     }

@@ -23,7 +23,8 @@ use super::tree::{Node, NodeKind, join};
 
 #[derive(Default)]
 pub struct RestoreOptions {
-    /// Worker threads (0: one per core, at least 4 so reads and writes overlap).
+    /// Worker threads (0: one per core, at least 4 so reads and writes overlap, and at least
+    /// the range reads the store wants in flight, [`super::backend::Backend::ranges_at_once`]).
     pub workers: usize,
     /// Files already there with the snapshot's size and mtime are taken as complete and not
     /// written again (their owner, mode and times are set again unless the destination knows
@@ -330,11 +331,14 @@ pub fn run(
     drop(t);
     // 4. Read each range once, write its blobs everywhere they go.
     let t = crate::trace::span("restore: read packs, write files");
+    // As many workers as cores, and as many as the store wants range reads in flight (over
+    // a far server, sized by the measured round trip: each waits on the link, not a core).
     let workers = if opts.workers > 0 {
         opts.workers
     } else {
         std::thread::available_parallelism()
             .map_or(4, |n| n.get())
+            .max(store.backend().ranges_at_once())
             .max(4)
     };
     let next = AtomicUsize::new(0);
