@@ -327,8 +327,8 @@ fn systime(t: Time) -> SystemTime {
 
 impl SnapshotFs {
     pub fn new(store: Arc<Store>, cfg: MountConfig) -> Result<Arc<SnapshotFs>> {
-        let cache = ChunkCache::new(store.clone(), cfg.cache_bytes);
         let readers = store.backend().ranges_at_once().clamp(1, MAX_PREFETCHERS);
+        let cache = ChunkCache::for_readers(store.clone(), cfg.cache_bytes, readers);
         cache.start_prefetchers(readers);
         cache.prepare();
         let ring = cache.ring_bytes();
