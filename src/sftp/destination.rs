@@ -861,6 +861,9 @@ impl Destination for SftpDestination {
     fn describe(&self) -> String {
         self.loc.url()
     }
+    fn is_remote(&self) -> bool {
+        true
+    }
 
     fn warm_up(&self) {
         let root = self.path(b"");

@@ -28,6 +28,11 @@ pub trait Destination: Send + Sync {
     /// will use), on a thread of its own while the store opens: errors are left for
     /// [`Destination::prepare`] to meet. The default does nothing.
     fn warm_up(&self) {}
+    /// Is every write a network round trip (a restore onto a server)? Then the writes, not
+    /// the store's range reads, set the pace.
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// Create the root if missing; returns whether it was created.
     fn prepare(&self) -> Result<bool>;
     /// Is there already a file at `path` with this size and mtime (an earlier, interrupted

@@ -331,14 +331,22 @@ pub fn run(
     drop(t);
     // 4. Read each range once, write its blobs everywhere they go.
     let t = crate::trace::span("restore: read packs, write files");
-    // As many workers as cores, and as many as the store wants range reads in flight (over
-    // a far server, sized by the measured round trip: each waits on the link, not a core).
+    // As many workers as cores, and onto a local destination as many as the store wants
+    // range reads in flight (over a far server, sized by the measured round trip: each waits
+    // on the link, not a core). Onto a server the writes set the pace: at 100 ms, 16 workers
+    // restored man and a 384 MiB file onto it in 19.2-19.4 s (350 MB), 4 in 18.1-18.6 s
+    // (148-153 MB).
+    let readers = if dest.is_remote() {
+        0
+    } else {
+        store.backend().ranges_at_once()
+    };
     let workers = if opts.workers > 0 {
         opts.workers
     } else {
         std::thread::available_parallelism()
             .map_or(4, |n| n.get())
-            .max(store.backend().ranges_at_once())
+            .max(readers)
             .max(4)
     };
     let next = AtomicUsize::new(0);
