@@ -521,3 +521,206 @@ fn unchanged_files_from_unindexed_packs_are_indexed() {
     );
     assert_eq!(read_tree(&dst), read_tree(&a));
 }
+
+// ---------------------------------------------------------------------------------------------
+// sshd turns connections away, closing them before its banner, while more than its MaxStartups
+// logins are under way at once (by default 30% of them beyond 10, all beyond 100): what many
+// hosts whose cron jobs start in the same minute run into. OpenSSH's client gives up at once;
+// kloset's first connection tries again, with growing and jittered waits, for up to the
+// connection timeout, and its later connections are retried as any other.
+
+/// Hold one login open (a TCP connection that never sends its banner), taking a slot of
+/// sshd's MaxStartups; it is counted once sshd has answered with its own banner (until then,
+/// another login may still hold the slot, e.g. the fixture's probe of the port: tried again).
+fn hold_a_login(sshd: &Sshd) -> std::net::TcpStream {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", sshd.port())).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).expect("sshd's first bytes");
+        if &b == b"SSH-" {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sshd turned every connection away for 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A backup that starts while the server turns every new connection away waits, then runs
+/// (it used to exit 9 at once: "SSH handshake failed: Failed getting banner"); one turned away
+/// for longer than ConnectTimeout says so in one line, exit 9.
+#[test]
+fn a_backup_waits_while_sshd_turns_logins_away() {
+    let Some(mut sshd) = Sshd::start() else {
+        return;
+    };
+    let top = tempfile::tempdir().unwrap();
+    let src = top.path().join("src");
+    small_tree(&src);
+    let store = sshd.url(sshd.remote_dir("turned-away"));
+    ok(&sshd, &["at", &store, "create"]);
+    sshd.set_max_startups("1:100:1");
+
+    let hog = hold_a_login(&sshd);
+    let started = Instant::now();
+    let child = sshd
+        .cmd(bin())
+        .args(["-quiet", "at", &store, "backup"])
+        .arg(&src)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(hog);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the backup failed ({:?}) while sshd turned logins away: {err}",
+        out.status.code()
+    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1500), "took {took:?}");
+    eprintln!("backup begun while turned away: done after {took:?}");
+    ok(&sshd, &["at", &store, "check"]);
+    let dst = top.path().join("dst");
+    ok(
+        &sshd,
+        &[
+            "at",
+            &store,
+            "restore",
+            "-to",
+            dst.to_str().unwrap(),
+            "latest",
+        ],
+    );
+    assert!(read_tree(&dst) == read_tree(&src), "restore differs");
+
+    // Turned away for longer than the connection timeout (2 s here).
+    let config = sshd.ssh_config_path();
+    let text = fs::read_to_string(&config).unwrap();
+    assert!(text.contains("ConnectTimeout 10"), "{text}");
+    fs::write(
+        &config,
+        text.replace("ConnectTimeout 10", "ConnectTimeout 2"),
+    )
+    .unwrap();
+    let hog = hold_a_login(&sshd);
+    let started = Instant::now();
+    let out = sshd.cmd(bin()).args(["at", &store, "ls"]).output().unwrap();
+    let took = started.elapsed();
+    drop(hog);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("closed the connection before the SSH handshake")
+            && err.contains("MaxStartups"),
+        "{err}"
+    );
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_secs(6),
+        "gave up after {took:?}"
+    );
+    eprintln!(
+        "turned away for good: exit 9 after {took:?}: {}",
+        err.trim()
+    );
+}
+
+/// Four backups started at the same moment against a server that lets one login through at a
+/// time: every one of them succeeds, and the store checks.
+#[test]
+fn backups_started_together_all_get_through_max_startups() {
+    let Some(mut sshd) = Sshd::start() else {
+        return;
+    };
+    let top = tempfile::tempdir().unwrap();
+    let store = sshd.url(sshd.remote_dir("herd"));
+    ok(&sshd, &["at", &store, "create"]);
+    sshd.set_max_startups("1:100:1");
+    let srcs: Vec<PathBuf> = (0..HOSTS)
+        .map(|h| {
+            let s = top.path().join(format!("src{h}"));
+            small_tree(&s);
+            fs::write(s.join("own.bin"), own_data(h, 0)).unwrap();
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    let children: Vec<Child> = srcs
+        .iter()
+        .enumerate()
+        .map(|(h, s)| {
+            sshd.cmd(bin())
+                .env("XDG_CACHE_HOME", top.path().join(format!("cache{h}")))
+                .args(["-quiet", "at", &store, "backup"])
+                .arg(s)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (h, (code, _, err)) in wait_all(children).into_iter().enumerate() {
+        assert_eq!(code, Some(0), "backup {h} failed: {err}");
+    }
+    eprintln!(
+        "{HOSTS} backups at once: all done after {:?}",
+        started.elapsed()
+    );
+    ok(&sshd, &["at", &store, "check"]);
+    let ls = ok(&sshd, &["at", &store, "ls"]);
+    assert_eq!(ls.lines().count(), HOSTS, "{ls}");
+}
+
+/// `ConnectionAttempts N` in ~/.ssh/config: as OpenSSH, a refused TCP connection is tried again
+/// a second apart, N times in all; without it, a command fails at once.
+#[test]
+fn connection_attempts_wait_for_a_server_coming_up() {
+    let Some(mut sshd) = Sshd::start() else {
+        return;
+    };
+    let store = sshd.url(sshd.remote_dir("coming-up"));
+    ok(&sshd, &["at", &store, "create"]);
+    sshd.stop();
+    let started = Instant::now();
+    let out = sshd.cmd(bin()).args(["at", &store, "ls"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{err}");
+
+    let config = sshd.ssh_config_path();
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &config,
+        text.replace(
+            "ConnectTimeout 10",
+            "ConnectTimeout 10\n    ConnectionAttempts 5",
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let child = sshd
+        .cmd(bin())
+        .args(["at", &store, "ls"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    sshd.restart();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status.code());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1500), "took {took:?}");
+    eprintln!("ConnectionAttempts 5: connected after {took:?}");
+}

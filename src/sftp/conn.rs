@@ -2,10 +2,10 @@
 //!
 //! [`Target::resolve`] merges, in order of precedence, the `-o`/connector options, the URL and
 //! `~/.ssh/config` (HostName, User, Port, IdentityFile, IdentitiesOnly, UserKnownHostsFile,
-//! StrictHostKeyChecking, ConnectTimeout, ServerAliveInterval, with `Host` patterns and
-//! `Host *` defaults). [`connect`] opens TCP, does the SSH handshake, checks the host key
-//! against known_hosts before anything is sent, authenticates (ssh-agent, the identity files,
-//! then the default keys) and opens the SFTP channel. [`Pool`] hands out connections to one
+//! StrictHostKeyChecking, ConnectTimeout, ConnectionAttempts, ServerAliveInterval, with `Host`
+//! patterns and `Host *` defaults). [`connect`] opens TCP, does the SSH handshake, checks the
+//! host key against known_hosts before anything is sent, authenticates (ssh-agent, the
+//! identity files, then the default keys) and opens the SFTP channel. [`Pool`] hands out connections to one
 //! thread at a time and retries transient failures with a fresh connection and backoff.
 
 use std::io::IsTerminal;
@@ -45,6 +45,9 @@ pub struct Target {
     pub strict: Strict,
     pub insecure: bool,
     pub connect_timeout: Duration,
+    /// TCP connections tried, a second apart, before giving up (OpenSSH's ConnectionAttempts,
+    /// default 1).
+    pub connection_attempts: u32,
     pub keepalive: Option<Duration>,
     pub connections: usize,
     /// How long any blocking call on an open connection (a request, a close, the SFTP
@@ -158,6 +161,11 @@ impl Target {
                 .as_ref()
                 .and_then(|p| p.connect_timeout)
                 .unwrap_or(Duration::from_secs(30)),
+            connection_attempts: params
+                .as_ref()
+                .and_then(|p| p.connection_attempts)
+                .unwrap_or(1)
+                .clamp(1, 1000) as u32,
             keepalive: params.as_ref().and_then(|p| p.server_alive_interval),
             connections: opts.connections.unwrap_or(DEFAULT_CONNECTIONS),
             timeout: opts.timeout.unwrap_or(DEFAULT_TIMEOUT),
@@ -608,32 +616,114 @@ fn login_timed_out(sess: &Session) -> bool {
 
 /// Open one connection: TCP, handshake, host key check, authentication, SFTP.
 pub fn connect(t: &Target) -> Result<Conn, Error> {
+    connect_attempt(t).map_err(|(e, _)| e)
+}
+
+/// The first connection of a command: [`connect`], tried again while the server closes the
+/// connection before the SSH handshake, for up to the connection timeout (ConnectTimeout,
+/// default 30 s). That is how OpenSSH's sshd turns a connection away when more than its
+/// MaxStartups are logging in at once (by default it drops 30% of them beyond 10, all beyond
+/// 100), which many hosts backing up to one server from the same cron minute make happen:
+/// OpenSSH's own client gives up at once ("kex_exchange_identification: Connection closed by
+/// remote host"). The waits grow from 100 ms to 2 s, each a random 75-125% of its step so that
+/// the clients turned away together do not come back together. Everything else (a refused or
+/// unreachable port, a host key, a login) fails at once as before; the connections a command
+/// makes later are retried by [`Pool::run`] and [`Pool::take`].
+pub fn connect_first(t: &Target) -> Result<Conn, Error> {
+    let start = Instant::now();
+    let mut step = Duration::from_millis(100);
+    let mut turned_away = 0u32;
+    loop {
+        match connect_attempt(t) {
+            Ok(c) => return Ok(c),
+            Err((e, false)) => return Err(e),
+            Err((_, true)) => {
+                turned_away += 1;
+                let wait = jittered(step);
+                if start.elapsed() + wait >= t.connect_timeout {
+                    let times = if turned_away == 1 { "once" } else { "times" };
+                    let n = if turned_away == 1 {
+                        String::new()
+                    } else {
+                        format!("{turned_away} ")
+                    };
+                    return Err(Error::Connect(
+                        t.display(),
+                        format!(
+                            "the server closed the connection before the SSH handshake, {n}{times} in {:.1} s (sshd does that beyond its MaxStartups logins at once, and to clients its configuration refuses); try again later, or see the server's log",
+                            start.elapsed().as_secs_f64()
+                        ),
+                    ));
+                }
+                std::thread::sleep(wait);
+                step = (step * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// `d` scaled by a random factor in [0.75, 1.25): backoff that does not line up the clients
+/// that failed together (and a schedule of them still takes about its sum).
+pub fn jittered(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    crate::store::crypto::fill_random(&mut b);
+    let r = u16::from_le_bytes(b) as f64 / 65536.0;
+    d.mul_f64(0.75 + r / 2.0)
+}
+
+/// Did the handshake fail because the server closed or reset the connection before it
+/// finished (not because it said something we could not use)?
+fn closed_at_handshake(e: &ssh2::Error) -> bool {
+    // LIBSSH2_ERROR_SOCKET_DISCONNECT (the peer closed it: "Failed getting banner" when sshd
+    // drops a connection beyond MaxStartups) and LIBSSH2_ERROR_SOCKET_RECV (reset).
+    matches!(
+        e.code(),
+        ssh2::ErrorCode::Session(-13) | ssh2::ErrorCode::Session(-43)
+    )
+}
+
+/// One attempt of [`connect`]; the flag says the server closed the connection before the SSH
+/// handshake finished (see [`connect_first`]).
+fn connect_attempt(t: &Target) -> Result<Conn, (Error, bool)> {
+    let plain = |e| (e, false);
     let _t = crate::trace::span("ssh connect");
     let addrs: Vec<_> = (t.hostname.as_str(), t.port)
         .to_socket_addrs()
-        .map_err(|e| Error::Connect(t.display(), format!("cannot resolve host name: {e}")))?
+        .map_err(|e| Error::Connect(t.display(), format!("cannot resolve host name: {e}")))
+        .map_err(plain)?
         .collect();
     let mut last = None;
     let mut tcp = None;
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, t.connect_timeout) {
-            Ok(s) => {
-                tcp = Some(s);
-                break;
+    // As OpenSSH: every address in turn, the whole round ConnectionAttempts times, a second
+    // apart.
+    'attempts: for attempt in 0..t.connection_attempts.max(1) {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, t.connect_timeout) {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break 'attempts;
+                }
+                Err(e) => last = Some(e),
             }
-            Err(e) => last = Some(e),
         }
     }
-    let tcp = tcp.ok_or_else(|| {
-        Error::Connect(
-            t.display(),
-            last.map(|e| e.to_string())
-                .unwrap_or_else(|| "no address".into()),
-        )
-    })?;
+    let tcp = tcp
+        .ok_or_else(|| {
+            Error::Connect(
+                t.display(),
+                last.map(|e| e.to_string())
+                    .unwrap_or_else(|| "no address".into()),
+            )
+        })
+        .map_err(plain)?;
     let _ = tcp.set_nodelay(true);
     let cut = tcp.try_clone().ok();
-    let mut sess = Session::new().map_err(|e| Error::Connect(t.display(), e.to_string()))?;
+    let mut sess = Session::new()
+        .map_err(|e| Error::Connect(t.display(), e.to_string()))
+        .map_err(plain)?;
     sess.set_tcp_stream(tcp);
     // The handshake and login wait at most the connection timeout, and never longer than the
     // silence allowed to any call (`-o timeout=`): a server that accepts the TCP connection and
@@ -653,29 +743,34 @@ pub fn connect(t: &Target) -> Result<Conn, Error> {
         if e.code() == ssh2::ErrorCode::Session(-9) {
             // Accepted the connection, then said nothing: a silent server, not one to retry
             // at once (each attempt would wait as long again).
-            Error::Timeout(
+            plain(Error::Timeout(
                 t.display(),
                 "the SSH handshake".into(),
                 t.connect_timeout.min(t.timeout),
-            )
+            ))
         } else {
-            Error::Connect(t.display(), format!("SSH handshake failed: {e}"))
+            (
+                Error::Connect(t.display(), format!("SSH handshake failed: {e}")),
+                closed_at_handshake(&e),
+            )
         }
     })?;
-    check_host_key(&sess, t)?;
+    check_host_key(&sess, t).map_err(plain)?;
     let login_timeout = t.connect_timeout.min(t.timeout);
-    authenticate(&sess, t).map_err(|e| match e {
-        // A key "rejected" because the connection was cut under it, or because the server
-        // went silent, was not rejected: the connection failed (retried like any other).
-        Error::Auth(..) if login_timed_out(&sess) => {
-            Error::Timeout(t.display(), "the SSH login".into(), login_timeout)
-        }
-        Error::Auth(..) if cut.as_ref().is_some_and(socket_gone) => Error::Connect(
-            t.display(),
-            "the connection was lost during the SSH login".into(),
-        ),
-        e => e,
-    })?;
+    authenticate(&sess, t)
+        .map_err(|e| match e {
+            // A key "rejected" because the connection was cut under it, or because the server
+            // went silent, was not rejected: the connection failed (retried like any other).
+            Error::Auth(..) if login_timed_out(&sess) => {
+                Error::Timeout(t.display(), "the SSH login".into(), login_timeout)
+            }
+            Error::Auth(..) if cut.as_ref().is_some_and(socket_gone) => Error::Connect(
+                t.display(),
+                "the connection was lost during the SSH login".into(),
+            ),
+            e => e,
+        })
+        .map_err(plain)?;
     // Every blocking libssh2 call (requests, reads, writes, closing a handle, the SFTP
     // shutdown when a connection is dropped) fails with LIBSSH2_ERROR_TIMEOUT once the
     // server has not let it finish for `timeout`. libssh2 checks that time only while the next
@@ -724,9 +819,9 @@ const ATTEMPTS: u32 = 6;
 const BACKOFF: Duration = Duration::from_millis(250);
 
 /// For this long after an operation gave up because the server could not be reached (a whole
-/// schedule of [`ATTEMPTS`], 7.75 s), an operation that cannot connect gives up at once instead
-/// of waiting through the schedule again: a mount's reads while the server is down each fail in
-/// moments, not one schedule per chunk or per retry of the kernel's, and the first connection
+/// schedule of [`ATTEMPTS`], 7.75 s give or take a quarter), an operation that cannot connect
+/// gives up at once instead of waiting through the schedule again: a mount's reads while the
+/// server is down each fail in moments, not one schedule per chunk or per retry of the kernel's, and the first connection
 /// made ends it. A connection that was made and then fails is still retried as usual.
 const STILL_DOWN: Duration = Duration::from_secs(60);
 
@@ -745,7 +840,12 @@ impl Pool {
 
     /// A new connection, counted already in `count`; the server is reachable again if made.
     fn connect_counted(&self) -> Result<Conn, Error> {
-        match connect(&self.target) {
+        self.connect_counted_with(connect)
+    }
+
+    /// [`Pool::connect_counted`] with `how` to connect.
+    fn connect_counted_with(&self, how: fn(&Target) -> Result<Conn, Error>) -> Result<Conn, Error> {
+        match how(&self.target) {
             Ok(c) => {
                 *self.unreachable_since.lock() = None;
                 self.made.fetch_add(1, Ordering::Relaxed);
@@ -779,7 +879,7 @@ impl Pool {
     pub fn open(loc: &Location, opts: &Options) -> Result<Arc<Pool>, Error> {
         let p = Pool::new(Target::resolve(loc, opts)?);
         *p.count.lock() += 1;
-        let c = p.connect_counted()?;
+        let c = p.connect_counted_with(connect_first)?;
         p.checkin(c);
         Ok(p)
     }
@@ -894,7 +994,7 @@ impl Pool {
         let mut unreachable = false;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                std::thread::sleep(delay);
+                std::thread::sleep(jittered(delay));
                 delay *= 2;
             }
             tried += 1;
@@ -970,7 +1070,7 @@ impl Pool {
         let mut last = None;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                std::thread::sleep(delay);
+                std::thread::sleep(jittered(delay));
                 delay *= 2;
             }
             let c = if sftp {

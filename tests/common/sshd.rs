@@ -101,6 +101,8 @@ pub struct Sshd {
     next_dir: AtomicUsize,
     /// The `Subsystem sftp` command.
     subsystem: String,
+    /// sshd's `MaxStartups` (logins under way at once before it turns connections away).
+    max_startups: String,
 }
 
 /// OpenSSH's sftp-server, which [`Sshd::start_hostile`] wraps.
@@ -278,6 +280,7 @@ impl Sshd {
             child: None,
             next_dir: AtomicUsize::new(0),
             subsystem,
+            max_startups: "64".into(),
         };
         // Another test may take the port between our probe and sshd's bind: pick a new one then.
         let mut started = false;
@@ -450,6 +453,16 @@ impl Sshd {
         }
     }
 
+    /// Restart OpenSSH's sshd with `MaxStartups spec` (`start:rate:full`): beyond `start`
+    /// logins under way at once it drops `rate`% of new connections, all beyond `full`,
+    /// closing them before the SSH banner.
+    pub fn set_max_startups(&mut self, spec: &str) {
+        assert!(!self.is_asyncssh(), "MaxStartups is OpenSSH's");
+        self.max_startups = spec.to_string();
+        self.write_sshd_config();
+        self.restart();
+    }
+
     /// `stop` if running, then start again on the same port.
     pub fn restart(&mut self) {
         self.stop();
@@ -492,7 +505,7 @@ impl Sshd {
              UseDNS no\n\
              Subsystem sftp {subsystem}\n\
              LogLevel ERROR\n\
-             MaxStartups 64\n\
+             MaxStartups {max_startups}\n\
              MaxSessions 64\n\
              LoginGraceTime 30\n",
             port = self.port,
@@ -500,6 +513,7 @@ impl Sshd {
             pid = d.join("sshd.pid").display(),
             auth = d.join("authorized_keys").display(),
             subsystem = self.subsystem,
+            max_startups = self.max_startups,
         );
         // OpenSSH >= 9.8 penalises (refuses for a while) source addresses whose connections fail
         // or are killed, which killed-connection and wrong-key tests do on purpose. Older sshd
