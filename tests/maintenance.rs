@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::sshd::Sshd;
+use common::sshd::{Flavor, Sshd};
 use common::tree::copy_all;
 
 fn bin() -> &'static Path {
@@ -873,4 +873,99 @@ fn leftover_temporaries_are_removed(sshd: &Sshd, store: &str, dir: &Path) {
     check_clean(sshd, store);
     let again = maintenance_json(sshd, &[], store, &["-grace", "0"]);
     assert_eq!(again["temporaries"], 0, "{again}");
+}
+
+/// An upload temporary the server will not let maintenance remove (another account's, in a
+/// directory shared with the sticky bit) is reported in one line and left; the rest of the
+/// run still gives space back, and the command exits 3. It used to end the run before any
+/// pack was deleted, every run after it too.
+#[test]
+fn a_temporary_that_cannot_be_removed_does_not_stop_maintenance() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(sshd) = Sshd::start_flavor(Flavor::Chroot) else {
+        return;
+    };
+    let s = setup(&sshd, "stuck", 3);
+    ok(&sshd, &[], &["-q", "at", &s.store, "rm", "-keep-last", "1"]);
+    let sub = fs::read_dir(s.store_dir.join("packs"))
+        .unwrap()
+        .next()
+        .expect("a packs/xx directory")
+        .unwrap()
+        .path();
+    // Root's directory, open to all with the sticky bit: the server's account may add files
+    // and remove its own, not root's.
+    std::os::unix::fs::chown(&sub, Some(0), Some(0)).unwrap();
+    fs::set_permissions(&sub, fs::Permissions::from_mode(0o1777)).unwrap();
+    let stuck = sub.join(".tmp-0123456789abcdef");
+    fs::write(&stuck, vec![7u8; 1000]).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&stuck)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+        .unwrap();
+    let packs_before = du(&s.store_dir.join("packs"));
+
+    let args = [
+        "at",
+        &s.store,
+        "maintenance",
+        "-json",
+        "-grace",
+        "0",
+        "-max-unused",
+        "0",
+        "-now",
+    ];
+    let out = run(&sshd, &[], &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("maintenance -json");
+    assert!(r["deleted"].as_u64().unwrap() > 0, "no pack deleted: {r}");
+    let left = r["temporaries_not_removed"].as_array().unwrap();
+    assert_eq!(left.len(), 1, "{r}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(".tmp-0123456789abcdef")
+            && err.contains("could not be removed")
+            && err.contains("by hand"),
+        "{err}"
+    );
+    assert!(stuck.exists());
+    let packs_after = du(&s.store_dir.join("packs"));
+    assert!(
+        packs_after < packs_before,
+        "{packs_before} B -> {packs_after} B"
+    );
+    eprintln!(
+        "packs {packs_before} B -> {packs_after} B with a temporary left: {}",
+        err.trim()
+    );
+    check_clean(&sshd, &s.store);
+    let (id, want) = s.snaps.last().unwrap();
+    assert_restores(&sshd, &s.store, id, s.src.path(), want);
+
+    // `rm -prune` says the same and exits 3 too.
+    write_state(s.src.path(), 7);
+    backup(&sshd, &[], &s.store, s.src.path());
+    let out = run(
+        &sshd,
+        &[],
+        &[
+            "-q",
+            "at",
+            &s.store,
+            "rm",
+            "-keep-last",
+            "1",
+            "-prune",
+            "-now",
+            "-grace",
+            "0",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains(".tmp-0123456789abcdef"), "{err}");
 }

@@ -11,6 +11,7 @@ use clap::Parser;
 use super::{Ctx, ExitWith, bytes, exit, stdout_write};
 use crate::store::lock::MAINTENANCE;
 use crate::store::maintenance::{self, Options, Report};
+use crate::store::notice::escape;
 use crate::store::{Store, now_ns};
 
 #[derive(Parser, Debug)]
@@ -96,7 +97,34 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
     } else if !ctx.quiet {
         stdout_write(summary(&r).as_bytes())?;
     }
-    Ok(exit::OK)
+    Ok(if warn_not_removed(&r) {
+        exit::PARTIAL
+    } else {
+        exit::OK
+    })
+}
+
+/// Lines printed for temporaries not removed, at most; then how many more.
+const NOT_REMOVED_LINES: usize = 10;
+
+/// Say which upload temporaries the store would not let go (on stderr, one line each, the
+/// first ten); whether there were any (the run then exits 3).
+pub fn warn_not_removed(r: &Report) -> bool {
+    let all = &r.temporaries_not_removed;
+    for (path, why) in all.iter().take(NOT_REMOVED_LINES) {
+        eprintln!(
+            "kloset: {}: left a temporary file of an unfinished upload that could not be removed ({}); nothing refers to it: remove it on the server by hand",
+            escape(path.as_bytes()),
+            escape(why.as_bytes())
+        );
+    }
+    if all.len() > NOT_REMOVED_LINES {
+        eprintln!(
+            "kloset: and {} more temporary files that could not be removed (`maintenance -json` lists them all)",
+            all.len() - NOT_REMOVED_LINES
+        );
+    }
+    !all.is_empty()
 }
 
 /// The plan (with `-dry-run`) or what was done, for people.

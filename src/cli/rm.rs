@@ -278,9 +278,11 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
             && lost.is_none()
         {
             drop(lock);
-            v["maintenance"] = serde_json::to_value(maintenance::run_on(&store, opts)?)?;
+            let r = maintenance::run_on(&store, opts)?;
+            v["maintenance"] = serde_json::to_value(&r)?;
             stdout_write(format!("{}\n", serde_json::to_string_pretty(&v)?).as_bytes())?;
-            return finish(&failed, None, &removed, &removing);
+            let warned = maintenance::warn_not_removed(&r);
+            return finish(&failed, None, &removed, &removing).map(|c| partial_if(c, warned));
         }
         stdout_write(format!("{}\n", serde_json::to_string_pretty(&v)?).as_bytes())?;
     } else {
@@ -323,9 +325,19 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<i32> {
         if !ctx.quiet {
             stdout_write(maintenance::summary(&r).as_bytes())?;
         }
-        return finish(&failed, None, &removed, &removing);
+        let warned = maintenance::warn_not_removed(&r);
+        return finish(&failed, None, &removed, &removing).map(|c| partial_if(c, warned));
     }
     finish(&failed, lost, &removed, &removing)
+}
+
+/// Exit 3 instead of 0 when maintenance left something it says it could not remove.
+fn partial_if(code: i32, warned: bool) -> i32 {
+    if code == exit::OK && warned {
+        exit::PARTIAL
+    } else {
+        code
+    }
 }
 
 /// Report what `rm` could not remove and choose its exit.

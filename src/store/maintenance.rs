@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use super::backend::FileType;
 use super::crypto::BlobId;
-use super::error::{Error, Result};
+use super::error::{Error, ErrorKind, Result};
 use super::format::{
     AAD_CONDEMNED, AAD_INDEX, BlobKind, CondemnedFile, CondemnedPack, IndexFile, IndexPack,
     PackEntry,
@@ -96,6 +96,9 @@ pub struct Report {
     /// Upload temporaries left by unfinished uploads, removed (or to remove), and their bytes.
     pub temporaries: usize,
     pub temporary_bytes: u64,
+    /// Those of them the store would not let go (path from the store's root, and why): the
+    /// run goes on without them, and says so.
+    pub temporaries_not_removed: Vec<(String, String)>,
     pub bytes_read: u64,
     pub bytes_written: u64,
     /// Other processes' live leases seen at the start: `command (pid on host)`.
@@ -131,7 +134,18 @@ fn remove_temporaries(
             continue;
         }
         if !opts.dry_run {
-            store.backend().remove_temporary(&t.path)?;
+            match store.backend().remove_temporary(&t.path) {
+                Ok(()) => {}
+                // The store's server lost: nothing more can be done this run.
+                Err(e) if e.kind() == ErrorKind::Unreachable => return Err(e),
+                // A file nothing names, refused (another account's in a shared store, a
+                // server's own rules): the packs' clean-up must not wait on it.
+                Err(e) => {
+                    r.temporaries_not_removed
+                        .push((t.path.clone(), e.to_string()));
+                    continue;
+                }
+            }
         }
         r.temporaries += 1;
         r.temporary_bytes += t.size;
