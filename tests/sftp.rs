@@ -1484,3 +1484,106 @@ fn a_bounded_call_outlasting_the_timeout_has_its_connection_cut() {
     );
     pool.give_back(c);
 }
+
+/// ProxyJump and ProxyCommand in ~/.ssh/config are followed, as OpenSSH follows them: the
+/// connection goes through the command, never straight to the host. ProxyJump runs
+/// `ssh -F <that config> -W [host]:port JUMP` (an `ssh` on PATH that logs its arguments shows
+/// it); a ProxyCommand is run by `sh -c` with `%h`/`%p` expanded, and the host name is not
+/// looked up here (it does not resolve in this test); a proxy that fails ends the command
+/// at once, exit 9, in one line. Before, both were ignored: a direct connection, or none.
+#[test]
+fn proxy_jump_and_proxy_command_are_followed() {
+    use std::fmt::Write as _;
+    let Some(sshd) = Sshd::start() else { return };
+    let store = sshd.remote_dir("behind-a-jump");
+    ok(&sshd, &["at", &sshd.url(&store), "create"]);
+    let home = sshd.home();
+    let config = sshd.ssh_config_path();
+    let known = sshd.known_hosts_path();
+    let key = sshd.ssh_file("id_ed25519");
+    let port = sshd.port();
+    let log = home.join("ssh-argv.log");
+    let bin_dir = home.join("bin");
+    fs::create_dir_all(&bin_dir).unwrap();
+    let wrapper = bin_dir.join("ssh");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\nexec /usr/bin/ssh \"$@\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let common = format!(
+        "    User {user}\n    IdentityFile {key}\n    UserKnownHostsFile {known}\n    BatchMode yes\n",
+        user = sshd.user(),
+        key = key.display(),
+        known = known.display()
+    );
+    let mut text = String::new();
+    write!(
+        text,
+        "Host jumpbox\n    HostName 127.0.0.1\n    Port {port}\n{common}\
+         Host via-jump\n    HostName 127.0.0.1\n    Port {port}\n{common}    ProxyJump jumpbox\n\
+         Host via-command\n    HostName kloset-no-such-host.invalid\n    Port {port}\n{common}    \
+         ProxyCommand /usr/bin/ssh -F {cfg} -W 127.0.0.1:%p jumpbox\n\
+         Host broken-proxy\n    HostName 127.0.0.1\n    Port {port}\n{common}    \
+         ProxyCommand sh -c 'echo no route to the bastion >&2; exit 3'\n\n",
+        cfg = config.display()
+    )
+    .unwrap();
+    text.push_str(&fs::read_to_string(&config).unwrap());
+    fs::write(&config, text).unwrap();
+    // The host key is checked under the host name, as OpenSSH does through a proxy.
+    let mut hosts = fs::read_to_string(&known).unwrap();
+    hosts.push_str(&format!(
+        "[kloset-no-such-host.invalid]:{port} {}\n",
+        sshd.host_pubkey_line()
+    ));
+    fs::write(&known, hosts).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let remote = store.to_str().unwrap();
+    let run_at = |host: &str| {
+        sshd.cmd(bin())
+            .env("PATH", &path)
+            .args(["at", &format!("sftp://{host}{remote}"), "ls"])
+            .output()
+            .unwrap()
+    };
+
+    let out = run_at("via-jump");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "via ProxyJump: {err}");
+    let argv = fs::read_to_string(&log).unwrap_or_default();
+    let want = format!("-F {} -W [127.0.0.1]:{port} jumpbox", config.display());
+    assert!(argv.lines().any(|l| l == want), "ssh was run as: {argv}");
+
+    let out = run_at("via-command");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "via ProxyCommand: {err}");
+
+    let started = std::time::Instant::now();
+    let out = run_at("broken-proxy");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{err}");
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("kloset:")).collect();
+    assert_eq!(ours.len(), 1, "{err}");
+    assert!(
+        ours[0].contains("proxy command `sh -c 'echo no route to the bastion >&2; exit 3'` ended"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no route to the bastion"),
+        "its stderr is shown: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -2,8 +2,9 @@
 //!
 //! [`Target::resolve`] merges, in order of precedence, the `-o`/connector options, the URL and
 //! `~/.ssh/config` (HostName, User, Port, IdentityFile, IdentitiesOnly, UserKnownHostsFile,
-//! StrictHostKeyChecking, ConnectTimeout, ConnectionAttempts, ServerAliveInterval, with `Host`
-//! patterns and `Host *` defaults). [`connect`] opens TCP, does the SSH handshake, checks the
+//! StrictHostKeyChecking, ConnectTimeout, ConnectionAttempts, ServerAliveInterval, ProxyJump,
+//! ProxyCommand, with `Host` patterns and `Host *` defaults). [`connect`] opens TCP (or starts
+//! the proxy command on a socket pair), does the SSH handshake, checks the
 //! host key against known_hosts before anything is sent, authenticates (ssh-agent, the
 //! identity files, then the default keys) and opens the SFTP channel. [`Pool`] hands out connections to one
 //! thread at a time and retries transient failures with a fresh connection and backoff.
@@ -48,6 +49,9 @@ pub struct Target {
     /// TCP connections tried, a second apart, before giving up (OpenSSH's ConnectionAttempts,
     /// default 1).
     pub connection_attempts: u32,
+    /// The command whose standard input and output carry the connection instead of a TCP
+    /// connection of ours (ProxyCommand, or the `ssh -W` of ProxyJump), as argv.
+    pub proxy: Option<Vec<String>>,
     pub keepalive: Option<Duration>,
     pub connections: usize,
     /// How long any blocking call on an open connection (a request, a close, the SFTP
@@ -73,6 +77,74 @@ fn expand(p: &str) -> PathBuf {
         None if p == "~" => home(),
         None => PathBuf::from(p),
     }
+}
+
+/// The command to reach the server through, as OpenSSH builds it: ProxyCommand (run by
+/// `sh -c`, with `%h` the host name, `%p` the port, `%r` the user, `%n` the name as given and
+/// `%%` a `%`) first, else ProxyJump's hops (`ssh [-F CONFIG] [-J HOP,…] -W [%h]:%p LAST`, the
+/// same ~/.ssh/config given to that ssh); `none` is none.
+fn proxy_argv(
+    command: Option<String>,
+    jump: Option<Vec<String>>,
+    config: &Path,
+    (host, port, user, alias): (&str, u16, &str, &str),
+) -> Option<Vec<String>> {
+    if let Some(cmd) =
+        command.filter(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("none"))
+    {
+        let mut out = String::new();
+        let mut chars = cmd.trim().chars();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                out.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some('h') => out.push_str(host),
+                Some('p') => out.push_str(&port.to_string()),
+                Some('r') => out.push_str(user),
+                Some('n') => out.push_str(alias),
+                Some('%') => out.push('%'),
+                Some(o) => {
+                    out.push('%');
+                    out.push(o);
+                }
+                None => out.push('%'),
+            }
+        }
+        let run = if out.starts_with("exec ") {
+            out
+        } else {
+            format!("exec {out}")
+        };
+        return Some(vec!["/bin/sh".into(), "-c".into(), run]);
+    }
+    let hops: Vec<String> = jump?
+        .into_iter()
+        .flat_map(|h| {
+            h.split(',')
+                .map(|s| s.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .filter(|h| !h.is_empty())
+        .collect();
+    let (last, rest) = hops.split_last()?;
+    if last.eq_ignore_ascii_case("none") {
+        return None;
+    }
+    let mut argv = vec!["ssh".to_string()];
+    if config.is_file() {
+        argv.push("-F".into());
+        argv.push(config.display().to_string());
+    }
+    if !rest.is_empty() {
+        argv.push("-J".into());
+        argv.push(rest.join(","));
+    }
+    argv.push("-W".into());
+    argv.push(format!("[{host}]:{port}"));
+    argv.push(last.clone());
+    Some(argv)
 }
 
 impl Target {
@@ -147,6 +219,22 @@ impl Target {
             Some("accept-new") => Strict::AcceptNew,
             _ => Strict::Yes,
         };
+        let proxy = proxy_argv(
+            unsup("proxycommand").is_some().then(|| {
+                params
+                    .as_ref()
+                    .and_then(|p| {
+                        p.unsupported_fields
+                            .get("proxycommand")
+                            .or_else(|| p.ignored_fields.get("proxycommand"))
+                    })
+                    .map(|v| v.join(" "))
+                    .unwrap_or_default()
+            }),
+            params.as_ref().and_then(|p| p.proxy_jump.clone()),
+            &cfg_path,
+            (&hostname, port, &user, &loc.host),
+        );
         Ok(Target {
             alias: loc.host.clone(),
             hostname,
@@ -166,6 +254,7 @@ impl Target {
                 .and_then(|p| p.connection_attempts)
                 .unwrap_or(1)
                 .clamp(1, 1000) as u32,
+            proxy,
             keepalive: params.as_ref().and_then(|p| p.server_alive_interval),
             connections: opts.connections.unwrap_or(DEFAULT_CONNECTIONS),
             timeout: opts.timeout.unwrap_or(DEFAULT_TIMEOUT),
@@ -199,14 +288,62 @@ pub struct Conn {
     sftp: std::sync::OnceLock<Sftp>,
     /// The session's socket (a second handle to it), to cut it when the connection is known
     /// broken.
-    tcp: Option<TcpStream>,
+    tcp: Option<Sock>,
     broken: AtomicBool,
+    /// The ProxyCommand carrying the connection, if any: dropped last, after the session.
+    _proxy: Option<ProxyChild>,
+}
+
+/// A connection's socket: TCP, or our end of the socket pair a ProxyCommand talks through.
+enum Sock {
+    Tcp(TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Sock {
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Tcp(t) => t.shutdown(std::net::Shutdown::Both),
+            Sock::Unix(u) => u.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Sock::Tcp(t) => t.as_fd(),
+            Sock::Unix(u) => u.as_fd(),
+        }
+    }
+
+    /// Has the other end gone (closed or reset)? Asked without waiting and without taking
+    /// anything from the socket.
+    fn gone(&self) -> bool {
+        use rustix::net::{RecvFlags, recv};
+        let mut b = [0u8; 1];
+        match recv(self.as_fd(), &mut b, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            Ok((0, _)) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(e, rustix::io::Errno::AGAIN | rustix::io::Errno::INTR),
+        }
+    }
+}
+
+/// A ProxyCommand's process: stopped and waited for when the connection goes.
+struct ProxyChild(std::process::Child);
+
+impl Drop for ProxyChild {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
 }
 
 impl Conn {
     /// The connection's socket, to wait on (`None` when its second handle could not be made).
     pub fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
         self.tcp.as_ref().map(|t| t.as_fd())
     }
 
@@ -234,7 +371,7 @@ impl Conn {
         let sftp = self.sess.sftp().map_err(|e| {
             if e.code() == ssh2::ErrorCode::Session(-9) {
                 Error::Timeout(t.display(), "starting the SFTP subsystem".into(), t.timeout)
-            } else if self.tcp.as_ref().is_some_and(socket_gone) {
+            } else if self.tcp.as_ref().is_some_and(Sock::gone) {
                 Error::Connect(
                     t.display(),
                     format!("the connection was lost while starting the SFTP subsystem: {e}"),
@@ -254,7 +391,7 @@ impl Conn {
         if !self.broken.swap(true, Ordering::Relaxed)
             && let Some(t) = &self.tcp
         {
-            let _ = t.shutdown(std::net::Shutdown::Both);
+            t.shutdown();
         }
     }
 
@@ -318,7 +455,7 @@ impl Drop for Conn {
         if self.is_broken()
             && let Some(t) = &self.tcp
         {
-            let _ = t.shutdown(std::net::Shutdown::Both);
+            t.shutdown();
         }
     }
 }
@@ -595,20 +732,6 @@ fn authenticate(sess: &Session, t: &Target) -> Result<(), Error> {
     ))
 }
 
-/// Has the server's end of this TCP connection gone (closed or reset)? Asked without waiting
-/// and without taking anything from the socket (libssh2 keeps it non-blocking anyway).
-fn socket_gone(tcp: &TcpStream) -> bool {
-    use std::io::ErrorKind::{Interrupted, WouldBlock};
-    if tcp.set_nonblocking(true).is_err() {
-        return true;
-    }
-    match tcp.peek(&mut [0u8; 1]) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(e.kind(), WouldBlock | Interrupted),
-    }
-}
-
 /// Did the last login attempt wait the whole timeout for the server?
 fn login_timed_out(sess: &Session) -> bool {
     ssh2::Error::last_session_error(sess).is_some_and(|e| e.code() == ssh2::ErrorCode::Session(-9))
@@ -682,49 +805,106 @@ fn closed_at_handshake(e: &ssh2::Error) -> bool {
     )
 }
 
-/// One attempt of [`connect`]; the flag says the server closed the connection before the SSH
-/// handshake finished (see [`connect_first`]).
-fn connect_attempt(t: &Target) -> Result<Conn, (Error, bool)> {
-    let plain = |e| (e, false);
-    let _t = crate::trace::span("ssh connect");
+/// A TCP connection to the target: every address in turn, the whole round ConnectionAttempts
+/// times, a second apart, as OpenSSH does.
+fn open_tcp(t: &Target) -> Result<TcpStream, Error> {
     let addrs: Vec<_> = (t.hostname.as_str(), t.port)
         .to_socket_addrs()
-        .map_err(|e| Error::Connect(t.display(), format!("cannot resolve host name: {e}")))
-        .map_err(plain)?
+        .map_err(|e| Error::Connect(t.display(), format!("cannot resolve host name: {e}")))?
         .collect();
     let mut last = None;
-    let mut tcp = None;
-    // As OpenSSH: every address in turn, the whole round ConnectionAttempts times, a second
-    // apart.
-    'attempts: for attempt in 0..t.connection_attempts.max(1) {
+    for attempt in 0..t.connection_attempts.max(1) {
         if attempt > 0 {
             std::thread::sleep(Duration::from_secs(1));
         }
         for a in &addrs {
             match TcpStream::connect_timeout(a, t.connect_timeout) {
-                Ok(s) => {
-                    tcp = Some(s);
-                    break 'attempts;
-                }
+                Ok(s) => return Ok(s),
                 Err(e) => last = Some(e),
             }
         }
     }
-    let tcp = tcp
-        .ok_or_else(|| {
-            Error::Connect(
-                t.display(),
-                last.map(|e| e.to_string())
-                    .unwrap_or_else(|| "no address".into()),
-            )
-        })
-        .map_err(plain)?;
-    let _ = tcp.set_nodelay(true);
-    let cut = tcp.try_clone().ok();
+    Err(Error::Connect(
+        t.display(),
+        last.map(|e| e.to_string())
+            .unwrap_or_else(|| "no address".into()),
+    ))
+}
+
+/// Start the proxy command `argv` with one end of a socket pair as its standard input and
+/// output (its standard error stays ours, as with OpenSSH); the other end is the connection.
+fn spawn_proxy(
+    t: &Target,
+    argv: &[String],
+) -> Result<(std::os::unix::net::UnixStream, ProxyChild), Error> {
+    use std::process::{Command, Stdio};
+    let failed = |e: std::io::Error| {
+        Error::Connect(
+            t.display(),
+            format!("cannot start the proxy command `{}`: {e}", shown(argv)),
+        )
+    };
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(failed)?;
+    let out = theirs.try_clone().map_err(failed)?;
+    let (prog, args) = argv
+        .split_first()
+        .ok_or_else(|| failed(std::io::ErrorKind::InvalidInput.into()))?;
+    let child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(out)))
+        .spawn()
+        .map_err(failed)?;
+    Ok((ours, ProxyChild(child)))
+}
+
+/// A proxy command as the user wrote it (without our `/bin/sh -c exec`).
+fn shown(argv: &[String]) -> String {
+    match argv {
+        [sh, c, cmd] if sh == "/bin/sh" && c == "-c" => {
+            cmd.strip_prefix("exec ").unwrap_or(cmd).to_string()
+        }
+        _ => argv.join(" "),
+    }
+}
+
+/// The proxy command's exit, if it ended (waiting up to half a second for it): a connection
+/// closed because its proxy failed is not a server turning us away.
+fn proxy_ended(p: &mut Option<ProxyChild>) -> Option<std::process::ExitStatus> {
+    let child = &mut p.as_mut()?.0;
+    let until = Instant::now() + Duration::from_millis(500);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
+            _ => return None,
+        }
+    }
+}
+
+/// One attempt of [`connect`]; the flag says the server closed the connection before the SSH
+/// handshake finished (see [`connect_first`]).
+fn connect_attempt(t: &Target) -> Result<Conn, (Error, bool)> {
+    let plain = |e| (e, false);
+    let _t = crate::trace::span("ssh connect");
     let mut sess = Session::new()
         .map_err(|e| Error::Connect(t.display(), e.to_string()))
         .map_err(plain)?;
-    sess.set_tcp_stream(tcp);
+    let (cut, mut proxy) = match &t.proxy {
+        Some(argv) => {
+            let (ours, child) = spawn_proxy(t, argv).map_err(plain)?;
+            let cut = ours.try_clone().ok().map(Sock::Unix);
+            sess.set_tcp_stream(ours);
+            (cut, Some(child))
+        }
+        None => {
+            let tcp = open_tcp(t).map_err(plain)?;
+            let _ = tcp.set_nodelay(true);
+            let cut = tcp.try_clone().ok().map(Sock::Tcp);
+            sess.set_tcp_stream(tcp);
+            (cut, None)
+        }
+    };
     // The handshake and login wait at most the connection timeout, and never longer than the
     // silence allowed to any call (`-o timeout=`): a server that accepts the TCP connection and
     // then says nothing is a silent server like any other.
@@ -748,6 +928,16 @@ fn connect_attempt(t: &Target) -> Result<Conn, (Error, bool)> {
                 "the SSH handshake".into(),
                 t.connect_timeout.min(t.timeout),
             ))
+        } else if closed_at_handshake(&e)
+            && let Some(st) = proxy_ended(&mut proxy)
+        {
+            plain(Error::Connect(
+                t.display(),
+                format!(
+                    "the proxy command `{}` ended ({st}) before the SSH handshake; see its messages above, or try it by hand",
+                    shown(t.proxy.as_deref().unwrap_or_default())
+                ),
+            ))
         } else {
             (
                 Error::Connect(t.display(), format!("SSH handshake failed: {e}")),
@@ -764,7 +954,7 @@ fn connect_attempt(t: &Target) -> Result<Conn, (Error, bool)> {
             Error::Auth(..) if login_timed_out(&sess) => {
                 Error::Timeout(t.display(), "the SSH login".into(), login_timeout)
             }
-            Error::Auth(..) if cut.as_ref().is_some_and(socket_gone) => Error::Connect(
+            Error::Auth(..) if cut.as_ref().is_some_and(Sock::gone) => Error::Connect(
                 t.display(),
                 "the connection was lost during the SSH login".into(),
             ),
@@ -788,6 +978,7 @@ fn connect_attempt(t: &Target) -> Result<Conn, (Error, bool)> {
         sftp: std::sync::OnceLock::new(),
         tcp: cut,
         broken: AtomicBool::new(false),
+        _proxy: proxy,
     })
 }
 
